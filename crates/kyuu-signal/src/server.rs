@@ -1,0 +1,517 @@
+//! The thin axum/tokio shell around [`Hub`]: HTTP routes, WebSocket upgrades, one task per
+//! connection, a bounded send queue per connection, and the hub's timer.
+//!
+//! All routing decisions are the hub's; this module only moves frames. The hub sits behind a
+//! `std::sync::Mutex` that is never held across an `.await`; outputs are handed to connection
+//! tasks with `try_send`, so a slow client can never block the hub or another client: when its
+//! queue is full it is cut off (close 1008).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt as _;
+use axum::{Json, Router};
+use futures_util::SinkExt as _;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, warn};
+
+use crate::config::SignalConfig;
+use crate::hub::{ConnId, ConnectRequest, Hub, Output};
+use crate::ice::IceProvider;
+use crate::token::{self, Claims};
+
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const CHECK_HTML: &str = include_str!("../web/check.html");
+const COMMON_JS: &str = include_str!("../web/kyuu.js");
+
+/// Close code and reason a connection task is told to close with.
+type Kill = (u16, &'static str);
+
+struct Link {
+    tx: mpsc::Sender<String>,
+    kill: oneshot::Sender<Kill>,
+}
+
+struct State_ {
+    hub: Hub,
+    links: HashMap<ConnId, Link>,
+    next_wake: Option<std::time::Instant>,
+}
+
+struct Shared {
+    cfg: SignalConfig,
+    ice: IceProvider,
+    state: Mutex<State_>,
+    wake: Notify,
+    timer: Once,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State_> {
+        // The hub never panics on input; should it ever, keep serving with its state as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the hub, then delivers its outputs.
+    fn with_hub<T>(&self, f: impl FnOnce(&mut Hub, std::time::Instant) -> T) -> T {
+        let now = std::time::Instant::now();
+        let mut st = self.lock();
+        let r = f(&mut st.hub, now);
+        self.deliver(&mut st, now);
+        r
+    }
+
+    fn deliver(&self, st: &mut State_, now: std::time::Instant) {
+        loop {
+            let mut cut = Vec::new();
+            while let Some(o) = st.hub.poll_output() {
+                match o {
+                    Output::Send { conn, text } => {
+                        let Some(link) = st.links.get(&conn) else {
+                            continue;
+                        };
+                        match link.tx.try_send(text) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => cut.push(conn),
+                            Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        }
+                    }
+                    Output::Close { conn, code, reason } => {
+                        if let Some(link) = st.links.remove(&conn) {
+                            let _ = link.kill.send((code, reason));
+                        }
+                    }
+                }
+            }
+            if cut.is_empty() {
+                break;
+            }
+            for conn in cut {
+                if let Some(link) = st.links.remove(&conn) {
+                    warn!(
+                        "Client {} cut off: send queue full (slow reader)",
+                        st.hub.id_of(conn).unwrap_or("?")
+                    );
+                    metrics::counter!("kyuu_signal_slow_readers_cut_total").increment(1);
+                    let _ = link.kill.send((1008, "slow reader: send queue full"));
+                }
+                st.hub.disconnect(now, conn);
+            }
+        }
+        if let Some(t) = st.hub.poll_timeout() {
+            if st.next_wake.is_none_or(|w| t < w) {
+                st.next_wake = Some(t);
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn start_timer(self: &Arc<Self>) {
+        self.timer.call_once(|| {
+            // Weak: the timer must not keep a dropped router alive.
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    let Some(s) = weak.upgrade() else {
+                        return;
+                    };
+                    let wake = s.lock().next_wake;
+                    let sleep = match wake {
+                        Some(t) => tokio::time::sleep_until(t.into()),
+                        None => tokio::time::sleep(Duration::from_secs(3600)),
+                    };
+                    tokio::select! {
+                        _ = sleep => {
+                            let now = std::time::Instant::now();
+                            let mut st = s.lock();
+                            st.next_wake = None;
+                            st.hub.handle_timeout(now);
+                            s.deliver(&mut st, now);
+                        }
+                        _ = s.wake.notified() => {}
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// The signaling routes: WebSocket at `/` and `/<id>`, `GET /v1/ice-servers`, `/healthz`, and
+/// the web pages at `/` and `/check`.
+///
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the per-address
+/// connection cap sees real addresses (without it all clients count as one unknown address).
+pub fn router(cfg: SignalConfig, ice: IceProvider) -> Router {
+    let seed = rand::random();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State_ {
+            hub: Hub::new(cfg.clone(), seed),
+            links: HashMap::new(),
+            next_wake: None,
+        }),
+        cfg,
+        ice,
+        wake: Notify::new(),
+        timer: Once::new(),
+    });
+    Router::new()
+        .route("/", get(root))
+        .route("/healthz", get(healthz))
+        .route("/v1/ice-servers", get(ice_servers))
+        .route("/kyuu.js", get(common_js))
+        .route("/{id}", get(by_id))
+        .route("/{id}/{*rest}", get(by_id_rest))
+        .with_state(shared)
+}
+
+/// Binds `addr` and serves [`router`] until an error occurs.
+pub async fn serve(addr: SocketAddr, cfg: SignalConfig, ice: IceProvider) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_listener(listener, cfg, ice).await
+}
+
+/// Serves [`router`] on an already bound listener (tests bind port 0 and read the address).
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    cfg: SignalConfig,
+    ice: IceProvider,
+) -> anyhow::Result<()> {
+    let app = router(cfg, ice).into_make_service_with_connect_info::<SocketAddr>();
+    // Signaling frames are small and latency-bound: no Nagle.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WsParams {
+    v: Option<u32>,
+    resume: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IceParams {
+    user: Option<String>,
+    token: Option<String>,
+}
+
+fn is_ws_upgrade(h: &HeaderMap) -> bool {
+    h.get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn bearer(h: &HeaderMap) -> Option<String> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+/// `None` when auth is off; `Some(Err)` is a 401 response.
+fn authenticate(
+    cfg: &SignalConfig,
+    given: Option<String>,
+    headers: &HeaderMap,
+) -> Option<Result<Claims, Response>> {
+    let secret = cfg.auth_secret.as_deref()?;
+    let Some(tok) = given.or_else(|| bearer(headers)) else {
+        return Some(Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "access token required (?token= or Authorization: Bearer)",
+        )));
+    };
+    Some(
+        token::verify(secret.as_bytes(), &tok, now_unix())
+            .map_err(|e| refuse(StatusCode::UNAUTHORIZED, &e.to_string())),
+    )
+}
+
+fn refuse(status: StatusCode, msg: &str) -> Response {
+    metrics::counter!("kyuu_signal_refused_total", "status" => status.as_u16().to_string())
+        .increment(1);
+    debug!("handshake refused: {status} {msg}");
+    (status, format!("{msg}\n")).into_response()
+}
+
+async fn root(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    if is_ws_upgrade(req.headers()) {
+        return ws_entry(s, None, req).await;
+    }
+    page(INDEX_HTML)
+}
+
+async fn by_id(State(s): State<Arc<Shared>>, Path(id): Path<String>, req: Request) -> Response {
+    if is_ws_upgrade(req.headers()) {
+        return ws_entry(s, Some(id), req).await;
+    }
+    match id.as_str() {
+        "check" => page(CHECK_HTML),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "kyuu signaling: connect a WebSocket to /<id>\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn by_id_rest(
+    State(s): State<Arc<Shared>>,
+    Path((id, _rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    if is_ws_upgrade(req.headers()) {
+        return ws_entry(s, Some(id), req).await;
+    }
+    StatusCode::NOT_FOUND.into_response()
+}
+
+fn page(html: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+async fn common_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        COMMON_JS,
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    let n = s.lock().hub.connections();
+    Json(serde_json::json!({"status": "ok", "connections": n})).into_response()
+}
+
+async fn ice_servers(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(p): Query<IceParams>,
+) -> Response {
+    let user = match authenticate(&s.cfg, p.token, &headers) {
+        Some(Err(r)) => return r,
+        Some(Ok(claims)) => claims.sub,
+        None => p.user.unwrap_or_else(|| "kyuu".to_owned()),
+    };
+    let servers = s.ice.ice_servers(&user, now_unix());
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(servers),
+    )
+        .into_response()
+}
+
+async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response {
+    let (mut parts, _body) = req.into_parts();
+    if let Some(r) = check_origin(&s.cfg, &parts) {
+        return r;
+    }
+    let params = match Query::<WsParams>::try_from_uri(&parts.uri) {
+        Ok(Query(p)) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let claims = match authenticate(&s.cfg, params.token, &parts.headers) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(r)) => return r,
+        None => None,
+    };
+    let ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(rej) => return rej.into_response(),
+    };
+    let v2 = params.v == Some(2) || id.as_deref().is_none_or(str::is_empty);
+    let ice = v2.then(|| {
+        let user = id.as_deref().unwrap_or("kyuu");
+        serde_json::to_value(s.ice.ice_servers(user, now_unix())).unwrap_or_default()
+    });
+    let request = ConnectRequest {
+        id,
+        resume: params.resume,
+        v2,
+        ip,
+        claims,
+        ice_servers: ice,
+    };
+    s.start_timer();
+    let (tx, rx) = mpsc::channel(s.cfg.send_queue.max(1));
+    let (kill_tx, kill_rx) = oneshot::channel();
+    let accepted = {
+        let now = std::time::Instant::now();
+        let mut st = s.lock();
+        match st.hub.connect(now, request) {
+            Ok(a) => {
+                st.links.insert(a.conn, Link { tx, kill: kill_tx });
+                s.deliver(&mut st, now);
+                a
+            }
+            Err(r) => {
+                drop(st);
+                let status =
+                    StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+                return refuse(status, &r.to_string());
+            }
+        }
+    };
+    let conn = accepted.conn;
+    let s_fail = s.clone();
+    let limit = s.cfg.hard_frame_limit();
+    upgrade
+        .read_buffer_size(s.cfg.read_buffer_size.max(64))
+        .write_buffer_size(8 * 1024)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_failed_upgrade(move |e| {
+            debug!("upgrade failed: {e}");
+            s_fail.with_hub(|h, now| h.disconnect(now, conn));
+            s_fail.lock().links.remove(&conn);
+        })
+        .on_upgrade(move |socket| run_conn(s, conn, socket, rx, kill_rx))
+}
+
+fn check_origin(cfg: &SignalConfig, parts: &Parts) -> Option<Response> {
+    if cfg.allowed_origins.is_empty() {
+        return None;
+    }
+    let origin = parts.headers.get(header::ORIGIN)?;
+    let ok = origin
+        .to_str()
+        .is_ok_and(|o| cfg.allowed_origins.iter().any(|a| a == o));
+    (!ok).then(|| refuse(StatusCode::FORBIDDEN, "origin not allowed"))
+}
+
+/// One task per connection: reads frames into the hub, writes its queue to the socket, pings.
+async fn run_conn(
+    s: Arc<Shared>,
+    conn: ConnId,
+    mut socket: WebSocket,
+    mut rx: mpsc::Receiver<String>,
+    mut kill: oneshot::Receiver<Kill>,
+) {
+    let write_timeout = s.cfg.write_timeout();
+    let ping_every = Duration::from_secs(s.cfg.ping_interval_secs);
+    let idle_limit = Duration::from_secs(s.cfg.idle_timeout_secs);
+    let mut last_heard = tokio::time::Instant::now();
+    let far = Duration::from_secs(365 * 24 * 3600);
+    let tick = if ping_every.is_zero() {
+        far
+    } else {
+        ping_every
+    };
+    let mut ticker = tokio::time::interval_at(last_heard + tick, tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut kill_armed = true;
+
+    let close: Option<Kill> = loop {
+        tokio::select! {
+            k = &mut kill, if kill_armed => match k {
+                Ok(k) => break Some(k),
+                // The link was dropped without a reason: the hub no longer knows us.
+                Err(_) => kill_armed = false,
+            },
+            m = socket.recv() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    last_heard = tokio::time::Instant::now();
+                    s.with_hub(|h, now| h.text(now, conn, t.as_str()));
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    last_heard = tokio::time::Instant::now();
+                    s.with_hub(|h, now| h.binary(now, conn, b.len()));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                    last_heard = tokio::time::Instant::now();
+                }
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    debug!("connection {} read error: {text}", conn.get());
+                    if text.contains("too long") || text.contains("Space limit") {
+                        break Some((1009, "message too big"));
+                    }
+                    break None;
+                }
+            },
+            o = rx.recv() => match o {
+                Some(text) => {
+                    if write_batch(&mut socket, &mut rx, text, write_timeout).await.is_err() {
+                        break None;
+                    }
+                }
+                None => break None,
+            },
+            _ = ticker.tick() => {
+                if !idle_limit.is_zero() && last_heard.elapsed() > idle_limit {
+                    break Some((1001, "idle timeout"));
+                }
+                let ping = tokio::time::timeout(write_timeout, socket.send(Message::Ping(Default::default())));
+                if !matches!(ping.await, Ok(Ok(()))) {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+    s.with_hub(|h, now| h.disconnect(now, conn));
+    s.lock().links.remove(&conn);
+}
+
+/// Writes `first` and whatever else is queued (bounded), then flushes once.
+async fn write_batch(
+    socket: &mut WebSocket,
+    rx: &mut mpsc::Receiver<String>,
+    first: String,
+    timeout: Duration,
+) -> Result<(), ()> {
+    let fut = async {
+        socket.feed(Message::Text(first.into())).await?;
+        for _ in 0..64 {
+            let Ok(more) = rx.try_recv() else {
+                break;
+            };
+            socket.feed(Message::Text(more.into())).await?;
+        }
+        socket.flush().await
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(()),
+    }
+}
