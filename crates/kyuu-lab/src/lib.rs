@@ -212,7 +212,6 @@ pub fn lab_or_skip(test: &str) -> Option<Lab> {
         Ok(lab) => Some(lab),
         Err(e) if e.is_missing_prerequisite() && !lab_required() => {
             println!("SKIP {test}: {e} (set {REQUIRED_ENV}=1 to make this a failure)");
-            eprintln!("SKIP {test}: {e}");
             None
         }
         Err(e) => panic!("{test}: cannot build the network lab: {e}"),

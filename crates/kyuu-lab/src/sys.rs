@@ -214,6 +214,8 @@ pub(crate) fn poll2(
             revents: 0,
         },
     ];
+    // c_long is 32 bits on 32-bit targets, where the conversion can fail.
+    #[allow(clippy::unnecessary_fallible_conversions)]
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(1),
         tv_nsec: libc::c_long::try_from(timeout.subsec_nanos()).unwrap_or(0),

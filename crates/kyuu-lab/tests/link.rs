@@ -287,3 +287,26 @@ fn tcp_bulk_transfer_over_delayed_link() -> Result<()> {
     ensure!(total == size, "received {total} of {size}");
     Ok(())
 }
+
+#[test]
+fn stale_namespaces_of_dead_processes_are_removed() -> Result<()> {
+    let Some(lab) = lab_or_skip("stale_namespaces_of_dead_processes_are_removed") else {
+        return Ok(());
+    };
+    // Above the kernel's maximum pid_max (2^22), so never a live process.
+    let stale = "kyuu-4194399-0-gone";
+    let mut add = std::process::Command::new("ip");
+    add.args(["netns", "add", stale]);
+    ensure!(add.status()?.success(), "ip netns add {stale}");
+    let removed = kyuu_lab::Lab::cleanup_stale()?;
+    ensure!(removed >= 1, "removed {removed}");
+    ensure!(
+        !Path::new("/run/netns").join(stale).exists(),
+        "{stale} still there"
+    );
+    // Our own lab's namespaces are untouched.
+    let h = lab.host("h")?;
+    kyuu_lab::Lab::cleanup_stale()?;
+    ensure!(h.ns_path().exists());
+    Ok(())
+}
