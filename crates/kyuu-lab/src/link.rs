@@ -327,3 +327,57 @@ fn forward_loop(a: &PacketSocket, b: &PacketSocket, handle: &LinkHandle, stop: &
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_never_reorders() {
+        let now = Instant::now();
+        let mut lane = Lane::new(now);
+        let mut rng = Rng::new();
+        let spec = LinkSpec::delay(Duration::from_millis(5)).jitter(Duration::from_millis(20));
+        for i in 0..200u64 {
+            assert!(lane.enqueue(
+                &[0u8; 100],
+                now + Duration::from_micros(i * 10),
+                &spec,
+                &mut rng
+            ));
+        }
+        let times: Vec<Instant> = lane.queue.iter().map(|(t, _)| *t).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]));
+        assert!(times.iter().all(|t| *t >= now + Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn rate_spaces_frames_by_serialisation_time() {
+        let now = Instant::now();
+        let mut lane = Lane::new(now);
+        let mut rng = Rng::new();
+        // 1000 bytes at 8 Mbit/s = 1 ms each.
+        let spec = LinkSpec::delay(Duration::from_millis(10)).rate(8_000_000);
+        for _ in 0..3 {
+            assert!(lane.enqueue(&[0u8; 1000], now, &spec, &mut rng));
+        }
+        let times: Vec<Duration> = lane.queue.iter().map(|(t, _)| *t - now).collect();
+        assert_eq!(times, [11, 12, 13].map(Duration::from_millis));
+    }
+
+    #[test]
+    fn loss_and_queue_limit_drop() {
+        let now = Instant::now();
+        let mut rng = Rng::new();
+        let mut lane = Lane::new(now);
+        let all_lost = LinkSpec::default().loss(1.0);
+        assert!(!lane.enqueue(&[0u8; 10], now, &all_lost, &mut rng));
+        let tiny = LinkSpec {
+            queue_limit: 2,
+            ..LinkSpec::default()
+        };
+        assert!(lane.enqueue(&[0u8; 10], now, &tiny, &mut rng));
+        assert!(lane.enqueue(&[0u8; 10], now, &tiny, &mut rng));
+        assert!(!lane.enqueue(&[0u8; 10], now, &tiny, &mut rng));
+    }
+}
