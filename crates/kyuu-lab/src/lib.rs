@@ -987,3 +987,18 @@ mod tests {
         assert!(check_name("a-b").is_err());
     }
 }
+
+#[cfg(test)]
+mod send_sync {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_can_move_between_threads() {
+        assert_send_sync::<super::Lab>();
+        assert_send_sync::<super::Node>();
+        assert_send_sync::<super::Router>();
+        assert_send_sync::<super::Switch>();
+        assert_send_sync::<super::Iface>();
+        assert_send_sync::<super::LabChild>();
+    }
+}

@@ -294,7 +294,9 @@ fn stale_namespaces_of_dead_processes_are_removed() -> Result<()> {
         return Ok(());
     };
     // Above the kernel's maximum pid_max (2^22), so never a live process.
-    let stale = "kyuu-4194399-0-gone";
+    // Unique per test process, so concurrent runs of this test do not collide.
+    let stale = format!("kyuu-4194399-{}-gone", std::process::id());
+    let stale = stale.as_str();
     let mut add = std::process::Command::new("ip");
     add.args(["netns", "add", stale]);
     ensure!(add.status()?.success(), "ip netns add {stale}");
