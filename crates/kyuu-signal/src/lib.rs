@@ -20,4 +20,4 @@ pub mod token;
 
 pub use config::SignalConfig;
 pub use ice::{IceProvider, IceServer};
-pub use server::{router, serve};
+pub use server::{router, serve, serve_listener};
