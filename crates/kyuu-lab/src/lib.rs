@@ -55,6 +55,24 @@
 //! labs in parallel tests never collide. [`Lab::new`] also deletes `kyuu-*`
 //! namespaces whose process is gone ([`Lab::cleanup_stale`]).
 //!
+//! # NAT routers
+//!
+//! [`Lab::router`] enables forwarding; [`Router::wan`] installs the
+//! nftables table [`NFT_TABLE`] for its [`NatKind`] (see [`nft_script`]):
+//!
+//! * all translating kinds: `oifname WAN snat ip to WAN_ADDR` (conntrack keeps
+//!   the inside port when it can, so the mapping is endpoint-independent);
+//!   [`NatKind::Symmetric`] adds `fully-random` (a random port per 5-tuple);
+//! * [`NatKind::FullCone`] / [`NatKind::RestrictedCone`] also learn, after
+//!   source NAT, a dynamic map `mapped port -> inside addr . port` and a set
+//!   `mapped port . remote addr`, and DNAT new inbound UDP to `WAN_ADDR:port`
+//!   through the map (restricted: only from remote addresses in the set);
+//! * [`NatKind::PortRestrictedCone`] and Symmetric filter by conntrack alone.
+//!
+//! The inbound (cone) paths are UDP only; learned entries expire
+//! [`MAPPING_TIMEOUT_SECS`] after the last outbound packet. No hairpinning.
+//! Every namespace has IPv6 disabled: the lab is IPv4 only.
+//!
 //! # Teardown
 //!
 //! Dropping the [`Lab`] kills every child it spawned (SIGKILL to the child's
