@@ -1,1 +1,18 @@
-//! kyuu-client
+//! kyuu-client: the client side of kyuu's STUN.
+//!
+//! * [`nat`]: RFC 5780 NAT behaviour discovery as a sans-IO state machine ([`nat::NatProbe`]),
+//!   with the classic RFC 3489 names; [`discover`] drives it over a tokio UDP socket
+//!   (`kyuu nat`).
+//! * [`transaction`]: RFC 8489 retransmission timing.
+//! * [`binding`]: writing Binding requests, reading Binding responses.
+//! * `kyuu-stun-bench` (a binary of this crate): Binding requests per second and latency, kyuu
+//!   against coturn.
+
+pub mod binding;
+pub mod discover;
+pub mod nat;
+pub mod transaction;
+
+pub use discover::{discover, resolve_server, DiscoverError};
+pub use nat::{Filtering, Mapping, NatProbe, NatReport, NatType, ProbeConfig, ProbeError};
+pub use transaction::RetransmitConfig;
