@@ -1,0 +1,959 @@
+//! The sans-IO RAWR node: Exchange, Register, Connect and Cancel as specified in `docs/rawr.md` §4.
+//!
+//! Contract (as in str0m): after every input ([`Node::handle_input`], [`Node::handle_timeout`],
+//! [`Node::set_neighbours`]) drain [`Node::poll_output`] until it returns `None`, then sleep until
+//! [`Node::poll_timeout`]. The node never reads a clock or a socket: time comes in as `now`, the
+//! neighbour table comes in through [`Node::set_neighbours`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use kyuu_stun::integrity::Key;
+use kyuu_stun::{Class, Message, TransactionId};
+use rand::{Rng, SeedableRng};
+
+use crate::config::{Limits, RawrConfig};
+use crate::cred;
+use crate::txn::{Txn, TxnPoll};
+use crate::wire::{self, code, method, Auth, ConnectReq, Mac, Relay, Request};
+
+/// How long a final answer is kept to re-send on a retransmitted request.
+const ANSWER_CACHE: Duration = Duration::from_secs(10);
+const ANSWER_CACHE_MAX: usize = 4096;
+/// Holders of one direction (the same peer reached through different routes, e.g. after a fallback).
+const MAX_HOLDERS: usize = 4;
+
+/// What the node asks its shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send `data` to `to` (UDP, from the node's STUN/TURN port).
+    Transmit { to: SocketAddr, data: Vec<u8> },
+    /// A session paired here: the TURN server MAY install permissions between the allocations
+    /// made with these two usernames and forward between them in-process.
+    Paired { tag: String, usernames: [String; 2] },
+}
+
+/// Counters and gauges, for tests ("no state left behind") and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub pending: usize,
+    pub upstream: usize,
+    pub exchanges: usize,
+    pub registrations: usize,
+    pub paired: u64,
+    pub forwarded: u64,
+}
+
+type DirKey = (Vec<u8>, Mac, Mac);
+
+#[derive(Debug, Clone)]
+struct Holder {
+    src: SocketAddr,
+    tid: TransactionId,
+    /// The linked child this came from, whose key protects the answer.
+    link: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Stage {
+    /// At the root: wait for the partner.
+    Held,
+    /// Rule 2: the target is local; wait for its Connect until `until`.
+    Local { until: Instant },
+    /// Forwarded upstream on transaction `tid`.
+    Forwarded { tid: TransactionId },
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    holders: Vec<Holder>,
+    req: ConnectReq,
+    expires: Instant,
+    stage: Stage,
+}
+
+#[derive(Debug, Clone)]
+enum UpKind {
+    Connect(DirKey),
+    Cancel,
+}
+
+#[derive(Debug, Clone)]
+struct Upstream {
+    txn: Txn,
+    kind: UpKind,
+    key: Option<Key>,
+}
+
+#[derive(Debug, Clone)]
+struct Side {
+    mac: Mac,
+    hosts: Vec<SocketAddr>,
+    src_ip: IpAddr,
+    held: Option<(SocketAddr, TransactionId, Instant)>,
+}
+
+#[derive(Debug, Clone)]
+struct ExchangeState {
+    sides: Vec<Side>,
+    expires: Instant,
+}
+
+/// A RAWR node.
+pub struct Node {
+    name: String,
+    self_addrs: Vec<SocketAddr>,
+    relay: Vec<String>,
+    secret: String,
+    gateway: Option<(SocketAddr, Option<Key>)>,
+    children: HashMap<String, Key>,
+    require_links: bool,
+    limits: Limits,
+    base: Instant,
+    base_unix: u64,
+    rng: rand::rngs::StdRng,
+
+    neighbours: HashSet<Mac>,
+    pending: HashMap<DirKey, Pending>,
+    upstream: HashMap<TransactionId, Upstream>,
+    exchanges: HashMap<Vec<u8>, ExchangeState>,
+    registrations: HashMap<Mac, (IpAddr, Instant)>,
+    answered: HashMap<(SocketAddr, TransactionId), (Vec<u8>, Instant)>,
+    out: VecDeque<Output>,
+    paired: u64,
+    forwarded: u64,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node from its config. `now`/`unix_now` anchor the monotonic clock to wall time for
+    /// credential expiry; `seed` feeds transaction ids.
+    pub fn new(cfg: &RawrConfig, now: Instant, unix_now: u64, seed: u64) -> Node {
+        Node {
+            name: cfg.name.clone(),
+            self_addrs: cfg.self_addrs.clone(),
+            relay: cfg.relay.clone(),
+            secret: cfg.secret.clone(),
+            gateway: cfg
+                .gateway
+                .as_ref()
+                .map(|g| (g.addr, g.key.as_deref().map(Key::short_term))),
+            children: cfg
+                .children
+                .iter()
+                .map(|c| (c.name.clone(), Key::short_term(&c.key)))
+                .collect(),
+            require_links: cfg.require_links,
+            limits: cfg.limits.clone(),
+            base: now,
+            base_unix: unix_now,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            neighbours: HashSet::new(),
+            pending: HashMap::new(),
+            upstream: HashMap::new(),
+            exchanges: HashMap::new(),
+            registrations: HashMap::new(),
+            answered: HashMap::new(),
+            out: VecDeque::new(),
+            paired: 0,
+            forwarded: 0,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replaces the neighbour-table snapshot (MACs on the node's served networks).
+    pub fn set_neighbours(&mut self, macs: impl IntoIterator<Item = Mac>) {
+        self.neighbours = macs.into_iter().collect();
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            pending: self.pending.len(),
+            upstream: self.upstream.len(),
+            exchanges: self.exchanges.len(),
+            registrations: self.registrations.len(),
+            paired: self.paired,
+            forwarded: self.forwarded,
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Whether `data` is something this node handles (a RAWR message, or a response to one of
+    /// its own requests). The STUN shell uses the method range instead.
+    pub fn wants(data: &[u8]) -> bool {
+        Message::parse(data).is_ok_and(|m| method::is_rawr(m.method()))
+    }
+
+    /// The earliest time [`Node::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut at = |i: Instant| t = Some(t.map_or(i, |x| x.min(i)));
+        for p in self.pending.values() {
+            at(p.expires);
+            if let Stage::Local { until } = p.stage {
+                at(until);
+            }
+        }
+        for u in self.upstream.values() {
+            at(u.txn.deadline());
+        }
+        for e in self.exchanges.values() {
+            at(e.expires);
+            for s in &e.sides {
+                if let Some((_, _, until)) = s.held {
+                    at(until);
+                }
+            }
+        }
+        for (_, exp) in self.registrations.values() {
+            at(*exp);
+        }
+        for (_, exp) in self.answered.values() {
+            at(*exp);
+        }
+        t
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.base_unix + now.saturating_duration_since(self.base).as_secs()
+    }
+
+    fn new_tid(&mut self) -> TransactionId {
+        TransactionId(self.rng.gen())
+    }
+
+    fn is_self(&self, addr: SocketAddr) -> bool {
+        self.self_addrs.contains(&addr)
+    }
+
+    fn key_for(&self, link: Option<&str>) -> Option<Key> {
+        link.and_then(|l| self.children.get(l)).cloned()
+    }
+
+    fn send(&mut self, to: SocketAddr, data: Vec<u8>) {
+        if !data.is_empty() {
+            self.out.push_back(Output::Transmit { to, data });
+        }
+    }
+
+    /// Sends a final answer and remembers it for retransmissions.
+    fn answer(&mut self, now: Instant, to: SocketAddr, tid: TransactionId, data: Vec<u8>) {
+        if self.answered.len() < ANSWER_CACHE_MAX {
+            self.answered
+                .insert((to, tid), (data.clone(), now + ANSWER_CACHE));
+        }
+        self.send(to, data);
+    }
+
+    fn answer_error(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        m: u16,
+        tid: TransactionId,
+        link: Option<&str>,
+        err: u16,
+        reason: &str,
+    ) {
+        let key = self.key_for(link);
+        let auth = key.as_ref().map(|key| Auth {
+            username: None,
+            key,
+        });
+        let data = wire::encode_error(m, tid, err, reason, &[], auth.as_ref());
+        self.answer(now, to, tid, data);
+    }
+
+    /// Feeds one datagram received on the node's port from `from`.
+    pub fn handle_input(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let Ok(m) = Message::parse(data) else {
+            return;
+        };
+        match m.class() {
+            Class::Request => self.handle_request(now, from, &m),
+            Class::Success | Class::Error => self.handle_answer(now, &m),
+            Class::Indication => {
+                if let Some(u) = self.upstream.get_mut(m.transaction_id()) {
+                    if u.txn.to == from {
+                        u.txn.heard(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_request(&mut self, now: Instant, from: SocketAddr, m: &Message<'_>) {
+        let tid = *m.transaction_id();
+        if m.method() == kyuu_stun::method::BINDING {
+            let data = wire::encode_binding_answer(tid, from);
+            self.send(from, data);
+            return;
+        }
+        if !method::is_rawr(m.method()) {
+            let data = wire::encode_error(m.method(), tid, code::BAD_REQUEST, "", &[], None);
+            self.send(from, data);
+            return;
+        }
+        if let Some((data, _)) = self.answered.get(&(from, tid)) {
+            let data = data.clone();
+            self.send(from, data);
+            return;
+        }
+        // Link authentication (§7).
+        let link = match m.username() {
+            None if m.integrity_kind().is_some() => {
+                self.answer_error(now, from, m.method(), tid, None, code::UNAUTHENTICATED, "");
+                return;
+            }
+            None => None,
+            Some(user) => {
+                let Ok(user) = user else {
+                    self.answer_error(now, from, m.method(), tid, None, code::BAD_REQUEST, "");
+                    return;
+                };
+                let Some(key) = self.children.get(user) else {
+                    self.answer_error(
+                        now,
+                        from,
+                        m.method(),
+                        tid,
+                        None,
+                        code::UNAUTHENTICATED,
+                        "unknown child",
+                    );
+                    return;
+                };
+                if m.verify_integrity(key).is_err() {
+                    self.answer_error(now, from, m.method(), tid, None, code::UNAUTHENTICATED, "");
+                    return;
+                }
+                Some(user.to_owned())
+            }
+        };
+        let req = match Request::decode(m) {
+            Ok(r) => r,
+            Err(e) => {
+                let unknown = match &e {
+                    wire::WireError::Unknown(u) => u.clone(),
+                    _ => Vec::new(),
+                };
+                let key = self.key_for(link.as_deref());
+                let auth = key.as_ref().map(|key| Auth {
+                    username: None,
+                    key,
+                });
+                let data = wire::encode_error(
+                    m.method(),
+                    tid,
+                    e.code(),
+                    &e.to_string(),
+                    &unknown,
+                    auth.as_ref(),
+                );
+                self.answer(now, from, tid, data);
+                return;
+            }
+        };
+        match req {
+            Request::Exchange {
+                session,
+                mac,
+                hosts,
+            } => self.on_exchange(now, from, tid, session, mac, hosts),
+            Request::Register { mac, lifetime } => self.on_register(now, from, tid, mac, lifetime),
+            Request::Connect(c) => {
+                if self.require_links && link.is_none() && !c.path.is_empty() {
+                    self.answer_error(now, from, method::CONNECT, tid, None, code::FORBIDDEN, "");
+                    return;
+                }
+                self.on_connect(now, from, tid, c, link);
+            }
+            Request::Cancel {
+                session,
+                mac,
+                target,
+            } => {
+                if self.require_links && link.is_none() {
+                    self.answer_error(now, from, method::CANCEL, tid, None, code::FORBIDDEN, "");
+                    return;
+                }
+                self.on_cancel(now, from, tid, (session, mac, target), link);
+            }
+        }
+    }
+
+    // ---- Exchange (§4.1) ----
+
+    fn on_exchange(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        tid: TransactionId,
+        session: Vec<u8>,
+        mac: Mac,
+        hosts: Vec<SocketAddr>,
+    ) {
+        let hold = now + self.limits.exchange_hold();
+        let expires = now + self.limits.exchange_linger();
+        if !self.exchanges.contains_key(&session) {
+            let from_src = self
+                .exchanges
+                .values()
+                .filter(|e| e.sides.iter().any(|s| s.src_ip == from.ip()))
+                .count();
+            if self.exchanges.len() >= self.limits.max_exchange {
+                self.answer_error(now, from, method::EXCHANGE, tid, None, code::CAPACITY, "");
+                return;
+            }
+            if from_src >= self.limits.max_exchange_per_source {
+                self.answer_error(now, from, method::EXCHANGE, tid, None, code::QUOTA, "");
+                return;
+            }
+            self.exchanges.insert(
+                session.clone(),
+                ExchangeState {
+                    sides: Vec::new(),
+                    expires,
+                },
+            );
+        }
+        let Some(st) = self.exchanges.get_mut(&session) else {
+            return;
+        };
+        st.expires = expires;
+        let mut sends = Vec::new();
+        let mut full = false;
+        if let Some(i) = st.sides.iter().position(|s| s.mac == mac) {
+            let other = st.sides.iter().find(|s| s.mac != mac).cloned();
+            if let Some(side) = st.sides.get_mut(i) {
+                side.hosts = hosts;
+                side.src_ip = from.ip();
+                match other {
+                    Some(o) => {
+                        side.held = None;
+                        sends.push((from, tid, o.mac, o.hosts, true));
+                    }
+                    None => {
+                        side.held = Some((from, tid, hold));
+                        sends.push((from, tid, mac, Vec::new(), false));
+                    }
+                }
+            }
+        } else if st.sides.len() >= 2 {
+            full = true;
+        } else if let Some(first) = st.sides.first_mut() {
+            // The second MAC: answer both.
+            if let Some((to, t, _)) = first.held.take() {
+                sends.push((to, t, mac, hosts.clone(), true));
+            }
+            sends.push((from, tid, first.mac, first.hosts.clone(), true));
+            st.sides.push(Side {
+                mac,
+                hosts,
+                src_ip: from.ip(),
+                held: None,
+            });
+        } else {
+            st.sides.push(Side {
+                mac,
+                hosts,
+                src_ip: from.ip(),
+                held: Some((from, tid, hold)),
+            });
+            sends.push((from, tid, mac, Vec::new(), false));
+        }
+        if full {
+            self.answer_error(
+                now,
+                from,
+                method::EXCHANGE,
+                tid,
+                None,
+                code::SESSION_FULL,
+                "",
+            );
+            return;
+        }
+        for (to, t, other, hosts, done) in sends {
+            if done {
+                let data = wire::encode_exchange_answer(t, other, &hosts);
+                self.answer(now, to, t, data);
+            } else {
+                let data = wire::encode_pending(method::EXCHANGE, t);
+                self.send(to, data);
+            }
+        }
+    }
+
+    // ---- Register (§4.2) ----
+
+    fn on_register(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        tid: TransactionId,
+        mac: Mac,
+        lifetime: Option<u32>,
+    ) {
+        let lifetime = lifetime
+            .unwrap_or(self.limits.register_lifetime_s)
+            .min(self.limits.register_max_lifetime_s);
+        if lifetime == 0 {
+            self.registrations.remove(&mac);
+        } else {
+            if !self.registrations.contains_key(&mac) {
+                if self.registrations.len() >= self.limits.max_register {
+                    self.answer_error(now, from, method::REGISTER, tid, None, code::CAPACITY, "");
+                    return;
+                }
+                let n = self
+                    .registrations
+                    .values()
+                    .filter(|(ip, _)| *ip == from.ip())
+                    .count();
+                if n >= self.limits.max_register_per_source {
+                    self.answer_error(now, from, method::REGISTER, tid, None, code::QUOTA, "");
+                    return;
+                }
+            }
+            self.registrations.insert(
+                mac,
+                (from.ip(), now + Duration::from_secs(u64::from(lifetime))),
+            );
+        }
+        let data = wire::encode_register_answer(tid, lifetime);
+        self.answer(now, from, tid, data);
+    }
+
+    fn is_local(&self, mac: Mac) -> bool {
+        self.neighbours.contains(&mac) || self.registrations.contains_key(&mac)
+    }
+
+    // ---- Connect (§4.3) ----
+
+    fn on_connect(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        tid: TransactionId,
+        c: ConnectReq,
+        link: Option<String>,
+    ) {
+        if c.path.iter().any(|n| *n == self.name) {
+            let mut reason = format!("loop: {} -> {}", c.path.join(" -> "), self.name);
+            reason.truncate(120);
+            self.answer_error(
+                now,
+                from,
+                method::CONNECT,
+                tid,
+                link.as_deref(),
+                code::LOOP_DETECTED,
+                &reason,
+            );
+            return;
+        }
+        let key: DirKey = (c.session.clone(), c.mac, c.target);
+        let holder = Holder {
+            src: from,
+            tid,
+            link,
+        };
+
+        // Duplicate: a retransmission, a retry, or the same peer by another route.
+        if let Some(p) = self.pending.get_mut(&key) {
+            if let Some(h) = p.holders.iter_mut().find(|h| h.src == from) {
+                *h = holder;
+            } else {
+                if p.holders.len() >= MAX_HOLDERS {
+                    p.holders.remove(0);
+                }
+                p.holders.push(holder);
+            }
+            let data = wire::encode_pending(method::CONNECT, tid);
+            self.send(from, data);
+            return;
+        }
+
+        // Rule 1: pair.
+        let reverse: DirKey = (c.session.clone(), c.target, c.mac);
+        if let Some(other) = self.pending.remove(&reverse) {
+            self.pair(now, c, holder, other);
+            return;
+        }
+
+        // Caps.
+        if self.pending.len() >= self.limits.max_pending {
+            self.answer_error(
+                now,
+                from,
+                method::CONNECT,
+                tid,
+                holder.link.as_deref(),
+                code::CAPACITY,
+                "",
+            );
+            return;
+        }
+        let from_src = self
+            .pending
+            .values()
+            .filter(|p| p.holders.iter().any(|h| h.src.ip() == from.ip()))
+            .count();
+        if from_src >= self.limits.max_pending_per_source {
+            self.answer_error(
+                now,
+                from,
+                method::CONNECT,
+                tid,
+                holder.link.as_deref(),
+                code::QUOTA,
+                "",
+            );
+            return;
+        }
+
+        let expires = now + self.limits.pending_timeout();
+        let local = self.is_local(c.target);
+        self.pending.insert(
+            key.clone(),
+            Pending {
+                holders: vec![holder],
+                req: c,
+                expires,
+                stage: Stage::Held,
+            },
+        );
+        let data = wire::encode_pending(method::CONNECT, tid);
+        self.send(from, data);
+        if local {
+            // Rule 2.
+            if let Some(p) = self.pending.get_mut(&key) {
+                p.stage = Stage::Local {
+                    until: now + self.limits.local_wait(),
+                };
+            }
+        } else {
+            self.advance(now, &key);
+        }
+    }
+
+    /// Root hold, rule 3 or rule 4 for a pending entry.
+    fn advance(&mut self, now: Instant, key: &DirKey) {
+        let Some(p) = self.pending.get(key) else {
+            return;
+        };
+        let req = p.req.clone();
+        if self.is_self(req.root) {
+            if let Some(p) = self.pending.get_mut(key) {
+                p.stage = Stage::Held;
+            }
+            return;
+        }
+        if req.hops == 0 {
+            if let Some(p) = self.pending.remove(key) {
+                self.fail_holders(now, &p, code::TOO_MANY_HOPS, "");
+            }
+            return;
+        }
+        let (to, auth_key) = match &self.gateway {
+            Some((addr, key)) => (*addr, key.clone()),
+            None => (req.root, None),
+        };
+        let mut up = req;
+        up.hops -= 1;
+        up.path.push(self.name.clone());
+        let tid = self.new_tid();
+        let auth = auth_key.as_ref().map(|key| Auth {
+            username: Some(&self.name),
+            key,
+        });
+        let data = wire::encode_connect(tid, &up, auth.as_ref());
+        self.send(to, data.clone());
+        self.upstream.insert(
+            tid,
+            Upstream {
+                txn: Txn::new(now, tid, to, data),
+                kind: UpKind::Connect(key.clone()),
+                key: auth_key,
+            },
+        );
+        self.forwarded += 1;
+        if let Some(p) = self.pending.get_mut(key) {
+            p.stage = Stage::Forwarded { tid };
+        }
+    }
+
+    fn pair(&mut self, now: Instant, c: ConnectReq, holder: Holder, other: Pending) {
+        let expiry = self.unix(now) + u64::from(self.limits.credential_lifetime_s);
+        let at_root = self.is_self(c.root) || self.is_self(other.req.root);
+        let (user_a, pass_a) = cred::mint(&self.secret, expiry, &c.session, c.mac);
+        let (user_b, pass_b) = cred::mint(&self.secret, expiry, &c.session, c.target);
+        let mut path_a = c.path.clone();
+        path_a.push(self.name.clone());
+        let mut path_b = other.req.path.clone();
+        path_b.push(self.name.clone());
+        let relay_a = Relay {
+            uris: self.relay.clone(),
+            username: user_a.clone(),
+            password: pass_a,
+            lifetime: self.limits.credential_lifetime_s,
+            path: path_a,
+            at_root,
+        };
+        let relay_b = Relay {
+            uris: self.relay.clone(),
+            username: user_b.clone(),
+            password: pass_b,
+            lifetime: self.limits.credential_lifetime_s,
+            path: path_b,
+            at_root,
+        };
+        self.answer_relay(now, &holder, &relay_a);
+        for h in &other.holders {
+            self.answer_relay(now, h, &relay_b);
+        }
+        if let Stage::Forwarded { tid } = other.stage {
+            self.cancel_upstream(now, tid, &other.req);
+        }
+        self.paired += 1;
+        self.out.push_back(Output::Paired {
+            tag: cred::session_tag(&c.session),
+            usernames: [user_a, user_b],
+        });
+    }
+
+    fn answer_relay(&mut self, now: Instant, h: &Holder, r: &Relay) {
+        let key = self.key_for(h.link.as_deref());
+        let auth = key.as_ref().map(|key| Auth {
+            username: None,
+            key,
+        });
+        let data = wire::encode_connect_answer(h.tid, r, auth.as_ref());
+        self.answer(now, h.src, h.tid, data);
+    }
+
+    fn fail_holders(&mut self, now: Instant, p: &Pending, err: u16, reason: &str) {
+        for h in &p.holders {
+            self.answer_error(
+                now,
+                h.src,
+                method::CONNECT,
+                h.tid,
+                h.link.as_deref(),
+                err,
+                reason,
+            );
+        }
+    }
+
+    /// Stops the upstream transaction `tid` and sends Cancel where it went.
+    fn cancel_upstream(&mut self, now: Instant, tid: TransactionId, req: &ConnectReq) {
+        let Some(u) = self.upstream.remove(&tid) else {
+            return;
+        };
+        let ctid = self.new_tid();
+        let auth = u.key.as_ref().map(|key| Auth {
+            username: Some(&self.name),
+            key,
+        });
+        let data = wire::encode_cancel(ctid, &req.session, req.mac, req.target, auth.as_ref());
+        self.send(u.txn.to, data.clone());
+        self.upstream.insert(
+            ctid,
+            Upstream {
+                txn: Txn::new(now, ctid, u.txn.to, data),
+                kind: UpKind::Cancel,
+                key: u.key,
+            },
+        );
+    }
+
+    // ---- Cancel (§4.4) ----
+
+    fn on_cancel(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        tid: TransactionId,
+        key: DirKey,
+        link: Option<String>,
+    ) {
+        let mut emptied = None;
+        if let Some(p) = self.pending.get_mut(&key) {
+            p.holders.retain(|h| h.src != from);
+            if p.holders.is_empty() {
+                emptied = self.pending.remove(&key);
+            }
+        }
+        if let Some(p) = emptied {
+            if let Stage::Forwarded { tid } = p.stage {
+                self.cancel_upstream(now, tid, &p.req);
+            }
+        }
+        let k = self.key_for(link.as_deref());
+        let auth = k.as_ref().map(|key| Auth {
+            username: None,
+            key,
+        });
+        let data = wire::encode_ok(method::CANCEL, tid, auth.as_ref());
+        self.answer(now, from, tid, data);
+    }
+
+    // ---- Answers from upstream ----
+
+    fn handle_answer(&mut self, now: Instant, m: &Message<'_>) {
+        let tid = *m.transaction_id();
+        let Some(u) = self.upstream.get(&tid) else {
+            return;
+        };
+        if let Some(key) = &u.key {
+            if m.verify_integrity(key).is_err() {
+                // A spoofed or corrupted answer must not redirect anyone.
+                return;
+            }
+        }
+        let Some(u) = self.upstream.remove(&tid) else {
+            return;
+        };
+        let UpKind::Connect(key) = u.kind else {
+            return;
+        };
+        let Some(p) = self.pending.get(&key) else {
+            return;
+        };
+        if !matches!(p.stage, Stage::Forwarded { tid: t } if t == tid) {
+            return;
+        }
+        let Some(p) = self.pending.remove(&key) else {
+            return;
+        };
+        match m.class() {
+            Class::Success => match Relay::decode(m) {
+                Ok(r) => {
+                    for h in &p.holders {
+                        self.answer_relay(now, h, &r);
+                    }
+                }
+                Err(e) => self.fail_holders(
+                    now,
+                    &p,
+                    code::UPSTREAM_UNREACHABLE,
+                    &format!("bad answer from upstream: {e}"),
+                ),
+            },
+            _ => {
+                let (err, reason) = match m.error_code() {
+                    Some(Ok(ec)) => (ec.code, ec.reason.to_owned()),
+                    _ => (code::UPSTREAM_UNREACHABLE, "upstream error".to_owned()),
+                };
+                self.fail_holders(now, &p, err, &reason);
+            }
+        }
+    }
+
+    // ---- Timers ----
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Upstream transactions.
+        let mut resend = Vec::new();
+        let mut dead = Vec::new();
+        for (tid, u) in self.upstream.iter_mut() {
+            match u.txn.poll(now) {
+                TxnPoll::Idle => {}
+                TxnPoll::Retransmit => resend.push((u.txn.to, u.txn.bytes.clone())),
+                TxnPoll::Dead => dead.push(*tid),
+            }
+        }
+        for (to, data) in resend {
+            self.send(to, data);
+        }
+        for tid in dead {
+            let Some(u) = self.upstream.remove(&tid) else {
+                continue;
+            };
+            if let UpKind::Connect(key) = u.kind {
+                let to = u.txn.to;
+                let forwarded_here = matches!(self.pending.get(&key), Some(p) if matches!(p.stage, Stage::Forwarded { tid: t } if t == tid));
+                if forwarded_here {
+                    if let Some(p) = self.pending.remove(&key) {
+                        self.fail_holders(
+                            now,
+                            &p,
+                            code::UPSTREAM_UNREACHABLE,
+                            &format!("{to} did not answer"),
+                        );
+                    }
+                }
+            }
+        }
+
+        // Pending Connects.
+        let mut expired = Vec::new();
+        let mut advance = Vec::new();
+        for (k, p) in &self.pending {
+            if now >= p.expires {
+                expired.push(k.clone());
+            } else if let Stage::Local { until } = p.stage {
+                if now >= until {
+                    advance.push(k.clone());
+                }
+            }
+        }
+        for k in expired {
+            if let Some(p) = self.pending.remove(&k) {
+                self.fail_holders(now, &p, code::TIMEOUT, "no partner");
+                if let Stage::Forwarded { tid } = p.stage {
+                    self.cancel_upstream(now, tid, &p.req);
+                }
+            }
+        }
+        for k in advance {
+            self.advance(now, &k);
+        }
+
+        // Exchanges.
+        let mut timeouts = Vec::new();
+        self.exchanges.retain(|_, e| {
+            for s in &mut e.sides {
+                if let Some((to, tid, until)) = s.held {
+                    if now >= until {
+                        s.held = None;
+                        timeouts.push((to, tid));
+                    }
+                }
+            }
+            now < e.expires
+        });
+        for (to, tid) in timeouts {
+            self.answer_error(
+                now,
+                to,
+                method::EXCHANGE,
+                tid,
+                None,
+                code::TIMEOUT,
+                "peer absent",
+            );
+        }
+
+        self.registrations.retain(|_, (_, exp)| now < *exp);
+        self.answered.retain(|_, (_, exp)| now < *exp);
+    }
+}
