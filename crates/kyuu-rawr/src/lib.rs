@@ -14,3 +14,6 @@ pub mod txn;
 pub mod wire;
 
 pub use config::RawrConfig;
+pub mod runtime;
+pub mod sys;
+pub mod turn;

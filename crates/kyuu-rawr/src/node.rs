@@ -27,8 +27,14 @@ const MAX_HOLDERS: usize = 4;
 /// What the node asks its shell to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    /// Send `data` to `to` (UDP, from the node's STUN/TURN port).
-    Transmit { to: SocketAddr, data: Vec<u8> },
+    /// Send `data` to `to`. `upstream` is set for the node's own requests (Connect and Cancel
+    /// toward its gateway or a root), which a shell sharing the STUN port may send from a socket
+    /// of its own; answers and pending indications go back the way the request came.
+    Transmit {
+        to: SocketAddr,
+        data: Vec<u8>,
+        upstream: bool,
+    },
     /// A session paired here: the TURN server MAY install permissions between the allocations
     /// made with these two usernames and forward between them in-process.
     Paired { tag: String, usernames: [String; 2] },
@@ -247,7 +253,21 @@ impl Node {
 
     fn send(&mut self, to: SocketAddr, data: Vec<u8>) {
         if !data.is_empty() {
-            self.out.push_back(Output::Transmit { to, data });
+            self.out.push_back(Output::Transmit {
+                to,
+                data,
+                upstream: false,
+            });
+        }
+    }
+
+    fn send_up(&mut self, to: SocketAddr, data: Vec<u8>) {
+        if !data.is_empty() {
+            self.out.push_back(Output::Transmit {
+                to,
+                data,
+                upstream: true,
+            });
         }
     }
 
@@ -260,6 +280,7 @@ impl Node {
         self.send(to, data);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn answer_error(
         &mut self,
         now: Instant,
@@ -554,7 +575,7 @@ impl Node {
         c: ConnectReq,
         link: Option<String>,
     ) {
-        if c.path.iter().any(|n| *n == self.name) {
+        if c.path.contains(&self.name) {
             let mut reason = format!("loop: {} -> {}", c.path.join(" -> "), self.name);
             reason.truncate(120);
             self.answer_error(
@@ -684,7 +705,7 @@ impl Node {
             key,
         });
         let data = wire::encode_connect(tid, &up, auth.as_ref());
-        self.send(to, data.clone());
+        self.send_up(to, data.clone());
         self.upstream.insert(
             tid,
             Upstream {
@@ -773,7 +794,7 @@ impl Node {
             key,
         });
         let data = wire::encode_cancel(ctid, &req.session, req.mac, req.target, auth.as_ref());
-        self.send(u.txn.to, data.clone());
+        self.send_up(u.txn.to, data.clone());
         self.upstream.insert(
             ctid,
             Upstream {
@@ -882,7 +903,7 @@ impl Node {
             }
         }
         for (to, data) in resend {
-            self.send(to, data);
+            self.send_up(to, data);
         }
         for tid in dead {
             let Some(u) = self.upstream.remove(&tid) else {

@@ -1,5 +1,5 @@
 //! Virtual-time simulation of RAWR nodes and peers (every rule of `docs/rawr.md` §4 and §8).
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::large_enum_variant)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -152,7 +152,7 @@ impl Sim {
         match self.ents.get_mut(&a) {
             Some(Entity::Node(n)) => {
                 while let Some(o) = n.poll_output() {
-                    if let Output::Transmit { to, data } = o {
+                    if let Output::Transmit { to, data, .. } = o {
                         sends.push((to, data));
                     }
                 }
@@ -650,7 +650,7 @@ fn connect(sess: u8, from: u8, to: u8, path: &[&str]) -> wire::ConnectReq {
 fn outputs(n: &mut Node) -> Vec<(SocketAddr, Vec<u8>)> {
     let mut v = Vec::new();
     while let Some(o) = n.poll_output() {
-        if let Output::Transmit { to, data } = o {
+        if let Output::Transmit { to, data, .. } = o {
             v.push((to, data));
         }
     }

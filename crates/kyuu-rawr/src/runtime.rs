@@ -1,0 +1,255 @@
+//! Tokio shells around the sans-IO [`Node`] and [`Peer`].
+//!
+//! * [`spawn_node`]: a node on a UDP socket of its own (standalone control port, e.g. beside
+//!   coturn, or the lab), or fed by the STUN/TURN server's extension channel with
+//!   [`spawn_node_with`].
+//! * [`run_peer`]: the whole peer algorithm over one UDP socket.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::{ConfigError, RawrConfig};
+use crate::node::{Node, Output, Stats};
+use crate::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
+use crate::sys::HostNet;
+use crate::wire::{method, Mac};
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Sends downstream answers when requests arrive through the STUN server rather than the node's
+/// own socket: `(client, bytes)`.
+pub type ReplyFn = Box<dyn Fn(SocketAddr, Vec<u8>) + Send + Sync>;
+
+/// Requests handed over by the STUN/TURN server: `(client, bytes)`.
+pub type Inbound = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
+
+enum Cmd {
+    Stats(oneshot::Sender<Stats>),
+}
+
+/// A running node. Dropping it stops the node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    cmd: mpsc::Sender<Cmd>,
+    task: JoinHandle<()>,
+    local: SocketAddr,
+}
+
+impl NodeHandle {
+    /// The node's own UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub async fn stats(&self) -> Option<Stats> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(Cmd::Stats(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Stops the node (as a crash would: pending state is lost).
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs a node on `socket`: requests from peers and children arrive on it, and it sends its own
+/// upstream requests from it.
+pub fn spawn_node(cfg: RawrConfig, socket: UdpSocket) -> Result<NodeHandle, ConfigError> {
+    spawn_node_with(cfg, socket, None)
+}
+
+/// Runs a node whose downstream requests come from the STUN/TURN server (`inbound`), answered
+/// through `reply`; `socket` carries only its upstream requests. With `inbound = None` the node
+/// serves requests on `socket` too.
+pub fn spawn_node_with(
+    cfg: RawrConfig,
+    socket: UdpSocket,
+    ext: Option<(Inbound, ReplyFn)>,
+) -> Result<NodeHandle, ConfigError> {
+    cfg.validate()?;
+    let networks = cfg.parsed_networks()?;
+    let local = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let host = HostNet::new(cfg.netns.clone());
+    let (tx, mut rx) = mpsc::channel(16);
+    let seed: u64 = rand::random();
+    let mut node = Node::new(&cfg, Instant::now(), unix_now(), seed);
+    let socket = Arc::new(socket);
+    let task = tokio::spawn(async move {
+        let (mut inbound, reply) = match ext {
+            Some((i, r)) => (Some(i), Some(r)),
+            None => (None, None),
+        };
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..u64::MAX {
+            let wake = node
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                r = socket.recv_from(&mut buf) => {
+                    let Ok((n, from)) = r else { continue };
+                    let data = buf.get(..n).unwrap_or(&[]).to_vec();
+                    refresh_if_connect(&mut node, &host, &networks, &data).await;
+                    node.handle_input(Instant::now(), from, &data);
+                }
+                Some((from, data)) = recv_opt(&mut inbound) => {
+                    refresh_if_connect(&mut node, &host, &networks, &data).await;
+                    node.handle_input(Instant::now(), from, &data);
+                }
+                _ = tokio::time::sleep_until(wake) => node.handle_timeout(Instant::now()),
+                c = rx.recv() => match c {
+                    Some(Cmd::Stats(tx)) => { let _ = tx.send(node.stats()); }
+                    None => break,
+                },
+            }
+            while let Some(o) = node.poll_output() {
+                match o {
+                    Output::Transmit { to, data, upstream } => match (&reply, upstream) {
+                        (Some(reply), false) => reply(to, data),
+                        _ => {
+                            let _ = socket.send_to(&data, to).await;
+                        }
+                    },
+                    Output::Paired { tag, usernames } => {
+                        tracing::info!(node = node.name(), %tag, ?usernames, "rawr: paired");
+                    }
+                }
+            }
+        }
+    });
+    Ok(NodeHandle {
+        cmd: tx,
+        task,
+        local,
+    })
+}
+
+async fn recv_opt(rx: &mut Option<Inbound>) -> Option<(SocketAddr, Vec<u8>)> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Rule 2 needs a fresh neighbour table: read it before each Connect request.
+async fn refresh_if_connect(
+    node: &mut Node,
+    host: &HostNet,
+    networks: &[ipnet::IpNet],
+    data: &[u8],
+) {
+    let Ok(m) = kyuu_stun::Message::parse(data) else {
+        return;
+    };
+    if m.method() != method::CONNECT || m.class() != kyuu_stun::Class::Request {
+        return;
+    }
+    match host.neighbours().await {
+        Ok(n) => node.set_neighbours(
+            n.into_iter()
+                .filter(|(ip, _)| networks.is_empty() || networks.iter().any(|p| p.contains(ip)))
+                .map(|(_, mac)| mac),
+        ),
+        Err(e) => tracing::warn!("rawr: cannot read the neighbour table: {e}"),
+    }
+}
+
+/// What a peer needs besides its [`PeerConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct PeerEnv {
+    pub host: HostNet,
+}
+
+/// The peer's MAC and host address toward `toward` (its gateway, else the root).
+pub async fn local_identity(
+    host: &HostNet,
+    toward: IpAddr,
+) -> Result<(Mac, IpAddr), crate::sys::SysError> {
+    host.mac_toward(toward).await
+}
+
+/// Runs the peer algorithm on `socket` to completion.
+pub async fn run_peer(
+    cfg: PeerConfig,
+    socket: &UdpSocket,
+    env: &PeerEnv,
+) -> Result<Outcome, PeerError> {
+    let mut peer = Peer::new(cfg, rand::random());
+    peer.start(Instant::now());
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..1_000_000u32 {
+        while let Some(o) = peer.poll_output() {
+            match o {
+                PeerOutput::Transmit { to, data } => {
+                    let _ = socket.send_to(&data, to).await;
+                }
+                PeerOutput::CheckNeighbour { mac, hosts } => {
+                    let on = check_neighbour(socket, &env.host, mac, &hosts).await;
+                    peer.neighbour_result(Instant::now(), on);
+                }
+                PeerOutput::Done(o) => return Ok(*o),
+                PeerOutput::Failed(e) => return Err(e),
+            }
+        }
+        let Some(wake) = peer.poll_timeout() else {
+            break;
+        };
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    peer.handle_input(Instant::now(), from, buf.get(..n).unwrap_or(&[]));
+                }
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                peer.handle_timeout(Instant::now());
+            }
+        }
+    }
+    Err(PeerError::Deadline(Duration::ZERO))
+}
+
+/// §8 step 2: probe the other's host addresses, then look for its MAC in the neighbour table.
+async fn check_neighbour(
+    socket: &UdpSocket,
+    host: &HostNet,
+    mac: Mac,
+    hosts: &[SocketAddr],
+) -> bool {
+    for h in hosts {
+        let _ = socket.send_to(&[0u8], h).await;
+    }
+    for _ in 0..6 {
+        match host.neighbours().await {
+            Ok(n) if n.iter().any(|(_, m)| *m == mac) => return true,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("rawr: cannot read the neighbour table: {e}");
+                return false;
+            }
+        }
+        if hosts.is_empty() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
