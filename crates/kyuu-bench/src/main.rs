@@ -1,0 +1,739 @@
+//! `kyuu-turn-bench`: kyuu's TURN relay against coturn, side by side in one run, with the same
+//! load against each, reported as ratios (kyuu/coturn) next to a no-server bound (the same
+//! traffic sent straight to the echo peer).
+//!
+//! Measured: relayed packets/s and Mbit/s (100 and 1200 byte payloads, 1/10/100/1000
+//! allocations), round-trip latency p50/p99 at a fixed moderate rate, authenticated
+//! allocations per second, and resident memory per allocation with 10,000 allocations held.
+//!
+//! Traffic per allocation: client → server (ChannelData) → relay → echo peer → relay → client,
+//! all on 127.0.0.1. Run with `--quick` for a short CI-sized pass.
+
+mod echo;
+mod load;
+mod proto;
+mod servers;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde::Serialize;
+
+use load::{Fleet, Via};
+use proto::{Credentials, Plan};
+use servers::{Common, ServerProc};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kyuu-turn-bench",
+    about = "TURN relay benchmark: kyuu against coturn"
+)]
+struct Args {
+    /// A short run (CI-sized): fewer allocations held, shorter measurements.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds each throughput configuration is measured (after a warm-up).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// The kyuu binary (default: target/release/kyuu, or $CARGO_TARGET_DIR/release/kyuu).
+    #[arg(long)]
+    kyuu_bin: Option<PathBuf>,
+    /// coturn's server binary.
+    #[arg(long, default_value = "turnserver")]
+    coturn_bin: String,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Servers to run: any of coturn, kyuu, direct (the no-server bound).
+    #[arg(long, value_delimiter = ',', default_value = "coturn,kyuu,direct")]
+    targets: Vec<String>,
+    /// Allocation counts for the throughput table.
+    #[arg(long, value_delimiter = ',')]
+    allocations: Option<Vec<usize>>,
+    /// Payload sizes for the throughput table.
+    #[arg(long, value_delimiter = ',', default_value = "100,1200")]
+    payloads: Vec<usize>,
+    /// Packets in flight in total (split over the allocations, at least one each).
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Worker threads for each server (kyuu `listen.threads`, coturn `--relay-threads`).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Latency test: total packets per second.
+    #[arg(long, default_value_t = 5000)]
+    latency_rate: u64,
+    /// Latency test: allocations the rate is spread over.
+    #[arg(long, default_value_t = 10)]
+    latency_allocations: usize,
+    /// Allocation-rate test: allocations made (default 2000; 300 with --quick).
+    #[arg(long)]
+    alloc_count: Option<usize>,
+    /// Allocations held for the memory test (default 10000; 1000 with --quick).
+    #[arg(long)]
+    hold: Option<usize>,
+    /// kyuu's `[log] level`.
+    #[arg(long, default_value = "info")]
+    kyuu_log_level: String,
+    /// Skip phases: any of memory, rate, throughput, latency.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Target {
+    Coturn,
+    Kyuu,
+    Direct,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Coturn => "coturn",
+            Target::Kyuu => "kyuu",
+            Target::Direct => "direct",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    metric: String,
+    better: Better,
+    coturn: Option<f64>,
+    kyuu: Option<f64>,
+    /// The no-server bound, where it means something.
+    direct: Option<f64>,
+    /// Why a cell is empty.
+    notes: Vec<String>,
+}
+
+impl Row {
+    fn new(metric: String, better: Better) -> Row {
+        Row {
+            metric,
+            better,
+            coturn: None,
+            kyuu: None,
+            direct: None,
+            notes: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, t: Target, v: f64) {
+        match t {
+            Target::Coturn => self.coturn = Some(v),
+            Target::Kyuu => self.kyuu = Some(v),
+            Target::Direct => self.direct = Some(v),
+        }
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        match (self.kyuu, self.coturn) {
+            (Some(k), Some(c)) if c > 0.0 => Some(k / c),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    settings: serde_json::Value,
+    rows: Vec<Row>,
+    goals: Vec<(String, Option<bool>, String)>,
+    notes: Vec<String>,
+    raw: Vec<serde_json::Value>,
+}
+
+/// The servers of a run; `None` with the reason when one could not be started.
+struct Servers {
+    dir: PathBuf,
+    common: Common,
+    coturn_bin: String,
+    kyuu_bin: PathBuf,
+    kyuu_log_level: String,
+    used_ports: Vec<u16>,
+}
+
+const COTURN_RELAY: (u16, u16) = (10000, 21499);
+const KYUU_RELAY: (u16, u16) = (21500, 32767);
+
+impl Servers {
+    fn start(&mut self, t: Target) -> anyhow::Result<ServerProc> {
+        let port = servers::free_port(&self.used_ports)?;
+        self.used_ports.push(port);
+        match t {
+            Target::Coturn => {
+                let dir = self.dir.join(format!("coturn-{port}"));
+                std::fs::create_dir_all(&dir)?;
+                servers::start_coturn(&self.coturn_bin, &dir, port, COTURN_RELAY, &self.common)
+            }
+            Target::Kyuu => {
+                if !self.kyuu_bin.exists() {
+                    anyhow::bail!("no kyuu binary at {}", self.kyuu_bin.display());
+                }
+                let dir = self.dir.join(format!("kyuu-{port}"));
+                std::fs::create_dir_all(&dir)?;
+                servers::start_kyuu(
+                    &self.kyuu_bin.display().to_string(),
+                    &dir,
+                    port,
+                    KYUU_RELAY,
+                    &self.common,
+                    &self.kyuu_log_level,
+                )
+            }
+            Target::Direct => anyhow::bail!("the no-server bound has no server"),
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let quick = args.quick;
+    let duration = Duration::from_secs_f64(args.duration.unwrap_or(if quick { 0.7 } else { 3.0 }));
+    let warmup = Duration::from_millis(if quick { 200 } else { 500 });
+    let allocs = args.allocations.clone().unwrap_or_else(|| {
+        if quick {
+            vec![1, 10, 100]
+        } else {
+            vec![1, 10, 100, 1000]
+        }
+    });
+    let alloc_count = args.alloc_count.unwrap_or(if quick { 300 } else { 2000 });
+    let hold = args.hold.unwrap_or(if quick { 1000 } else { 10_000 });
+    let targets: Vec<Target> = args
+        .targets
+        .iter()
+        .map(|t| match t.as_str() {
+            "coturn" => Ok(Target::Coturn),
+            "kyuu" => Ok(Target::Kyuu),
+            "direct" => Ok(Target::Direct),
+            other => Err(anyhow::anyhow!("unknown target {other}")),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let servers_wanted: Vec<Target> = targets
+        .iter()
+        .copied()
+        .filter(|t| *t != Target::Direct)
+        .collect();
+
+    // Client sockets, relay sockets: one descriptor per allocation each, inherited by servers.
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    let want = (hold as u64 * 2 + 4096).min(hard);
+    if soft < want {
+        rlimit::setrlimit(rlimit::Resource::NOFILE, want, hard)?;
+    }
+    if want < hold as u64 + 1024 {
+        eprintln!("warning: RLIMIT_NOFILE hard limit {hard} is low for {hold} allocations");
+    }
+
+    let kyuu_bin = args.kyuu_bin.clone().unwrap_or_else(default_kyuu_bin);
+    let dir = std::env::temp_dir().join(format!("kyuu-turn-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let common = Common {
+        username: "bench".into(),
+        password: "bench-pass".into(),
+        realm: "kyuu-bench".into(),
+        threads: args.threads,
+    };
+    let creds = Credentials {
+        username: common.username.clone(),
+        password: common.password.clone(),
+    };
+    let mut srv = Servers {
+        dir: dir.clone(),
+        common,
+        coturn_bin: args.coturn_bin.clone(),
+        kyuu_bin: kyuu_bin.clone(),
+        kyuu_log_level: args.kyuu_log_level.clone(),
+        used_ports: Vec::new(),
+    };
+    for (name, range) in [("coturn", COTURN_RELAY), ("kyuu", KYUU_RELAY)] {
+        let busy = servers::range_busy(range.0, range.1);
+        if busy > 0 {
+            eprintln!(
+                "warning: {busy} sockets already bound in {name}'s relay range {}-{}",
+                range.0, range.1
+            );
+        }
+    }
+    let echo = echo::Echo::start()?;
+    let mut res = Results {
+        settings: serde_json::json!({
+            "quick": quick,
+            "duration_secs": duration.as_secs_f64(),
+            "warmup_secs": warmup.as_secs_f64(),
+            "allocations": allocs,
+            "payloads": args.payloads,
+            "window": args.window,
+            "threads": args.threads,
+            "latency_rate": args.latency_rate,
+            "latency_allocations": args.latency_allocations,
+            "alloc_count": alloc_count,
+            "hold": hold,
+            "kyuu_bin": kyuu_bin.display().to_string(),
+            "coturn_bin": args.coturn_bin,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loadavg_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        }),
+        ..Default::default()
+    };
+    eprintln!("work dir {} (server logs)", dir.display());
+    let skip = |p: &str| args.skip.iter().any(|s| s == p);
+
+    // 1. Memory: a fresh server each, before anything else touched it.
+    if !skip("memory") {
+        let mut rss = Row::new(
+            format!("RSS per allocation, {hold} held (bytes)"),
+            Better::Lower,
+        );
+        let mut held = Row::new(
+            format!("allocations relaying, of {hold} held"),
+            Better::Higher,
+        );
+        for &t in &servers_wanted {
+            match memory(&mut srv, t, hold, &creds, echo.addr) {
+                Ok((per, ok, raw)) => {
+                    rss.set(t, per);
+                    held.set(t, ok as f64);
+                    res.raw.push(raw);
+                }
+                Err(e) => {
+                    let note = format!("{}: {e:#}", t.name());
+                    eprintln!("memory: {note}");
+                    rss.notes.push(note.clone());
+                    held.notes.push(note);
+                }
+            }
+        }
+        res.rows.push(rss);
+        res.rows.push(held);
+    }
+
+    // The servers for the rest, started side by side.
+    let mut running: Vec<(Target, Result<ServerProc, String>)> = servers_wanted
+        .iter()
+        .map(|&t| (t, srv.start(t).map_err(|e| format!("{e:#}"))))
+        .collect();
+    for (t, r) in &running {
+        if let Err(e) = r {
+            eprintln!("{}: not started: {e}", t.name());
+            res.notes
+                .push(format!("{} could not be started: {e}", t.name()));
+        }
+    }
+
+    // 2. Authenticated allocations per second.
+    if !skip("rate") {
+        let mut row = Row::new(
+            format!("authenticated allocations/s ({alloc_count} made, 64 in flight)"),
+            Better::Higher,
+        );
+        for (t, server) in &mut running {
+            let r = server_addr(server).and_then(|addr| {
+                let mut fleet = Fleet::open(alloc_count, Via::Turn(addr), echo.addr, &creds)?;
+                let plan = Plan {
+                    permission: false,
+                    channel: false,
+                };
+                let rep = fleet.setup(plan, 64, Duration::from_secs(60))?;
+                let _ = fleet.deallocate(64, Duration::from_secs(60));
+                Ok(rep)
+            });
+            match r {
+                Ok(rep) if rep.failed == 0 => {
+                    eprintln!("alloc rate {}: {:.0}/s", t.name(), rep.per_sec);
+                    row.set(*t, rep.per_sec);
+                    res.raw.push(
+                        serde_json::json!({"phase": "alloc_rate", "target": t, "report": rep}),
+                    );
+                }
+                Ok(rep) => {
+                    let note = format!(
+                        "{}: {} of {alloc_count} allocations failed: {}",
+                        t.name(),
+                        rep.failed,
+                        rep.first_error.clone().unwrap_or_default()
+                    );
+                    eprintln!("alloc rate: {note}");
+                    row.notes.push(note);
+                    res.raw.push(
+                        serde_json::json!({"phase": "alloc_rate", "target": t, "report": rep}),
+                    );
+                }
+                Err(e) => row.notes.push(format!("{}: {e:#}", t.name())),
+            }
+        }
+        res.rows.push(row);
+    }
+
+    // 3. Throughput, interleaving targets per configuration so load noise hits all alike.
+    if !skip("throughput") {
+        for &n in &allocs {
+            let mut pps_rows: Vec<Row> = args
+                .payloads
+                .iter()
+                .map(|p| Row::new(format!("relayed pkt/s, {p} B, {n} alloc"), Better::Higher))
+                .collect();
+            let mut mbps_rows: Vec<Row> = args
+                .payloads
+                .iter()
+                .map(|p| Row::new(format!("Mbit/s, {p} B, {n} alloc"), Better::Higher))
+                .collect();
+            for &t in &targets {
+                let via = match t {
+                    Target::Direct => Ok(Via::Direct),
+                    Target::Coturn | Target::Kyuu => running
+                        .iter_mut()
+                        .find(|(rt, _)| *rt == t)
+                        .map(|(_, s)| server_addr(s).map(Via::Turn))
+                        .unwrap_or_else(|| Err(anyhow::anyhow!("not running"))),
+                };
+                let r = via.and_then(|via| {
+                    let mut fleet = Fleet::open(n, via, echo.addr, &creds)?;
+                    let rep = fleet.setup(
+                        Plan {
+                            permission: true,
+                            channel: true,
+                        },
+                        64,
+                        Duration::from_secs(60),
+                    )?;
+                    if rep.failed > 0 {
+                        anyhow::bail!(
+                            "{} of {n} allocations failed: {}",
+                            rep.failed,
+                            rep.first_error.unwrap_or_default()
+                        );
+                    }
+                    let mut out = Vec::new();
+                    for &p in &args.payloads {
+                        let tr = fleet
+                            .throughput(p, args.window, warmup, duration, &|| echo.received())?;
+                        out.push(tr);
+                    }
+                    let _ = fleet.deallocate(64, Duration::from_secs(30));
+                    Ok(out)
+                });
+                match r {
+                    Ok(reps) => {
+                        for (i, tr) in reps.iter().enumerate() {
+                            eprintln!(
+                                "throughput {} n={n} {}B: sent {:.0}/s, peer {:.0}/s, back {:.0}/s, lost {}",
+                                t.name(),
+                                tr.payload,
+                                tr.sent_pps,
+                                tr.peer_pps,
+                                tr.delivered_pps,
+                                tr.lost
+                            );
+                            pps_rows[i].set(t, tr.delivered_pps);
+                            mbps_rows[i].set(t, tr.delivered_mbps);
+                            res.raw.push(serde_json::json!({"phase": "throughput", "target": t, "report": tr}));
+                        }
+                    }
+                    Err(e) => {
+                        let note = format!("{}: {e:#}", t.name());
+                        eprintln!("throughput n={n}: {note}");
+                        for r in pps_rows.iter_mut().chain(mbps_rows.iter_mut()) {
+                            r.notes.push(note.clone());
+                        }
+                    }
+                }
+            }
+            for (a, b) in pps_rows.into_iter().zip(mbps_rows) {
+                res.rows.push(a);
+                res.rows.push(b);
+            }
+        }
+    }
+
+    // 4. Latency at a fixed moderate rate.
+    if !skip("latency") {
+        let na = args.latency_allocations;
+        let rate = args.latency_rate;
+        let mut p50 = Row::new(
+            format!("RTT p50 (µs), {rate} pkt/s over {na} alloc, 100 B"),
+            Better::Lower,
+        );
+        let mut p99 = Row::new(
+            format!("RTT p99 (µs), {rate} pkt/s over {na} alloc, 100 B"),
+            Better::Lower,
+        );
+        for &t in &targets {
+            let via = match t {
+                Target::Direct => Ok(Via::Direct),
+                Target::Coturn | Target::Kyuu => running
+                    .iter_mut()
+                    .find(|(rt, _)| *rt == t)
+                    .map(|(_, s)| server_addr(s).map(Via::Turn))
+                    .unwrap_or_else(|| Err(anyhow::anyhow!("not running"))),
+            };
+            let r = via.and_then(|via| {
+                let mut fleet = Fleet::open(na, via, echo.addr, &creds)?;
+                let rep = fleet.setup(
+                    Plan {
+                        permission: true,
+                        channel: true,
+                    },
+                    64,
+                    Duration::from_secs(30),
+                )?;
+                if rep.failed > 0 {
+                    anyhow::bail!("{} allocations failed", rep.failed);
+                }
+                let lat = fleet.latency(100, rate, warmup, duration.max(Duration::from_secs(1)))?;
+                let _ = fleet.deallocate(64, Duration::from_secs(30));
+                Ok(lat)
+            });
+            match r {
+                Ok(l) => {
+                    eprintln!(
+                        "latency {}: p50 {:.1} µs p99 {:.1} µs max {:.1} µs ({} samples, {} lost)",
+                        t.name(),
+                        l.p50_us,
+                        l.p99_us,
+                        l.max_us,
+                        l.samples,
+                        l.lost
+                    );
+                    p50.set(t, l.p50_us);
+                    p99.set(t, l.p99_us);
+                    res.raw
+                        .push(serde_json::json!({"phase": "latency", "target": t, "report": l}));
+                }
+                Err(e) => {
+                    let note = format!("{}: {e:#}", t.name());
+                    p50.notes.push(note.clone());
+                    p99.notes.push(note);
+                }
+            }
+        }
+        res.rows.push(p50);
+        res.rows.push(p99);
+    }
+
+    // Servers still alive at the end? (A crash mid-run would otherwise hide as n/a.)
+    for (t, s) in &mut running {
+        if let Ok(p) = s {
+            if let Err(e) = p.check_alive() {
+                res.notes
+                    .push(format!("{} died during the run: {e:#}", t.name()));
+            }
+        }
+    }
+    drop(running);
+    drop(echo);
+
+    goals(&mut res, hold);
+    let table = render(&res, &targets);
+    println!("{table}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&res)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn default_kyuu_bin() -> PathBuf {
+    let local = PathBuf::from("target/release/kyuu");
+    if local.exists() {
+        return local;
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let p = Path::new(&dir).join("release/kyuu");
+        if p.exists() {
+            return p;
+        }
+    }
+    local
+}
+
+fn server_addr(s: &mut Result<ServerProc, String>) -> anyhow::Result<std::net::SocketAddr> {
+    match s {
+        Ok(p) => {
+            p.check_alive()?;
+            Ok(p.addr)
+        }
+        Err(e) => Err(anyhow::anyhow!("not started: {e}")),
+    }
+}
+
+/// Starts a fresh server, holds `hold` allocations (each with a permission and a channel),
+/// checks each still relays, and divides the VmRSS growth by the allocations held.
+fn memory(
+    srv: &mut Servers,
+    t: Target,
+    hold: usize,
+    creds: &Credentials,
+    echo: std::net::SocketAddr,
+) -> anyhow::Result<(f64, usize, serde_json::Value)> {
+    let mut p = srv.start(t)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = p.vm_rss_kib()?;
+    let mut fleet = Fleet::open(hold, Via::Turn(p.addr), echo, creds)?;
+    let rep = fleet.setup(
+        Plan {
+            permission: true,
+            channel: true,
+        },
+        128,
+        Duration::from_secs(180),
+    )?;
+    p.check_alive()?;
+    let relaying = fleet.probe_all(3)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let after = p.vm_rss_kib()?;
+    p.check_alive()?;
+    let ready = fleet.ready();
+    let per = (after.saturating_sub(before) as f64 * 1024.0) / ready.max(1) as f64;
+    eprintln!(
+        "memory {}: {} of {hold} allocated in {:.1}s ({}), {relaying} relaying, VmRSS {before} -> {after} KiB, {per:.0} B/allocation",
+        t.name(),
+        ready,
+        rep.secs,
+        rep.first_error.as_deref().unwrap_or("no errors"),
+    );
+    let dealloc = fleet.deallocate(128, Duration::from_secs(60))?;
+    let raw = serde_json::json!({
+        "phase": "memory", "target": t, "hold": hold, "allocated": ready,
+        "relaying": relaying, "rss_before_kib": before, "rss_after_kib": after,
+        "bytes_per_allocation": per, "setup": rep, "deallocate": dealloc,
+    });
+    if ready < hold {
+        anyhow::bail!(
+            "only {ready} of {hold} allocations made: {}",
+            rep.first_error.unwrap_or_default()
+        );
+    }
+    Ok((per, relaying, raw))
+}
+
+fn goals(res: &mut Results, hold: usize) {
+    let find = |prefix: &str| res.rows.iter().find(|r| r.metric.starts_with(prefix));
+    let mut g = Vec::new();
+    let pps: Vec<f64> = res
+        .rows
+        .iter()
+        .filter(|r| r.metric.starts_with("relayed pkt/s, 100 B"))
+        .filter_map(Row::ratio)
+        .collect();
+    let min = pps.iter().copied().fold(f64::INFINITY, f64::min);
+    g.push((
+        "≥1.5x coturn's relayed packets/s at 100 B".to_owned(),
+        (!pps.is_empty()).then_some(min >= 1.5),
+        if pps.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("lowest kyuu/coturn over allocation counts: {min:.2}x")
+        },
+    ));
+    let p99 = find("RTT p99").and_then(Row::ratio);
+    g.push((
+        "p99 latency no worse than coturn's".to_owned(),
+        p99.map(|r| r <= 1.0),
+        p99.map_or("n/a".to_owned(), |r| format!("kyuu/coturn {r:.2}")),
+    ));
+    let mem = find("RSS per allocation").and_then(Row::ratio);
+    g.push((
+        "memory per allocation below coturn's".to_owned(),
+        mem.map(|r| r < 1.0),
+        mem.map_or("n/a".to_owned(), |r| format!("kyuu/coturn {r:.2}")),
+    ));
+    let held = find("allocations relaying").and_then(|r| r.kyuu);
+    g.push((
+        format!("{hold} allocations held without loss"),
+        held.map(|h| h as usize == hold),
+        held.map_or("n/a".to_owned(), |h| {
+            format!("kyuu: {h:.0} of {hold} relaying")
+        }),
+    ));
+    res.goals = g;
+}
+
+fn fmt_val(v: Option<f64>) -> String {
+    match v {
+        None => "n/a".into(),
+        Some(v) if v.is_nan() => "n/a".into(),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+fn render(res: &Results, targets: &[Target]) -> String {
+    let direct = targets.contains(&Target::Direct);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| metric | better | coturn | kyuu | kyuu/coturn |{}",
+        if direct {
+            " no-server bound | kyuu/bound |"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | ---: | ---: | ---: |{}",
+        if direct { " ---: | ---: |" } else { "" }
+    );
+    for r in &res.rows {
+        let ratio = r.ratio().map_or("n/a".into(), |x| format!("{x:.2}x"));
+        let better = match r.better {
+            Better::Higher => "higher",
+            Better::Lower => "lower",
+        };
+        let _ = write!(
+            s,
+            "| {} | {better} | {} | {} | {ratio} |",
+            r.metric,
+            fmt_val(r.coturn),
+            fmt_val(r.kyuu)
+        );
+        if direct {
+            let bound = match (r.kyuu, r.direct) {
+                (Some(k), Some(d)) if d > 0.0 => format!("{:.2}", k / d),
+                _ => "n/a".into(),
+            };
+            let _ = write!(s, " {} | {bound} |", fmt_val(r.direct));
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "\nGoals:");
+    for (goal, ok, detail) in &res.goals {
+        let mark = match ok {
+            Some(true) => "MET",
+            Some(false) => "NOT MET",
+            None => "n/a",
+        };
+        let _ = writeln!(s, "- {goal}: **{mark}** ({detail})");
+    }
+    let notes: Vec<String> = res
+        .rows
+        .iter()
+        .flat_map(|r| r.notes.iter().map(move |n| format!("{}: {n}", r.metric)))
+        .chain(res.notes.iter().cloned())
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(s, "\nNotes (why a cell is n/a):");
+        for n in notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
