@@ -14,6 +14,7 @@ pub mod txn;
 pub mod wire;
 
 pub use config::RawrConfig;
+pub mod lab;
 pub mod runtime;
 pub mod sys;
 pub mod turn;

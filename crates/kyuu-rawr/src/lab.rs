@@ -1,0 +1,642 @@
+//! A RAWR network in the kyuu network lab (`kyuu-lab`): a root, an ISP router, two home routers
+//! with NAT, peers behind them, RAWR nodes on the routers and coturn as each meeting node's TURN
+//! data plane. Used by the lab tests, the RTT benchmark and `kyuu lab`.
+//!
+//! ```text
+//!   root 198.18.0.10 ──(40 ms)── isp 198.18.0.2 | 198.18.1.1 ──(10 ms)── homea 198.18.1.2 | 198.19.1.1 ──(1 ms)── pa 198.19.1.10
+//!                                                             └─(10 ms)── homeb 198.18.1.3 | 198.19.2.1 ──(1 ms)── pb 198.19.2.10
+//!                                 d1 198.18.1.21, d2 198.18.1.22 (extra chain nodes on the ISP network)
+//! ```
+//! RAWR control listens on port 3479 beside coturn on 3478 (until RAWR shares kyuu's TURN port).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use kyuu_lab::{Lab, LabChild, LabError, LinkSpec, NatKind, Node as LabNode, Router};
+use tokio::net::UdpSocket;
+
+use crate::config::{ChildConfig, GatewayConfig, RawrConfig};
+use crate::peer::{Outcome, PeerConfig, PeerError, Route};
+use crate::runtime::{run_peer, spawn_node, NodeHandle, PeerEnv};
+use crate::sys::HostNet;
+use crate::turn::{parse_turn_uri, Allocation, TurnError};
+
+pub const RAWR_PORT: u16 = 3479;
+pub const TURN_PORT: u16 = 3478;
+const SECRET: &str = "lab-turn-secret";
+
+/// Which lab to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// LAN 1 ms, ISP 10 ms, root 40 ms one way (else no impairment).
+    pub delays: bool,
+    /// NAT of the home routers.
+    pub nat: NatKind,
+    /// RAWR node on the ISP router.
+    pub isp_node: bool,
+    /// RAWR nodes on the home routers (the peers' gateways).
+    pub home_nodes: bool,
+    /// Home A's gateway is a plain TURN server (coturn) instead of a RAWR node.
+    pub plain_gateway_a: bool,
+    /// Home A's node reaches the ISP through d1 and d2: homea → d1 → d2 → isp.
+    pub chain_a: bool,
+    /// A gateway loop: homea → d1 → homea.
+    pub loop_a: bool,
+    /// Put peer B on A's LAN (pb2, 198.19.1.11) instead of behind home B.
+    pub same_lan: bool,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec {
+            delays: false,
+            nat: NatKind::Symmetric,
+            isp_node: true,
+            home_nodes: true,
+            plain_gateway_a: false,
+            chain_a: false,
+            loop_a: false,
+            same_lan: false,
+        }
+    }
+}
+
+/// Errors from the RAWR lab.
+#[derive(Debug, thiserror::Error)]
+pub enum RawrLabError {
+    #[error("lab: {0}")]
+    Lab(#[from] LabError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("rawr peer: {0}")]
+    Peer(#[from] PeerError),
+    #[error("turn: {0}")]
+    Turn(#[from] TurnError),
+    #[error("config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("host: {0}")]
+    Sys(#[from] crate::sys::SysError),
+    #[error("{0}")]
+    Other(String),
+}
+
+struct RunningNode {
+    handle: NodeHandle,
+    cfg: RawrConfig,
+    ns: LabNode,
+}
+
+/// The built lab. Dropping it stops nodes and coturn and deletes every namespace.
+pub struct RawrLab {
+    pub spec: LabSpec,
+    pub root: LabNode,
+    pub isp: Router,
+    pub homea: Router,
+    pub homeb: Router,
+    pub pa: LabNode,
+    pub pb: LabNode,
+    nodes: BTreeMap<String, RunningNode>,
+    _turns: Vec<LabChild>,
+    // Declared last: dropped after the children and nodes above.
+    pub lab: Lab,
+}
+
+fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::from(ip), port))
+}
+
+pub const ROOT_IP: [u8; 4] = [198, 18, 0, 10];
+pub const ISP_IP: [u8; 4] = [198, 18, 1, 1];
+pub const HOMEA_IP: [u8; 4] = [198, 19, 1, 1];
+pub const HOMEB_IP: [u8; 4] = [198, 19, 2, 1];
+pub const HOMEA_WAN_IP: [u8; 4] = [198, 18, 1, 2];
+pub const D1_IP: [u8; 4] = [198, 18, 1, 21];
+pub const D2_IP: [u8; 4] = [198, 18, 1, 22];
+
+fn link(ms: u64, on: bool) -> Option<LinkSpec> {
+    on.then(|| LinkSpec::delay(Duration::from_millis(ms)))
+}
+
+fn to_tokio(s: std::net::UdpSocket) -> Result<UdpSocket, RawrLabError> {
+    s.set_nonblocking(true)?;
+    Ok(UdpSocket::from_std(s)?)
+}
+
+/// Starts coturn inside `node`, listening on `ip`, with the lab's REST secret.
+fn coturn(node: &LabNode, ip: [u8; 4]) -> Result<LabChild, RawrLabError> {
+    let ip = Ipv4Addr::from(ip).to_string();
+    let mut cmd = node.command("turnserver");
+    cmd.args([
+        "-n",
+        &format!("--listening-ip={ip}"),
+        &format!("--listening-port={TURN_PORT}"),
+        &format!("--relay-ip={ip}"),
+        "--use-auth-secret",
+        &format!("--static-auth-secret={SECRET}"),
+        "--realm=kyuu-lab",
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp",
+        "--no-cli",
+        // Lab addresses are in the benchmarking range: allow relaying to it explicitly.
+        "--allowed-peer-ip=198.18.0.0-198.19.255.255",
+        "--min-port=49152",
+        "--max-port=49352",
+        "--log-file=/dev/null",
+        "--no-stdout-log",
+    ]);
+    cmd.stdout(std::process::Stdio::null());
+    cmd.stderr(std::process::Stdio::null());
+    Ok(node.spawn(cmd)?)
+}
+
+/// Waits (bounded) until a STUN server answers Binding at `addr` from inside `node`.
+async fn wait_stun(node: &LabNode, addr: SocketAddr) -> Result<(), RawrLabError> {
+    let sock = to_tokio(node.udp_bind("0.0.0.0:0")?)?;
+    let mut buf = [0u8; 512];
+    for i in 0..50u8 {
+        let req = crate::wire::encode_binding_request(kyuu_stun::TransactionId([i; 12]));
+        sock.send_to(&req, addr).await?;
+        if tokio::time::timeout(Duration::from_millis(100), sock.recv_from(&mut buf))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    Err(RawrLabError::Other(format!(
+        "no STUN server answered at {addr}"
+    )))
+}
+
+impl RawrLab {
+    /// Builds the lab, or `Ok(None)` after printing a SKIP line when this machine cannot run it
+    /// (not root, no `ip`/`nft`) and `KYUU_LAB_REQUIRED` is not set.
+    pub async fn build_or_skip(test: &str, spec: LabSpec) -> Result<Option<RawrLab>, RawrLabError> {
+        if std::process::Command::new("turnserver")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            if kyuu_lab::lab_required() {
+                return Err(RawrLabError::Other(
+                    "turnserver (coturn) is required for the RAWR lab".into(),
+                ));
+            }
+            println!("SKIP {test}: turnserver (coturn) not installed");
+            return Ok(None);
+        }
+        let Some(lab) = kyuu_lab::lab_or_skip(test) else {
+            return Ok(None);
+        };
+        Self::build(lab, spec).await.map(Some)
+    }
+
+    /// Builds the topology in `lab`.
+    pub async fn build(lab: Lab, spec: LabSpec) -> Result<RawrLab, RawrLabError> {
+        let d = spec.delays;
+        let core = lab.switch("core")?;
+        let ispnet = lab.switch("ispnet")?;
+        let lana = lab.switch("lana")?;
+        let lanb = lab.switch("lanb")?;
+
+        let root = lab.host("root")?;
+        root.attach(&core, "198.18.0.10/24")?;
+        root.route("198.18.1.0/24", "198.18.0.2")?;
+
+        let isp = lab.router("isp", NatKind::None)?;
+        match link(40, d) {
+            Some(l) => isp.wan_with(&core, "198.18.0.2/24", l)?,
+            None => isp.wan(&core, "198.18.0.2/24")?,
+        };
+        isp.lan(&ispnet, "198.18.1.1/24")?;
+
+        let mk_home = |name: &str, wan: &str, lan_sw, lan: &str| -> Result<Router, LabError> {
+            let r = lab.router(name, spec.nat)?;
+            match link(10, d) {
+                Some(l) => r.wan_with(&ispnet, wan, l)?,
+                None => r.wan(&ispnet, wan)?,
+            };
+            r.lan(lan_sw, lan)?;
+            r.node().route_default("198.18.1.1")?;
+            Ok(r)
+        };
+        let homea = mk_home("homea", "198.18.1.2/24", &lana, "198.19.1.1/24")?;
+        let homeb = mk_home("homeb", "198.18.1.3/24", &lanb, "198.19.2.1/24")?;
+
+        let mk_peer = |name: &str, sw, cidr: &str, gw: &str| -> Result<LabNode, LabError> {
+            let p = lab.host(name)?;
+            match link(1, d) {
+                Some(l) => p.attach_with(sw, cidr, l)?,
+                None => p.attach(sw, cidr)?,
+            };
+            p.route_default(gw)?;
+            Ok(p)
+        };
+        let pa = mk_peer("pa", &lana, "198.19.1.10/24", "198.19.1.1")?;
+        let pb = if spec.same_lan {
+            mk_peer("pb", &lana, "198.19.1.11/24", "198.19.1.1")?
+        } else {
+            mk_peer("pb", &lanb, "198.19.2.10/24", "198.19.2.1")?
+        };
+
+        let mut turns = vec![coturn(&root, ROOT_IP)?];
+        if spec.isp_node {
+            turns.push(coturn(isp.node(), ISP_IP)?);
+        }
+        if spec.plain_gateway_a {
+            turns.push(coturn(homea.node(), HOMEA_IP)?);
+        }
+
+        let mut rl = RawrLab {
+            spec: spec.clone(),
+            root,
+            isp,
+            homea,
+            homeb,
+            pa,
+            pb,
+            nodes: BTreeMap::new(),
+            _turns: turns,
+            lab,
+        };
+
+        // RAWR nodes. Every node also runs a TURN server in a full deployment; here only the
+        // root, the ISP and (as a plain TURN gateway) home A have one, since only they relay.
+        let root_ns = rl.root.clone();
+        rl.start_node(root_ns, node_cfg("root", ROOT_IP, None, &[]))
+            .await?;
+        if spec.isp_node {
+            let mut children = vec!["homea", "homeb"];
+            if spec.chain_a {
+                children.push("d2");
+            }
+            let ns = rl.isp.node().clone();
+            rl.start_node(ns, node_cfg("isp", ISP_IP, None, &children))
+                .await?;
+        }
+        let isp_gw = spec.isp_node.then_some(ISP_IP);
+        if spec.chain_a || spec.loop_a {
+            let d1 = rl.lab.host("d1")?;
+            d1.attach(&ispnet, "198.18.1.21/24")?;
+            d1.route_default("198.18.1.1")?;
+            let cfg = if spec.loop_a {
+                node_cfg("d1", D1_IP, Some(("d1", HOMEA_WAN_IP)), &["homea"])
+            } else {
+                node_cfg("d1", D1_IP, Some(("d1", D2_IP)), &["homea"])
+            };
+            rl.start_node(d1, cfg).await?;
+            if spec.chain_a {
+                let d2 = rl.lab.host("d2")?;
+                d2.attach(&ispnet, "198.18.1.22/24")?;
+                d2.route_default("198.18.1.1")?;
+                let cfg = node_cfg("d2", D2_IP, isp_gw.map(|g| ("d2", g)), &["d1"]);
+                rl.start_node(d2, cfg).await?;
+            }
+        }
+        if spec.home_nodes {
+            if !spec.plain_gateway_a {
+                let gw = if spec.chain_a || spec.loop_a {
+                    Some(D1_IP)
+                } else {
+                    isp_gw
+                };
+                let children: &[&str] = if spec.loop_a { &["d1"] } else { &[] };
+                let ns = rl.homea.node().clone();
+                rl.start_node(
+                    ns,
+                    node_cfg("homea", HOMEA_IP, gw.map(|g| ("homea", g)), children),
+                )
+                .await?;
+            }
+            if !spec.same_lan {
+                let ns = rl.homeb.node().clone();
+                rl.start_node(
+                    ns,
+                    node_cfg("homeb", HOMEB_IP, isp_gw.map(|g| ("homeb", g)), &[]),
+                )
+                .await?;
+            }
+        }
+        wait_stun(&rl.pa, sa(ROOT_IP, TURN_PORT)).await?;
+        if spec.isp_node {
+            wait_stun(&rl.pa, sa(ISP_IP, TURN_PORT)).await?;
+        }
+        if spec.plain_gateway_a {
+            wait_stun(&rl.pa, sa(HOMEA_IP, TURN_PORT)).await?;
+        }
+        Ok(rl)
+    }
+
+    async fn start_node(&mut self, ns: LabNode, mut cfg: RawrConfig) -> Result<(), RawrLabError> {
+        cfg.netns = Some(ns.ns_name().to_owned());
+        let addr = cfg
+            .self_addrs
+            .first()
+            .copied()
+            .ok_or_else(|| RawrLabError::Other("node without an address".into()))?;
+        // The previous instance's socket may still be closing: retry the bind (bounded).
+        let mut sock = None;
+        for _ in 0..50 {
+            // Bound to every address: a router's node is reached on its LAN and WAN sides.
+            match ns.udp_bind(&format!("0.0.0.0:{}", addr.port())) {
+                Ok(s) => {
+                    sock = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let sock = sock.ok_or_else(|| RawrLabError::Other(format!("cannot bind {addr}")))?;
+        let handle = spawn_node(cfg.clone(), to_tokio(sock)?)?;
+        self.nodes
+            .insert(cfg.name.clone(), RunningNode { handle, cfg, ns });
+        Ok(())
+    }
+
+    /// Kills a node (its pending state is lost).
+    pub fn kill_node(&mut self, name: &str) {
+        if let Some(n) = self.nodes.get(name) {
+            n.handle.kill();
+        }
+    }
+
+    /// Kills and restarts a node on the same address.
+    pub async fn restart_node(&mut self, name: &str) -> Result<(), RawrLabError> {
+        let Some(n) = self.nodes.remove(name) else {
+            return Err(RawrLabError::Other(format!("no node {name}")));
+        };
+        n.handle.kill();
+        drop(n.handle);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.start_node(n.ns, n.cfg).await
+    }
+
+    pub async fn stats(&self, name: &str) -> Option<crate::node::Stats> {
+        self.nodes.get(name)?.handle.stats().await
+    }
+
+    /// `(name, stats)` of every running node.
+    pub async fn all_stats(&self) -> Vec<(String, crate::node::Stats)> {
+        let mut v = Vec::new();
+        for (name, n) in &self.nodes {
+            if let Some(s) = n.handle.stats().await {
+                v.push((name.clone(), s));
+            }
+        }
+        v
+    }
+
+    /// Waits (bounded by `limit`) until no node holds pending or upstream state.
+    pub async fn wait_clean(&self, limit: Duration) -> Result<(), String> {
+        let end = Instant::now() + limit;
+        loop {
+            let stats = self.all_stats().await;
+            let dirty: Vec<_> = stats
+                .iter()
+                .filter(|(_, s)| s.pending > 0 || s.upstream > 0)
+                .collect();
+            if dirty.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(format!("state left behind: {dirty:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Peer A's gateway for the scenario (RAWR port, or coturn's port for a plain gateway).
+    pub fn gateway_a(&self) -> Option<SocketAddr> {
+        if self.spec.plain_gateway_a {
+            Some(sa(HOMEA_IP, TURN_PORT))
+        } else {
+            self.spec.home_nodes.then(|| sa(HOMEA_IP, RAWR_PORT))
+        }
+    }
+
+    pub fn gateway_b(&self) -> Option<SocketAddr> {
+        if self.spec.same_lan {
+            self.gateway_a()
+        } else {
+            self.spec.home_nodes.then(|| sa(HOMEB_IP, RAWR_PORT))
+        }
+    }
+
+    pub fn root_addr(&self) -> SocketAddr {
+        sa(ROOT_IP, RAWR_PORT)
+    }
+
+    /// Runs the peer algorithm on both peers at once for `session`.
+    pub async fn connect_pair(
+        &self,
+        session: &[u8],
+        root: SocketAddr,
+    ) -> (Result<LabPeer, RawrLabError>, Result<LabPeer, RawrLabError>) {
+        tokio::join!(
+            lab_peer(&self.pa, session, root, self.gateway_a()),
+            lab_peer(&self.pb, session, root, self.gateway_b()),
+        )
+    }
+
+    /// UDP datagrams received in the root's namespace so far (from `/proc/net/snmp`).
+    pub fn root_udp_in(&self) -> Result<u64, RawrLabError> {
+        let mut cmd = self.root.command("cat");
+        cmd.arg("/proc/net/snmp");
+        let out = self.root.run(cmd, Duration::from_secs(2))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+        let (Some(h), Some(v)) = (lines.next(), lines.next()) else {
+            return Err(RawrLabError::Other(
+                "no Udp: lines in /proc/net/snmp".into(),
+            ));
+        };
+        let i = h
+            .split_whitespace()
+            .position(|w| w == "InDatagrams")
+            .ok_or_else(|| RawrLabError::Other("no InDatagrams".into()))?;
+        v.split_whitespace()
+            .nth(i)
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| RawrLabError::Other("bad InDatagrams".into()))
+    }
+}
+
+fn node_cfg(
+    name: &str,
+    ip: [u8; 4],
+    gateway: Option<(&str, [u8; 4])>,
+    children: &[&str],
+) -> RawrConfig {
+    RawrConfig {
+        enabled: true,
+        name: name.into(),
+        self_addrs: vec![sa(ip, RAWR_PORT)],
+        relay: vec![format!("turn:{}?transport=udp", sa(ip, TURN_PORT))],
+        secret: SECRET.into(),
+        gateway: gateway.map(|(me, gw)| GatewayConfig {
+            addr: sa(gw, RAWR_PORT),
+            key: Some(format!("link-{me}")),
+        }),
+        children: children
+            .iter()
+            .map(|c| ChildConfig {
+                name: (*c).into(),
+                key: format!("link-{c}"),
+            })
+            .collect(),
+        ..RawrConfig::default()
+    }
+}
+
+/// A peer's result in the lab.
+#[derive(Debug)]
+pub struct LabPeer {
+    pub outcome: Outcome,
+    pub host_ip: IpAddr,
+    pub ns: LabNode,
+}
+
+/// Runs the peer algorithm inside `ns` (MAC of the interface toward the gateway or root).
+pub async fn lab_peer(
+    ns: &LabNode,
+    session: &[u8],
+    root: SocketAddr,
+    gateway: Option<SocketAddr>,
+) -> Result<LabPeer, RawrLabError> {
+    let host = HostNet::new(Some(ns.ns_name().to_owned()));
+    let toward = gateway.unwrap_or(root).ip();
+    let (mac, ip) = host.mac_toward(toward).await?;
+    let sock = to_tokio(ns.udp_bind("0.0.0.0:0")?)?;
+    let port = sock.local_addr()?.port();
+    let mut cfg = PeerConfig::new(session.to_vec(), mac, root);
+    cfg.gateway = gateway;
+    cfg.hosts = vec![SocketAddr::new(ip, port)];
+    cfg.deadline = Duration::from_secs(30);
+    let outcome = run_peer(cfg, &sock, &PeerEnv { host }).await?;
+    Ok(LabPeer {
+        outcome,
+        host_ip: ip,
+        ns: ns.clone(),
+    })
+}
+
+/// Round-trip samples between the two peers over the route they chose.
+#[derive(Debug, Clone)]
+pub struct Rtt {
+    pub samples: Vec<Duration>,
+    pub relay: Option<SocketAddr>,
+}
+
+impl Rtt {
+    pub fn median(&self) -> Duration {
+        let mut s = self.samples.clone();
+        s.sort();
+        s.get(s.len() / 2).copied().unwrap_or_default()
+    }
+}
+
+const ECHO_PORT: u16 = 40_000;
+
+/// Sends `n` pings from A to B over the chosen route and measures round trips; data flowing is
+/// the proof that the route works.
+pub async fn ping_pong(a: &LabPeer, b: &LabPeer, n: usize) -> Result<Rtt, RawrLabError> {
+    match (&a.outcome.relay, &b.outcome.relay) {
+        (None, None) => {
+            let sa_ = to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?;
+            let sb = to_tokio(b.ns.udp_bind(&format!("0.0.0.0:{ECHO_PORT}"))?)?;
+            let target = SocketAddr::new(b.host_ip, ECHO_PORT);
+            let echo = tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                for _ in 0..10_000 {
+                    let Ok(Ok((k, from))) =
+                        tokio::time::timeout(Duration::from_secs(3), sb.recv_from(&mut buf)).await
+                    else {
+                        return;
+                    };
+                    let _ = sb.send_to(buf.get(..k).unwrap_or(&[]), from).await;
+                }
+            });
+            let mut samples = Vec::new();
+            let mut buf = [0u8; 256];
+            for i in 0..n {
+                let msg = (i as u64).to_be_bytes();
+                let t = Instant::now();
+                sa_.send_to(&msg, target).await?;
+                let r = tokio::time::timeout(Duration::from_secs(2), sa_.recv_from(&mut buf)).await;
+                if let Ok(Ok((k, _))) = r {
+                    if buf.get(..k) == Some(&msg[..]) {
+                        samples.push(t.elapsed());
+                    }
+                }
+            }
+            echo.abort();
+            Ok(Rtt {
+                samples,
+                relay: None,
+            })
+        }
+        (Some(ra), Some(rb)) => {
+            let server_a = parse_turn_uri(ra.uris.first().map(String::as_str).unwrap_or(""))?;
+            let server_b = parse_turn_uri(rb.uris.first().map(String::as_str).unwrap_or(""))?;
+            let mut xa = Allocation::new(
+                to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?,
+                server_a,
+                &ra.username,
+                &ra.password,
+            )
+            .await?;
+            let mut xb = Allocation::new(
+                to_tokio(b.ns.udp_bind("0.0.0.0:0")?)?,
+                server_b,
+                &rb.username,
+                &rb.password,
+            )
+            .await?;
+            xa.permit(xb.relayed.ip()).await?;
+            xb.permit(xa.relayed.ip()).await?;
+            let (ra_addr, rb_addr) = (xa.relayed, xb.relayed);
+            let echo = tokio::spawn(async move {
+                for _ in 0..10_000 {
+                    let Ok(Ok((from, data))) =
+                        tokio::time::timeout(Duration::from_secs(3), xb.recv_from()).await
+                    else {
+                        return;
+                    };
+                    let _ = xb.send_to(&data, from).await;
+                }
+            });
+            let mut samples = Vec::new();
+            for i in 0..n {
+                let msg = (i as u64).to_be_bytes();
+                let t = Instant::now();
+                xa.send_to(&msg, rb_addr).await?;
+                let r = tokio::time::timeout(Duration::from_secs(2), xa.recv_from()).await;
+                if let Ok(Ok((from, data))) = r {
+                    if from == rb_addr && data == msg {
+                        samples.push(t.elapsed());
+                    }
+                }
+            }
+            echo.abort();
+            let _ = ra_addr;
+            Ok(Rtt {
+                samples,
+                relay: Some(server_a),
+            })
+        }
+        _ => Err(RawrLabError::Other(
+            "the peers chose different routes (one direct, one relayed)".into(),
+        )),
+    }
+}
+
+/// A one-line description of a route.
+pub fn describe(route: &Route) -> String {
+    match route {
+        Route::Direct => "direct (same link, no relay)".into(),
+        Route::Node { name } => format!("relay at node {name}"),
+        Route::Root { name } => format!("relay at the root ({name})"),
+    }
+}
