@@ -1,1 +1,3 @@
 //! kyuu-server
+
+pub mod relay;

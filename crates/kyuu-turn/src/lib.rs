@@ -1,1 +1,40 @@
-//! kyuu-turn
+//! Sans-IO STUN Binding ([RFC 8489], [RFC 5780]) and TURN ([RFC 8656], [RFC 6062]) server core.
+//!
+//! # Contract
+//!
+//! [`Server`] owns no sockets and reads no clock. Its shell feeds it:
+//!
+//! * [`Server::handle_client`] with every datagram or stream frame from a client (STUN or
+//!   ChannelData). A returned [`ToPeer`] is relayed at once (the fast path); everything else is
+//!   queued.
+//! * [`Server::handle_peer`] with every datagram a relay socket receives, placed at least
+//!   [`PEER_HEADROOM`] bytes into the buffer so the ChannelData header or Data indication can be
+//!   written in front without copying. A returned [`ToClient`] is sent at once.
+//! * [`Server::relay_bound`], [`Server::peer_connected`], [`Server::client_closed`] with the
+//!   results of what it asked for, and [`Server::handle_timeout`] when [`Server::poll_timeout`]
+//!   is reached.
+//!
+//! After every input the shell drains [`Server::poll_output`] until it returns `None`.
+//!
+//! [`client`] holds a small sans-IO TURN client for tests, benchmarks and RAWR.
+//!
+//! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
+//! [RFC 5780]: https://www.rfc-editor.org/rfc/rfc5780
+//! [RFC 8656]: https://www.rfc-editor.org/rfc/rfc8656
+//! [RFC 6062]: https://www.rfc-editor.org/rfc/rfc6062
+
+mod auth;
+pub mod client;
+pub mod config;
+pub mod policy;
+mod ratelimit;
+mod server;
+mod types;
+
+pub use auth::{rest_credentials, rest_password};
+pub use config::{PortRange, TurnConfig, UserConfig};
+pub use server::{Rfc5780, Server, ServerOptions, Shared};
+pub use types::*;
+
+/// First and last STUN method handed to the extension (RAWR control messages, `docs/rawr.md`).
+pub const EXTENSION_METHODS: std::ops::RangeInclusive<u16> = 0xC01..=0xC0F;

@@ -1,0 +1,146 @@
+//! `[listen]`: where STUN/TURN listens.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// STUN/TURN listeners. Port 0 picks a free port (tests); the UDP, TCP and TLS listeners of
+/// one address family then share whatever the first one got where possible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// UDP listen addresses (default `0.0.0.0:3478` and `[::]:3478`).
+    pub udp: Vec<SocketAddr>,
+    /// TCP listen addresses, RFC 8489 stream framing (default as UDP).
+    pub tcp: Vec<SocketAddr>,
+    /// TLS listen addresses (default `0.0.0.0:5349` and `[::]:5349`).
+    pub tls: Vec<SocketAddr>,
+    /// PEM certificate chain for TLS. Without `tls_cert`/`tls_key` a self-signed certificate is
+    /// generated at start for `tls_names`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    pub tls_key: Option<PathBuf>,
+    /// Names (and IPs) the generated self-signed certificate covers.
+    pub tls_names: Vec<String>,
+    /// RFC 5780 second IP address. With it, the first UDP address's IP is the primary IP, and
+    /// UDP and TCP listen on primary/alternate IP x primary/alternate port.
+    pub alt_ip: Option<IpAddr>,
+    /// RFC 5780 second port (default: primary port + 1 when `alt_ip` is set).
+    pub alt_port: Option<u16>,
+    /// Worker threads, one socket each per address via SO_REUSEPORT (0: one per core).
+    pub threads: usize,
+    /// SO_RCVBUF/SO_SNDBUF for UDP sockets in bytes (0: the system default).
+    pub socket_buffer: usize,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        let v4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let v6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        ListenConfig {
+            udp: vec![SocketAddr::new(v4, 3478), SocketAddr::new(v6, 3478)],
+            tcp: vec![SocketAddr::new(v4, 3478), SocketAddr::new(v6, 3478)],
+            tls: vec![SocketAddr::new(v4, 5349), SocketAddr::new(v6, 5349)],
+            tls_cert: None,
+            tls_key: None,
+            tls_names: vec!["localhost".into()],
+            alt_ip: None,
+            alt_port: None,
+            threads: 0,
+            socket_buffer: 4 << 20,
+        }
+    }
+}
+
+impl ListenConfig {
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.udp.is_empty() && self.tcp.is_empty() && self.tls.is_empty() {
+            return Err("listen: no udp, tcp or tls address".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("listen.tls_cert: tls_cert and tls_key go together".into());
+        }
+        if let Some(alt) = self.alt_ip {
+            let Some(primary) = self.udp.first() else {
+                return Err("listen.alt_ip: needs a udp address (the primary)".into());
+            };
+            if primary.ip().is_unspecified() {
+                return Err(format!(
+                    "listen.alt_ip: the first listen.udp address must be a specific IP for RFC 5780, not {}",
+                    primary.ip()
+                ));
+            }
+            if alt == primary.ip() || alt.is_unspecified() || alt.is_ipv4() != primary.is_ipv4() {
+                return Err(format!(
+                    "listen.alt_ip: {alt} must differ from {} and be of the same family",
+                    primary.ip()
+                ));
+            }
+            if primary.port() == 0 {
+                return Err("listen.udp: RFC 5780 needs a fixed port, not 0".into());
+            }
+            if self.alternate_port() == Some(primary.port()) {
+                return Err("listen.alt_port: must differ from the primary port".into());
+            }
+        } else if self.alt_port.is_some() {
+            return Err("listen.alt_port: needs listen.alt_ip".into());
+        }
+        if self.threads > 256 {
+            return Err("listen.threads: at most 256".into());
+        }
+        Ok(())
+    }
+
+    /// The RFC 5780 alternate port, when an alternate IP is set.
+    pub fn alternate_port(&self) -> Option<u16> {
+        self.alt_ip?;
+        let p = self.udp.first()?.port();
+        Some(self.alt_port.unwrap_or(p.wrapping_add(1)))
+    }
+
+    /// Whether a TCP listener (for example HTTP) would collide with `addr`.
+    pub fn conflicts_with_tcp(&self, addr: SocketAddr) -> bool {
+        self.tcp.iter().chain(self.tls.iter()).any(|t| {
+            t.port() == addr.port()
+                && t.port() != 0
+                && (t.ip() == addr.ip() || t.ip().is_unspecified() || addr.ip().is_unspecified())
+        })
+    }
+
+    /// Listen only on these addresses for UDP and TCP, and on `tls` for TLS (tests).
+    pub fn on(addrs: &[SocketAddr], tls: &[SocketAddr]) -> Self {
+        ListenConfig {
+            udp: addrs.to_vec(),
+            tcp: addrs.to_vec(),
+            tls: tls.to_vec(),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn validation_names_keys() {
+        ListenConfig::default().validate().unwrap();
+        let c = ListenConfig {
+            alt_ip: Some("127.0.0.2".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().starts_with("listen.alt_ip"));
+        let c = ListenConfig {
+            udp: vec!["127.0.0.1:3478".parse().unwrap()],
+            alt_ip: Some("127.0.0.2".parse().unwrap()),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.alternate_port(), Some(3479));
+        let e: Result<ListenConfig, _> = toml::from_str("udpp = []");
+        assert!(e.unwrap_err().to_string().contains("udpp"));
+    }
+}

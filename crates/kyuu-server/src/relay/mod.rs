@@ -1,0 +1,391 @@
+//! The tokio shell around [`kyuu_turn::Server`]: STUN/TURN over UDP, TCP and TLS, IPv4 and IPv6,
+//! RFC 5780 alternate addresses, relay sockets.
+//!
+//! Shape: `listen.threads` worker threads ("shards"), each with its own current-thread runtime,
+//! its own `kyuu_turn::Server` and its own copy of every listening socket (SO_REUSEPORT, so the
+//! kernel spreads clients over shards by their address). A shard owns the relay sockets of the
+//! allocations it made, so the relay path never takes a lock: a datagram is received in a batch
+//! (recvmmsg via quinn-udp), handed to the core, and sent on, all on one thread. Shards share only
+//! the nonce key, the clock origin and the quota counters ([`kyuu_turn::Shared`]). Each shard
+//! hands out relay ports from its own slice of `turn.relay_ports`.
+
+pub mod config;
+mod shard;
+mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use kyuu_turn::{PortRange, Rfc5780, ServerOptions, Shared, TurnConfig};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::{mpsc, watch};
+
+pub use config::ListenConfig;
+pub use kyuu_turn::{ClientSocket, Transport};
+
+/// Hands STUN requests in [`kyuu_turn::EXTENSION_METHODS`] (RAWR control messages) to another
+/// part of the server instead of answering 400.
+#[derive(Debug, Clone)]
+pub struct Extension {
+    pub requests: mpsc::Sender<ExtensionRequest>,
+}
+
+/// One extension request.
+#[derive(Debug)]
+pub struct ExtensionRequest {
+    /// Who sent it, over which transport and to which server address.
+    pub client: ClientSocket,
+    /// The whole STUN message.
+    pub data: Vec<u8>,
+    /// Where to send the answer.
+    pub reply: ExtensionReply,
+}
+
+/// Sends a message to a client over the socket or connection its request arrived on.
+#[derive(Debug, Clone)]
+pub struct ExtensionReply {
+    tx: mpsc::UnboundedSender<(ClientSocket, Vec<u8>)>,
+}
+
+impl ExtensionReply {
+    /// Queues `data` for `client`; false when the shard has stopped.
+    pub fn send(&self, client: ClientSocket, data: Vec<u8>) -> bool {
+        self.tx.send((client, data)).is_ok()
+    }
+}
+
+/// A running STUN/TURN service.
+#[derive(Debug)]
+pub struct RelayHandle {
+    listeners: Vec<(&'static str, SocketAddr)>,
+    alternate: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RelayHandle {
+    /// Bound listeners as (`"udp"`, `"tcp"` or `"tls"`, address), after port 0 was resolved.
+    pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The first bound address of a transport.
+    pub fn addr(&self, proto: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .map(|(_, a)| *a)
+    }
+
+    /// The RFC 5780 alternate address (alternate IP and port), when configured.
+    pub fn alternate(&self) -> Option<SocketAddr> {
+        self.alternate
+    }
+
+    /// Live allocations across all shards.
+    pub fn allocations(&self) -> u32 {
+        self.shared.allocations()
+    }
+
+    /// Stops every shard and waits for their threads (blocking; call from a blocking context or
+    /// use [`RelayHandle::shutdown`]).
+    pub fn stop_blocking(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops every shard and waits until they have closed their sockets.
+    pub async fn shutdown(self) {
+        let _ = tokio::task::spawn_blocking(move || self.stop_blocking()).await;
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Bound sockets of one shard.
+#[derive(Debug, Default)]
+pub(crate) struct ShardSockets {
+    pub udp: Vec<std::net::UdpSocket>,
+    pub tcp: Vec<std::net::TcpListener>,
+    pub tls: Vec<std::net::TcpListener>,
+}
+
+fn new_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Fails if anything (even another process with SO_REUSEPORT, like coturn) already holds `addr`:
+/// a socket without SO_REUSEPORT cannot bind then.
+fn probe_free(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<SocketAddr> {
+    let s = new_socket(addr, ty, proto)?;
+    s.bind(&addr.into())?;
+    let a = s.local_addr()?.as_socket().unwrap_or(addr);
+    Ok(a)
+}
+
+pub(crate) fn bind_udp(
+    addr: SocketAddr,
+    reuse_port: bool,
+    buf: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    if buf > 0 {
+        let _ = s.set_recv_buffer_size(buf);
+        let _ = s.set_send_buffer_size(buf);
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+pub(crate) fn bind_tcp(
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> std::io::Result<std::net::TcpListener> {
+    let s = new_socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Resolves port 0: the first port-0 address gets a free port that is then reused for the
+/// others of the same group.
+fn resolve(
+    addr: SocketAddr,
+    group_port: &mut Option<u16>,
+    ty: Type,
+    proto: Protocol,
+) -> anyhow::Result<SocketAddr> {
+    let want = if addr.port() == 0 {
+        SocketAddr::new(addr.ip(), group_port.unwrap_or(0))
+    } else {
+        addr
+    };
+    let name = if ty == Type::DGRAM { "udp" } else { "tcp" };
+    let got = match probe_free(want, ty, proto) {
+        Ok(a) => a,
+        Err(_) if addr.port() == 0 && want.port() != 0 => probe_free(addr, ty, proto)
+            .with_context(|| format!("listen: cannot bind {name} {addr}"))?,
+        Err(e) => {
+            return Err(e).with_context(|| format!("listen: cannot bind {name} {want} (in use?)"))
+        }
+    };
+    if addr.port() == 0 && group_port.is_none() {
+        *group_port = Some(got.port());
+    }
+    Ok(got)
+}
+
+/// Starts STUN/TURN on `listen` with `turn`. `ext` receives extension-range requests.
+pub async fn start(
+    listen: &ListenConfig,
+    mut turn: TurnConfig,
+    ext: Option<Extension>,
+) -> anyhow::Result<RelayHandle> {
+    listen.validate().map_err(anyhow::Error::msg)?;
+    turn.validate().map_err(anyhow::Error::msg)?;
+    let all = || {
+        listen
+            .udp
+            .iter()
+            .chain(listen.tcp.iter())
+            .chain(listen.tls.iter())
+    };
+    if turn.relay_ipv4.is_none() {
+        turn.relay_ipv4 = all().find_map(|a| match a.ip() {
+            IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+            _ => None,
+        });
+    }
+    if turn.relay_ipv6.is_none() {
+        turn.relay_ipv6 = all().find_map(|a| match a.ip() {
+            IpAddr::V6(ip) if !ip.is_unspecified() => Some(ip),
+            _ => None,
+        });
+    }
+    if turn.enabled && turn.relay_ipv4.is_none() && turn.relay_ipv6.is_none() {
+        tracing::warn!(
+            "turn: listening on wildcard addresses only and neither turn.relay_ipv4 nor turn.relay_ipv6 is set; Allocate will fail with 440"
+        );
+    }
+
+    // Listener addresses, with the RFC 5780 combinations.
+    let mut udp_addrs = listen.udp.clone();
+    let mut tcp_addrs = listen.tcp.clone();
+    let mut rfc5780 = None;
+    let mut alternate = None;
+    if let (Some(alt_ip), Some(alt_port), Some(primary)) =
+        (listen.alt_ip, listen.alternate_port(), listen.udp.first())
+    {
+        let r = Rfc5780 {
+            primary_ip: primary.ip(),
+            alternate_ip: alt_ip,
+            primary_port: primary.port(),
+            alternate_port: alt_port,
+        };
+        for a in [
+            SocketAddr::new(r.primary_ip, r.alternate_port),
+            SocketAddr::new(r.alternate_ip, r.primary_port),
+            SocketAddr::new(r.alternate_ip, r.alternate_port),
+        ] {
+            if !udp_addrs.contains(&a) {
+                udp_addrs.push(a);
+            }
+            if !listen.tcp.is_empty() && !tcp_addrs.contains(&a) {
+                tcp_addrs.push(a);
+            }
+        }
+        alternate = Some(SocketAddr::new(alt_ip, alt_port));
+        rfc5780 = Some(r);
+    }
+
+    // Resolve addresses (port 0 and "is it free?") once.
+    let mut listeners = Vec::new();
+    let mut p4 = None;
+    let mut p6 = None;
+    let mut ptls4 = None;
+    let mut ptls6 = None;
+    let mut udp_final = Vec::new();
+    for a in &udp_addrs {
+        let g = if a.is_ipv4() { &mut p4 } else { &mut p6 };
+        let got = resolve(*a, g, Type::DGRAM, Protocol::UDP)?;
+        udp_final.push(got);
+        listeners.push(("udp", got));
+    }
+    let mut tcp_final = Vec::new();
+    for a in &tcp_addrs {
+        let g = if a.is_ipv4() { &mut p4 } else { &mut p6 };
+        let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
+        tcp_final.push(got);
+        listeners.push(("tcp", got));
+    }
+    let mut tls_final = Vec::new();
+    for a in &listen.tls {
+        let g = if a.is_ipv4() { &mut ptls4 } else { &mut ptls6 };
+        let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
+        tls_final.push(got);
+        listeners.push(("tls", got));
+    }
+    let acceptor = if tls_final.is_empty() {
+        None
+    } else {
+        Some(tls::acceptor(listen)?)
+    };
+
+    let threads = if listen.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        listen.threads
+    };
+    let mut shard_sockets: Vec<ShardSockets> = Vec::new();
+    for _ in 0..threads {
+        let mut s = ShardSockets::default();
+        for a in &udp_final {
+            s.udp.push(
+                bind_udp(*a, true, listen.socket_buffer)
+                    .with_context(|| format!("listen: cannot bind udp {a}"))?,
+            );
+        }
+        for a in &tcp_final {
+            s.tcp
+                .push(bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tcp {a}"))?);
+        }
+        for a in &tls_final {
+            s.tls
+                .push(bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tls {a}"))?);
+        }
+        shard_sockets.push(s);
+    }
+
+    let shared = Shared::new(rand::random(), Instant::now(), unix_now());
+    let (stop, stop_rx) = watch::channel(false);
+    let ranges = split_ports(turn.relay_ports, threads);
+    let mut handles = Vec::new();
+    let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(threads);
+    for (i, sockets) in shard_sockets.into_iter().enumerate() {
+        let opts = ServerOptions {
+            rfc5780,
+            shared: shared.clone(),
+            ports: ranges.get(i).copied().unwrap_or(turn.relay_ports),
+            extension: ext.is_some(),
+            seed: rand::random(),
+            shard: i as u16,
+        };
+        let core = kyuu_turn::Server::new(turn.clone(), opts).map_err(anyhow::Error::msg)?;
+        let acceptor = acceptor.clone();
+        let ext = ext.as_ref().map(|e| e.requests.clone());
+        let stop_rx = stop_rx.clone();
+        let buf = listen.socket_buffer;
+        let ready = ready_tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("kyuu-relay-{i}"))
+            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready))
+            .context("spawning relay thread")?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    while let Some(r) = ready_rx.recv().await {
+        r?;
+    }
+    for (p, a) in &listeners {
+        tracing::info!(target: "kyuu::relay", "STUN/TURN listening on {p} {a}");
+    }
+    Ok(RelayHandle {
+        listeners,
+        alternate,
+        shared,
+        stop,
+        threads: handles,
+    })
+}
+
+/// Splits the relay port range into one contiguous, even-aligned slice per shard.
+fn split_ports(r: PortRange, n: usize) -> Vec<PortRange> {
+    let n = n.max(1) as u32;
+    let span = u32::from(r.max) - u32::from(r.min) + 1;
+    if span < n * 2 {
+        return vec![r; n as usize];
+    }
+    let per = (span / n) & !1;
+    (0..n)
+        .map(|i| {
+            let lo = u32::from(r.min) + i * per;
+            let hi = if i + 1 == n {
+                u32::from(r.max)
+            } else {
+                lo + per - 1
+            };
+            PortRange {
+                min: lo as u16,
+                max: hi as u16,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,695 @@
+//! One worker thread: a current-thread runtime driving one `kyuu_turn::Server` and every socket
+//! it owns. Nothing here is shared with other threads, so state lives in `Rc<RefCell<_>>` and a
+//! borrow never spans an `.await`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use kyuu_stun::frame_len;
+use kyuu_turn::{
+    ClientSocket, Output, PeerAddr, RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
+};
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::{ExtensionReply, ExtensionRequest, ShardSockets};
+
+const BATCH: usize = quinn_udp::BATCH_SIZE;
+/// Room for one GRO-coalesced receive (64 segments) plus the Data indication headroom.
+const SLOT: usize = PEER_HEADROOM + 64 * 1536;
+const STREAM_QUEUE: usize = 1024;
+const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches a socket may read before letting other tasks run.
+const READ_BUDGET: usize = 16;
+
+type Sh = Rc<RefCell<State>>;
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Listener {
+    addr: SocketAddr,
+    sock: Rc<UdpSocket>,
+    state: Rc<UdpSocketState>,
+}
+
+struct Relay {
+    udp: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
+    addr: SocketAddr,
+    _task: AbortOnDrop,
+}
+
+enum StreamCmd {
+    Data(Vec<u8>),
+    Close,
+}
+
+struct State {
+    core: Server,
+    udp: Vec<Listener>,
+    relays: HashMap<RelayKey, Relay>,
+    streams: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<StreamCmd>>,
+    /// RFC 6062 peer connections waiting for ConnectionBind.
+    peer_conns: HashMap<u32, TcpStream>,
+    /// Client data connections to splice with a peer connection.
+    splices: HashMap<(SocketAddr, SocketAddr), TcpStream>,
+    ext: Option<mpsc::Sender<ExtensionRequest>>,
+    ext_reply: ExtensionReply,
+    socket_buffer: usize,
+    dropped_sends: u64,
+}
+
+/// Per-shard receive buffers, shared by every socket of the shard (only one reads at a time).
+struct Arena {
+    bufs: Vec<Vec<u8>>,
+    metas: [RecvMeta; BATCH],
+    scratch: Vec<u8>,
+}
+
+impl Arena {
+    fn new() -> Self {
+        Arena {
+            bufs: (0..BATCH).map(|_| vec![0u8; SLOT]).collect(),
+            metas: [RecvMeta::default(); BATCH],
+            scratch: vec![0u8; PEER_HEADROOM + 65536 + 8],
+        }
+    }
+
+    /// One recvmmsg into the slots, each starting `head` bytes in.
+    fn recv(
+        &mut self,
+        state: &UdpSocketState,
+        sock: &UdpSocket,
+        head: usize,
+    ) -> std::io::Result<usize> {
+        let mut iovs: Vec<IoSliceMut<'_>> = Vec::with_capacity(0);
+        let _ = &mut iovs;
+        let mut slices: [IoSliceMut<'_>; BATCH] = {
+            let mut it = self.bufs.iter_mut();
+            std::array::from_fn(|_| {
+                let b = it.next().map(|b| &mut b[..]).unwrap_or(&mut []);
+                IoSliceMut::new(b.get_mut(head..).unwrap_or(&mut []))
+            })
+        };
+        state.recv(UdpSockRef::from(sock), &mut slices, &mut self.metas)
+    }
+}
+
+fn is_would_block(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    index: usize,
+    sockets: ShardSockets,
+    core: Server,
+    acceptor: Option<TlsAcceptor>,
+    ext: Option<mpsc::Sender<ExtensionRequest>>,
+    mut stop: watch::Receiver<bool>,
+    socket_buffer: usize,
+    ready: mpsc::Sender<anyhow::Result<()>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.try_send(Err(e.into()));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut tls = Vec::new();
+        let setup = (|| -> anyhow::Result<()> {
+            for s in sockets.udp {
+                let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+                let addr = s.local_addr()?;
+                udp.push(Listener {
+                    addr,
+                    sock: Rc::new(UdpSocket::from_std(s)?),
+                    state: Rc::new(state),
+                });
+            }
+            for s in sockets.tcp {
+                tcp.push(TcpListener::from_std(s)?);
+            }
+            for s in sockets.tls {
+                tls.push(TcpListener::from_std(s)?);
+            }
+            Ok(())
+        })();
+        if let Err(e) = setup {
+            let _ = ready.send(Err(e)).await;
+            return;
+        }
+        let sh: Sh = Rc::new(RefCell::new(State {
+            core,
+            udp: Vec::new(),
+            relays: HashMap::new(),
+            streams: HashMap::new(),
+            peer_conns: HashMap::new(),
+            splices: HashMap::new(),
+            ext,
+            ext_reply: ExtensionReply { tx: reply_tx },
+            socket_buffer,
+            dropped_sends: 0,
+        }));
+        let arena = Rc::new(RefCell::new(Arena::new()));
+        let mut tasks = Vec::new();
+        for (i, l) in udp.iter().enumerate() {
+            tasks.push(AbortOnDrop(tokio::task::spawn_local(client_udp_loop(
+                sh.clone(),
+                arena.clone(),
+                i,
+                l.sock.clone(),
+                l.state.clone(),
+            ))));
+        }
+        sh.borrow_mut().udp = udp;
+        for l in tcp {
+            tasks.push(AbortOnDrop(tokio::task::spawn_local(accept_loop(
+                sh.clone(),
+                l,
+                None,
+            ))));
+        }
+        if let Some(acc) = acceptor {
+            for l in tls {
+                tasks.push(AbortOnDrop(tokio::task::spawn_local(accept_loop(
+                    sh.clone(),
+                    l,
+                    Some(acc.clone()),
+                ))));
+            }
+        }
+        let timer_sh = sh.clone();
+        tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
+            loop {
+                let next = timer_sh.borrow().core.poll_timeout();
+                let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+                tokio::time::sleep_until(at.into()).await;
+                let mut st = timer_sh.borrow_mut();
+                st.core.handle_timeout(Instant::now());
+                if st.dropped_sends > 0 {
+                    metrics::counter!("kyuu_relay_send_dropped_total").increment(st.dropped_sends);
+                    st.dropped_sends = 0;
+                }
+                st.drain(&timer_sh);
+            }
+        })));
+        let reply_sh = sh.clone();
+        tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
+            while let Some((client, data)) = reply_rx.recv().await {
+                reply_sh.borrow_mut().send_client(client, &data);
+            }
+        })));
+        let _ = ready.send(Ok(())).await;
+        drop(ready);
+        tracing::debug!(target: "kyuu::relay", shard = index, "relay shard running");
+        let _ = stop.wait_for(|s| *s).await;
+        drop(tasks);
+        let mut st = sh.borrow_mut();
+        st.relays.clear();
+        st.streams.clear();
+        st.peer_conns.clear();
+    });
+}
+
+impl State {
+    fn send_client(&mut self, client: ClientSocket, data: &[u8]) {
+        match client.transport {
+            Transport::Udp => {
+                let Some(l) = self.udp.iter().find(|l| {
+                    l.addr == client.local
+                        || (l.addr.ip().is_unspecified()
+                            && l.addr.port() == client.local.port()
+                            && l.addr.is_ipv4() == client.local.is_ipv4())
+                }) else {
+                    self.dropped_sends += 1;
+                    return;
+                };
+                let src_ip = l.addr.ip().is_unspecified().then(|| client.local.ip());
+                let t = quinn_udp::Transmit {
+                    destination: client.remote,
+                    ecn: None,
+                    contents: data,
+                    segment_size: None,
+                    src_ip,
+                };
+                if l.state.try_send(UdpSockRef::from(&*l.sock), &t).is_err() {
+                    self.dropped_sends += 1;
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                let sent = self
+                    .streams
+                    .get(&(client.local, client.remote))
+                    .is_some_and(|tx| tx.try_send(StreamCmd::Data(data.to_vec())).is_ok());
+                if !sent {
+                    self.dropped_sends += 1;
+                }
+            }
+        }
+    }
+
+    fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
+        let Some((sock, state)) = self.relays.get(&tp.relay).and_then(|r| r.udp.as_ref()) else {
+            return;
+        };
+        let Some(data) = packet.get(tp.data.clone()) else {
+            return;
+        };
+        let t = quinn_udp::Transmit {
+            destination: tp.peer.0,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: None,
+        };
+        if state.try_send(UdpSockRef::from(&**sock), &t).is_err() {
+            self.dropped_sends += 1;
+        }
+    }
+
+    /// Carries out everything the core asked for.
+    fn drain(&mut self, sh: &Sh) {
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Transmit(t) => self.send_client(t.client, &t.data),
+                Output::BindRelay { key, addr, proto } => self.bind_relay(sh, key, addr, proto),
+                Output::CloseRelay { key } => {
+                    self.relays.remove(&key);
+                }
+                Output::CloseClient { client } => {
+                    if let Some(tx) = self.streams.get(&(client.local, client.remote)) {
+                        let _ = tx.try_send(StreamCmd::Close);
+                    }
+                }
+                Output::ConnectPeer {
+                    key,
+                    connection_id,
+                    peer,
+                } => {
+                    let Some(from) = self.relays.get(&key).map(|r| r.addr) else {
+                        self.core
+                            .peer_connected(Instant::now(), connection_id, false);
+                        continue;
+                    };
+                    tokio::task::spawn_local(connect_peer(sh.clone(), from, peer, connection_id));
+                }
+                Output::SpliceConnection {
+                    client,
+                    connection_id,
+                } => {
+                    if let Some(peer) = self.peer_conns.remove(&connection_id) {
+                        self.splices.insert((client.local, client.remote), peer);
+                    }
+                }
+                Output::ClosePeerConnection { connection_id } => {
+                    self.peer_conns.remove(&connection_id);
+                }
+                Output::Extension { client, data } => {
+                    if let Some(tx) = &self.ext {
+                        let _ = tx.try_send(ExtensionRequest {
+                            client,
+                            data,
+                            reply: self.ext_reply.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn bind_relay(&mut self, sh: &Sh, key: RelayKey, addr: SocketAddr, proto: RelayProto) {
+        let now = Instant::now();
+        match proto {
+            RelayProto::Udp => {
+                let bound =
+                    super::bind_udp(addr, false, self.socket_buffer.min(1 << 20)).and_then(|s| {
+                        let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+                        let local = s.local_addr()?;
+                        Ok((Rc::new(UdpSocket::from_std(s)?), Rc::new(state), local))
+                    });
+                match bound {
+                    Ok((sock, state, local)) => {
+                        let task = tokio::task::spawn_local(relay_udp_loop(
+                            sh.clone(),
+                            key,
+                            sock.clone(),
+                            state.clone(),
+                        ));
+                        self.relays.insert(
+                            key,
+                            Relay {
+                                udp: Some((sock, state)),
+                                addr: local,
+                                _task: AbortOnDrop(task),
+                            },
+                        );
+                        self.core.relay_bound(now, key, Ok(local));
+                    }
+                    Err(_) => self.core.relay_bound(now, key, Err(())),
+                }
+            }
+            RelayProto::Tcp => {
+                let bound = super::probe_free(addr, socket2::Type::STREAM, socket2::Protocol::TCP)
+                    .and_then(|_| super::bind_tcp(addr, true))
+                    .and_then(|l| {
+                        let local = l.local_addr()?;
+                        Ok((TcpListener::from_std(l)?, local))
+                    });
+                match bound {
+                    Ok((listener, local)) => {
+                        let task =
+                            tokio::task::spawn_local(relay_tcp_accept(sh.clone(), key, listener));
+                        self.relays.insert(
+                            key,
+                            Relay {
+                                udp: None,
+                                addr: local,
+                                _task: AbortOnDrop(task),
+                            },
+                        );
+                        self.core.relay_bound(now, key, Ok(local));
+                    }
+                    Err(_) => self.core.relay_bound(now, key, Err(())),
+                }
+            }
+        }
+    }
+}
+
+fn local_addr(l: SocketAddr, dst_ip: Option<IpAddr>) -> SocketAddr {
+    if !l.ip().is_unspecified() {
+        return l;
+    }
+    match dst_ip {
+        Some(IpAddr::V6(v6)) if l.is_ipv4() => v6
+            .to_ipv4_mapped()
+            .map_or(l, |v4| SocketAddr::new(IpAddr::V4(v4), l.port())),
+        Some(ip) => SocketAddr::new(ip, l.port()),
+        None => l,
+    }
+}
+
+async fn client_udp_loop(
+    sh: Sh,
+    arena: Rc<RefCell<Arena>>,
+    index: usize,
+    sock: Rc<UdpSocket>,
+    state: Rc<UdpSocketState>,
+) {
+    let Some(listen_addr) = sh.borrow().udp.get(index).map(|l| l.addr) else {
+        return;
+    };
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        for _ in 0..READ_BUDGET {
+            let mut ar = arena.borrow_mut();
+            let res = sock.try_io(Interest::READABLE, || ar.recv(&state, &sock, 0));
+            let n = match res {
+                Ok(n) => n,
+                Err(e) if is_would_block(&e) => break,
+                Err(_) => break,
+            };
+            let now = Instant::now();
+            let mut st = sh.borrow_mut();
+            let Arena { bufs, metas, .. } = &mut *ar;
+            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                let client = ClientSocket {
+                    transport: Transport::Udp,
+                    local: local_addr(listen_addr, meta.dst_ip),
+                    remote: meta.addr,
+                };
+                let data = buf.get(..meta.len).unwrap_or(&[]);
+                let stride = meta.stride.max(1);
+                for seg in data.chunks(stride) {
+                    if let Some(tp) = st.core.handle_client(now, client, seg) {
+                        st.send_peer(&tp, seg);
+                    }
+                }
+            }
+            st.drain(&sh);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn relay_udp_loop(sh: Sh, key: RelayKey, sock: Rc<UdpSocket>, state: Rc<UdpSocketState>) {
+    // Relay sockets use their own small arena: relays are many, and the shard arena is big.
+    let arena = RefCell::new(Arena {
+        bufs: (0..BATCH)
+            .map(|_| vec![0u8; PEER_HEADROOM + 2048])
+            .collect(),
+        metas: [RecvMeta::default(); BATCH],
+        scratch: vec![0u8; PEER_HEADROOM + 65536 + 8],
+    });
+    let _ = &arena;
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        for _ in 0..READ_BUDGET {
+            let mut ar = arena.borrow_mut();
+            let res = sock.try_io(Interest::READABLE, || ar.recv(&state, &sock, PEER_HEADROOM));
+            let n = match res {
+                Ok(n) => n,
+                Err(e) if is_would_block(&e) => break,
+                Err(_) => break,
+            };
+            let now = Instant::now();
+            let mut st = sh.borrow_mut();
+            let Arena {
+                bufs,
+                metas,
+                scratch,
+            } = &mut *ar;
+            for (meta, buf) in metas.iter().zip(bufs.iter_mut()).take(n) {
+                let peer = PeerAddr(meta.addr);
+                let stride = meta.stride.max(1);
+                if meta.len <= stride {
+                    let payload = PEER_HEADROOM..PEER_HEADROOM + meta.len;
+                    if let Some(tc) = st.core.handle_peer(now, key, peer, buf, payload) {
+                        if let Some(out) = buf.get(tc.data) {
+                            st.send_client(tc.client, out);
+                        }
+                    }
+                    continue;
+                }
+                // GRO-coalesced: copy each segment behind headroom.
+                let total = meta.len;
+                let mut off = 0;
+                while off < total {
+                    let len = stride.min(total - off);
+                    let src = PEER_HEADROOM + off..PEER_HEADROOM + off + len;
+                    let (Some(seg), Some(dst)) = (
+                        buf.get(src),
+                        scratch.get_mut(PEER_HEADROOM..PEER_HEADROOM + len),
+                    ) else {
+                        break;
+                    };
+                    dst.copy_from_slice(seg);
+                    if let Some(tc) = st.core.handle_peer(
+                        now,
+                        key,
+                        peer,
+                        scratch,
+                        PEER_HEADROOM..PEER_HEADROOM + len,
+                    ) {
+                        if let Some(out) = scratch.get(tc.data) {
+                            st.send_client(tc.client, out);
+                        }
+                    }
+                    off += len;
+                }
+            }
+            st.drain(&sh);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn accept_loop(sh: Sh, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    loop {
+        let Ok((stream, remote)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let sh = sh.clone();
+        match tls.clone() {
+            None => {
+                let client = ClientSocket {
+                    transport: Transport::Tcp,
+                    local,
+                    remote,
+                };
+                tokio::task::spawn_local(stream_task(sh, stream, client));
+            }
+            Some(acc) => {
+                tokio::task::spawn_local(async move {
+                    let Ok(Ok(s)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(stream)).await
+                    else {
+                        metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
+                        return;
+                    };
+                    let client = ClientSocket {
+                        transport: Transport::Tls,
+                        local,
+                        remote,
+                    };
+                    stream_task(sh, s, client).await;
+                });
+            }
+        }
+    }
+}
+
+/// A client's TCP or TLS connection: RFC 8489 §6.2.2 framing in, queued messages out.
+async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(sh: Sh, mut s: S, client: ClientSocket) {
+    let key = (client.local, client.remote);
+    let (tx, mut rx) = mpsc::channel(STREAM_QUEUE);
+    sh.borrow_mut().streams.insert(key, tx);
+    let mut buf = vec![0u8; 70_000];
+    let mut filled = 0usize;
+    let mut splice_with = None;
+    'conn: loop {
+        tokio::select! {
+            r = tokio::time::timeout(STREAM_IDLE_TIMEOUT, s.read(buf.get_mut(filled..).unwrap_or(&mut []))) => {
+                let n = match r {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => break 'conn,
+                };
+                filled += n;
+                let mut off = 0;
+                loop {
+                    let Some(rest) = buf.get(off..filled) else { break 'conn };
+                    match frame_len(rest) {
+                        Ok(Some(len)) if len <= rest.len() => {
+                            let Some(frame) = rest.get(..len) else { break 'conn };
+                            let now = Instant::now();
+                            let mut st = sh.borrow_mut();
+                            if let Some(tp) = st.core.handle_client(now, client, frame) {
+                                st.send_peer(&tp, frame);
+                            }
+                            st.drain(&sh);
+                            off += len;
+                            if let Some(peer) = st.splices.remove(&key) {
+                                splice_with = Some((peer, off));
+                                break 'conn;
+                            }
+                        }
+                        Ok(_) => break,
+                        Err(_) => {
+                            metrics::counter!("kyuu_turn_dropped_total", "reason" => "bad_stream_framing").increment(1);
+                            break 'conn;
+                        }
+                    }
+                }
+                buf.copy_within(off..filled, 0);
+                filled -= off;
+            }
+            cmd = rx.recv() => {
+                match cmd {
+                    Some(StreamCmd::Data(d)) => {
+                        if !matches!(tokio::time::timeout(STREAM_WRITE_TIMEOUT, s.write_all(&d)).await, Ok(Ok(()))) {
+                            break 'conn;
+                        }
+                    }
+                    Some(StreamCmd::Close) | None => break 'conn,
+                }
+            }
+        }
+    }
+    {
+        let mut st = sh.borrow_mut();
+        st.streams.remove(&key);
+        st.core.client_closed(Instant::now(), client);
+        st.drain(&sh);
+    }
+    if let Some((mut peer, off)) = splice_with {
+        // Flush what the core queued (the ConnectionBind answer), then join the two streams.
+        while let Ok(StreamCmd::Data(d)) = rx.try_recv() {
+            if s.write_all(&d).await.is_err() {
+                return;
+            }
+        }
+        if let Some(rest) = buf.get(off..filled) {
+            if peer.write_all(rest).await.is_err() {
+                return;
+            }
+        }
+        let _ = tokio::io::copy_bidirectional(&mut s, &mut peer).await;
+    }
+}
+
+async fn connect_peer(sh: Sh, from: SocketAddr, peer: PeerAddr, connection_id: u32) {
+    let attempt = async {
+        let sock = if from.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.set_reuseport(true)?;
+        sock.bind(from)?;
+        sock.connect(peer.0).await
+    };
+    let res = tokio::time::timeout(PEER_CONNECT_TIMEOUT, attempt).await;
+    let mut st = sh.borrow_mut();
+    match res {
+        Ok(Ok(stream)) => {
+            st.peer_conns.insert(connection_id, stream);
+            st.core.peer_connected(Instant::now(), connection_id, true);
+        }
+        _ => st.core.peer_connected(Instant::now(), connection_id, false),
+    }
+    st.drain(&sh);
+}
+
+async fn relay_tcp_accept(sh: Sh, key: RelayKey, listener: TcpListener) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut st = sh.borrow_mut();
+        if let Some(id) = st
+            .core
+            .peer_connection_accepted(Instant::now(), key, PeerAddr(peer))
+        {
+            st.peer_conns.insert(id, stream);
+        }
+        st.drain(&sh);
+    }
+}

@@ -1,0 +1,277 @@
+//! Long-term credentials (RFC 8489 §9.2): static users, TURN REST API shared secrets, and
+//! stateless nonces.
+//!
+//! A nonce is `obMatJos2` + security feature bits + an 8-hex-digit timestamp + 16 hex digits of
+//! HMAC-SHA1(server key, timestamp | client transport address). The server keeps nothing per client
+//! before authentication: it recomputes the MAC to check a nonce, and a nonce older than
+//! `nonce_lifetime` gets 438 Stale Nonce with a fresh one.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use kyuu_stun::attr;
+use kyuu_stun::integrity::{userhash, Key};
+use sha1::Sha1;
+
+use crate::config::{parse_hex_key, TurnConfig};
+
+/// The keys one identity may have used.
+#[derive(Debug, Clone)]
+pub(crate) struct UserKeys {
+    pub md5: Option<Key>,
+    pub sha256: Option<Key>,
+}
+
+/// Why authentication failed; a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthFailure {
+    UnknownUser,
+    Expired,
+    BadIntegrity,
+    StaleNonce,
+    BadNonce,
+    WrongRealm,
+    Malformed,
+}
+
+impl AuthFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::Expired => "expired_credential",
+            AuthFailure::BadIntegrity => "bad_integrity",
+            AuthFailure::StaleNonce => "stale_nonce",
+            AuthFailure::BadNonce => "bad_nonce",
+            AuthFailure::WrongRealm => "wrong_realm",
+            AuthFailure::Malformed => "malformed",
+        }
+    }
+}
+
+/// Credential store built once from the config.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    realm: String,
+    users: HashMap<String, UserKeys>,
+    by_hash: HashMap<[u8; 32], String>,
+    secrets: Vec<Vec<u8>>,
+}
+
+impl Credentials {
+    pub fn new(cfg: &TurnConfig) -> Self {
+        let mut users = HashMap::new();
+        let mut by_hash = HashMap::new();
+        for u in &cfg.users {
+            let (md5, sha256) = match (&u.password, &u.key) {
+                (Some(p), _) => (
+                    Some(Key::long_term_md5(&u.name, &cfg.realm, p)),
+                    Some(Key::long_term_sha256(&u.name, &cfg.realm, p)),
+                ),
+                (None, Some(k)) => (parse_hex_key(k).map(|k| Key::from_bytes(&k)), None),
+                (None, None) => (None, None),
+            };
+            let sha256 = u
+                .key_sha256
+                .as_deref()
+                .and_then(parse_hex_key)
+                .map(|k| Key::from_bytes(&k))
+                .or(sha256);
+            by_hash.insert(userhash(&u.name, &cfg.realm), u.name.clone());
+            users.insert(u.name.clone(), UserKeys { md5, sha256 });
+        }
+        Credentials {
+            realm: cfg.realm.clone(),
+            users,
+            by_hash,
+            secrets: cfg
+                .static_auth_secrets
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
+        }
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    pub fn user_for_hash(&self, hash: &[u8]) -> Option<&str> {
+        let h: [u8; 32] = hash.try_into().ok()?;
+        self.by_hash.get(&h).map(String::as_str)
+    }
+
+    /// Every key `username` may be using, at `unix_now` seconds.
+    pub fn keys(&self, username: &str, unix_now: u64) -> Result<Vec<UserKeys>, AuthFailure> {
+        if let Some(k) = self.users.get(username) {
+            return Ok(vec![k.clone()]);
+        }
+        if self.secrets.is_empty() {
+            return Err(AuthFailure::UnknownUser);
+        }
+        // REST API: "<expiry>:<user>" (or a bare expiry).
+        let stamp = username.split(':').next().unwrap_or(username);
+        let Ok(expiry) = stamp.parse::<u64>() else {
+            return Err(AuthFailure::UnknownUser);
+        };
+        if expiry < unix_now {
+            return Err(AuthFailure::Expired);
+        }
+        Ok(self
+            .secrets
+            .iter()
+            .map(|secret| {
+                let password = rest_password(secret, username);
+                UserKeys {
+                    md5: Some(Key::long_term_md5(username, &self.realm, &password)),
+                    sha256: Some(Key::long_term_sha256(username, &self.realm, &password)),
+                }
+            })
+            .collect())
+    }
+}
+
+/// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)).
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(secret) else {
+        return String::new();
+    };
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// TURN REST API credentials valid for `ttl_secs` from `unix_now`: (username, password).
+pub fn rest_credentials(
+    secret: &str,
+    user: &str,
+    unix_now: u64,
+    ttl_secs: u64,
+) -> (String, String) {
+    let username = format!("{}:{user}", unix_now + ttl_secs);
+    let password = rest_password(secret.as_bytes(), &username);
+    (username, password)
+}
+
+/// Stateless nonces.
+#[derive(Clone)]
+pub(crate) struct Nonces {
+    key: [u8; 32],
+    lifetime: u64,
+    prefix: [u8; 13],
+}
+
+impl std::fmt::Debug for Nonces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Nonces(..)")
+    }
+}
+
+/// Nonce length: 13 prefix + 8 timestamp + 16 MAC.
+pub(crate) const NONCE_LEN: usize = 37;
+
+impl Nonces {
+    pub fn new(key: [u8; 32], lifetime: u64) -> Self {
+        Nonces {
+            key,
+            lifetime,
+            prefix: attr::nonce_features_prefix(
+                attr::FEATURE_PASSWORD_ALGORITHMS | attr::FEATURE_USERNAME_ANONYMITY,
+            ),
+        }
+    }
+
+    fn mac(&self, ts: u32, client: SocketAddr) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(&self.key) else {
+            return out;
+        };
+        mac.update(&ts.to_be_bytes());
+        match client.ip() {
+            IpAddr::V4(ip) => mac.update(&ip.octets()),
+            IpAddr::V6(ip) => mac.update(&ip.octets()),
+        }
+        mac.update(&client.port().to_be_bytes());
+        let full = mac.finalize().into_bytes();
+        out.copy_from_slice(&full[..8]);
+        out
+    }
+
+    /// A fresh nonce for `client` at server time `secs`.
+    pub fn issue(&self, secs: u64, client: SocketAddr) -> [u8; NONCE_LEN] {
+        let ts = secs as u32;
+        let mut out = [0u8; NONCE_LEN];
+        out[..13].copy_from_slice(&self.prefix);
+        let _ = hex::encode_to_slice(ts.to_be_bytes(), &mut out[13..21]);
+        let _ = hex::encode_to_slice(self.mac(ts, client), &mut out[21..37]);
+        out
+    }
+
+    /// Checks a nonce; `Err(StaleNonce)` for an expired or forged one (both answered with 438).
+    pub fn check(&self, nonce: &[u8], secs: u64, client: SocketAddr) -> Result<(), AuthFailure> {
+        if nonce.len() != NONCE_LEN || nonce[..13] != self.prefix {
+            return Err(AuthFailure::BadNonce);
+        }
+        let mut ts = [0u8; 4];
+        hex::decode_to_slice(&nonce[13..21], &mut ts).map_err(|_| AuthFailure::BadNonce)?;
+        let ts = u32::from_be_bytes(ts);
+        let mut mac = [0u8; 8];
+        hex::decode_to_slice(&nonce[21..37], &mut mac).map_err(|_| AuthFailure::BadNonce)?;
+        let want = self.mac(ts, client);
+        if want
+            .iter()
+            .zip(mac.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            != 0
+        {
+            return Err(AuthFailure::BadNonce);
+        }
+        let age = (secs as u32).wrapping_sub(ts);
+        if u64::from(age) > self.lifetime {
+            return Err(AuthFailure::StaleNonce);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn nonce_round_trip_expiry_and_forgery() {
+        let n = Nonces::new([7; 32], 600);
+        let a: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.1:1001".parse().unwrap();
+        let nonce = n.issue(100, a);
+        assert!(n.check(&nonce, 100, a).is_ok());
+        assert!(n.check(&nonce, 700, a).is_ok());
+        assert_eq!(n.check(&nonce, 701, a), Err(AuthFailure::StaleNonce));
+        assert_eq!(n.check(&nonce, 100, b), Err(AuthFailure::BadNonce));
+        let mut forged = nonce;
+        forged[20] ^= 1;
+        assert!(n.check(&forged, 100, a).is_err());
+        assert_eq!(
+            attr::nonce_features(&nonce),
+            Some(attr::FEATURE_PASSWORD_ALGORITHMS | attr::FEATURE_USERNAME_ANONYMITY)
+        );
+    }
+
+    #[test]
+    fn rest_credentials_match_coturn_scheme() {
+        let cfg = TurnConfig {
+            static_auth_secrets: vec!["old".into(), "new".into()],
+            ..Default::default()
+        };
+        let c = Credentials::new(&cfg);
+        let (u, p) = rest_credentials("new", "alice", 1000, 60);
+        assert_eq!(u, "1060:alice");
+        let keys = c.keys(&u, 1000).unwrap();
+        assert_eq!(keys.len(), 2);
+        let want = Key::long_term_md5(&u, "kyuu", &p);
+        assert!(keys.iter().any(|k| k.md5.as_ref() == Some(&want)));
+        assert_eq!(c.keys(&u, 1061).unwrap_err(), AuthFailure::Expired);
+        assert_eq!(c.keys("bob", 0).unwrap_err(), AuthFailure::UnknownUser);
+    }
+}

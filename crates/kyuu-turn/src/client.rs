@@ -1,0 +1,1 @@
+//! A small sans-IO TURN client (placeholder; filled in below).

@@ -1,0 +1,156 @@
+//! Addresses and identifiers shared by the core and its shell. Newtypes keep a client's transport
+//! address from being mixed up with a peer's.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+
+/// The transport a client reached the server over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// Stream transports carry ChannelData padded to four bytes (RFC 8656 §12.5).
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// A client's five-tuple: transport, the server address it sent to, and its own address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientSocket {
+    pub transport: Transport,
+    /// The server's address (where the client's packets arrived; where answers leave from).
+    pub local: SocketAddr,
+    /// The client's address as the server sees it.
+    pub remote: SocketAddr,
+}
+
+/// A peer's transport address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Index of an allocation in the core; stable for its life, never reused while a stale copy
+/// could still be around (the generation changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocId {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// Address family of a relayed address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &SocketAddr) -> Family {
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+}
+
+/// One relay socket: an allocation's relayed address of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayKey {
+    pub alloc: AllocId,
+    pub family: Family,
+}
+
+/// Protocol of a relay socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelayProto {
+    Udp,
+    /// RFC 6062: a listening TCP socket on the relayed address.
+    Tcp,
+}
+
+/// A control message for a client (responses, indications).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send: `client.local` is the source address (RFC 5780 may change it),
+    /// `client.remote` the destination.
+    pub client: ClientSocket,
+    pub data: Vec<u8>,
+}
+
+/// What the core asks of its shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send bytes to a client.
+    Transmit(Transmit),
+    /// Bind a relay socket at exactly `addr`; answer with [`crate::Server::relay_bound`].
+    BindRelay {
+        key: RelayKey,
+        addr: SocketAddr,
+        proto: RelayProto,
+    },
+    /// Close the relay socket (allocation gone).
+    CloseRelay { key: RelayKey },
+    /// Close a client's stream connection (TCP allocations end with it and vice versa).
+    CloseClient { client: ClientSocket },
+    /// RFC 6062 Connect: open a TCP connection from the relay address to the peer; answer with
+    /// [`crate::Server::peer_connected`].
+    ConnectPeer {
+        key: RelayKey,
+        connection_id: u32,
+        peer: PeerAddr,
+    },
+    /// RFC 6062: join the client data connection with the peer connection `connection_id`; from
+    /// now on both are raw byte pipes.
+    SpliceConnection {
+        client: ClientSocket,
+        connection_id: u32,
+    },
+    /// RFC 6062: drop a peer connection that was never bound (or refused).
+    ClosePeerConnection { connection_id: u32 },
+    /// A STUN request in the extension method range (RAWR), for the extension's handler.
+    Extension { client: ClientSocket, data: Vec<u8> },
+}
+
+/// Relay a payload from a relay socket to a peer. `data` indexes the buffer the client packet was
+/// passed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToPeer {
+    pub relay: RelayKey,
+    pub peer: PeerAddr,
+    pub data: Range<usize>,
+    pub dont_fragment: bool,
+}
+
+/// Send a ChannelData message or Data indication, written in place in the buffer the peer packet
+/// was passed in, to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToClient {
+    pub client: ClientSocket,
+    pub data: Range<usize>,
+}
+
+/// How many bytes a peer payload needs in front of it for [`crate::Server::handle_peer`] to
+/// write a Data indication header in place (20 header + 24 XOR-PEER-ADDRESS + 4 DATA header).
+pub const PEER_HEADROOM: usize = 48;
+/// Bytes needed after a peer payload for padding.
+pub const PEER_TAILROOM: usize = 4;
