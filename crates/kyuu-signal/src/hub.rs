@@ -635,10 +635,11 @@ impl Hub {
                     &json!({"type": "members", "room": room, "members": members}),
                 );
             }
-            Control::Publish { key } => match self.dir_key(conn, key) {
-                Some(k) => self.publish(conn, me, k),
-                None => {}
-            },
+            Control::Publish { key } => {
+                if let Some(k) = self.dir_key(conn, key) {
+                    self.publish(conn, me, k);
+                }
+            }
             Control::Unpublish { key } => {
                 if let Some(k) = self.dir_key(conn, key) {
                     if !self.unpublish(conn, me, &k) {
