@@ -2,7 +2,7 @@
 //! stateless nonces.
 //!
 //! A nonce is `obMatJos2` + security feature bits + an 8-hex-digit timestamp + 16 hex digits of
-//! HMAC-SHA1(server key, timestamp | client transport address). The server keeps nothing per client
+//! HMAC-SHA1(server key, timestamp | client IP address). The server keeps nothing per client
 //! before authentication: it recomputes the MAC to check a nonce, and a nonce older than
 //! `nonce_lifetime` gets 438 Stale Nonce with a fresh one.
 
@@ -191,7 +191,6 @@ impl Nonces {
             IpAddr::V4(ip) => mac.update(&ip.octets()),
             IpAddr::V6(ip) => mac.update(&ip.octets()),
         }
-        mac.update(&client.port().to_be_bytes());
         let full = mac.finalize().into_bytes();
         out.copy_from_slice(&full[..8]);
         out
@@ -248,7 +247,10 @@ mod tests {
         assert!(n.check(&nonce, 100, a).is_ok());
         assert!(n.check(&nonce, 700, a).is_ok());
         assert_eq!(n.check(&nonce, 701, a), Err(AuthFailure::StaleNonce));
-        assert_eq!(n.check(&nonce, 100, b), Err(AuthFailure::BadNonce));
+        // Bound to the IP only, so an RFC 6062 data connection (new port) can reuse it.
+        assert!(n.check(&nonce, 100, b).is_ok());
+        let c: SocketAddr = "192.0.2.2:1000".parse().unwrap();
+        assert_eq!(n.check(&nonce, 100, c), Err(AuthFailure::BadNonce));
         let mut forged = nonce;
         forged[20] ^= 1;
         assert!(n.check(&forged, 100, a).is_err());
