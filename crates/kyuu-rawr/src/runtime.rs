@@ -83,12 +83,22 @@ pub fn spawn_node_with(
     socket: UdpSocket,
     ext: Option<(Inbound, ReplyFn)>,
 ) -> Result<NodeHandle, ConfigError> {
+    let host = HostNet::new(cfg.netns.clone());
+    spawn_node_on(cfg, socket, ext, host)
+}
+
+/// [`spawn_node_with`] reading host facts through `host`.
+pub fn spawn_node_on(
+    cfg: RawrConfig,
+    socket: UdpSocket,
+    ext: Option<(Inbound, ReplyFn)>,
+    host: HostNet,
+) -> Result<NodeHandle, ConfigError> {
     cfg.validate()?;
     let networks = cfg.parsed_networks()?;
     let local = socket
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let host = HostNet::new(cfg.netns.clone());
     let (tx, mut rx) = mpsc::channel(16);
     let seed: u64 = rand::random();
     let mut node = Node::new(&cfg, Instant::now(), unix_now(), seed);
@@ -234,7 +244,16 @@ async fn check_neighbour(
     mac: Mac,
     hosts: &[SocketAddr],
 ) -> bool {
+    let mut on_link = Vec::new();
     for h in hosts {
+        if host.is_on_link(h.ip()).await {
+            on_link.push(*h);
+        }
+    }
+    if on_link.is_empty() {
+        return false;
+    }
+    for h in &on_link {
         let _ = socket.send_to(&[0u8], h).await;
     }
     for _ in 0..6 {
@@ -245,9 +264,6 @@ async fn check_neighbour(
                 tracing::warn!("rawr: cannot read the neighbour table: {e}");
                 return false;
             }
-        }
-        if hosts.is_empty() {
-            return false;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
