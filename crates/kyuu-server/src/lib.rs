@@ -1,3 +1,15 @@
-//! kyuu-server
+//! kyuu-server: the tokio shell around kyuu's protocol cores.
+//!
+//! * [`config`]: the TOML configuration of `kyuu serve`.
+//! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
+//! * [`metrics`]: the Prometheus recorder.
+//! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
+//! * [`start`]: starts everything from a [`config::Config`].
 
+pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod relay;
+mod serve;
+
+pub use serve::{start, Running};

@@ -1,0 +1,299 @@
+//! The `kyuu serve` configuration: one TOML file, every section optional.
+//!
+//! ```toml
+//! [listen]   # STUN/TURN listeners (kyuu_server::relay::ListenConfig)
+//! [turn]     # kyuu_turn::TurnConfig: realm, credentials, relay ports, quotas, peer policy
+//! [http]     # HttpConfig: signaling, /v1/ice-servers, /metrics, /healthz
+//! [signal]   # kyuu_signal::SignalConfig
+//! [log]      # LogConfig
+//! ```
+//!
+//! Unknown keys are refused (`deny_unknown_fields`) and [`Config::validate`] names the offending
+//! key, so a typo never silently falls back to a default. Defaults are embedded: `kyuu serve`
+//! runs without any file.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::relay::ListenConfig;
+pub use kyuu_signal::SignalConfig;
+pub use kyuu_turn::TurnConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub turn: TurnConfig,
+    pub http: HttpConfig,
+    pub signal: SignalConfig,
+    pub log: LogConfig,
+    /// The `[signal]` table as written, for `--print-config` (`SignalConfig` is not
+    /// `Serialize`).
+    #[serde(skip)]
+    pub signal_source: Option<toml::Table>,
+}
+
+/// The `[http]` section: one HTTP server for signaling, ICE provisioning, metrics and health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve HTTP at all.
+    pub enabled: bool,
+    /// Address of the HTTP server.
+    pub listen: SocketAddr,
+    /// Serve Prometheus metrics at `/metrics`.
+    pub metrics: bool,
+    /// Host name (or IP) put into the `stun:`/`turn:` URLs that `/v1/ice-servers` hands out.
+    /// Default: `turn.external_ipv4`, else the first non-wildcard listen address, else the
+    /// host's outbound IPv4 address.
+    pub public_host: Option<String>,
+    /// Lifetime of the TURN credentials `/v1/ice-servers` hands out, seconds.
+    pub credential_ttl_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
+            metrics: true,
+            public_host: None,
+            credential_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or directives
+    /// such as `info,kyuu_turn=debug`. The `RUST_LOG` environment variable overrides it.
+    pub level: String,
+    /// Colours on a terminal.
+    pub ansi: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            ansi: true,
+        }
+    }
+}
+
+/// Why a configuration was refused. Displayed after `config error: `.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error, including unknown keys; `message` names the section.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A value that parsed but is not acceptable, e.g. `turn.relay_ports: min 60000 > max 50000`.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and parses a file (not yet validated: flags may still change it).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let parse_err = |e: toml::de::Error| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+            let section = e
+                .span()
+                .and_then(|s| section_at(text, s.start))
+                .map(|s| format!("[{s}]: "))
+                .unwrap_or_default();
+            ConfigError::Parse {
+                path: origin.to_owned(),
+                line,
+                column,
+                message: format!("{section}{}", e.message().trim_end()),
+            }
+        };
+        let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        let signal_source = match table.get("signal") {
+            Some(toml::Value::Table(t)) => Some(t.clone()),
+            Some(_) | None => None,
+        };
+        let mut config: Config = toml::from_str(text).map_err(parse_err)?;
+        config.signal_source = signal_source;
+        Ok(config)
+    }
+
+    /// Checks every section; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen.validate().map_err(ConfigError::Invalid)?;
+        self.turn.validate().map_err(ConfigError::Invalid)?;
+        if self.http.enabled && self.http.credential_ttl_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "http.credential_ttl_secs: must be positive".into(),
+            ));
+        }
+        if let Some(h) = &self.http.public_host {
+            if h.is_empty() || h.contains(['/', ' ', '?']) {
+                return Err(ConfigError::Invalid(format!(
+                    "http.public_host: {h:?} is not a host name or IP address"
+                )));
+            }
+        }
+        if self.http.enabled && self.listen.conflicts_with_tcp(self.http.listen) {
+            return Err(ConfigError::Invalid(format!(
+                "http.listen: {} is also a STUN/TURN TCP listener",
+                self.http.listen
+            )));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("log.level: {:?}: {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (`kyuu serve --print-config`).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut out = String::new();
+        out.push_str(&section("listen", &self.listen)?);
+        out.push_str(&section("turn", &self.turn)?);
+        out.push_str(&section("http", &self.http)?);
+        out.push_str("[signal]\n");
+        out.push_str(
+            "# kyuu_signal::SignalConfig cannot be printed; keys set in the file are shown, \
+             every other key has its default\n",
+        );
+        if let Some(t) = &self.signal_source {
+            out.push_str(&toml::to_string(t)?);
+        }
+        out.push('\n');
+        out.push_str(&section("log", &self.log)?);
+        Ok(out)
+    }
+}
+
+fn section<T: Serialize>(name: &str, value: &T) -> Result<String, toml::ser::Error> {
+    let mut wrapper = toml::Table::new();
+    wrapper.insert(name.to_owned(), toml::Value::try_from(value)?);
+    let mut s = toml::to_string(&wrapper)?;
+    if !s.ends_with("\n\n") {
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+/// 1-based line and column of byte offset `pos`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let before = text.get(..pos).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The `[section]` (or `[[array]]`) header in force at byte offset `pos`, if any.
+fn section_at(text: &str, pos: usize) -> Option<String> {
+    let before = text.get(..pos).unwrap_or(text);
+    let mut current = None;
+    for line in before.lines() {
+        let l = line.trim();
+        if let Some(inner) = l.strip_prefix('[') {
+            let inner = inner.trim_start_matches('[');
+            if let Some(end) = inner.find(']') {
+                current = inner.get(..end).map(|s| s.trim().to_owned());
+            }
+        }
+    }
+    current
+}
+
+impl fmt::Display for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.enabled {
+            write!(f, "http://{}", self.listen)
+        } else {
+            f.write_str("disabled")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn empty_file_is_default() {
+        let c = Config::from_toml("", "x").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http, HttpConfig::default());
+        assert_eq!(c.turn, TurnConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_names_section_and_key() {
+        let text = "[http]\nlisten = \"127.0.0.1:1\"\n\n[turn]\nrealm = \"x\"\nrelay_port = 5\n";
+        let e = Config::from_toml(text, "k.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("k.toml:6:1: [turn]: unknown field `relay_port`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_section() {
+        let e = Config::from_toml("[htp]\n", "k.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `htp`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = Config::from_toml("[http]\nlisten = 8080\n", "k.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("k.toml:2:"), "{e}");
+        assert!(e.contains("[http]"), "{e}");
+    }
+
+    #[test]
+    fn invalid_value_names_key() {
+        let c = Config::from_toml("[turn.relay_ports]\nmin = 60000\nmax = 50000\n", "k").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("turn.relay_ports: "), "{e}");
+        let c = Config::from_toml("[log]\nlevel = \"info,=x=y\"\n", "k").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("log.level: "), "{e}");
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let text = "[http]\nlisten = \"127.0.0.1:9000\"\n[signal]\nmax_connections = 7\n";
+        let c = Config::from_toml(text, "k").unwrap();
+        let printed = c.to_toml().unwrap();
+        let again = Config::from_toml(&printed, "printed").unwrap();
+        assert_eq!(again.http.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(again.signal.max_connections, 7);
+        assert_eq!(again.turn, c.turn);
+        assert_eq!(again.listen, c.listen);
+    }
+}

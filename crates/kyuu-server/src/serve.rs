@@ -1,0 +1,330 @@
+//! `serve()`: everything `kyuu serve` runs, started from one [`Config`].
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use kyuu_signal::IceProvider;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::http::{self, Health};
+use crate::relay::{self, RelayHandle};
+
+/// How TURN clients authenticate, for the start-up summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A REST secret was generated at start (none configured).
+    GeneratedSecret,
+    /// Configured REST secrets and/or static users.
+    Configured { secrets: usize, users: usize },
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    /// Where HTTP listens (after binding, so port 0 shows the real port).
+    pub http_addr: Option<SocketAddr>,
+    /// STUN/TURN listeners as (`"udp"`/`"tcp"`/`"tls"`, address).
+    pub listeners: Vec<(&'static str, SocketAddr)>,
+    /// RFC 5780 alternate address, when configured.
+    pub alternate: Option<SocketAddr>,
+    pub auth: AuthMode,
+    /// The ICE provisioning `/v1/ice-servers` uses.
+    pub ice: IceProvider,
+    /// Whether `/v1/ice-servers` needs a token.
+    pub ice_needs_token: bool,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<anyhow::Result<()>>,
+    relay: Option<RelayHandle>,
+    /// The metrics upkeep task, which never ends by itself.
+    upkeep: Option<tokio::task::AbortHandle>,
+}
+
+/// Starts every service the configuration enables. The configuration must have been validated.
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    let auth = if config.turn.static_auth_secrets.is_empty() && config.turn.users.is_empty() {
+        config.turn.static_auth_secrets.push(random_secret());
+        AuthMode::GeneratedSecret
+    } else {
+        AuthMode::Configured {
+            secrets: config.turn.static_auth_secrets.len(),
+            users: config.turn.users.len(),
+        }
+    };
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    let relay = relay::start(&config.listen, config.turn.clone(), None).await?;
+    let listeners = relay.listeners().to_vec();
+    let alternate = relay.alternate();
+
+    let host = public_host(&config);
+    let ice = ice_provider(&config, &host, &listeners);
+    let ice_needs_token = config.signal.auth_secret.is_some();
+
+    let metrics = if config.http.metrics {
+        crate::metrics::install()
+    } else {
+        None
+    };
+    let mut upkeep = None;
+    if let Some(h) = metrics.clone() {
+        upkeep = Some(tasks.spawn(async move {
+            crate::metrics::upkeep(h).await;
+            Ok(())
+        }));
+    }
+    metrics::gauge!("kyuu_up").set(1.0);
+    metrics::gauge!("kyuu_start_time_seconds").set(unix_now() as f64);
+
+    let mut http_addr = None;
+    if config.http.enabled {
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
+        http_addr = Some(listener.local_addr()?);
+        let health = Arc::new(Health {
+            started,
+            listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
+        });
+        let signal = kyuu_signal::router(config.signal.clone(), ice.clone());
+        let app = http::router(signal, metrics, health);
+        let mut rx = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            http::serve(listener, app, stop)
+                .await
+                .context("http server")
+        });
+    }
+
+    Ok(Running {
+        http_addr,
+        listeners,
+        alternate,
+        auth,
+        ice,
+        ice_needs_token,
+        shutdown,
+        tasks,
+        relay: Some(relay),
+        upkeep,
+    })
+}
+
+impl Running {
+    /// Waits until a service fails (or all end); returns the first error.
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        while let Some(res) = self.tasks.join_next().await {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(anyhow::anyhow!("task failed: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops everything, giving open HTTP connections `grace` to finish.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        if let Some(relay) = self.relay.take() {
+            relay.shutdown().await;
+        }
+        if let Some(u) = self.upkeep.take() {
+            u.abort();
+        }
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(grace, drain).await;
+        self.tasks.abort_all();
+    }
+
+    /// The human-readable start-up summary: what listens where and how to get credentials.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "kyuu {} is serving", env!("CARGO_PKG_VERSION"));
+        if self.listeners.is_empty() {
+            let _ = writeln!(
+                s,
+                "  STUN/TURN   (not started: relay not available in this build)"
+            );
+        }
+        for (proto, addr) in &self.listeners {
+            let _ = writeln!(s, "  STUN/TURN   {proto:<4} {addr}");
+        }
+        match self.alternate {
+            Some(a) => {
+                let _ = writeln!(s, "  RFC 5780    alternate address {a}");
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "  RFC 5780    off (give --alt-ip to answer NAT behaviour discovery)"
+                );
+            }
+        }
+        match self.http_addr {
+            Some(a) => {
+                let _ = writeln!(
+                    s,
+                    "  HTTP        http://{a}  signaling ws://{a}/<id>, /v1/ice-servers, /metrics, /healthz"
+                );
+            }
+            None => {
+                let _ = writeln!(s, "  HTTP        off");
+            }
+        }
+        match &self.auth {
+            AuthMode::GeneratedSecret => {
+                let _ = writeln!(
+                    s,
+                    "  TURN auth   on: REST secret generated at start (lost on restart; set \
+                     turn.static_auth_secrets to keep one)"
+                );
+            }
+            AuthMode::Configured { secrets, users } => {
+                let _ = writeln!(
+                    s,
+                    "  TURN auth   on: {secrets} REST secret(s), {users} static user(s)"
+                );
+            }
+        }
+        if let Some(a) = self.http_addr {
+            let host = match a.ip() {
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                IpAddr::V6(ip) => format!("[{ip}]"),
+                IpAddr::V4(ip) => ip.to_string(),
+            };
+            let token = if self.ice_needs_token {
+                "?token=<signal token>"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "  credentials curl http://{host}:{}/v1/ice-servers{token}",
+                a.port()
+            );
+            if !self.ice_needs_token {
+                let _ = writeln!(
+                    s,
+                    "              (open to anyone who reaches the HTTP port; set \
+                     signal.auth_secret to require a token)"
+                );
+            }
+        }
+        if let Some(turn) = self
+            .ice
+            .ice_servers("kyuu", unix_now())
+            .into_iter()
+            .find(|i| i.username.is_some())
+        {
+            let _ = writeln!(
+                s,
+                "  try it      username {} password {} ({})",
+                turn.username.unwrap_or_default(),
+                turn.credential.unwrap_or_default(),
+                turn.urls.join(" ")
+            );
+        }
+        s
+    }
+}
+
+fn random_secret() -> String {
+    let bytes: [u8; 24] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The host name put into ICE URLs.
+fn public_host(config: &Config) -> String {
+    if let Some(h) = &config.http.public_host {
+        return h.clone();
+    }
+    if let Some(ip) = config.turn.external_ipv4 {
+        return ip.to_string();
+    }
+    if let Some(a) = config
+        .listen
+        .udp
+        .iter()
+        .chain(config.listen.tcp.iter())
+        .find(|a| !a.ip().is_unspecified())
+    {
+        return url_host(a.ip());
+    }
+    outbound_ipv4().map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string())
+}
+
+fn url_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// The source address the host would use towards the internet (no packet is sent).
+fn outbound_ipv4() -> Option<Ipv4Addr> {
+    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    s.connect((Ipv4Addr::new(192, 0, 2, 1), 3478)).ok()?;
+    match s.local_addr().ok()?.ip() {
+        IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+        IpAddr::V4(_) | IpAddr::V6(_) => None,
+    }
+}
+
+fn ice_provider(
+    config: &Config,
+    host: &str,
+    listeners: &[(&'static str, SocketAddr)],
+) -> IceProvider {
+    let port_of = |proto: &str| {
+        listeners
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .map(|(_, a)| a.port())
+    };
+    // Before the relay reports its listeners, fall back to the configured ports.
+    let udp = port_of("udp").or(config.listen.udp.first().map(|a| a.port()));
+    let tcp = port_of("tcp").or(config.listen.tcp.first().map(|a| a.port()));
+    let tls = port_of("tls");
+    let mut stun_urls = Vec::new();
+    let mut turn_urls = Vec::new();
+    if let Some(p) = udp {
+        stun_urls.push(format!("stun:{host}:{p}"));
+        if config.turn.enabled {
+            turn_urls.push(format!("turn:{host}:{p}?transport=udp"));
+        }
+    }
+    if let Some(p) = tcp {
+        if config.turn.enabled {
+            turn_urls.push(format!("turn:{host}:{p}?transport=tcp"));
+        }
+    }
+    if let Some(p) = tls {
+        if config.turn.enabled {
+            turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
+        }
+    }
+    IceProvider {
+        stun_urls,
+        turn_urls,
+        rest_secret: config.turn.static_auth_secrets.first().cloned(),
+        ttl: Duration::from_secs(config.http.credential_ttl_secs),
+    }
+}

@@ -1,0 +1,203 @@
+//! `kyuu serve`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use kyuu_server::config::Config;
+use kyuu_turn::{PortRange, UserConfig};
+
+use crate::cli::ServeArgs;
+
+/// Exit status for configuration errors (also clap's status for bad arguments).
+const CONFIG_ERROR: u8 = 2;
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return ExitCode::from(CONFIG_ERROR);
+        }
+    };
+    if args.print_config {
+        return match config.to_toml() {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot print the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.check {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kyuu-http")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut running = kyuu_server::start(config).await?;
+    print!("{}", running.summary());
+    // Scripts (and the lab tests) read the summary through a pipe.
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    tracing::info!("started");
+    let result = tokio::select! {
+        r = running.wait() => r,
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
+    running.shutdown(Duration::from_secs(2)).await;
+    result
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Defaults, then the file, then the flags; then validation.
+fn load(args: &ServeArgs) -> Result<Config, kyuu_server::config::ConfigError> {
+    let mut c = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    apply_flags(&mut c, args)?;
+    c.validate()?;
+    Ok(c)
+}
+
+fn apply_flags(c: &mut Config, a: &ServeArgs) -> Result<(), kyuu_server::config::ConfigError> {
+    use kyuu_server::config::ConfigError::Invalid;
+    if !a.listen.is_empty() {
+        c.listen.udp.clone_from(&a.listen);
+        c.listen.tcp.clone_from(&a.listen);
+        // TLS follows the listen IPs unless given explicitly.
+        if a.tls.is_empty() {
+            let tls_port = c.listen.tls.first().map_or(5349, |t| t.port());
+            c.listen.tls = a
+                .listen
+                .iter()
+                .map(|l| SocketAddr::new(l.ip(), tls_port))
+                .collect();
+        }
+    }
+    if !a.tls.is_empty() {
+        c.listen.tls.clear();
+        for t in &a.tls {
+            if t == "off" {
+                continue;
+            }
+            let addr = t
+                .parse::<SocketAddr>()
+                .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 5349)))
+                .map_err(|_| Invalid(format!("--tls: {t:?} is not IP, IP:PORT or off")))?;
+            c.listen.tls.push(addr);
+        }
+    }
+    if let Some(h) = &a.http {
+        if h == "off" {
+            c.http.enabled = false;
+        } else {
+            c.http.enabled = true;
+            c.http.listen = h
+                .parse::<SocketAddr>()
+                .or_else(|_| h.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 8080)))
+                .map_err(|_| Invalid(format!("--http: {h:?} is not IP, IP:PORT or off")))?;
+        }
+    }
+    if let Some(r) = &a.realm {
+        c.turn.realm.clone_from(r);
+    }
+    for ip in &a.external_ip {
+        match ip {
+            IpAddr::V4(v4) => c.turn.external_ipv4 = Some(*v4),
+            IpAddr::V6(v6) => c.turn.external_ipv6 = Some(*v6),
+        }
+    }
+    if a.alt_ip.is_some() {
+        c.listen.alt_ip = a.alt_ip;
+    }
+    if a.alt_port.is_some() {
+        c.listen.alt_port = a.alt_port;
+    }
+    if !a.secret.is_empty() {
+        c.turn.static_auth_secrets.clone_from(&a.secret);
+    }
+    for (name, password) in &a.user {
+        c.turn.users.push(UserConfig {
+            name: name.clone(),
+            password: Some(password.clone()),
+            key: None,
+            key_sha256: None,
+        });
+    }
+    if a.no_turn {
+        c.turn.enabled = false;
+    }
+    if let Some((min, max)) = a.relay_ports {
+        c.turn.relay_ports = PortRange { min, max };
+    }
+    if let Some(t) = a.threads {
+        c.listen.threads = t;
+    }
+    if let Some(l) = &a.log {
+        c.log.level.clone_from(l);
+    }
+    Ok(())
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = config.log.ansi && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

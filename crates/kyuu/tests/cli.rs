@@ -1,0 +1,315 @@
+//! The `kyuu` binary as a user runs it: help, configuration errors, `serve` + `nat` on loopback,
+//! HTTP endpoints. No root needed (127.0.0.2 is loopback on Linux).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
+
+fn kyuu(args: &[&str]) -> Output {
+    Command::new(KYUU)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("KYUU_CONFIG")
+        .env_remove("KYUU_TURN_SECRET")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kyuu-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// A running `kyuu serve`, killed on drop.
+struct Serve {
+    child: Child,
+    summary: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> Serve {
+        let mut child = Command::new(KYUU)
+            .arg("serve")
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("KYUU_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut summary = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).unwrap();
+            assert!(n > 0, "kyuu serve exited early; summary so far:\n{summary}");
+            summary.push_str(&line);
+            if line.contains("try it") || line.trim_start().starts_with("credentials") {
+                // The summary's last lines; give it a moment to finish writing.
+                if line.contains("try it") {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "no summary: {summary}");
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = out.read_to_end(&mut sink);
+        });
+        Serve { child, summary }
+    }
+
+    fn http(&self) -> SocketAddr {
+        let l = self
+            .summary
+            .lines()
+            .find(|l| l.trim_start().starts_with("HTTP"))
+            .unwrap();
+        let a = l.split("http://").nth(1).unwrap();
+        a.split_whitespace().next().unwrap().parse().unwrap()
+    }
+}
+
+/// A UDP+TCP port pair (p, p+1) free on 127.0.0.1 and 127.0.0.2.
+fn free_pair() -> u16 {
+    for _ in 0..100 {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = s.local_addr().unwrap().port();
+        drop(s);
+        if p >= 65000 {
+            continue;
+        }
+        let ok = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
+            [p, p + 1].iter().all(|port| {
+                UdpSocket::bind((*ip, *port)).is_ok()
+                    && std::net::TcpListener::bind((*ip, *port)).is_ok()
+            })
+        });
+        if ok {
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn help_is_complete() {
+    let o = kyuu(&["--help"]);
+    assert!(o.status.success());
+    let h = text(&o.stdout);
+    assert!(
+        h.contains("serve") && h.contains("nat") && h.contains("Examples"),
+        "{h}"
+    );
+    let o = kyuu(&["serve", "--help"]);
+    let h = text(&o.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--http",
+        "--realm",
+        "--external-ip",
+        "--alt-ip",
+        "--alt-port",
+        "--log",
+        "--print-config",
+        "Examples",
+    ] {
+        assert!(h.contains(flag), "serve --help lacks {flag}:\n{h}");
+    }
+    let o = kyuu(&["nat", "--help"]);
+    let h = text(&o.stdout);
+    for flag in ["--json", "--timeout", "--local", "Exit status", "Examples"] {
+        assert!(h.contains(flag), "nat --help lacks {flag}:\n{h}");
+    }
+}
+
+#[test]
+fn print_config_round_trips_and_checks() {
+    let o = kyuu(&["serve", "--print-config", "--realm", "example.org"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let printed = text(&o.stdout);
+    assert!(
+        printed.contains("[listen]") && printed.contains("[turn]") && printed.contains("[http]")
+    );
+    assert!(printed.contains("realm = \"example.org\""), "{printed}");
+    let p = temp_file("printed.toml", &printed);
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--check"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+#[test]
+fn config_errors_name_the_key_and_exit_2() {
+    let p = temp_file("typo.toml", "[turn]\nrealm = \"x\"\nrelay_port = 5\n");
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = text(&o.stderr);
+    assert!(e.starts_with("config error: "), "{e}");
+    assert!(
+        e.contains("[turn]") && e.contains("unknown field `relay_port`"),
+        "{e}"
+    );
+
+    let p = temp_file(
+        "range.toml",
+        "[turn.relay_ports]\nmin = 60000\nmax = 50000\n",
+    );
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = text(&o.stderr);
+    assert!(e.starts_with("config error: turn.relay_ports: "), "{e}");
+
+    let o = kyuu(&["serve", "--alt-ip", "127.0.0.2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("listen.alt_ip"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = kyuu(&["serve", "--log", "info,=x=y"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).starts_with("config error: log.level"));
+
+    let o = kyuu(&["serve", "--config", "/nonexistent/kyuu.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("cannot read /nonexistent/kyuu.toml"));
+
+    let o = kyuu(&["serve", "--listen", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--listen"));
+}
+
+#[test]
+fn serve_and_nat_on_loopback() {
+    let port = free_pair();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Serve::start(&[
+        "--listen",
+        &listen,
+        "--alt-ip",
+        "127.0.0.2",
+        "--tls",
+        "off",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let s = &server.summary;
+    assert!(s.contains(&format!("udp  {listen}")), "{s}");
+    assert!(
+        s.contains(&format!("alternate address 127.0.0.2:{}", port + 1)),
+        "{s}"
+    );
+    assert!(s.contains("TURN auth   on"), "{s}");
+    assert!(s.contains("/v1/ice-servers"), "{s}");
+
+    // Not behind a NAT: every test answers, open internet.
+    let o = kyuu(&["nat", &listen, "--local", "127.0.0.1", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["behind_nat"], false);
+    assert_eq!(v["rfc5780"], true);
+    assert_eq!(v["mapping"], "endpoint-independent");
+    assert_eq!(v["filtering"], "endpoint-independent");
+    assert_eq!(v["nat_type"], "open-internet");
+    assert_eq!(v["other_address"], format!("127.0.0.2:{}", port + 1));
+
+    let o = kyuu(&["nat", &listen, "--local", "127.0.0.1"]);
+    assert!(o.status.success());
+    let t = text(&o.stdout);
+    assert!(t.contains("NAT type        open internet"), "{t}");
+
+    // HTTP: health, metrics, ICE servers with TURN credentials.
+    let http = server.http();
+    let h = http_get(http, "/healthz");
+    assert!(
+        h.starts_with("HTTP/1.0 200") && h.contains("\"status\":\"ok\""),
+        "{h}"
+    );
+    let m = http_get(http, "/metrics");
+    assert!(m.contains("kyuu_up 1"), "{m}");
+    assert!(
+        m.contains("kyuu_stun_binding_requests_total") || m.contains("kyuu_"),
+        "{m}"
+    );
+    let ice = http_get(http, "/v1/ice-servers");
+    assert!(
+        ice.contains("\"username\"") && ice.contains("\"credential\""),
+        "{ice}"
+    );
+    assert!(ice.contains(&format!("stun:127.0.0.1:{port}")), "{ice}");
+}
+
+#[test]
+fn nat_without_rfc5780_is_partial() {
+    let server = Serve::start(&["--listen", "127.0.0.1:0", "--tls", "off", "--http", "off"]);
+    let line = server
+        .summary
+        .lines()
+        .find(|l| l.contains("udp "))
+        .unwrap()
+        .to_owned();
+    let addr = line.split_whitespace().last().unwrap().to_owned();
+    let o = kyuu(&["nat", &addr, "--local", "127.0.0.1"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains(
+        "server does not support RFC 5780 (no OTHER-ADDRESS); only the mapped address is known"
+    ));
+    assert!(text(&o.stdout).contains("Public address  127.0.0.1:"));
+}
+
+#[test]
+fn nat_times_out_on_silence() {
+    // A bound socket that never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let t0 = Instant::now();
+    let o = kyuu(&["nat", &addr, "--timeout", "1s"]);
+    let took = t0.elapsed();
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains(&format!(
+            "no response from {addr} after 2 transmissions in 1.0s"
+        )),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Requests really were retransmitted: two arrived.
+    silent.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 100];
+    let mut n = 0;
+    while silent.recv_from(&mut buf).is_ok() {
+        n += 1;
+    }
+    assert_eq!(n, 2);
+}
