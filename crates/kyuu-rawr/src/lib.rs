@@ -14,6 +14,8 @@ pub mod txn;
 pub mod wire;
 
 pub use config::RawrConfig;
+pub mod cli;
+pub mod http;
 pub mod lab;
 pub mod runtime;
 pub mod sys;

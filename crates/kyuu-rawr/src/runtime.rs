@@ -269,3 +269,96 @@ async fn check_neighbour(
     }
     false
 }
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("rawr.listen is unset and no STUN-port extension was given: the node has no input")]
+    NoInput,
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Starts the node for `kyuu serve`: with `ext` (the STUN/TURN server's extension channel for
+/// methods 0xC01-0xC0F and its reply function) requests arrive through the STUN port and the
+/// node binds `rawr.listen` or an ephemeral port for its upstream requests; without `ext` it
+/// serves on `rawr.listen`.
+pub async fn start(
+    cfg: RawrConfig,
+    ext: Option<(Inbound, ReplyFn)>,
+) -> Result<NodeHandle, StartError> {
+    let addr = match (cfg.listen, &ext) {
+        (Some(a), _) => a,
+        (None, Some(_)) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        (None, None) => return Err(StartError::NoInput),
+    };
+    let socket = UdpSocket::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok(spawn_node_with(cfg, socket, ext)?)
+}
+
+/// One RAWR request/answer exchange from a fresh socket, with retransmission and liveness
+/// (pending indications keep a held request alive). Used by the HTTP form.
+pub async fn transact(
+    to: SocketAddr,
+    build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
+    deadline: Duration,
+) -> Result<Vec<u8>, std::io::Error> {
+    use crate::txn::{Txn, TxnPoll};
+    let bind: SocketAddr = if to.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    let tid = kyuu_stun::TransactionId(rand::random());
+    let data = build(tid);
+    let start = Instant::now();
+    sock.send_to(&data, to).await?;
+    let mut txn = Txn::new(start, tid, to, data);
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..100_000u32 {
+        let wake = txn.deadline().min(start + deadline);
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let (n, from) = r?;
+                let d = buf.get(..n).unwrap_or(&[]);
+                let Ok(m) = kyuu_stun::Message::parse(d) else { continue };
+                if from != to || *m.transaction_id() != tid {
+                    continue;
+                }
+                if m.class() == kyuu_stun::Class::Indication {
+                    txn.heard(Instant::now());
+                    continue;
+                }
+                return Ok(d.to_vec());
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                let now = Instant::now();
+                if now >= start + deadline {
+                    break;
+                }
+                match txn.poll(now) {
+                    TxnPoll::Idle => {}
+                    TxnPoll::Retransmit => { sock.send_to(&txn.bytes, to).await?; }
+                    TxnPoll::Dead => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("{to} did not answer"),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{to}: deadline passed"),
+    ))
+}

@@ -1,0 +1,62 @@
+// RAWR for web apps (docs/rawr.md §9). Load from your gateway node: <script src="/rawr/rawr.js">
+// then: const { iceServers, route } = await rawrIceServers({ gateway: "/rawr", root: "198.18.0.10:3479", session });
+// `session` is a hex string of at least 16 random bytes shared through your signaling.
+(function (global) {
+  "use strict";
+
+  function randomMac() {
+    const b = new Uint8Array(6);
+    crypto.getRandomValues(b);
+    b[0] = (b[0] | 0x02) & 0xfe; // locally administered, unicast
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join(":");
+  }
+
+  async function post(base, path, body) {
+    const r = await fetch(base + path, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const j = await r.json().catch(() => ({ error: "bad response", code: r.status }));
+    if (!r.ok) {
+      const e = new Error(j.error || "RAWR " + path + " failed");
+      e.code = j.code;
+      throw e;
+    }
+    return j;
+  }
+
+  function newSession() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  }
+
+  // Returns { iceServers, route: "node" | "root", path, mac, gatewayError }.
+  async function rawrIceServers(opts) {
+    const gateway = opts.gateway || "/rawr";
+    const root = opts.root;
+    const session = opts.session;
+    const mac = opts.mac || randomMac();
+    await post(gateway, "/register", { mac });
+    const ex = await post(gateway, "/exchange", { session, mac, root });
+    let ans;
+    let gatewayError = null;
+    try {
+      ans = await post(gateway, "/connect", { session, mac, target: ex.mac, root });
+    } catch (e) {
+      gatewayError = String(e.message || e);
+      ans = await post(gateway, "/connect", { session, mac, target: ex.mac, root, at: "root" });
+    }
+    return {
+      iceServers: ans.iceServers,
+      route: ans.atRoot ? "root" : "node",
+      path: ans.path,
+      mac,
+      gatewayError,
+    };
+  }
+
+  global.rawrIceServers = rawrIceServers;
+  global.rawrNewSession = newSession;
+})(typeof window !== "undefined" ? window : globalThis);
