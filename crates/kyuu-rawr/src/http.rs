@@ -79,9 +79,8 @@ fn parse_session(s: &str) -> Result<Vec<u8>, Response> {
     Ok(b)
 }
 
-fn parse_mac(s: &str) -> Result<Mac, Response> {
-    s.parse()
-        .map_err(|_| err(StatusCode::BAD_REQUEST, 400, "bad MAC"))
+fn parse_mac(s: &str) -> Result<Mac, &'static str> {
+    s.parse().map_err(|_| "bad MAC")
 }
 
 /// A failed RAWR exchange.
@@ -140,7 +139,7 @@ struct ExchangeOut {
 async fn exchange(State(st): State<AppState>, Json(r): Json<ExchangeIn>) -> Response {
     let (session, mac) = match (parse_session(&r.session), parse_mac(&r.mac)) {
         (Ok(s), Ok(m)) => (s, m),
-        (Err(e), _) | (_, Err(e)) => return e,
+        (Err(e), _) | (_, Err(e)) => return bad(e),
     };
     let to = r.root.unwrap_or(st.node);
     for _ in 0..4 {
@@ -185,7 +184,7 @@ struct RegisterIn {
 async fn register(State(st): State<AppState>, Json(r): Json<RegisterIn>) -> Response {
     let mac = match parse_mac(&r.mac) {
         Ok(m) => m,
-        Err(e) => return e,
+        Err(e) => return bad(e),
     };
     let lifetime = r.lifetime;
     match ask(
@@ -233,7 +232,7 @@ async fn connect(State(st): State<AppState>, Json(r): Json<ConnectIn>) -> Respon
         parse_mac(&r.target),
     ) {
         (Ok(s), Ok(m), Ok(t)) => (s, m, t),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e),
     };
     let to = match r.at.as_deref() {
         Some("root") => r.root,
