@@ -109,3 +109,194 @@ async fn stunclient_basic_and_rfc5780() {
     );
     h.shutdown().await;
 }
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Peer(tokio::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// Starts coturn's echo peer on 127.0.0.1.
+async fn start_peer() -> (Peer, u16) {
+    let port = free_udp_port();
+    let child = tokio::process::Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (Peer(child), port)
+}
+
+fn turn_config(allow_loopback: bool) -> TurnConfig {
+    TurnConfig {
+        users: vec![kyuu_turn::UserConfig {
+            name: "u".into(),
+            password: Some("p".into()),
+            key: None,
+            key_sha256: None,
+        }],
+        static_auth_secrets: vec!["rest-secret".into()],
+        realm: "kyuu.test".into(),
+        relay_ipv4: Some("127.0.0.1".parse().unwrap()),
+        allow_peers: if allow_loopback {
+            vec!["127.0.0.0/8".parse().unwrap()]
+        } else {
+            vec![]
+        },
+        unauth_rate: 0,
+        ..Default::default()
+    }
+}
+
+async fn kyuu(allow_loopback: bool) -> relay::RelayHandle {
+    let l = ListenConfig {
+        threads: 2,
+        ..ListenConfig::on(
+            &["127.0.0.1:0".parse().unwrap()],
+            &["127.0.0.1:0".parse().unwrap()],
+        )
+    };
+    relay::start(&l, turn_config(allow_loopback), None)
+        .await
+        .unwrap()
+}
+
+/// "Total lost packets N (x%)" from uclient's summary.
+fn lost(out: &str) -> Option<u64> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("Total lost packets"))?;
+    let after = line.split("Total lost packets").nth(1)?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+fn sent_and_received(out: &str) -> Option<(u64, u64)> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("Total transmit time"))?;
+    let _ = line;
+    let tot = out.lines().rev().find(|l| l.contains("tot_send_msgs"))?;
+    let num = |key: &str| -> Option<u64> {
+        let rest = tot.split(key).nth(1)?;
+        rest.trim_start_matches([' ', '=', ':'])
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((num("tot_send_msgs")?, num("tot_recv_msgs")?))
+}
+
+async fn uclient(h: &relay::RelayHandle, peer_port: u16, extra: &[&str]) -> String {
+    let secure = extra.contains(&"-S");
+    let tcp = extra.contains(&"-t") || extra.contains(&"-T");
+    let port = if secure {
+        h.addr("tls").unwrap().port()
+    } else if tcp {
+        h.addr("tcp").unwrap().port()
+    } else {
+        h.addr("udp").unwrap().port()
+    };
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    if !extra.contains(&"-W") {
+        args.extend(["-u".into(), "u".into(), "-w".into(), "p".into()]);
+    }
+    args.extend([
+        "-p".into(),
+        port.to_string(),
+        "-e".into(),
+        "127.0.0.1".into(),
+        "-r".into(),
+        peer_port.to_string(),
+        "-n".into(),
+        "50".into(),
+        "-m".into(),
+        "4".into(),
+        "-l".into(),
+        "120".into(),
+        "-z".into(),
+        "5".into(),
+        "127.0.0.1".into(),
+    ]);
+    let (_, out) = run("turnutils_uclient", &args, Duration::from_secs(60)).await;
+    out
+}
+
+#[tokio::test]
+async fn uclient_matrix_zero_loss() {
+    if !have("turnutils_uclient") || !have("turnutils_peer") {
+        return;
+    }
+    let (_peer, peer_port) = start_peer().await;
+    let h = kyuu(true).await;
+    let only = std::env::var("KYUU_UCLIENT_CASE").ok();
+    let cases: &[&[&str]] = &[
+        &[],
+        &["-s"],
+        &["-y"],
+        &["-t"],
+        &["-t", "-s"],
+        &["-t", "-y"],
+        &["-S", "-t"],
+        &["-S", "-t", "-y"],
+        &["-W", "rest-secret"],
+        &["-T"],
+    ];
+    let mut failures = Vec::new();
+    for case in cases {
+        if only.as_deref().is_some_and(|o| o != case.join(" ")) {
+            continue;
+        }
+        let out = uclient(&h, peer_port, case).await;
+        let l = lost(&out);
+        let sr = sent_and_received(&out);
+        println!("uclient {case:?}: lost={l:?} sent/recv={sr:?}");
+        if std::env::var("KYUU_DEBUG_UCLIENT").is_ok() {
+            println!("{out}");
+        }
+        let ok = l == Some(0) && sr.is_some_and(|(s, r)| s > 0 && s == r);
+        if !ok {
+            failures.push(format!(
+                "{case:?}:\n{}",
+                out.lines().rev().take(25).collect::<Vec<_>>().join("\n")
+            ));
+        }
+    }
+    h.shutdown().await;
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn uclient_loopback_peer_refused_without_allow_list() {
+    if !have("turnutils_uclient") || !have("turnutils_peer") {
+        return;
+    }
+    let (_peer, peer_port) = start_peer().await;
+    let h = kyuu(false).await;
+    let out = uclient(&h, peer_port, &[]).await;
+    h.shutdown().await;
+    assert!(
+        out.contains("403"),
+        "expected 403 Forbidden for a loopback peer:\n{out}"
+    );
+    assert_ne!(
+        lost(&out),
+        Some(0),
+        "nothing may be relayed to a loopback peer:\n{out}"
+    );
+}

@@ -24,6 +24,9 @@ const CACHE_LIFETIME: Duration = Duration::from_secs(40);
 const CACHE_MAX: usize = 4096;
 const TICK: Duration = Duration::from_secs(1);
 const MAX_BIND_ATTEMPTS: u8 = 16;
+/// RFC 5766 allowed channels up to 0x7FFF and coturn's clients still use them; RFC 8656 narrowed
+/// the range to 0x4FFF. Both are accepted.
+const CHANNEL_MAX_COMPAT: u16 = 0x7FFF;
 const PASSWORD_ALGORITHMS: [u16; 2] = [
     attr::PASSWORD_ALGORITHM_MD5,
     attr::PASSWORD_ALGORITHM_SHA256,
@@ -76,6 +79,9 @@ pub struct Shared {
     start: Instant,
     unix_at_start: u64,
     quotas: Mutex<Quotas>,
+    /// EVEN-PORT reservations by token: the allocation that uses a token may land on another
+    /// shard (clients' second sockets hash elsewhere).
+    reservations: Mutex<HashMap<u64, Reservation>>,
 }
 
 impl Shared {
@@ -87,6 +93,7 @@ impl Shared {
             start,
             unix_at_start,
             quotas: Mutex::new(Quotas::default()),
+            reservations: Mutex::new(HashMap::new()),
         })
     }
 
@@ -202,7 +209,7 @@ impl Allocation {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Reservation {
     family: Family,
     port: u16,
@@ -699,13 +706,20 @@ impl Server {
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
-        let ports_to_free: Vec<(Family, u16)> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| r.expires <= now)
-            .map(|(_, r)| (r.family, r.port))
-            .collect();
-        self.reservations.retain(|_, r| r.expires > now);
+        // Reservations this shard made: free the port when it expired, or when another shard
+        // consumed the token (that shard binds the port; a clash would fail the bind and be
+        // retried).
+        let mut ports_to_free = Vec::new();
+        if let Ok(mut shared) = self.opts.shared.reservations.lock() {
+            self.reservations.retain(|t, r| {
+                let keep = r.expires > now && shared.contains_key(t);
+                if !keep {
+                    shared.remove(t);
+                    ports_to_free.push((r.family, r.port));
+                }
+                keep
+            });
+        }
         for (f, p) in ports_to_free {
             self.release_port(f, p);
         }
@@ -787,7 +801,7 @@ impl Server {
         client: ClientSocket,
         packet: &[u8],
     ) -> Option<ToPeer> {
-        let Ok(cd) = ChannelData::parse(packet) else {
+        let Some(cd) = parse_channel_data(packet) else {
             self.drops.malformed += 1;
             return None;
         };
@@ -961,7 +975,9 @@ impl Server {
             .unwrap_or(self.opts.shared.start)
     }
 
+    #[track_caller]
     fn error(&mut self, client: ClientSocket, msg: &Message<'_>, code: u16, auth: Option<&Authed>) {
+        tracing::debug!(target: "kyuu::turn", method = method::name(msg.method()), code, at = %std::panic::Location::caller(), "error response");
         let resp = self.build(
             msg.method(),
             Class::Error,
@@ -1461,10 +1477,23 @@ impl Server {
         }
         // Reservation token: the family and port come from the reservation.
         let (primary, reserved_port) = match token {
-            Some(t) => match self.reservations.remove(&t) {
-                Some(r) if r.expires > now => (r.family, Some(r.port)),
+            Some(t) => match self
+                .opts
+                .shared
+                .reservations
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&t))
+            {
+                Some(r) if r.expires > now => {
+                    self.reservations.remove(&t);
+                    self.mark_port(r.family, r.port, true);
+                    (r.family, Some(r.port))
+                }
                 Some(r) => {
-                    self.release_port(r.family, r.port);
+                    if self.reservations.remove(&t).is_some() {
+                        self.release_port(r.family, r.port);
+                    }
                     self.error(client, msg, 508, Some(&auth));
                     return;
                 }
@@ -1517,14 +1546,15 @@ impl Server {
                 if let (Some(p), Some(true)) = (p, even) {
                     self.mark_port(primary, p + 1, true);
                     let t = self.next_rand() ^ self.opts.seed.rotate_left(17);
-                    self.reservations.insert(
-                        t,
-                        Reservation {
-                            family: primary,
-                            port: p + 1,
-                            expires: now + RESERVATION_LIFETIME,
-                        },
-                    );
+                    let r = Reservation {
+                        family: primary,
+                        port: p + 1,
+                        expires: now + RESERVATION_LIFETIME,
+                    };
+                    self.reservations.insert(t, r);
+                    if let Ok(mut m) = self.opts.shared.reservations.lock() {
+                        m.insert(t, r);
+                    }
                     new_token = Some(t);
                 }
                 p
@@ -1850,7 +1880,7 @@ impl Server {
         let number = msg
             .get(attr::CHANNEL_NUMBER)
             .and_then(|v| attr::decode_channel_number(v).ok())
-            .filter(|n| (kyuu_stun::CHANNEL_MIN..=kyuu_stun::CHANNEL_MAX).contains(n));
+            .filter(|n| (kyuu_stun::CHANNEL_MIN..=CHANNEL_MAX_COMPAT).contains(n));
         let peer = msg.xor_address(attr::XOR_PEER_ADDRESS);
         let (Some(number), Some(Ok(peer))) = (number, peer) else {
             self.error(client, msg, 400, Some(&auth));
@@ -1992,6 +2022,19 @@ impl Server {
             connection_id,
         });
     }
+}
+
+/// ChannelData with the RFC 5766 channel range (see [`CHANNEL_MAX_COMPAT`]); trailing bytes
+/// (UDP or stream padding) are ignored.
+fn parse_channel_data(buf: &[u8]) -> Option<ChannelData<'_>> {
+    let head = buf.get(..4)?;
+    let channel = u16::from_be_bytes([head[0], head[1]]);
+    if !(kyuu_stun::CHANNEL_MIN..=CHANNEL_MAX_COMPAT).contains(&channel) {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    let data = buf.get(4..4 + len)?;
+    Some(ChannelData { channel, data })
 }
 
 fn flush_stats(a: &mut Allocation) {

@@ -79,8 +79,7 @@ impl Pair {
 
     fn raw_to_server(&mut self, bytes: &[u8]) {
         if let Some(tp) = self.server.handle_client(self.now, self.sock, bytes) {
-            self.to_peer
-                .push((tp.clone(), bytes[tp.data].to_vec()));
+            self.to_peer.push((tp.clone(), bytes[tp.data].to_vec()));
         }
         self.pump_server();
     }
@@ -243,6 +242,8 @@ fn allocate_permission_send_data_channel() {
     p.expect_error(400);
     // Out-of-range channel number.
     p.client.channel_bind(p.now, 0x3FFF, peer());
+    p.expect_error(400);
+    p.client.channel_bind(p.now, 0x8000, peer());
     p.expect_error(400);
 
     // Permission expiry: after 300 s without refresh, peer data is dropped; the channel (600 s)

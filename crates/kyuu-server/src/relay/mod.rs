@@ -313,13 +313,19 @@ pub async fn start(
                     .with_context(|| format!("listen: cannot bind udp {a}"))?,
             );
         }
-        for a in &tcp_final {
-            s.tcp
-                .push(bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tcp {a}"))?);
-        }
-        for a in &tls_final {
-            s.tls
-                .push(bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tls {a}"))?);
+        // Stream clients all go to the first shard: an RFC 6062 data connection must reach the
+        // shard that holds its allocation, and SO_REUSEPORT would spread them.
+        if shard_sockets.is_empty() {
+            for a in &tcp_final {
+                s.tcp.push(
+                    bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tcp {a}"))?,
+                );
+            }
+            for a in &tls_final {
+                s.tls.push(
+                    bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tls {a}"))?,
+                );
+            }
         }
         shard_sockets.push(s);
     }

@@ -372,7 +372,11 @@ impl State {
                         );
                         self.core.relay_bound(now, key, Ok(local));
                     }
-                    Err(_) => self.core.relay_bound(now, key, Err(())),
+                    Err(e) => {
+                        tracing::debug!(target: "kyuu::relay", %addr, "relay bind failed: {e}");
+                        eprintln!("relay bind {addr} failed: {e}");
+                        self.core.relay_bound(now, key, Err(()));
+                    }
                 }
             }
             RelayProto::Tcp => {
