@@ -67,16 +67,16 @@ fn err(status: StatusCode, code: u16, e: impl ToString) -> Response {
         .into_response()
 }
 
-fn parse_session(s: &str) -> Result<Vec<u8>, Response> {
-    let b = hex::decode(s).map_err(|_| err(StatusCode::BAD_REQUEST, 400, "session is not hex"))?;
+fn parse_session(s: &str) -> Result<Vec<u8>, &'static str> {
+    let b = hex::decode(s).map_err(|_| "session is not hex")?;
     if !(wire::MIN_SESSION..=wire::MAX_SESSION).contains(&b.len()) {
-        return Err(err(
-            StatusCode::BAD_REQUEST,
-            400,
-            "session must be 16..64 bytes",
-        ));
+        return Err("session must be 16..64 bytes");
     }
     Ok(b)
+}
+
+fn bad(e: &'static str) -> Response {
+    err(StatusCode::BAD_REQUEST, 400, e)
 }
 
 fn parse_mac(s: &str) -> Result<Mac, &'static str> {
