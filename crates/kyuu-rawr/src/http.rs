@@ -15,20 +15,31 @@ use axum::{Json, Router};
 use kyuu_stun::{Class, Message};
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::transact;
+use std::sync::Arc;
+
+use crate::runtime::transact_on;
 use crate::wire::{self, ConnectReq, Mac, Relay, MAX_HOPS};
 
 /// The script web apps load: `rawrIceServers({gateway, root, session})`.
 pub const SCRIPT: &str = include_str!("rawr.js");
 
-#[derive(Clone, Debug)]
+/// Makes the UDP socket a handler speaks RAWR from (the lab makes it inside a namespace).
+pub type SocketFactory = Arc<dyn Fn() -> std::io::Result<std::net::UdpSocket> + Send + Sync>;
+
+#[derive(Clone)]
 struct AppState {
     node: SocketAddr,
+    sockets: SocketFactory,
 }
 
 /// The `/rawr` router for a node whose RAWR UDP address is `node` (an unspecified IP is
 /// replaced by loopback).
 pub fn router(node: SocketAddr) -> Router {
+    router_with(node, Arc::new(|| std::net::UdpSocket::bind(("0.0.0.0", 0))))
+}
+
+/// [`router`] with the handlers' UDP sockets made by `sockets`.
+pub fn router_with(node: SocketAddr, sockets: SocketFactory) -> Router {
     let node = if node.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), node.port())
     } else {
@@ -39,7 +50,7 @@ pub fn router(node: SocketAddr) -> Router {
         .route("/exchange", post(exchange))
         .route("/register", post(register))
         .route("/connect", post(connect))
-        .with_state(AppState { node })
+        .with_state(AppState { node, sockets })
 }
 
 async fn script() -> Response {
@@ -105,11 +116,16 @@ impl AskError {
 
 /// Sends a request and returns the success answer; error answers become [`AskError::Rawr`].
 async fn ask(
+    st: &AppState,
     to: SocketAddr,
     build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
     deadline: Duration,
 ) -> Result<Vec<u8>, AskError> {
-    let ans = transact(to, build, deadline)
+    let transport = |e: std::io::Error| AskError::Transport(StatusCode::BAD_GATEWAY, e.to_string());
+    let sock = (st.sockets)().map_err(transport)?;
+    sock.set_nonblocking(true).map_err(transport)?;
+    let sock = tokio::net::UdpSocket::from_std(sock).map_err(transport)?;
+    let ans = transact_on(&sock, to, build, deadline)
         .await
         .map_err(|e| AskError::Transport(StatusCode::GATEWAY_TIMEOUT, e.to_string()))?;
     let m = Message::parse(&ans)
@@ -145,6 +161,7 @@ async fn exchange(State(st): State<AppState>, Json(r): Json<ExchangeIn>) -> Resp
     for _ in 0..4 {
         let s2 = session.clone();
         match ask(
+            &st,
             to,
             |t| wire::encode_exchange(t, &s2, mac, &[]),
             Duration::from_secs(12),
@@ -188,6 +205,7 @@ async fn register(State(st): State<AppState>, Json(r): Json<RegisterIn>) -> Resp
     };
     let lifetime = r.lifetime;
     match ask(
+        &st,
         st.node,
         |t| wire::encode_register(t, mac, lifetime),
         Duration::from_secs(5),
@@ -247,6 +265,7 @@ async fn connect(State(st): State<AppState>, Json(r): Json<ConnectIn>) -> Respon
         path: Vec::new(),
     };
     match ask(
+        &st,
         to,
         |t| wire::encode_connect(t, &req, None),
         Duration::from_secs(25),

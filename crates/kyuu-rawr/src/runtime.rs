@@ -310,13 +310,23 @@ pub async fn transact(
     build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
     deadline: Duration,
 ) -> Result<Vec<u8>, std::io::Error> {
-    use crate::txn::{Txn, TxnPoll};
     let bind: SocketAddr = if to.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         SocketAddr::from(([0u16; 8], 0))
     };
     let sock = UdpSocket::bind(bind).await?;
+    transact_on(&sock, to, build, deadline).await
+}
+
+/// [`transact`] on a given socket.
+pub async fn transact_on(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
+    deadline: Duration,
+) -> Result<Vec<u8>, std::io::Error> {
+    use crate::txn::{Txn, TxnPoll};
     let tid = kyuu_stun::TransactionId(rand::random());
     let data = build(tid);
     let start = Instant::now();
