@@ -20,18 +20,18 @@ pub struct Echo {
 
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// A UDP socket on 127.0.0.1 with large buffers.
-pub fn udp_socket(port: u16) -> anyhow::Result<UdpSocket> {
+/// A UDP socket bound to `addr` with large buffers.
+pub fn udp_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    s.bind(&addr.into())?;
     Ok(s.into())
 }
 
 impl Echo {
     pub fn start() -> anyhow::Result<Echo> {
-        let sock = udp_socket(0)?;
+        let sock = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));

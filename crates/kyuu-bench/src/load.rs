@@ -4,7 +4,8 @@
 //! Every loop is bounded by a deadline.
 
 use std::io::ErrorKind;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -34,6 +35,9 @@ pub struct Fleet {
     peer: SocketAddr,
     creds: Credentials,
     buf: Vec<u8>,
+    /// Time origin of latency stamps, fixed for the fleet so a late packet from an earlier
+    /// round is recognised as such.
+    epoch: Instant,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,6 +79,15 @@ pub struct LatencyReport {
 
 const DATA_HEADER: usize = 4;
 
+/// Fleets so far: each binds its sockets to its own loopback source address (127.1.x.y), so a
+/// new fleet never reuses the 5-tuple of an earlier allocation the server may still hold.
+static FLEETS: AtomicU32 = AtomicU32::new(0);
+
+fn next_source_ip() -> Ipv4Addr {
+    let k = FLEETS.fetch_add(1, Ordering::Relaxed) % 65_000 + 1;
+    Ipv4Addr::new(127, 1, (k >> 8) as u8, (k & 0xff) as u8)
+}
+
 impl Fleet {
     /// Opens `n` sockets on 127.0.0.1, connected to the server (or the echo peer).
     pub fn open(
@@ -89,13 +102,14 @@ impl Fleet {
             Via::Direct => echo,
         };
         let now = Instant::now();
+        let src = SocketAddr::from((next_source_ip(), 0));
         let mut socks = Vec::with_capacity(n);
         let mut sessions = Vec::with_capacity(n);
         for i in 0..n {
             let std_sock = if n <= 100 {
-                echo::udp_socket(0)?
+                echo::udp_socket(src)?
             } else {
-                std::net::UdpSocket::bind("127.0.0.1:0")
+                std::net::UdpSocket::bind(src)
                     .with_context(|| format!("binding client socket {i} (RLIMIT_NOFILE?)"))?
             };
             std_sock.set_nonblocking(true)?;
@@ -122,6 +136,7 @@ impl Fleet {
             peer: echo,
             creds: creds.clone(),
             buf: vec![0; 2048],
+            epoch: Instant::now(),
         })
     }
 
@@ -491,30 +506,30 @@ impl Fleet {
     }
 
     /// Open-loop latency: `rate` packets/s in total, spread round-robin over the allocations,
-    /// each stamped with its send time; round-trip percentiles.
+    /// each stamped with its send time. Returns the round-trip times (ns) of the packets sent
+    /// after the warm-up, and how many of those were sent.
     pub fn latency(
         &mut self,
         payload: usize,
         rate: u64,
         warmup: Duration,
         duration: Duration,
-    ) -> anyhow::Result<LatencyReport> {
+    ) -> anyhow::Result<(Vec<u64>, u64)> {
         let n = self.socks.len();
         if n == 0 || rate == 0 {
             bail!("no allocations or zero rate");
         }
         let mut pkt = self.packet(payload.max(8));
-        let epoch = Instant::now();
-        let measure_from = warmup;
-        let end = warmup + duration;
+        let epoch = self.epoch;
+        let base_ns = epoch.elapsed().as_nanos() as u64;
         let interval_ns = 1_000_000_000 / rate;
-        let mut next_send_ns: u64 = 0;
+        let mut next_send_ns: u64 = base_ns;
         let mut rr = 0usize;
         let mut rtts: Vec<u64> =
             Vec::with_capacity((rate as f64 * duration.as_secs_f64()) as usize + 16);
-        let (mut sent, mut received) = (0u64, 0u64);
-        let end_ns = end.as_nanos() as u64;
-        let from_ns = measure_from.as_nanos() as u64;
+        let mut sent = 0u64;
+        let from_ns = base_ns + warmup.as_nanos() as u64;
+        let end_ns = from_ns + duration.as_nanos() as u64;
         let drain_until = end_ns + 300_000_000;
         loop {
             let now_ns = epoch.elapsed().as_nanos() as u64;
@@ -527,7 +542,7 @@ impl Fleet {
                 // Stamp with the actual send time so timer slack is not counted.
                 let t = epoch.elapsed().as_nanos() as u64;
                 pkt[DATA_HEADER..DATA_HEADER + 8].copy_from_slice(&t.to_be_bytes());
-                if self.socks[rr].send(&pkt).is_ok() && t >= from_ns {
+                if self.socks[rr].send(&pkt).is_ok() && t >= from_ns && t < end_ns {
                     sent += 1;
                 }
                 rr = (rr + 1) % n;
@@ -553,7 +568,6 @@ impl Fleet {
                             ts.copy_from_slice(&self.buf[DATA_HEADER..DATA_HEADER + 8]);
                             let t = u64::from_be_bytes(ts);
                             if t >= from_ns && t < end_ns {
-                                received += 1;
                                 rtts.push(now.saturating_sub(t));
                             }
                         }
@@ -563,6 +577,13 @@ impl Fleet {
                 }
             }
         }
+        Ok((rtts, sent))
+    }
+}
+
+impl LatencyReport {
+    /// Percentiles of round-trip times in ns.
+    pub fn from_samples(allocations: usize, rate_pps: u64, mut rtts: Vec<u64>, sent: u64) -> Self {
         rtts.sort_unstable();
         let pct = |p: f64| -> f64 {
             if rtts.is_empty() {
@@ -571,14 +592,14 @@ impl Fleet {
             let idx = ((rtts.len() as f64 * p).ceil() as usize).clamp(1, rtts.len()) - 1;
             rtts[idx] as f64 / 1000.0
         };
-        Ok(LatencyReport {
-            allocations: n,
-            rate_pps: rate,
+        LatencyReport {
+            allocations,
+            rate_pps,
             samples: rtts.len(),
-            lost: sent.saturating_sub(received),
+            lost: sent.saturating_sub(rtts.len() as u64),
             p50_us: pct(0.50),
             p99_us: pct(0.99),
             max_us: rtts.last().map_or(f64::NAN, |&v| v as f64 / 1000.0),
-        })
+        }
     }
 }

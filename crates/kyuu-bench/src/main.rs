@@ -56,6 +56,9 @@ struct Args {
     /// Payload sizes for the throughput table.
     #[arg(long, value_delimiter = ',', default_value = "100,1200")]
     payloads: Vec<usize>,
+    /// Rounds each measurement is split into, alternating the servers (median reported).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Packets in flight in total (split over the allocations, at least one each).
     #[arg(long, default_value_t = 64)]
     window: usize,
@@ -203,8 +206,9 @@ impl Servers {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let quick = args.quick;
-    let duration = Duration::from_secs_f64(args.duration.unwrap_or(if quick { 0.7 } else { 3.0 }));
-    let warmup = Duration::from_millis(if quick { 200 } else { 500 });
+    let duration = Duration::from_secs_f64(args.duration.unwrap_or(if quick { 0.8 } else { 3.0 }));
+    let warmup = Duration::from_millis(if quick { 150 } else { 300 });
+    let rounds = args.rounds.unwrap_or(if quick { 2 } else { 3 }).max(1);
     let allocs = args.allocations.clone().unwrap_or_else(|| {
         if quick {
             vec![1, 10, 100]
@@ -276,6 +280,7 @@ fn main() -> anyhow::Result<()> {
             "quick": quick,
             "duration_secs": duration.as_secs_f64(),
             "warmup_secs": warmup.as_secs_f64(),
+            "rounds": rounds,
             "allocations": allocs,
             "payloads": args.payloads,
             "window": args.window,
@@ -336,73 +341,68 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 2. Authenticated allocations per second.
+    // 2. Authenticated allocations per second: rounds alternate the servers; median rate.
     if !skip("rate") {
+        let per_round = alloc_count.div_ceil(rounds);
         let mut row = Row::new(
             format!("authenticated allocations/s ({alloc_count} made, 64 in flight)"),
             Better::Higher,
         );
-        for (t, server) in &mut running {
-            let r = server_addr(server).and_then(|addr| {
-                let mut fleet = Fleet::open(alloc_count, Via::Turn(addr), echo.addr, &creds)?;
-                let plan = Plan {
-                    permission: false,
-                    channel: false,
-                };
-                let rep = fleet.setup(plan, 64, Duration::from_secs(60))?;
-                let _ = fleet.deallocate(64, Duration::from_secs(60));
-                Ok(rep)
-            });
-            match r {
-                Ok(rep) if rep.failed == 0 => {
-                    eprintln!("alloc rate {}: {:.0}/s", t.name(), rep.per_sec);
-                    row.set(*t, rep.per_sec);
-                    res.raw.push(
-                        serde_json::json!({"phase": "alloc_rate", "target": t, "report": rep}),
-                    );
+        let mut rates: Vec<(Target, Vec<f64>)> =
+            servers_wanted.iter().map(|&t| (t, Vec::new())).collect();
+        for r in 0..rounds {
+            for k in 0..servers_wanted.len() {
+                let t = servers_wanted[(k + r) % servers_wanted.len()];
+                let res_r = via_for(t, &mut running).and_then(|via| {
+                    let mut fleet = Fleet::open(per_round, via, echo.addr, &creds)?;
+                    let plan = Plan {
+                        permission: false,
+                        channel: false,
+                    };
+                    let rep = fleet.setup(plan, 64, Duration::from_secs(60))?;
+                    dealloc(&mut fleet, t);
+                    Ok(rep)
+                });
+                match res_r {
+                    Ok(rep) => {
+                        res.raw.push(
+                            serde_json::json!({"phase": "alloc_rate", "target": t, "round": r, "report": rep}),
+                        );
+                        if rep.failed == 0 {
+                            if let Some((_, v)) = rates.iter_mut().find(|(rt, _)| *rt == t) {
+                                v.push(rep.per_sec);
+                            }
+                        } else {
+                            row.notes.push(format!(
+                                "{}: {} of {per_round} allocations failed: {}",
+                                t.name(),
+                                rep.failed,
+                                rep.first_error.unwrap_or_default()
+                            ));
+                        }
+                    }
+                    Err(e) => row.notes.push(format!("{}: {e:#}", t.name())),
                 }
-                Ok(rep) => {
-                    let note = format!(
-                        "{}: {} of {alloc_count} allocations failed: {}",
-                        t.name(),
-                        rep.failed,
-                        rep.first_error.clone().unwrap_or_default()
-                    );
-                    eprintln!("alloc rate: {note}");
-                    row.notes.push(note);
-                    res.raw.push(
-                        serde_json::json!({"phase": "alloc_rate", "target": t, "report": rep}),
-                    );
-                }
-                Err(e) => row.notes.push(format!("{}: {e:#}", t.name())),
             }
         }
+        for (t, v) in rates {
+            if let Some(m) = median(&v) {
+                eprintln!("alloc rate {}: {m:.0}/s (rounds {v:.0?})", t.name());
+                row.set(t, m);
+            }
+        }
+        row.notes.dedup();
         res.rows.push(row);
     }
 
-    // 3. Throughput, interleaving targets per configuration so load noise hits all alike.
+    // 3. Throughput: per allocation count, one fleet per target; rounds alternate the targets
+    // so load noise from other processes hits all alike; the median round counts.
     if !skip("throughput") {
+        let slice = duration.div_f64(rounds as f64);
         for &n in &allocs {
-            let mut pps_rows: Vec<Row> = args
-                .payloads
-                .iter()
-                .map(|p| Row::new(format!("relayed pkt/s, {p} B, {n} alloc"), Better::Higher))
-                .collect();
-            let mut mbps_rows: Vec<Row> = args
-                .payloads
-                .iter()
-                .map(|p| Row::new(format!("Mbit/s, {p} B, {n} alloc"), Better::Higher))
-                .collect();
+            let mut fleets: Vec<(Target, anyhow::Result<Fleet>)> = Vec::new();
             for &t in &targets {
-                let via = match t {
-                    Target::Direct => Ok(Via::Direct),
-                    Target::Coturn | Target::Kyuu => running
-                        .iter_mut()
-                        .find(|(rt, _)| *rt == t)
-                        .map(|(_, s)| server_addr(s).map(Via::Turn))
-                        .unwrap_or_else(|| Err(anyhow::anyhow!("not running"))),
-                };
-                let r = via.and_then(|via| {
+                let f = via_for(t, &mut running).and_then(|via| {
                     let mut fleet = Fleet::open(n, via, echo.addr, &creds)?;
                     let rep = fleet.setup(
                         Plan {
@@ -419,49 +419,77 @@ fn main() -> anyhow::Result<()> {
                             rep.first_error.unwrap_or_default()
                         );
                     }
-                    let mut out = Vec::new();
-                    for &p in &args.payloads {
-                        let tr = fleet
-                            .throughput(p, args.window, warmup, duration, &|| echo.received())?;
-                        out.push(tr);
-                    }
-                    let _ = fleet.deallocate(64, Duration::from_secs(30));
-                    Ok(out)
+                    Ok(fleet)
                 });
-                match r {
-                    Ok(reps) => {
-                        for (i, tr) in reps.iter().enumerate() {
-                            eprintln!(
-                                "throughput {} n={n} {}B: sent {:.0}/s, peer {:.0}/s, back {:.0}/s, lost {}",
-                                t.name(),
-                                tr.payload,
-                                tr.sent_pps,
-                                tr.peer_pps,
-                                tr.delivered_pps,
-                                tr.lost
-                            );
-                            pps_rows[i].set(t, tr.delivered_pps);
-                            mbps_rows[i].set(t, tr.delivered_mbps);
-                            res.raw.push(serde_json::json!({"phase": "throughput", "target": t, "report": tr}));
-                        }
-                    }
-                    Err(e) => {
-                        let note = format!("{}: {e:#}", t.name());
-                        eprintln!("throughput n={n}: {note}");
-                        for r in pps_rows.iter_mut().chain(mbps_rows.iter_mut()) {
-                            r.notes.push(note.clone());
+                fleets.push((t, f));
+            }
+            for &p in &args.payloads {
+                let mut pps = Row::new(format!("relayed pkt/s, {p} B, {n} alloc"), Better::Higher);
+                let mut mbps = Row::new(format!("Mbit/s, {p} B, {n} alloc"), Better::Higher);
+                let mut reps: Vec<(Target, Vec<load::ThroughputReport>)> =
+                    targets.iter().map(|&t| (t, Vec::new())).collect();
+                for r in 0..rounds {
+                    for k in 0..fleets.len() {
+                        let idx = (k + r) % fleets.len();
+                        let (t, f) = &mut fleets[idx];
+                        let t = *t;
+                        let Ok(fleet) = f else {
+                            continue;
+                        };
+                        let out = running
+                            .iter_mut()
+                            .filter(|(rt, _)| *rt == t)
+                            .try_for_each(|(_, s)| server_addr(s).map(|_| ()))
+                            .and_then(|()| {
+                                fleet.throughput(p, args.window, warmup, slice, &|| echo.received())
+                            });
+                        match out {
+                            Ok(tr) => {
+                                eprintln!(
+                                    "throughput {} n={n} {p}B round {r}: sent {:.0}/s, peer {:.0}/s, back {:.0}/s, lost {}",
+                                    t.name(),
+                                    tr.sent_pps,
+                                    tr.peer_pps,
+                                    tr.delivered_pps,
+                                    tr.lost
+                                );
+                                res.raw.push(serde_json::json!({"phase": "throughput", "target": t, "round": r, "report": tr}));
+                                if let Some((_, v)) = reps.iter_mut().find(|(rt, _)| *rt == t) {
+                                    v.push(tr);
+                                }
+                            }
+                            Err(e) => {
+                                pps.notes.push(format!("{}: {e:#}", t.name()));
+                            }
                         }
                     }
                 }
+                for (t, v) in &reps {
+                    let d: Vec<f64> = v.iter().map(|r| r.delivered_pps).collect();
+                    if let Some(m) = median(&d) {
+                        pps.set(*t, m);
+                        mbps.set(*t, m * p as f64 * 8.0 / 1e6);
+                    }
+                }
+                for (t, f) in &fleets {
+                    if let Err(e) = f {
+                        pps.notes.push(format!("{}: {e:#}", t.name()));
+                    }
+                }
+                pps.notes.dedup();
+                mbps.notes.clone_from(&pps.notes);
+                res.rows.push(pps);
+                res.rows.push(mbps);
             }
-            for (a, b) in pps_rows.into_iter().zip(mbps_rows) {
-                res.rows.push(a);
-                res.rows.push(b);
+            for (t, f) in &mut fleets {
+                if let Ok(fleet) = f {
+                    dealloc(fleet, *t);
+                }
             }
         }
     }
 
-    // 4. Latency at a fixed moderate rate.
+    // 4. Latency at a fixed moderate rate; rounds alternate the targets, samples pooled.
     if !skip("latency") {
         let na = args.latency_allocations;
         let rate = args.latency_rate;
@@ -473,16 +501,9 @@ fn main() -> anyhow::Result<()> {
             format!("RTT p99 (µs), {rate} pkt/s over {na} alloc, 100 B"),
             Better::Lower,
         );
+        let mut fleets: Vec<(Target, anyhow::Result<Fleet>)> = Vec::new();
         for &t in &targets {
-            let via = match t {
-                Target::Direct => Ok(Via::Direct),
-                Target::Coturn | Target::Kyuu => running
-                    .iter_mut()
-                    .find(|(rt, _)| *rt == t)
-                    .map(|(_, s)| server_addr(s).map(Via::Turn))
-                    .unwrap_or_else(|| Err(anyhow::anyhow!("not running"))),
-            };
-            let r = via.and_then(|via| {
+            let f = via_for(t, &mut running).and_then(|via| {
                 let mut fleet = Fleet::open(na, via, echo.addr, &creds)?;
                 let rep = fleet.setup(
                     Plan {
@@ -495,33 +516,59 @@ fn main() -> anyhow::Result<()> {
                 if rep.failed > 0 {
                     anyhow::bail!("{} allocations failed", rep.failed);
                 }
-                let lat = fleet.latency(100, rate, warmup, duration.max(Duration::from_secs(1)))?;
-                let _ = fleet.deallocate(64, Duration::from_secs(30));
-                Ok(lat)
+                Ok(fleet)
             });
-            match r {
-                Ok(l) => {
-                    eprintln!(
-                        "latency {}: p50 {:.1} µs p99 {:.1} µs max {:.1} µs ({} samples, {} lost)",
-                        t.name(),
-                        l.p50_us,
-                        l.p99_us,
-                        l.max_us,
-                        l.samples,
-                        l.lost
-                    );
-                    p50.set(t, l.p50_us);
-                    p99.set(t, l.p99_us);
-                    res.raw
-                        .push(serde_json::json!({"phase": "latency", "target": t, "report": l}));
-                }
-                Err(e) => {
-                    let note = format!("{}: {e:#}", t.name());
-                    p50.notes.push(note.clone());
-                    p99.notes.push(note);
+            fleets.push((t, f));
+        }
+        let mut samples: Vec<(Target, Vec<u64>, u64)> =
+            targets.iter().map(|&t| (t, Vec::new(), 0)).collect();
+        let slice = duration.max(Duration::from_secs(1)).div_f64(rounds as f64);
+        let nf = fleets.len();
+        for r in 0..rounds {
+            for k in 0..nf {
+                let (t, f) = &mut fleets[(k + r) % nf];
+                let Ok(fleet) = f else {
+                    continue;
+                };
+                match fleet.latency(100, rate, warmup, slice) {
+                    Ok((rtts, sent)) => {
+                        if let Some(e) = samples.iter_mut().find(|(st, _, _)| st == t) {
+                            e.1.extend(rtts);
+                            e.2 += sent;
+                        }
+                    }
+                    Err(e) => p50.notes.push(format!("{}: {e:#}", t.name())),
                 }
             }
         }
+        for (t, f) in &mut fleets {
+            match f {
+                Ok(fleet) => {
+                    dealloc(fleet, *t);
+                }
+                Err(e) => p50.notes.push(format!("{}: {e:#}", t.name())),
+            }
+        }
+        for (t, rtts, sent) in samples {
+            if rtts.is_empty() {
+                continue;
+            }
+            let l = load::LatencyReport::from_samples(na, rate, rtts, sent);
+            eprintln!(
+                "latency {}: p50 {:.1} µs p99 {:.1} µs max {:.1} µs ({} samples, {} lost)",
+                t.name(),
+                l.p50_us,
+                l.p99_us,
+                l.max_us,
+                l.samples,
+                l.lost
+            );
+            p50.set(t, l.p50_us);
+            p99.set(t, l.p99_us);
+            res.raw
+                .push(serde_json::json!({"phase": "latency", "target": t, "report": l}));
+        }
+        p99.notes.clone_from(&p50.notes);
         res.rows.push(p50);
         res.rows.push(p99);
     }
@@ -561,6 +608,45 @@ fn default_kyuu_bin() -> PathBuf {
         }
     }
     local
+}
+
+/// Deallocates a fleet's allocations, saying so when some were not released.
+fn dealloc(fleet: &mut Fleet, t: Target) {
+    match fleet.deallocate(64, Duration::from_secs(30)) {
+        Ok(rep) if rep.failed == 0 => {}
+        Ok(rep) => eprintln!(
+            "{}: {} deallocations failed: {}",
+            t.name(),
+            rep.failed,
+            rep.first_error.unwrap_or_default()
+        ),
+        Err(e) => eprintln!("{}: deallocation: {e:#}", t.name()),
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+fn via_for(t: Target, running: &mut [(Target, Result<ServerProc, String>)]) -> anyhow::Result<Via> {
+    match t {
+        Target::Direct => Ok(Via::Direct),
+        Target::Coturn | Target::Kyuu => running
+            .iter_mut()
+            .find(|(rt, _)| *rt == t)
+            .map(|(_, s)| server_addr(s).map(Via::Turn))
+            .unwrap_or_else(|| Err(anyhow::anyhow!("not requested"))),
+    }
 }
 
 fn server_addr(s: &mut Result<ServerProc, String>) -> anyhow::Result<std::net::SocketAddr> {
@@ -682,7 +768,7 @@ fn render(res: &Results, targets: &[Target]) -> String {
         s,
         "| metric | better | coturn | kyuu | kyuu/coturn |{}",
         if direct {
-            " no-server bound | kyuu/bound |"
+            " no-server bound | coturn/bound | kyuu/bound |"
         } else {
             ""
         }
@@ -690,7 +776,7 @@ fn render(res: &Results, targets: &[Target]) -> String {
     let _ = writeln!(
         s,
         "| --- | --- | ---: | ---: | ---: |{}",
-        if direct { " ---: | ---: |" } else { "" }
+        if direct { " ---: | ---: | ---: |" } else { "" }
     );
     for r in &res.rows {
         let ratio = r.ratio().map_or("n/a".into(), |x| format!("{x:.2}x"));
@@ -706,11 +792,17 @@ fn render(res: &Results, targets: &[Target]) -> String {
             fmt_val(r.kyuu)
         );
         if direct {
-            let bound = match (r.kyuu, r.direct) {
+            let of_bound = |v: Option<f64>| match (v, r.direct) {
                 (Some(k), Some(d)) if d > 0.0 => format!("{:.2}", k / d),
                 _ => "n/a".into(),
             };
-            let _ = write!(s, " {} | {bound} |", fmt_val(r.direct));
+            let _ = write!(
+                s,
+                " {} | {} | {} |",
+                fmt_val(r.direct),
+                of_bound(r.coturn),
+                of_bound(r.kyuu)
+            );
         }
         s.push('\n');
     }
