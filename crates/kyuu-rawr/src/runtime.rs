@@ -26,6 +26,9 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Sources remembered as having used the node's own socket (bounded; cleared when full).
+const SOCKET_CLIENTS_MAX: usize = 4096;
+
 /// Sends downstream answers when requests arrive through the STUN server rather than the node's
 /// own socket: `(client, bytes)`.
 pub type ReplyFn = Box<dyn Fn(SocketAddr, Vec<u8>) + Send + Sync>;
@@ -109,6 +112,7 @@ pub fn spawn_node_on(
             None => (None, None),
         };
         let mut buf = vec![0u8; 4096];
+        let mut socket_clients = std::collections::HashSet::new();
         for _ in 0..u64::MAX {
             let wake = node
                 .poll_timeout()
@@ -118,6 +122,14 @@ pub fn spawn_node_on(
                 r = socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { continue };
                     let data = buf.get(..n).unwrap_or(&[]).to_vec();
+                    if reply.is_some() {
+                        // A request on the node's own socket (the HTTP form, or a node that
+                        // was given this address) is answered on that socket too.
+                        if socket_clients.len() >= SOCKET_CLIENTS_MAX {
+                            socket_clients.clear();
+                        }
+                        socket_clients.insert(from);
+                    }
                     refresh_if_connect(&mut node, &host, &networks, &data).await;
                     node.handle_input(Instant::now(), from, &data);
                 }
@@ -134,7 +146,7 @@ pub fn spawn_node_on(
             while let Some(o) = node.poll_output() {
                 match o {
                     Output::Transmit { to, data, upstream } => match (&reply, upstream) {
-                        (Some(reply), false) => reply(to, data),
+                        (Some(reply), false) if !socket_clients.contains(&to) => reply(to, data),
                         _ => {
                             let _ = socket.send_to(&data, to).await;
                         }
@@ -371,4 +383,63 @@ pub async fn transact_on(
         std::io::ErrorKind::TimedOut,
         format!("{to}: deadline passed"),
     ))
+}
+
+/// A sequence counter and, per client, (sequence, responder).
+type BookEntries = (u64, std::collections::HashMap<SocketAddr, (u64, Responder)>);
+
+/// How to answer one client whose request came through the STUN/TURN server.
+pub type Responder = Box<dyn Fn(Vec<u8>) -> bool + Send + Sync>;
+
+/// Remembers, per client address, how to answer it (the extension channel gives a reply handle
+/// per request; the node addresses answers by `SocketAddr`). Bounded: the oldest entry is
+/// evicted when full.
+pub struct ReplyBook {
+    inner: std::sync::Mutex<BookEntries>,
+    cap: usize,
+}
+
+impl std::fmt::Debug for ReplyBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyBook").field("cap", &self.cap).finish()
+    }
+}
+
+impl ReplyBook {
+    pub fn new(cap: usize) -> Arc<ReplyBook> {
+        Arc::new(ReplyBook {
+            inner: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+            cap: cap.max(1),
+        })
+    }
+
+    /// Records how to answer `client`.
+    pub fn remember(&self, client: SocketAddr, respond: Responder) {
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 += 1;
+        let seq = g.0;
+        if g.1.len() >= self.cap && !g.1.contains_key(&client) {
+            if let Some(oldest) = g.1.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| *k) {
+                g.1.remove(&oldest);
+            }
+        }
+        g.1.insert(client, (seq, respond));
+    }
+
+    /// The [`ReplyFn`] for [`spawn_node_with`]/[`start`].
+    pub fn reply_fn(self: &Arc<Self>) -> ReplyFn {
+        let book = self.clone();
+        Box::new(move |to, data| {
+            let g = book
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, respond)) = g.1.get(&to) {
+                respond(data);
+            }
+        })
+    }
 }
