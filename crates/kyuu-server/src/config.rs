@@ -5,6 +5,7 @@
 //! [turn]     # kyuu_turn::TurnConfig: realm, credentials, relay ports, quotas, peer policy
 //! [http]     # HttpConfig: signaling, /v1/ice-servers, /metrics, /healthz
 //! [signal]   # kyuu_signal::SignalConfig
+//! [rawr]     # kyuu_rawr::RawrConfig: a RAWR node beside STUN/TURN (off by default)
 //! [log]      # LogConfig
 //! ```
 //!
@@ -19,6 +20,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use crate::relay::ListenConfig;
+pub use kyuu_rawr::RawrConfig;
 pub use kyuu_signal::SignalConfig;
 pub use kyuu_turn::TurnConfig;
 
@@ -30,6 +32,7 @@ pub struct Config {
     pub turn: TurnConfig,
     pub http: HttpConfig,
     pub signal: SignalConfig,
+    pub rawr: RawrConfig,
     pub log: LogConfig,
     /// The `[signal]` table as written, for `--print-config` (`SignalConfig` is not
     /// `Serialize`).
@@ -166,6 +169,19 @@ impl Config {
                 self.http.listen
             )));
         }
+        if self.rawr.enabled {
+            // `kyuu serve` fills an empty rawr.secret and rawr.relay from [turn] and the ICE
+            // URLs at start; validate as it will run.
+            let mut rawr = self.rawr.clone();
+            if rawr.secret.is_empty() {
+                rawr.secret = "filled at start".into();
+            }
+            if rawr.relay.is_empty() {
+                rawr.relay.push("turn:filled.at.start".into());
+            }
+            rawr.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: {:?}: {e}", self.log.level)))?;
         Ok(())
@@ -186,6 +202,7 @@ impl Config {
             out.push_str(&toml::to_string(t)?);
         }
         out.push('\n');
+        out.push_str(&section("rawr", &self.rawr)?);
         out.push_str(&section("log", &self.log)?);
         Ok(out)
     }
@@ -286,6 +303,15 @@ mod tests {
     }
 
     #[test]
+    fn rawr_validation_names_key() {
+        let c = Config::from_toml("[rawr]\nenabled = true\nname = \"Bad Name\"\n", "k").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("rawr.name"), "{e}");
+        let c = Config::from_toml("[rawr]\nenabled = true\n", "k").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn print_config_round_trips() {
         let text = "[http]\nlisten = \"127.0.0.1:9000\"\n[signal]\nmax_connections = 7\n";
         let c = Config::from_toml(text, "k").unwrap();
@@ -295,5 +321,6 @@ mod tests {
         assert_eq!(again.signal.max_connections, 7);
         assert_eq!(again.turn, c.turn);
         assert_eq!(again.listen, c.listen);
+        assert_eq!(again.rawr, c.rawr);
     }
 }

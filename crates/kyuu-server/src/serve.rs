@@ -43,6 +43,9 @@ pub struct Running {
     relay: Option<RelayHandle>,
     /// The metrics upkeep task, which never ends by itself.
     upkeep: Option<tokio::task::AbortHandle>,
+    /// The RAWR node's own UDP address, when `[rawr]` is enabled.
+    pub rawr_node: Option<SocketAddr>,
+    rawr: Option<kyuu_rawr::runtime::NodeHandle>,
 }
 
 /// Starts every service the configuration enables. The configuration must have been validated.
@@ -61,12 +64,24 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
-    let relay = relay::start(&config.listen, config.turn.clone(), None).await?;
+    // RAWR control messages reach the node through the STUN port (relay::Extension).
+    let (ext, ext_rx) = if config.rawr.enabled {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        (Some(relay::Extension { requests: tx }), Some(rx))
+    } else {
+        (None, None)
+    };
+    let relay = relay::start(&config.listen, config.turn.clone(), ext).await?;
     let listeners = relay.listeners().to_vec();
     let alternate = relay.alternate();
 
     let host = public_host(&config);
     let ice = ice_provider(&config, &host, &listeners);
+
+    let rawr = match ext_rx {
+        Some(rx) => Some(start_rawr(&config, &ice, rx).await?),
+        None => None,
+    };
     let ice_needs_token = config.signal.auth_secret.is_some();
 
     let metrics = if config.http.metrics {
@@ -95,7 +110,10 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
         });
         let signal = kyuu_signal::router(config.signal.clone(), ice.clone());
-        let app = http::router(signal, metrics, health);
+        let mut app = http::router(signal, metrics, health);
+        if let Some(node) = &rawr {
+            app = app.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
+        }
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
             let stop = async move {
@@ -118,6 +136,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         tasks,
         relay: Some(relay),
         upkeep,
+        rawr_node: rawr.as_ref().map(|n| n.local_addr()),
+        rawr,
     })
 }
 
@@ -137,6 +157,9 @@ impl Running {
     /// Stops everything, giving open HTTP connections `grace` to finish.
     pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
+        if let Some(node) = self.rawr.take() {
+            node.kill();
+        }
         if let Some(relay) = self.relay.take() {
             relay.shutdown().await;
         }
@@ -171,6 +194,17 @@ impl Running {
                     "  RFC 5780    off (give --alt-ip to answer NAT behaviour discovery)"
                 );
             }
+        }
+        if let Some(n) = self.rawr_node {
+            let _ = writeln!(
+                s,
+                "  RAWR        node on the STUN port (methods 0xC01-0xC0F), own socket {n}{}",
+                if self.http_addr.is_some() {
+                    ", HTTP form at /rawr"
+                } else {
+                    ""
+                }
+            );
         }
         match self.http_addr {
             Some(a) => {
@@ -238,6 +272,64 @@ impl Running {
         }
         s
     }
+}
+
+/// Starts the RAWR node, fed by the relay's extension channel. Empty `rawr.secret` and
+/// `rawr.relay` default to the TURN REST secret and the TURN URLs `/v1/ice-servers` hands out.
+async fn start_rawr(
+    config: &Config,
+    ice: &IceProvider,
+    mut requests: tokio::sync::mpsc::Receiver<relay::ExtensionRequest>,
+) -> anyhow::Result<kyuu_rawr::runtime::NodeHandle> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    let mut cfg = config.rawr.clone();
+    if cfg.secret.is_empty() {
+        cfg.secret = config
+            .turn
+            .static_auth_secrets
+            .first()
+            .cloned()
+            .unwrap_or_default();
+    }
+    if cfg.relay.is_empty() {
+        cfg.relay.clone_from(&ice.turn_urls);
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // The node answers by client address; remember which five-tuple and shard each came from.
+    // Bounded: a flood of sources only forgets old entries.
+    const MAX_CLIENTS: usize = 65_536;
+    type Routes = HashMap<SocketAddr, (relay::ClientSocket, relay::ExtensionReply)>;
+    let routes: Arc<Mutex<Routes>> = Arc::new(Mutex::new(HashMap::new()));
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let r = routes.clone();
+    tokio::spawn(async move {
+        while let Some(req) = requests.recv().await {
+            {
+                let mut m = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if m.len() >= MAX_CLIENTS && !m.contains_key(&req.client.remote) {
+                    m.clear();
+                }
+                m.insert(req.client.remote, (req.client, req.reply));
+            }
+            if tx.send((req.client.remote, req.data)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let reply: kyuu_rawr::runtime::ReplyFn = Box::new(move |to, data| {
+        let m = routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((client, reply)) = m.get(&to) {
+            let _ = reply.send(*client, data);
+        }
+    });
+    kyuu_rawr::runtime::start(cfg, Some((rx, reply)))
+        .await
+        .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }
 
 fn random_secret() -> String {

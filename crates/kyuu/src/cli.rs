@@ -17,6 +17,8 @@ use clap::{Args, Parser, Subcommand};
   kyuu serve --config /etc/kyuu.toml          run with a configuration file
   kyuu serve --print-config > kyuu.toml       write the effective configuration as a starting point
   kyuu nat stun.example.org                   what kind of NAT is this host behind?
+  kyuu rawr session                           a fresh RAWR session id
+  kyuu lab                                    RAWR demo in network namespaces (root)
 
 Run `kyuu <command> --help` for each command's options."
 )]
@@ -32,6 +34,10 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Find out what NAT sits between this host and a STUN server (RFC 5780 tests).
     Nat(NatArgs),
+    /// RAWR: find a path to another peer through RAWR nodes, or run a standalone node.
+    Rawr(kyuu_rawr::cli::RawrArgs),
+    /// Build a small RAWR network on this machine (root), connect two peers, report, tear down.
+    Lab(kyuu_rawr::cli::LabArgs),
 }
 
 /// Options of `kyuu serve`. Flags override the configuration file, which overrides the

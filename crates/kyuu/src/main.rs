@@ -1,5 +1,5 @@
 //! The `kyuu` command: `kyuu serve` runs the server, `kyuu nat` discovers the NAT in front of
-//! this host.
+//! this host, `kyuu rawr` and `kyuu lab` come from `kyuu_rawr::cli`.
 
 mod cli;
 mod nat;
@@ -14,5 +14,29 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Nat(args) => nat::run(args),
+        cli::Command::Rawr(args) => block_on(kyuu_rawr::cli::run(args)),
+        cli::Command::Lab(args) => block_on(kyuu_rawr::cli::run_lab(args)),
+    }
+}
+
+/// Runs a subcommand future on a multi-threaded runtime; errors print as `error: ...`, exit 1.
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -313,3 +313,46 @@ fn nat_times_out_on_silence() {
     }
     assert_eq!(n, 2);
 }
+
+#[test]
+fn serve_with_rawr_answers_on_the_stun_port() {
+    let cfg = temp_file("rawr.toml", "[rawr]\nenabled = true\nname = \"isp1\"\n");
+    let server = Serve::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        "off",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        server.summary.contains("RAWR        node on the STUN port"),
+        "{}",
+        server.summary
+    );
+    let line = server
+        .summary
+        .lines()
+        .find(|l| l.contains("udp "))
+        .unwrap()
+        .to_owned();
+    let addr: SocketAddr = line.split_whitespace().last().unwrap().parse().unwrap();
+    // A RAWR request (method 0xC01) without attributes: the node, not the TURN server's
+    // "unknown method", answers.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut req = vec![0x30, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+    req.extend_from_slice(&[7u8; 12]);
+    sock.send_to(&req, addr).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    let msg = kyuu_stun::Message::parse(&buf[..n]).unwrap();
+    assert_eq!(msg.method(), 0xC01);
+    assert_eq!(msg.class(), kyuu_stun::Class::Error);
+    let ec = msg.error_code().unwrap().unwrap();
+    assert!(ec.reason.contains("SESSION"), "{}", ec.reason);
+    let js = http_get(server.http(), "/rawr/rawr.js");
+    assert!(js.starts_with("HTTP/1.0 200"), "{js}");
+}
