@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::batch;
 
 /// A running echo thread; stopped and joined when dropped.
 #[derive(Debug)]
@@ -31,27 +34,40 @@ pub fn udp_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
 
 impl Echo {
     pub fn start() -> anyhow::Result<Echo> {
-        let sock = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let addr = sock.local_addr()?;
+        let std_sock = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        std_sock.set_nonblocking(true)?;
+        let addr = std_sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
+        let mut poll = Poll::new()?;
+        let mut sock = mio::net::UdpSocket::from_std(std_sock);
+        poll.registry()
+            .register(&mut sock, Token(0), Interest::READABLE)?;
+        let mut rx = batch::Receiver::new(&UdpSocket::bind("127.0.0.1:0")?)?;
         let thread = {
             let stop = Arc::clone(&stop);
             let received = Arc::clone(&received);
             std::thread::Builder::new()
                 .name("echo".into())
                 .spawn(move || {
-                    let mut buf = [0u8; 2048];
+                    let mut events = Events::with_capacity(8);
                     let mut count = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        // Drain a batch before publishing the counter.
-                        for _ in 0..256 {
-                            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        if poll
+                            .poll(&mut events, Some(Duration::from_millis(50)))
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        // Drain (bounded) before publishing the counter.
+                        for _ in 0..64 {
+                            let Ok(n) = rx.recv(&sock) else {
                                 break;
                             };
-                            count += 1;
-                            let _ = sock.send_to(&buf[..n], from);
+                            let items: Vec<(&[u8], SocketAddr)> =
+                                (0..n).map(|i| rx.datagram(i)).collect();
+                            count += (0..n).map(|i| rx.segments(i) as u64).sum::<u64>();
+                            batch::send_to_each(&sock, &items);
                         }
                         received.store(count, Ordering::Relaxed);
                     }

@@ -13,8 +13,8 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
-use crate::echo;
 use crate::proto::{self, Action, Credentials, Plan, Session, Step};
+use crate::{batch, echo};
 
 /// Where a fleet's traffic goes.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +64,10 @@ pub struct ThroughputReport {
     pub peer_pps: f64,
     /// Datagrams given up on as lost (window refills).
     pub lost: u64,
+    /// Server CPU time per delivered round trip (two relay operations), µs.
+    pub server_cpu_us_per_pkt: f64,
+    /// Cores the server kept busy on average.
+    pub server_cores: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -402,7 +406,7 @@ impl Fleet {
         total_window: usize,
         warmup: Duration,
         duration: Duration,
-        echo_count: &dyn Fn() -> u64,
+        probe: &dyn Fn() -> (u64, u64),
     ) -> anyhow::Result<ThroughputReport> {
         let n = self.socks.len();
         if n == 0 {
@@ -418,14 +422,12 @@ impl Fleet {
         let mut last_rx = vec![start; n];
         let (mut sent, mut delivered, mut lost) = (0u64, 0u64, 0u64);
         let mut measuring = false;
-        let (mut sent0, mut delivered0, mut peer0, mut lost0) = (0, 0, 0, 0);
+        let (mut sent0, mut delivered0, mut peer0, mut lost0, mut cpu0) = (0, 0, 0, 0, 0);
+        let mut rx = batch::Receiver::new(&std::net::UdpSocket::bind("127.0.0.1:0")?)?;
         for (i, s) in self.socks.iter().enumerate() {
-            for _ in 0..window {
-                if s.send(&pkt).is_ok() {
-                    sent += 1;
-                    outstanding[i] += 1;
-                }
-            }
+            let k = batch::send_copies(s, &pkt, window as usize);
+            sent += k as u64;
+            outstanding[i] += k as u32;
         }
         let mut next_check = start + Duration::from_millis(50);
         loop {
@@ -435,7 +437,7 @@ impl Fleet {
                 sent0 = sent;
                 delivered0 = delivered;
                 lost0 = lost;
-                peer0 = echo_count();
+                (peer0, cpu0) = probe();
             }
             if now >= end {
                 break;
@@ -449,11 +451,14 @@ impl Fleet {
                     continue;
                 };
                 let mut got = 0u32;
-                for _ in 0..256 {
-                    match s.recv(&mut self.buf) {
-                        Ok(len) if len >= DATA_HEADER => got += 1,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                for _ in 0..64 {
+                    match rx.recv(s) {
+                        Ok(k) => {
+                            got += (0..k)
+                                .filter(|&j| rx.datagram(j).0.len() >= DATA_HEADER)
+                                .map(|j| rx.segments(j) as u32)
+                                .sum::<u32>();
+                        }
                         Err(_) => break,
                     }
                 }
@@ -463,13 +468,9 @@ impl Fleet {
                 delivered += u64::from(got);
                 last_rx[i] = now;
                 outstanding[i] = outstanding[i].saturating_sub(got);
-                while outstanding[i] < window {
-                    if s.send(&pkt).is_err() {
-                        break;
-                    }
-                    sent += 1;
-                    outstanding[i] += 1;
-                }
+                let k = batch::send_copies(s, &pkt, (window - outstanding[i].min(window)) as usize);
+                sent += k as u64;
+                outstanding[i] += k as u32;
             }
             if now >= next_check {
                 next_check = now + Duration::from_millis(50);
@@ -478,19 +479,17 @@ impl Fleet {
                         continue;
                     }
                     lost += u64::from(outstanding[i]);
-                    outstanding[i] = 0;
                     last_rx[i] = now;
-                    for _ in 0..window {
-                        if s.send(&pkt).is_ok() {
-                            sent += 1;
-                            outstanding[i] += 1;
-                        }
-                    }
+                    let k = batch::send_copies(s, &pkt, window as usize);
+                    sent += k as u64;
+                    outstanding[i] = k as u32;
                 }
             }
         }
         let secs = Instant::now().duration_since(measure_from).as_secs_f64();
-        let peer = echo_count().saturating_sub(peer0);
+        let (peer1, cpu1) = probe();
+        let peer = peer1.saturating_sub(peer0);
+        let cpu = cpu1.saturating_sub(cpu0) as f64;
         let delivered_pps = (delivered - delivered0) as f64 / secs;
         self.drain(Duration::from_millis(100))?;
         Ok(ThroughputReport {
@@ -502,6 +501,8 @@ impl Fleet {
             delivered_mbps: delivered_pps * payload as f64 * 8.0 / 1e6,
             peer_pps: peer as f64 / secs,
             lost: lost - lost0,
+            server_cpu_us_per_pkt: cpu / 1000.0 / ((delivered - delivered0) as f64).max(1.0),
+            server_cores: cpu / 1e9 / secs,
         })
     }
 

@@ -9,6 +9,7 @@
 //! Traffic per allocation: client → server (ChannelData) → relay → echo peer → relay → client,
 //! all on 127.0.0.1. Run with `--quick` for a short CI-sized pass.
 
+mod batch;
 mod echo;
 mod load;
 mod proto;
@@ -436,22 +437,22 @@ fn main() -> anyhow::Result<()> {
                         let Ok(fleet) = f else {
                             continue;
                         };
-                        let out = running
-                            .iter_mut()
-                            .filter(|(rt, _)| *rt == t)
-                            .try_for_each(|(_, s)| server_addr(s).map(|_| ()))
-                            .and_then(|()| {
-                                fleet.throughput(p, args.window, warmup, slice, &|| echo.received())
-                            });
+                        let pid = server_pid(t, &mut running);
+                        let out = pid.and_then(|pid| {
+                            let probe = || (echo.received(), pid.map_or(0, servers::cpu_ns));
+                            fleet.throughput(p, args.window, warmup, slice, &probe)
+                        });
                         match out {
                             Ok(tr) => {
                                 eprintln!(
-                                    "throughput {} n={n} {p}B round {r}: sent {:.0}/s, peer {:.0}/s, back {:.0}/s, lost {}",
+                                    "throughput {} n={n} {p}B round {r}: sent {:.0}/s, peer {:.0}/s, back {:.0}/s, lost {}, server {:.2} µs/pkt on {:.2} cores",
                                     t.name(),
                                     tr.sent_pps,
                                     tr.peer_pps,
                                     tr.delivered_pps,
-                                    tr.lost
+                                    tr.lost,
+                                    tr.server_cpu_us_per_pkt,
+                                    tr.server_cores
                                 );
                                 res.raw.push(serde_json::json!({"phase": "throughput", "target": t, "round": r, "report": tr}));
                                 if let Some((_, v)) = reps.iter_mut().find(|(rt, _)| *rt == t) {
@@ -464,11 +465,21 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
+                let mut cpu = Row::new(
+                    format!("server CPU µs per relayed round trip, {p} B, {n} alloc"),
+                    Better::Lower,
+                );
                 for (t, v) in &reps {
                     let d: Vec<f64> = v.iter().map(|r| r.delivered_pps).collect();
                     if let Some(m) = median(&d) {
                         pps.set(*t, m);
                         mbps.set(*t, m * p as f64 * 8.0 / 1e6);
+                    }
+                    if *t != Target::Direct {
+                        let c: Vec<f64> = v.iter().map(|r| r.server_cpu_us_per_pkt).collect();
+                        if let Some(m) = median(&c) {
+                            cpu.set(*t, m);
+                        }
                     }
                 }
                 for (t, f) in &fleets {
@@ -478,8 +489,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 pps.notes.dedup();
                 mbps.notes.clone_from(&pps.notes);
+                cpu.notes.clone_from(&pps.notes);
                 res.rows.push(pps);
                 res.rows.push(mbps);
+                res.rows.push(cpu);
             }
             for (t, f) in &mut fleets {
                 if let Ok(fleet) = f {
@@ -647,6 +660,21 @@ fn via_for(t: Target, running: &mut [(Target, Result<ServerProc, String>)]) -> a
             .map(|(_, s)| server_addr(s).map(Via::Turn))
             .unwrap_or_else(|| Err(anyhow::anyhow!("not requested"))),
     }
+}
+
+/// The PID of a target's server (`None` for the no-server bound); fails when it has died.
+fn server_pid(
+    t: Target,
+    running: &mut [(Target, Result<ServerProc, String>)],
+) -> anyhow::Result<Option<u32>> {
+    if t == Target::Direct {
+        return Ok(None);
+    }
+    let Some((_, s)) = running.iter_mut().find(|(rt, _)| *rt == t) else {
+        anyhow::bail!("not requested");
+    };
+    server_addr(s)?;
+    Ok(s.as_ref().ok().map(ServerProc::pid))
 }
 
 fn server_addr(s: &mut Result<ServerProc, String>) -> anyhow::Result<std::net::SocketAddr> {
