@@ -205,6 +205,26 @@ impl Node {
         Message::parse(data).is_ok_and(|m| method::is_rawr(m.method()))
     }
 
+    /// Whether handling `data` will consult the neighbour table (rule 2): a Connect request that
+    /// neither pairs nor repeats a pending one, for a target not already known to be local. The
+    /// shell refreshes its snapshot only then, keeping the pairing path fast.
+    pub fn needs_neighbours(&self, data: &[u8]) -> bool {
+        let Ok(m) = Message::parse(data) else {
+            return false;
+        };
+        if m.class() != Class::Request || m.method() != method::CONNECT {
+            return false;
+        }
+        let Ok(Request::Connect(c)) = Request::decode(&m) else {
+            return false;
+        };
+        let key: DirKey = (c.session, c.mac, c.target);
+        let reverse: DirKey = (key.0.clone(), key.2, key.1);
+        !(self.pending.contains_key(&key)
+            || self.pending.contains_key(&reverse)
+            || self.is_local(c.target))
+    }
+
     /// The earliest time [`Node::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t: Option<Instant> = None;

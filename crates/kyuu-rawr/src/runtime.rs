@@ -17,7 +17,7 @@ use crate::config::{ConfigError, RawrConfig};
 use crate::node::{Node, Output, Stats};
 use crate::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
 use crate::sys::HostNet;
-use crate::wire::{method, Mac};
+use crate::wire::Mac;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -45,6 +45,8 @@ enum Cmd {
 pub struct NodeHandle {
     cmd: mpsc::Sender<Cmd>,
     task: JoinHandle<()>,
+    /// The neighbour-table refresher.
+    refresher: JoinHandle<()>,
     local: SocketAddr,
 }
 
@@ -63,12 +65,14 @@ impl NodeHandle {
     /// Stops the node (as a crash would: pending state is lost).
     pub fn kill(&self) {
         self.task.abort();
+        self.refresher.abort();
     }
 }
 
 impl Drop for NodeHandle {
     fn drop(&mut self) {
         self.task.abort();
+        self.refresher.abort();
     }
 }
 
@@ -106,6 +110,11 @@ pub fn spawn_node_on(
     let seed: u64 = rand::random();
     let mut node = Node::new(&cfg, Instant::now(), unix_now(), seed);
     let socket = Arc::new(socket);
+    let never = Instant::now()
+        .checked_sub(NEIGHBOUR_REFRESH * 4)
+        .unwrap_or_else(Instant::now);
+    let (ntx, mut neigh) = tokio::sync::watch::channel((never, Vec::new()));
+    let refresher = tokio::spawn(refresh_neighbours(host.clone(), networks.clone(), ntx));
     let task = tokio::spawn(async move {
         let (mut inbound, reply) = match ext {
             Some((i, r)) => (Some(i), Some(r)),
@@ -130,11 +139,11 @@ pub fn spawn_node_on(
                         }
                         socket_clients.insert(from);
                     }
-                    refresh_if_connect(&mut node, &host, &networks, &data).await;
+                    refresh_if_connect(&mut node, &host, &networks, &mut neigh, &data).await;
                     node.handle_input(Instant::now(), from, &data);
                 }
                 Some((from, data)) = recv_opt(&mut inbound) => {
-                    refresh_if_connect(&mut node, &host, &networks, &data).await;
+                    refresh_if_connect(&mut node, &host, &networks, &mut neigh, &data).await;
                     node.handle_input(Instant::now(), from, &data);
                 }
                 _ = tokio::time::sleep_until(wake) => node.handle_timeout(Instant::now()),
@@ -161,6 +170,7 @@ pub fn spawn_node_on(
     Ok(NodeHandle {
         cmd: tx,
         task,
+        refresher,
         local,
     })
 }
@@ -172,17 +182,55 @@ async fn recv_opt(rx: &mut Option<Inbound>) -> Option<(SocketAddr, Vec<u8>)> {
     }
 }
 
-/// Rule 2 needs a fresh neighbour table: read it before each Connect request.
+/// How often the neighbour table is re-read in the background.
+const NEIGHBOUR_REFRESH: Duration = Duration::from_millis(250);
+
+/// Reads the neighbour table every [`NEIGHBOUR_REFRESH`] into `tx` (MACs on `networks`).
+async fn refresh_neighbours(
+    host: HostNet,
+    networks: Vec<ipnet::IpNet>,
+    tx: tokio::sync::watch::Sender<(Instant, Vec<Mac>)>,
+) {
+    for _ in 0..u64::MAX {
+        match host.neighbours().await {
+            Ok(n) => {
+                let macs = n
+                    .into_iter()
+                    .filter(|(ip, _)| {
+                        networks.is_empty() || networks.iter().any(|p| p.contains(ip))
+                    })
+                    .map(|(_, mac)| mac)
+                    .collect();
+                if tx.send((Instant::now(), macs)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("rawr: cannot read the neighbour table: {e}"),
+        }
+        tokio::time::sleep(NEIGHBOUR_REFRESH).await;
+    }
+}
+
+/// Rule 2 wants a recent neighbour table before a Connect that may consult it: use the
+/// background snapshot when it is recent, else read now. Rule 2 only saves upstream traffic
+/// (the pair still meets at the lowest common node by rule 1), so a snapshot a few hundred
+/// milliseconds old is good enough and keeps reads off the critical path.
 async fn refresh_if_connect(
     node: &mut Node,
     host: &HostNet,
     networks: &[ipnet::IpNet],
+    neigh: &mut tokio::sync::watch::Receiver<(Instant, Vec<Mac>)>,
     data: &[u8],
 ) {
-    let Ok(m) = kyuu_stun::Message::parse(data) else {
+    if !node.needs_neighbours(data) {
         return;
+    }
+    let fresh = {
+        let snap = neigh.borrow_and_update();
+        (snap.0.elapsed() <= NEIGHBOUR_REFRESH * 2).then(|| snap.1.clone())
     };
-    if m.method() != method::CONNECT || m.class() != kyuu_stun::Class::Request {
+    if let Some(macs) = fresh {
+        node.set_neighbours(macs);
         return;
     }
     match host.neighbours().await {

@@ -898,3 +898,20 @@ fn garbage_never_panics() {
     }
     let _ = outputs(&mut n);
 }
+
+#[test]
+fn neighbour_reads_are_skipped_when_the_connect_pairs() {
+    let cfg = node_cfg("isp", addr(2));
+    let t = Instant::now();
+    let mut n = Node::new(&cfg, t, 0, 1);
+    let a = wire::encode_connect(TransactionId([1; 12]), &connect(1, 1, 2, &[]), None);
+    assert!(n.needs_neighbours(&a));
+    n.handle_input(t, addr(10), &a);
+    assert!(!n.needs_neighbours(&a), "a retransmission");
+    let b = wire::encode_connect(TransactionId([2; 12]), &connect(1, 2, 1, &[]), None);
+    assert!(!n.needs_neighbours(&b), "the partner pairs");
+    n.set_neighbours([Mac([2, 0, 0, 0, 0, 9])]);
+    let c = wire::encode_connect(TransactionId([3; 12]), &connect(2, 1, 9, &[]), None);
+    assert!(!n.needs_neighbours(&c), "target already known local");
+    assert!(!n.needs_neighbours(b"garbage"));
+}
