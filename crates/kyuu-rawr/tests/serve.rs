@@ -22,11 +22,12 @@ struct Server {
 }
 
 fn turn_config(secret: &str) -> TurnConfig {
-    let mut t = TurnConfig::default();
-    t.enabled = true;
-    t.static_auth_secrets = vec![secret.into()];
-    t.allow_peers = vec!["127.0.0.0/8".parse().unwrap()];
-    t
+    TurnConfig {
+        enabled: true,
+        static_auth_secrets: vec![secret.into()],
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..TurnConfig::default()
+    }
 }
 
 /// A kyuu STUN/TURN server on 127.0.0.1; with `rawr`, a RAWR node behind its extension hook.
@@ -62,10 +63,7 @@ async fn server(rawr: Option<(&str, Option<SocketAddr>, &[&str])>) -> Server {
     tokio::spawn(async move {
         while let Some(r) = ext_rx.recv().await {
             let (client, reply) = (r.client, r.reply);
-            b.remember(
-                client.remote,
-                Box::new(move |d| reply.send(client.clone(), d)),
-            );
+            b.remember(client.remote, Box::new(move |d| reply.send(client, d)));
             if tx.send((client.remote, r.data)).await.is_err() {
                 break;
             }
