@@ -596,7 +596,16 @@ impl Node {
         link: Option<String>,
     ) {
         if c.path.contains(&self.name) {
-            let mut reason = format!("loop: {} -> {}", c.path.join(" -> "), self.name);
+            let mut reason = if c.path.last() == Some(&self.name) {
+                // It forwarded to itself: the named ROOT is this node under an address that
+                // `rawr.self` does not list.
+                format!(
+                    "ROOT {} is this node ({}): list it in rawr.self",
+                    c.root, self.name
+                )
+            } else {
+                format!("loop: {} -> {}", c.path.join(" -> "), self.name)
+            };
             reason.truncate(120);
             self.answer_error(
                 now,

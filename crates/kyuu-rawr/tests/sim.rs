@@ -915,3 +915,29 @@ fn neighbour_reads_are_skipped_when_the_connect_pairs() {
     assert!(!n.needs_neighbours(&c), "target already known local");
     assert!(!n.needs_neighbours(b"garbage"));
 }
+
+#[test]
+fn a_root_missing_its_own_address_says_so() {
+    let mut cfg = node_cfg("root", addr(ROOT));
+    cfg.self_addrs.clear();
+    let t = Instant::now();
+    let mut n = Node::new(&cfg, t, 0, 1);
+    let d = wire::encode_connect(TransactionId([1; 12]), &connect(1, 1, 2, &[]), None);
+    n.handle_input(t, addr(10), &d);
+    let outs = outputs(&mut n);
+    // It forwards to ROOT, which is itself...
+    let (to, fwd) = outs.iter().find(|(to, _)| *to == addr(ROOT)).unwrap();
+    n.handle_input(t, addr(ROOT), fwd);
+    let _ = to;
+    let outs = outputs(&mut n);
+    // ...answers itself 482 naming the fix, and passes that down to the peer.
+    let back = outs.iter().find(|(to, _)| *to == addr(ROOT)).unwrap();
+    n.handle_input(t, addr(ROOT), &back.1);
+    let outs = outputs(&mut n);
+    let (to, d) = &outs[0];
+    assert_eq!(*to, addr(10));
+    let m = Message::parse(d).unwrap();
+    let e = m.error_code().unwrap().unwrap();
+    assert_eq!(e.code, 482);
+    assert!(e.reason.contains("rawr.self"), "{}", e.reason);
+}
