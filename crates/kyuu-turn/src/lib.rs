@@ -26,6 +26,7 @@
 mod auth;
 pub mod client;
 pub mod config;
+pub mod fxhash;
 pub mod policy;
 mod ratelimit;
 mod server;

@@ -12,6 +12,7 @@ use kyuu_stun::{attr, method, ChannelData, Class, Message, MessageBuilder, Trans
 
 use crate::auth::{AuthFailure, Credentials, Nonces, UserKeys};
 use crate::config::{PortRange, TurnConfig};
+use crate::fxhash::FxHashMap;
 use crate::policy::PeerPolicy;
 use crate::ratelimit::RateLimiter;
 use crate::types::*;
@@ -265,7 +266,7 @@ pub struct Server {
     limiter: RateLimiter,
     slots: Vec<(u32, Option<Allocation>)>,
     free: Vec<u32>,
-    by_client: HashMap<ClientSocket, AllocId>,
+    by_client: FxHashMap<ClientSocket, AllocId>,
     used_ports: [Vec<u64>; 2],
     reservations: HashMap<u64, Reservation>,
     conns: HashMap<u32, PeerConn>,
@@ -361,7 +362,7 @@ impl Server {
             limiter,
             slots: Vec::new(),
             free: Vec::new(),
-            by_client: HashMap::new(),
+            by_client: FxHashMap::default(),
             used_ports: [vec![0u64; 1024], vec![0u64; 1024]],
             reservations: HashMap::new(),
             conns: HashMap::new(),

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use kyuu_stun::frame_len;
+use kyuu_turn::fxhash::FxHashMap;
 use kyuu_turn::{
     ClientSocket, Output, PeerAddr, RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
 };
@@ -64,7 +65,7 @@ enum StreamCmd {
 struct State {
     core: Server,
     udp: Vec<Listener>,
-    relays: HashMap<RelayKey, Relay>,
+    relays: FxHashMap<RelayKey, Relay>,
     streams: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<StreamCmd>>,
     /// RFC 6062 peer connections waiting for ConnectionBind.
     peer_conns: HashMap<u32, TcpStream>,
@@ -74,6 +75,7 @@ struct State {
     ext_reply: ExtensionReply,
     socket_buffer: usize,
     dropped_sends: u64,
+    arena: Rc<RefCell<Arena>>,
 }
 
 /// Per-shard receive buffers, shared by every socket of the shard (only one reads at a time).
@@ -110,6 +112,12 @@ impl Arena {
         };
         state.recv(UdpSockRef::from(sock), &mut slices, &mut self.metas)
     }
+}
+
+/// One `sendto`, whatever tokio believes about write readiness (a fresh socket is writable
+/// before the runtime has seen it say so). UDP drops rather than waits.
+fn send_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(data, &to.into())
 }
 
 fn is_would_block(e: &std::io::Error) -> bool {
@@ -165,10 +173,11 @@ pub(crate) fn run(
             let _ = ready.send(Err(e)).await;
             return;
         }
+        let arena = Rc::new(RefCell::new(Arena::new()));
         let sh: Sh = Rc::new(RefCell::new(State {
             core,
             udp: Vec::new(),
-            relays: HashMap::new(),
+            relays: FxHashMap::default(),
             streams: HashMap::new(),
             peer_conns: HashMap::new(),
             splices: HashMap::new(),
@@ -176,8 +185,8 @@ pub(crate) fn run(
             ext_reply: ExtensionReply { tx: reply_tx },
             socket_buffer,
             dropped_sends: 0,
+            arena: arena.clone(),
         }));
-        let arena = Rc::new(RefCell::new(Arena::new()));
         let mut tasks = Vec::new();
         for (i, l) in udp.iter().enumerate() {
             tasks.push(AbortOnDrop(tokio::task::spawn_local(client_udp_loop(
@@ -251,7 +260,14 @@ impl State {
                     self.dropped_sends += 1;
                     return;
                 };
-                let src_ip = l.addr.ip().is_unspecified().then(|| client.local.ip());
+                if !l.addr.ip().is_unspecified() {
+                    if send_now(&l.sock, data, client.remote).is_err() {
+                        self.dropped_sends += 1;
+                    }
+                    return;
+                }
+                // A wildcard socket: answer from the address the client wrote to.
+                let src_ip = Some(client.local.ip());
                 let t = quinn_udp::Transmit {
                     destination: client.remote,
                     ecn: None,
@@ -276,20 +292,13 @@ impl State {
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
-        let Some((sock, state)) = self.relays.get(&tp.relay).and_then(|r| r.udp.as_ref()) else {
+        let Some((sock, _)) = self.relays.get(&tp.relay).and_then(|r| r.udp.as_ref()) else {
             return;
         };
         let Some(data) = packet.get(tp.data.clone()) else {
             return;
         };
-        let t = quinn_udp::Transmit {
-            destination: tp.peer.0,
-            ecn: None,
-            contents: data,
-            segment_size: None,
-            src_ip: None,
-        };
-        if state.try_send(UdpSockRef::from(&**sock), &t).is_err() {
+        if send_now(sock, data, tp.peer.0).is_err() {
             self.dropped_sends += 1;
         }
     }
@@ -358,6 +367,7 @@ impl State {
                     Ok((sock, state, local)) => {
                         let task = tokio::task::spawn_local(relay_udp_loop(
                             sh.clone(),
+                            self.arena.clone(),
                             key,
                             sock.clone(),
                             state.clone(),
@@ -434,13 +444,20 @@ async fn client_udp_loop(
         if sock.readable().await.is_err() {
             return;
         }
+        let mut exhausted = true;
         for _ in 0..READ_BUDGET {
             let mut ar = arena.borrow_mut();
             let res = sock.try_io(Interest::READABLE, || ar.recv(&state, &sock, 0));
             let n = match res {
                 Ok(n) => n,
-                Err(e) if is_would_block(&e) => break,
-                Err(_) => break,
+                Err(e) if is_would_block(&e) => {
+                    exhausted = false;
+                    break;
+                }
+                Err(_) => {
+                    exhausted = false;
+                    break;
+                }
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
@@ -461,31 +478,37 @@ async fn client_udp_loop(
             }
             st.drain(&sh);
         }
-        tokio::task::yield_now().await;
+        if exhausted {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
-async fn relay_udp_loop(sh: Sh, key: RelayKey, sock: Rc<UdpSocket>, state: Rc<UdpSocketState>) {
-    // Relay sockets use their own small arena: relays are many, and the shard arena is big.
-    let arena = RefCell::new(Arena {
-        bufs: (0..BATCH)
-            .map(|_| vec![0u8; PEER_HEADROOM + 2048])
-            .collect(),
-        metas: [RecvMeta::default(); BATCH],
-        scratch: vec![0u8; PEER_HEADROOM + 65536 + 8],
-    });
-    let _ = &arena;
+async fn relay_udp_loop(
+    sh: Sh,
+    arena: Rc<RefCell<Arena>>,
+    key: RelayKey,
+    sock: Rc<UdpSocket>,
+    state: Rc<UdpSocketState>,
+) {
     loop {
         if sock.readable().await.is_err() {
             return;
         }
+        let mut exhausted = true;
         for _ in 0..READ_BUDGET {
             let mut ar = arena.borrow_mut();
             let res = sock.try_io(Interest::READABLE, || ar.recv(&state, &sock, PEER_HEADROOM));
             let n = match res {
                 Ok(n) => n,
-                Err(e) if is_would_block(&e) => break,
-                Err(_) => break,
+                Err(e) if is_would_block(&e) => {
+                    exhausted = false;
+                    break;
+                }
+                Err(_) => {
+                    exhausted = false;
+                    break;
+                }
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
@@ -535,7 +558,9 @@ async fn relay_udp_loop(sh: Sh, key: RelayKey, sock: Rc<UdpSocket>, state: Rc<Ud
             }
             st.drain(&sh);
         }
-        tokio::task::yield_now().await;
+        if exhausted {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
