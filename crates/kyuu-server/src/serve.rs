@@ -64,6 +64,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    fill_relay_addresses(&mut config);
+
     // RAWR control messages reach the node through the STUN port (relay::Extension).
     let (ext, ext_rx) = if config.rawr.enabled {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -370,12 +372,54 @@ fn url_host(ip: IpAddr) -> String {
     }
 }
 
+/// With only wildcard listeners and no `turn.relay_ipv4`/`relay_ipv6`, relay from the address
+/// of the default route, so TURN works with no configuration at all.
+fn fill_relay_addresses(config: &mut Config) {
+    let all = || {
+        config
+            .listen
+            .udp
+            .iter()
+            .chain(config.listen.tcp.iter())
+            .chain(config.listen.tls.iter())
+    };
+    let specific_v4 = all().any(|a| a.is_ipv4() && !a.ip().is_unspecified());
+    let any_v4 = all().any(|a| a.is_ipv4());
+    if config.turn.relay_ipv4.is_none() && any_v4 && !specific_v4 {
+        if let Some(ip) = outbound_ipv4() {
+            tracing::info!(
+                "turn.relay_ipv4 not set: relaying from {ip}, the default route's address"
+            );
+            config.turn.relay_ipv4 = Some(ip);
+        }
+    }
+    let specific_v6 = all().any(|a| a.is_ipv6() && !a.ip().is_unspecified());
+    let any_v6 = all().any(|a| a.is_ipv6());
+    if config.turn.relay_ipv6.is_none() && any_v6 && !specific_v6 {
+        if let Some(ip) = outbound_ipv6() {
+            tracing::info!(
+                "turn.relay_ipv6 not set: relaying from {ip}, the default route's address"
+            );
+            config.turn.relay_ipv6 = Some(ip);
+        }
+    }
+}
+
+fn outbound_ipv6() -> Option<std::net::Ipv6Addr> {
+    let s = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+    s.connect(("2001:db8::1", 3478)).ok()?;
+    match s.local_addr().ok()?.ip() {
+        IpAddr::V6(ip) if !ip.is_unspecified() && !ip.is_loopback() => Some(ip),
+        IpAddr::V4(_) | IpAddr::V6(_) => None,
+    }
+}
+
 /// The source address the host would use towards the internet (no packet is sent).
 fn outbound_ipv4() -> Option<Ipv4Addr> {
     let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
     s.connect((Ipv4Addr::new(192, 0, 2, 1), 3478)).ok()?;
     match s.local_addr().ok()?.ip() {
-        IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+        IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_loopback() => Some(ip),
         IpAddr::V4(_) | IpAddr::V6(_) => None,
     }
 }

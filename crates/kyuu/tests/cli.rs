@@ -356,3 +356,78 @@ fn serve_with_rawr_answers_on_the_stun_port() {
     let js = http_get(server.http(), "/rawr/rawr.js");
     assert!(js.starts_with("HTTP/1.0 200"), "{js}");
 }
+
+/// Runs an Allocate with `user`/`pass` against `server` and returns the first event.
+fn allocate(server: SocketAddr, user: &str, pass: &str) -> kyuu_turn::client::Event {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut c = kyuu_turn::client::Client::new(user, pass, false);
+    let mut now = Instant::now();
+    c.allocate(now);
+    let deadline = now + Duration::from_secs(10);
+    let mut buf = [0u8; 2048];
+    while now < deadline {
+        while let Some(t) = c.poll_transmit() {
+            sock.send_to(&t, server).unwrap();
+        }
+        if let Some(e) = c.poll_event() {
+            return e;
+        }
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            c.handle_input(Instant::now(), &buf[..n]);
+        }
+        now = Instant::now();
+        c.handle_timeout(now);
+    }
+    panic!("no answer to Allocate");
+}
+
+#[test]
+fn default_auth_is_on_and_ice_servers_credentials_allocate() {
+    let server = Serve::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        "off",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let line = server
+        .summary
+        .lines()
+        .find(|l| l.contains("udp "))
+        .unwrap()
+        .to_owned();
+    let addr: SocketAddr = line.split_whitespace().last().unwrap().parse().unwrap();
+
+    let ev = allocate(addr, "nobody", "guess");
+    assert!(
+        matches!(
+            ev,
+            kyuu_turn::client::Event::Error {
+                code: 401 | 441,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+
+    let resp = http_get(server.http(), "/v1/ice-servers");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let turn = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s.get("username").is_some())
+        .unwrap();
+    let user = turn["username"].as_str().unwrap();
+    let pass = turn["credential"].as_str().unwrap();
+    match allocate(addr, user, pass) {
+        kyuu_turn::client::Event::Allocated { relayed, .. } => {
+            assert!(relayed.iter().any(|r| r.ip() == addr.ip()), "{relayed:?}");
+        }
+        other => panic!("allocate with /v1/ice-servers credentials: {other:?}"),
+    }
+}

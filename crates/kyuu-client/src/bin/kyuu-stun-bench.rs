@@ -8,7 +8,11 @@
 //! 2. a saturation phase: `--sockets` UDP sockets spread over `--threads` client threads, each
 //!    keeping `--window` requests in flight, for `--duration`.
 //!
-//! Prints requests per second, p50/p99 latency and the kyuu/coturn ratio. Children are stopped
+//! Prints requests per second, p50/p99 latency and the kyuu/coturn ratio. The load generator
+//! shares the machine with the server, so the achieved rate is bounded by the client as much as
+//! by the server; the server's CPU time per request (from `/proc/<pid>/task/*/schedstat`) is
+//! reported too, as requests per server CPU-second: the rate the server would reach with those
+//! cores to itself. Children are stopped
 //! by PID (and killed when the bench exits early). The transaction id carries the send time, so
 //! no per-request state is kept.
 
@@ -75,6 +79,10 @@ struct Args {
     /// Benchmark only this already running server.
     #[arg(long)]
     target: Option<SocketAddr>,
+    /// Rounds, interleaved kyuu, coturn, kyuu, ...; the medians are reported (the machine may
+    /// be shared, so one round can be disturbed).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -100,6 +108,12 @@ struct Server {
     child: Option<Child>,
 }
 
+impl Server {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -118,6 +132,23 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// CPU time (ns) used so far by every thread of process `pid`, from
+/// `/proc/<pid>/task/*/schedstat` (threads that already exited are not counted, so servers are
+/// measured while they run).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = t.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1, and `port + 1` too (bound without
@@ -416,6 +447,10 @@ struct Figures {
     idle_p99_us: u32,
     bad: u64,
     resent: u64,
+    /// Server CPU seconds per second of the saturation phase (all its threads).
+    cpu_load: Option<f64>,
+    /// Requests answered per server CPU-second.
+    per_cpu_s: Option<f64>,
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -433,7 +468,8 @@ fn run_phase(
     window: usize,
     warmup: Duration,
     duration: Duration,
-) -> io::Result<(Tally, Duration)> {
+    server_pid: Option<u32>,
+) -> io::Result<(Tally, Duration, Option<u64>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let epoch = Instant::now();
     let measure_from = epoch + warmup;
@@ -449,7 +485,10 @@ fn run_phase(
             load_thread(target, per, window, epoch, measure_from, stop)
         }));
     }
-    thread::sleep(warmup + duration);
+    thread::sleep(warmup);
+    let cpu0 = server_pid.and_then(cpu_ns);
+    thread::sleep(duration);
+    let cpu1 = server_pid.and_then(cpu_ns);
     stop.store(true, Ordering::Relaxed);
     let mut total = Tally::default();
     for h in handles {
@@ -458,20 +497,23 @@ fn run_phase(
             .map_err(|_| io::Error::other("load thread panicked"))??;
         total.merge(t);
     }
-    Ok((total, duration))
+    let cpu = cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a));
+    Ok((total, duration, cpu))
 }
 
-fn bench(args: &Args, target: SocketAddr) -> io::Result<Figures> {
-    let (mut idle, _) = run_phase(target, 1, 1, 1, args.warmup / 2, args.idle_duration)?;
+fn bench(args: &Args, target: SocketAddr, pid: Option<u32>) -> io::Result<Figures> {
+    let (mut idle, _, _) = run_phase(target, 1, 1, 1, args.warmup / 2, args.idle_duration, None)?;
     idle.lat_us.sort_unstable();
-    let (mut load, d) = run_phase(
+    let (mut load, d, cpu) = run_phase(
         target,
         args.threads,
         args.sockets,
         args.window,
         args.warmup,
         args.duration,
+        pid,
     )?;
+    let cpu_s = cpu.map(|ns| ns as f64 / 1e9);
     load.lat_us.sort_unstable();
     Ok(Figures {
         rate: load.ok as f64 / d.as_secs_f64(),
@@ -481,6 +523,27 @@ fn bench(args: &Args, target: SocketAddr) -> io::Result<Figures> {
         idle_p99_us: percentile(&idle.lat_us, 0.99),
         bad: load.bad + idle.bad,
         resent: load.resent,
+        cpu_load: cpu_s.map(|c| c / d.as_secs_f64()),
+        per_cpu_s: cpu_s.filter(|c| *c > 0.0).map(|c| load.ok as f64 / c),
+    })
+}
+
+/// Per-column medians.
+fn median(rounds: &[Figures]) -> Option<Figures> {
+    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.get(v.len() / 2).copied()
+    }
+    Some(Figures {
+        rate: mid(rounds.iter().map(|f| f.rate).collect())?,
+        p50_us: mid(rounds.iter().map(|f| f.p50_us).collect())?,
+        p99_us: mid(rounds.iter().map(|f| f.p99_us).collect())?,
+        idle_p50_us: mid(rounds.iter().map(|f| f.idle_p50_us).collect())?,
+        idle_p99_us: mid(rounds.iter().map(|f| f.idle_p99_us).collect())?,
+        bad: rounds.iter().map(|f| f.bad).sum(),
+        resent: rounds.iter().map(|f| f.resent).sum(),
+        cpu_load: mid(rounds.iter().filter_map(|f| f.cpu_load).collect()),
+        per_cpu_s: mid(rounds.iter().filter_map(|f| f.per_cpu_s).collect()),
     })
 }
 
@@ -489,9 +552,12 @@ fn ms(us: u32) -> String {
 }
 
 fn print_row(name: &str, f: &Figures) {
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_owned(), |v| format!("{v:.prec$}"));
     println!(
-        "{name:<8} {:>12.0} {:>10} {:>10} {:>12} {:>12} {:>6} {:>8}",
+        "{name:<10} {:>10.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6} {:>8}",
         f.rate,
+        opt(f.per_cpu_s, 0),
+        opt(f.cpu_load, 2),
         ms(f.p50_us),
         ms(f.p99_us),
         ms(f.idle_p50_us),
@@ -515,7 +581,7 @@ fn main() -> ExitCode {
 fn real_main(args: &Args) -> io::Result<()> {
     println!(
         "STUN Binding over UDP on 127.0.0.1: {} client sockets x {} in flight on {} threads, \
-         {}s per server (after {}s warm-up); server threads {}{}",
+         {}s per server and round (after {}s warm-up); server threads {}{}; {} CPUs",
         args.sockets,
         args.window,
         args.threads,
@@ -526,33 +592,63 @@ fn real_main(args: &Args) -> io::Result<()> {
             String::new()
         } else {
             format!(", servers pinned to CPUs {}", args.cpus)
-        }
+        },
+        thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<8} {:>12} {:>10} {:>10} {:>12} {:>12} {:>6} {:>8}",
-        "server", "req/s", "p50", "p99", "idle p50", "idle p99", "bad", "resent"
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6} {:>8}",
+        "server",
+        "req/s",
+        "req/cpu-s",
+        "cpu",
+        "p50",
+        "p99",
+        "idle p50",
+        "idle p99",
+        "bad",
+        "resent"
     );
     if let Some(t) = args.target {
-        let f = bench(args, t)?;
+        let f = bench(args, t, None)?;
         print_row("target", &f);
         return Ok(());
     }
-    let mut kyuu = None;
-    let mut coturn = None;
-    // One server at a time, so neither competes with the other for the CPUs.
-    if !args.no_kyuu {
-        let server = start_kyuu(args)?;
-        let f = bench(args, server.addr)?;
-        drop(server);
-        print_row("kyuu", &f);
-        kyuu = Some(f);
+    // Both servers run for the whole bench but only one is loaded at a time; rounds alternate
+    // so a disturbance on a shared machine hits both alike.
+    let kyuu_server = if args.no_kyuu {
+        None
+    } else {
+        Some(start_kyuu(args)?)
+    };
+    let coturn_server = if args.no_coturn {
+        None
+    } else {
+        Some(start_coturn(args)?)
+    };
+    let mut kyuu_rounds = Vec::new();
+    let mut coturn_rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        if let Some(s) = &kyuu_server {
+            let f = bench(args, s.addr, s.pid())?;
+            print_row(&format!("kyuu #{round}"), &f);
+            kyuu_rounds.push(f);
+        }
+        if let Some(s) = &coturn_server {
+            let f = bench(args, s.addr, s.pid())?;
+            print_row(&format!("coturn #{round}"), &f);
+            coturn_rounds.push(f);
+        }
     }
-    if !args.no_coturn {
-        let server = start_coturn(args)?;
-        let f = bench(args, server.addr)?;
-        drop(server);
-        print_row("coturn", &f);
-        coturn = Some(f);
+    drop(kyuu_server);
+    drop(coturn_server);
+    let kyuu = median(&kyuu_rounds);
+    let coturn = median(&coturn_rounds);
+    println!("medians of {} round(s):", args.rounds.max(1));
+    if let Some(k) = &kyuu {
+        print_row("kyuu", k);
+    }
+    if let Some(c) = &coturn {
+        print_row("coturn", c);
     }
     if let (Some(k), Some(c)) = (&kyuu, &coturn) {
         let ratio = if c.rate > 0.0 {
@@ -560,8 +656,15 @@ fn real_main(args: &Args) -> io::Result<()> {
         } else {
             f64::INFINITY
         };
+        if let (Some(kc), Some(cc)) = (k.per_cpu_s, c.per_cpu_s) {
+            println!(
+                "ratio kyuu/coturn: {:.2}x requests per server CPU-second (the rate each would reach \
+                 with the same cores to itself)",
+                kc / cc
+            );
+        }
         println!(
-            "ratio kyuu/coturn: {ratio:.2}x requests per second; p50 latency {:.2}x, p99 {:.2}x (lower is better)",
+            "ratio kyuu/coturn: {ratio:.2}x requests per second under this load generator; p50 latency {:.2}x, p99 {:.2}x (lower is better)",
             f64::from(k.p50_us) / f64::from(c.p50_us.max(1)),
             f64::from(k.p99_us) / f64::from(c.p99_us.max(1)),
         );
