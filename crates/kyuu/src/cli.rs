@@ -60,8 +60,8 @@ Examples:
 Configuration errors name the key (e.g. `config error: turn.relay_ports: min 60000 > max 50000`)
 and exit with status 2.")]
 pub struct ServeArgs {
-    /// TOML configuration file. Every section ([listen], [turn], [http], [signal], [log]) and
-    /// key is optional; unknown keys are errors.
+    /// TOML configuration file. Every section ([listen], [turn], [http], [signal], [rawr], [log])
+    /// and key is optional; unknown keys are errors.
     #[arg(short, long, value_name = "FILE", env = "KYUU_CONFIG")]
     pub config: Option<PathBuf>,
 
