@@ -1,0 +1,584 @@
+//! End to end through the real `kyuu serve` binary: headless Chromium (the system one, never a
+//! downloaded one) loads kyuu's demo page in two separate browser profiles; they find each other
+//! by name through kyuu's signaling and open an RTCDataChannel with `iceTransportPolicy: 'relay'`,
+//! so every byte has to go through kyuu's TURN server.
+//!
+//! * `relay_only_data_channel_through_kyuu`: with `turn.allow_peers = ["198.18.0.0/15"]` the
+//!   channel opens, both sides exchange messages, getStats' selected candidate pair is
+//!   relay/relay on both sides, `/v1/ice-servers` hands out valid TURN REST credentials, and
+//!   `/metrics` shows relayed bytes in both directions.
+//! * `relay_only_refused_without_allow_list`: the negative control. Without the allow-list the
+//!   TURN server refuses the peers (198.18.0.0/15 is the benchmarking range, denied by default),
+//!   so the same relay-only call must fail within a bounded time, with forbidden peers counted.
+//!
+//! Chromium gathers no candidates without a non-loopback interface, so each test runs kyuu,
+//! node and Chromium inside a fresh network namespace with a veth pair (198.18.77.1/24 and
+//! 198.18.77.2/24, both ends inside). kyuu listens on and relays from 198.18.77.1.
+//!
+//! The browser driver is kyuu-signal's `tests/browser/e2e.mjs` (playwright-core), run from its
+//! directory (`npm ci` there when `node_modules` is missing).
+//!
+//! Needs root, `ip`, node and /usr/bin/chromium (or `KYUU_CHROMIUM`): SKIP otherwise, a failure
+//! with `KYUU_BROWSER_REQUIRED=1`. The namespace, its processes and the temp dir are removed on
+//! every path (Drop guard; processes are killed by PID).
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
+const SERVER_IP: &str = "198.18.77.1";
+const OTHER_IP: &str = "198.18.77.2";
+/// Fixed ports are free: each namespace is new. Chromium refuses TURN ports below 1024.
+const TURN_PORT: u16 = 3478;
+const HTTP_PORT: u16 = 8080;
+const RELAY_PORTS: (u16, u16) = (50000, 50999);
+const CREDENTIAL_TTL: u64 = 600;
+
+/// Two Chromiums per test on a shared machine: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn required() -> bool {
+    std::env::var("KYUU_BROWSER_REQUIRED").is_ok_and(|v| v == "1")
+}
+
+/// Prints SKIP, or panics if the browser test is required.
+fn skip(test: &str, why: &str) {
+    assert!(!required(), "browser test required but cannot run: {why}");
+    println!("SKIP {test}: {why}");
+}
+
+fn driver_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../kyuu-signal/tests/browser")
+}
+
+fn chromium() -> String {
+    std::env::var("KYUU_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
+}
+
+fn quiet_ok(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn prerequisites() -> Result<(), String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| format!("id -u: {e}"))?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Err("not root (network namespaces need it)".into());
+    }
+    if !quiet_ok("ip", &["-V"]) {
+        return Err("no `ip` (iproute2)".into());
+    }
+    let chromium = chromium();
+    if !Path::new(&chromium).exists() {
+        return Err(format!("{chromium} not found (apt-get install chromium)"));
+    }
+    if !quiet_ok("node", &["--version"]) {
+        return Err("node not found".into());
+    }
+    let dir = driver_dir();
+    if !dir.join("e2e.mjs").exists() {
+        return Err(format!("{} missing", dir.join("e2e.mjs").display()));
+    }
+    if dir.join("node_modules/playwright-core").exists() {
+        return Ok(());
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        // playwright-core downloads nothing, but make sure no browser is ever fetched.
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+        .status()
+        .map_err(|e| format!("npm: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("npm ci in {} failed: {status}", dir.display()))
+    }
+}
+
+/// Kills one process by PID.
+fn kill_pid(pid: u32) {
+    let _ = quiet_ok("kill", &["-KILL", &pid.to_string()]);
+}
+
+/// A network namespace with a veth pair inside, a temp dir, and the kyuu server running in it.
+/// Drop kills the server and every other process left in the namespace (by PID), deletes the
+/// namespace and removes the temp dir.
+struct Netns {
+    name: String,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+impl Netns {
+    fn create(tag: &str) -> Result<Netns, String> {
+        let name = format!("kyuu-e2e-{}-{tag}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Left over from an earlier run with the same PID: start clean.
+        let _ = quiet_ok("ip", &["netns", "del", &name]);
+        if !quiet_ok("ip", &["netns", "add", &name]) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!("ip netns add {name} failed"));
+        }
+        let ns = Netns {
+            name,
+            dir,
+            server: None,
+        };
+        let n = ns.name.as_str();
+        let server = format!("{SERVER_IP}/24");
+        let other = format!("{OTHER_IP}/24");
+        let steps: [&[&str]; 6] = [
+            &["-n", n, "link", "set", "lo", "up"],
+            &[
+                "-n", n, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+            ],
+            &["-n", n, "addr", "add", &server, "dev", "v0"],
+            &["-n", n, "addr", "add", &other, "dev", "v1"],
+            &["-n", n, "link", "set", "v0", "up"],
+            &["-n", n, "link", "set", "v1", "up"],
+        ];
+        for args in steps {
+            if !quiet_ok("ip", args) {
+                return Err(format!("ip {} failed", args.join(" ")));
+            }
+        }
+        Ok(ns)
+    }
+
+    /// `ip netns exec <ns> <program>`: `ip` execs the program in place, so the child's PID is
+    /// the program's.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kyuu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Chromium helpers or a node that outlived its parent: every process in the namespace.
+        for _ in 0..5 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                kill_pid(pid);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = quiet_ok("ip", &["netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `cmd` with stdout and stderr in files, killing it (by PID) after `limit`.
+/// Returns (exit status, or None on timeout; stdout; stderr).
+fn run_bounded(
+    mut cmd: Command,
+    dir: &Path,
+    label: &str,
+    limit: Duration,
+) -> (Option<ExitStatus>, String, String) {
+    let out = dir.join(format!("{label}.out"));
+    let err = dir.join(format!("{label}.err"));
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&out).unwrap())
+        .stderr(File::create(&err).unwrap());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {label}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (status, read(&out), read(&err))
+}
+
+/// GET `url` from inside the namespace (node's fetch; node is needed anyway).
+fn http_get(ns: &Netns, url: &str) -> Result<String, String> {
+    const SCRIPT: &str = "fetch(process.argv[1], { signal: AbortSignal.timeout(5000) })\
+        .then(async (r) => { process.stdout.write(await r.text()); process.exit(r.ok ? 0 : 1); })\
+        .catch((e) => { console.error(String(e)); process.exit(1); });";
+    let mut cmd = ns.command("node");
+    cmd.args(["-e", SCRIPT, url]);
+    match run_bounded(cmd, &ns.dir, "fetch", Duration::from_secs(15)) {
+        (Some(s), body, _) if s.success() => Ok(body),
+        (Some(s), body, err) => Err(format!("GET {url}: {s}: {body}{err}")),
+        (None, _, _) => Err(format!("GET {url}: timed out")),
+    }
+}
+
+fn write_config(ns: &Netns, secret: &str, allow_benchmarking: bool) -> PathBuf {
+    let allow = if allow_benchmarking {
+        "allow_peers = [\"198.18.0.0/15\"]\n"
+    } else {
+        "# allow_peers left out: the benchmarking range is denied by default\n"
+    };
+    let (min, max) = RELAY_PORTS;
+    let text = format!(
+        "[listen]\n\
+         udp = [\"{SERVER_IP}:{TURN_PORT}\"]\n\
+         tcp = [\"{SERVER_IP}:{TURN_PORT}\"]\n\
+         tls = []\n\
+         threads = 1\n\
+         \n\
+         [turn]\n\
+         realm = \"kyuu-e2e\"\n\
+         static_auth_secrets = [\"{secret}\"]\n\
+         relay_ipv4 = \"{SERVER_IP}\"\n\
+         relay_ports = {{ min = {min}, max = {max} }}\n\
+         {allow}\
+         \n\
+         [http]\n\
+         listen = \"{SERVER_IP}:{HTTP_PORT}\"\n\
+         credential_ttl_secs = {CREDENTIAL_TTL}\n\
+         \n\
+         [log]\n\
+         level = \"info,kyuu::turn=debug\"\n\
+         ansi = false\n"
+    );
+    let path = ns.dir.join("kyuu.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts `kyuu serve --config` in the namespace; returns once it printed its summary.
+fn start_kyuu(ns: &mut Netns, config: &Path) {
+    let mut cmd = ns.command(KYUU);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(ns.dir.join("kyuu.log")).unwrap());
+    let mut child = cmd.spawn().expect("spawning kyuu serve");
+    let stdout = child.stdout.take().unwrap();
+    ns.server = Some(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut summary = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let http = line.trim_start().starts_with("HTTP");
+                summary.push(line);
+                if http {
+                    break;
+                }
+            }
+            Err(e) => panic!(
+                "kyuu serve did not print its HTTP address ({e}); stdout:\n{}\nlog:\n{}",
+                summary.join("\n"),
+                ns.server_log()
+            ),
+        }
+    }
+    println!("{}", summary.join("\n"));
+    let want = format!("http://{SERVER_IP}:{HTTP_PORT}");
+    assert!(
+        summary.iter().any(|l| l.contains(&want)),
+        "kyuu serve is not on {want}"
+    );
+}
+
+/// Sum of every sample of `name` whose labels contain all of `labels` (`key="value"`).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+fn metrics(ns: &Netns) -> String {
+    http_get(ns, &format!("http://{SERVER_IP}:{HTTP_PORT}/metrics")).unwrap()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `/v1/ice-servers` hands out kyuu's TURN URLs with REST credentials that verify against the
+/// configured secret.
+fn check_ice_servers(ns: &Netns, secret: &str) {
+    let body = http_get(
+        ns,
+        &format!("http://{SERVER_IP}:{HTTP_PORT}/v1/ice-servers"),
+    )
+    .unwrap();
+    let servers: Value = serde_json::from_str(&body).unwrap();
+    let turn = servers
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {body}"))
+        .iter()
+        .find(|s| s["username"].is_string())
+        .unwrap_or_else(|| panic!("no TURN entry with credentials: {body}"));
+    let urls: Vec<&str> = turn["urls"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .or_else(|| turn["urls"].as_str().map(|u| vec![u]))
+        .unwrap_or_default();
+    let want = format!("turn:{SERVER_IP}:{TURN_PORT}?transport=udp");
+    assert!(urls.contains(&want.as_str()), "{want} not in {urls:?}");
+    let username = turn["username"].as_str().unwrap();
+    let credential = turn["credential"].as_str().unwrap();
+    let expiry: u64 = username
+        .split(':')
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("username {username:?} is not <unix-expiry>:<user>"));
+    let now = unix_now();
+    assert!(
+        expiry > now && expiry <= now + CREDENTIAL_TTL + 5,
+        "expiry {expiry} not within {CREDENTIAL_TTL} s of {now}"
+    );
+    assert_eq!(
+        credential,
+        kyuu_turn::rest_password(secret.as_bytes(), username),
+        "credential is not base64(HMAC-SHA1(secret, username))"
+    );
+    println!("/v1/ice-servers: {urls:?} username {username} (REST credential verified)");
+}
+
+/// Runs e2e.mjs (relay-only) in the namespace against kyuu's page; returns its RESULT.
+fn run_browsers(ns: &Netns, timeout_ms: u64) -> Value {
+    let mut cmd = ns.command("node");
+    cmd.arg("e2e.mjs")
+        .arg(format!("http://{SERVER_IP}:{HTTP_PORT}/"))
+        .current_dir(driver_dir())
+        .env("KYUU_E2E_RELAY", "1")
+        .env("KYUU_E2E_TIMEOUT_MS", timeout_ms.to_string())
+        .env("KYUU_CHROMIUM", chromium());
+    // e2e.mjs waits twice at most timeout_ms plus a 10 s round trip; Chromium start-up on top.
+    let limit = Duration::from_millis(2 * timeout_ms) + Duration::from_secs(40);
+    let started = Instant::now();
+    let (status, out, err) = run_bounded(cmd, &ns.dir, "e2e", limit);
+    println!(
+        "e2e.mjs exited {status:?} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let Some(line) = out.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        panic!(
+            "e2e.mjs printed no RESULT (status {status:?}):\n{out}\n{err}\nkyuu log:\n{}",
+            ns.server_log()
+        );
+    };
+    let result: Value = serde_json::from_str(line).unwrap();
+    if result["ok"] != true {
+        // Browser consoles, for the record (the negative control expects this).
+        let tail: Vec<&str> = err.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        println!("e2e.mjs stderr (last lines):\n{}", tail.join("\n"));
+    }
+    result
+}
+
+/// Polls /metrics (bounded) until `done` holds; returns the last text.
+fn wait_metrics(ns: &Netns, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = metrics(ns);
+        if done(&text) || Instant::now() >= deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn secret() -> String {
+    format!("e2e-{}-{}", std::process::id(), unix_now())
+}
+
+fn setup(test: &str, tag: &str, allow: bool) -> Option<(Netns, String)> {
+    if let Err(e) = prerequisites() {
+        skip(test, &e);
+        return None;
+    }
+    let mut ns = match Netns::create(tag) {
+        Ok(ns) => ns,
+        Err(e) => {
+            skip(test, &format!("cannot build the network namespace: {e}"));
+            return None;
+        }
+    };
+    let secret = secret();
+    let config = write_config(&ns, &secret, allow);
+    start_kyuu(&mut ns, &config);
+    Some((ns, secret))
+}
+
+#[test]
+fn relay_only_data_channel_through_kyuu() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some((ns, secret)) = setup("relay_only_data_channel_through_kyuu", "relay", true) else {
+        return;
+    };
+    check_ice_servers(&ns, &secret);
+
+    let result = run_browsers(&ns, 30_000);
+    assert_eq!(
+        result["ok"],
+        true,
+        "relay-only call through kyuu failed: {result}\nkyuu log:\n{}",
+        ns.server_log()
+    );
+    for who in ["alice", "bob"] {
+        let p = &result[who];
+        let path = &p["path"];
+        println!(
+            "{who}: received {} over {} <-> {} ({}) {} <-> {}",
+            p["received"],
+            path["local"],
+            path["remote"],
+            path["protocol"],
+            path["localAddress"],
+            path["remoteAddress"]
+        );
+        assert_eq!(path["local"], "relay", "{who}: local candidate: {result}");
+        assert_eq!(path["remote"], "relay", "{who}: remote candidate: {result}");
+        for side in ["localAddress", "remoteAddress"] {
+            let addr = path[side].as_str().unwrap_or_default();
+            let port: u16 = addr
+                .strip_prefix(&format!("{SERVER_IP}:"))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{who} {side} {addr} is not a kyuu relay address"));
+            assert!(
+                (RELAY_PORTS.0..=RELAY_PORTS.1).contains(&port),
+                "{who} {side} {addr} outside turn.relay_ports"
+            );
+        }
+        assert!(
+            p["received"].as_array().is_some_and(|r| !r.is_empty()),
+            "{who} received nothing: {result}"
+        );
+    }
+    println!("data channel RTT {} ms", result["bob"]["appRttMs"]);
+
+    // The relay really carried the data: relayed bytes in both directions. Counters are
+    // flushed on the TURN server's 1 s tick.
+    let relayed = |t: &str, dir: &str| {
+        metric(
+            t,
+            "kyuu_turn_relayed_bytes_total",
+            &[&format!("direction=\"{dir}\"")],
+        )
+    };
+    let text = wait_metrics(&ns, Duration::from_secs(10), |t| {
+        relayed(t, "to_peer") > 0.0 && relayed(t, "to_client") > 0.0
+    });
+    let (to_peer, to_client) = (relayed(&text, "to_peer"), relayed(&text, "to_client"));
+    let allocations = metric(&text, "kyuu_turn_allocations_total", &[]);
+    println!(
+        "kyuu /metrics: kyuu_turn_relayed_bytes_total to_peer {to_peer} to_client {to_client}, \
+         kyuu_turn_allocations_total {allocations}"
+    );
+    assert!(
+        to_peer > 0.0 && to_client > 0.0,
+        "no relayed bytes in /metrics:\n{text}"
+    );
+    assert!(allocations >= 2.0, "fewer than two allocations:\n{text}");
+}
+
+#[test]
+fn relay_only_refused_without_allow_list() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some((ns, _secret)) = setup("relay_only_refused_without_allow_list", "deny", false) else {
+        return;
+    };
+    let started = Instant::now();
+    let result = run_browsers(&ns, 20_000);
+    println!(
+        "negative control: e2e.mjs RESULT {result} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        result["ok"], false,
+        "relay-only call to peers in 198.18.0.0/15 succeeded without turn.allow_peers: {result}"
+    );
+    // It failed for the right reason: TURN itself worked (allocations made with the page's
+    // credentials) but refused the peers, and relayed nothing.
+    let text = wait_metrics(&ns, Duration::from_secs(5), |t| {
+        metric(t, "kyuu_turn_forbidden_peers_total", &[]) > 0.0
+    });
+    let forbidden = metric(&text, "kyuu_turn_forbidden_peers_total", &[]);
+    let allocations = metric(&text, "kyuu_turn_allocations_total", &[]);
+    let relayed = metric(&text, "kyuu_turn_relayed_bytes_total", &[]);
+    println!(
+        "kyuu /metrics: kyuu_turn_forbidden_peers_total {forbidden}, \
+         kyuu_turn_allocations_total {allocations}, kyuu_turn_relayed_bytes_total {relayed}"
+    );
+    assert!(
+        allocations >= 2.0,
+        "TURN allocations did not happen:\n{text}"
+    );
+    assert!(forbidden > 0.0, "no forbidden peers counted:\n{text}");
+    assert!(
+        relayed == 0.0,
+        "bytes were relayed to a denied peer:\n{text}"
+    );
+}
