@@ -117,7 +117,13 @@ fn check(result: &serde_json::Value, relay: bool) {
         path["local"], path["remote"], path["rtt"], result["bob"]["appRttMs"]
     );
     if relay {
-        assert!(path["local"] == "relay" || path["remote"] == "relay");
+        for who in ["alice", "bob"] {
+            let p = &result[who]["path"];
+            assert!(
+                p["local"] == "relay" && p["remote"] == "relay",
+                "{who}: relay-only run must select a relay/relay pair: {result}"
+            );
+        }
     }
 }
 

@@ -56,9 +56,14 @@ async function main() {
   await alice.waitForFunction(() => window.kyuu && window.kyuu.id, null, { timeout: timeoutMs });
   const bob = await open('bob', { name: names.bob, call: names.alice });
   const opened = (p) => p.waitForFunction(
-    () => window.kyuu.state === 'open' && window.kyuu.received.length > 0 && window.kyuu.path,
+    () => window.kyuu.error || (window.kyuu.state === 'open' && window.kyuu.received.length > 0 && window.kyuu.path),
     null, { timeout: timeoutMs, polling: 200 });
   await Promise.all([opened(alice), opened(bob)]);
+  // Fail fast when either page reports an ICE or signaling error instead of waiting out the timeout.
+  for (const [who, p] of [['alice', alice], ['bob', bob]]) {
+    const err = await p.evaluate(() => window.kyuu.error);
+    if (err) throw new Error(`${who}: ${err}`);
+  }
   // Wait for an application-level round trip over the data channel too.
   await bob.waitForFunction(() => window.kyuu.appRtt !== null, null, { timeout: 10000 });
   const a = await alice.evaluate(() => window.kyuu);
@@ -73,7 +78,8 @@ async function main() {
   if (!a.received[0].includes(names.bob) || !b.received[0].includes(names.alice)) {
     throw new Error(`unexpected greetings: ${JSON.stringify(result)}`);
   }
-  if (relay && a.path.local !== 'relay' && a.path.remote !== 'relay') {
+  const relayBoth = (p) => p.local === 'relay' && p.remote === 'relay';
+  if (relay && !(relayBoth(a.path) && relayBoth(b.path))) {
     throw new Error(`relay-only run did not use a relay candidate: ${JSON.stringify(result)}`);
   }
   console.log('RESULT ' + JSON.stringify(result));
