@@ -70,12 +70,26 @@ pub struct ThroughputReport {
     pub server_cores: f64,
 }
 
+/// One latency round's raw results.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyRun {
+    /// Round-trip times, ns.
+    pub rtts: Vec<u64>,
+    /// Packets sent in the measured window.
+    pub sent: u64,
+    /// Sends the kernel refused (e.g. ECONNREFUSED after an ICMP port unreachable).
+    pub send_errors: u64,
+    pub first_error: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyReport {
     pub allocations: usize,
     pub rate_pps: u64,
     pub samples: usize,
     pub lost: u64,
+    pub send_errors: u64,
+    pub first_send_error: Option<String>,
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
@@ -515,7 +529,7 @@ impl Fleet {
         rate: u64,
         warmup: Duration,
         duration: Duration,
-    ) -> anyhow::Result<(Vec<u64>, u64)> {
+    ) -> anyhow::Result<LatencyRun> {
         let n = self.socks.len();
         if n == 0 || rate == 0 {
             bail!("no allocations or zero rate");
@@ -529,6 +543,8 @@ impl Fleet {
         let mut rtts: Vec<u64> =
             Vec::with_capacity((rate as f64 * duration.as_secs_f64()) as usize + 16);
         let mut sent = 0u64;
+        let mut send_errors = 0u64;
+        let mut first_error: Option<String> = None;
         let from_ns = base_ns + warmup.as_nanos() as u64;
         let end_ns = from_ns + duration.as_nanos() as u64;
         let drain_until = end_ns + 300_000_000;
@@ -543,8 +559,14 @@ impl Fleet {
                 // Stamp with the actual send time so timer slack is not counted.
                 let t = epoch.elapsed().as_nanos() as u64;
                 pkt[DATA_HEADER..DATA_HEADER + 8].copy_from_slice(&t.to_be_bytes());
-                if self.socks[rr].send(&pkt).is_ok() && t >= from_ns && t < end_ns {
-                    sent += 1;
+                let in_window = t >= from_ns && t < end_ns;
+                match self.socks[rr].send(&pkt) {
+                    Ok(_) if in_window => sent += 1,
+                    Ok(_) => {}
+                    Err(e) => {
+                        send_errors += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
                 }
                 rr = (rr + 1) % n;
                 next_send_ns += interval_ns;
@@ -578,13 +600,24 @@ impl Fleet {
                 }
             }
         }
-        Ok((rtts, sent))
+        Ok(LatencyRun {
+            rtts,
+            sent,
+            send_errors,
+            first_error,
+        })
     }
 }
 
 impl LatencyReport {
     /// Percentiles of round-trip times in ns.
-    pub fn from_samples(allocations: usize, rate_pps: u64, mut rtts: Vec<u64>, sent: u64) -> Self {
+    pub fn from_run(allocations: usize, rate_pps: u64, run: LatencyRun) -> Self {
+        let LatencyRun {
+            mut rtts,
+            sent,
+            send_errors,
+            first_error,
+        } = run;
         rtts.sort_unstable();
         let pct = |p: f64| -> f64 {
             if rtts.is_empty() {
@@ -598,6 +631,8 @@ impl LatencyReport {
             rate_pps,
             samples: rtts.len(),
             lost: sent.saturating_sub(rtts.len() as u64),
+            send_errors,
+            first_send_error: first_error,
             p50_us: pct(0.50),
             p99_us: pct(0.99),
             max_us: rtts.last().map_or(f64::NAN, |&v| v as f64 / 1000.0),
