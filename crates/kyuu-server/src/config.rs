@@ -125,16 +125,16 @@ impl Config {
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let parse_err = |e: toml::de::Error| {
             let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
-            let section = e
+            let key = e
                 .span()
-                .and_then(|s| section_at(text, s.start))
-                .map(|s| format!("[{s}]: "))
+                .and_then(|s| key_at(text, s.start))
+                .map(|k| format!("{k}: "))
                 .unwrap_or_default();
             ConfigError::Parse {
                 path: origin.to_owned(),
                 line,
                 column,
-                message: format!("{section}{}", e.message().trim_end()),
+                message: format!("{key}{}", e.message().trim_end()),
             }
         };
         let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
@@ -226,20 +226,38 @@ fn line_col(text: &str, pos: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The `[section]` (or `[[array]]`) header in force at byte offset `pos`, if any.
-fn section_at(text: &str, pos: usize) -> Option<String> {
-    let before = text.get(..pos).unwrap_or(text);
-    let mut current = None;
-    for line in before.lines() {
-        let l = line.trim();
-        if let Some(inner) = l.strip_prefix('[') {
-            let inner = inner.trim_start_matches('[');
-            if let Some(end) = inner.find(']') {
-                current = inner.get(..end).map(|s| s.trim().to_owned());
-            }
-        }
+/// The dotted key an error at byte offset `pos` is about: the header's name when `pos` is on a
+/// `[section]`/`[[array]]` line, else the section in force plus the line's key
+/// (`turn.relay_ports`).
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let pos = pos.min(text.len());
+    let start = text.get(..pos)?.rfind('\n').map_or(0, |i| i + 1);
+    let end = text.get(pos..)?.find('\n').map_or(text.len(), |i| pos + i);
+    let line = text.get(start..end)?.trim();
+    if line.starts_with('[') {
+        return header_name(line);
     }
-    current
+    let section = text
+        .get(..start)?
+        .lines()
+        .filter_map(|l| header_name(l.trim()))
+        .next_back();
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().replace(['"', '\''], ""))
+        .filter(|k| !k.is_empty());
+    match (section, key) {
+        (Some(s), Some(k)) => Some(format!("{s}.{k}")),
+        (Some(s), None) => Some(s),
+        (None, k) => k,
+    }
+}
+
+/// `turn.users` for `[[turn.users]]`, `turn` for `[turn]`.
+fn header_name(line: &str) -> Option<String> {
+    let inner = line.strip_prefix('[')?.trim_start_matches('[');
+    let end = inner.find(']')?;
+    Some(inner.get(..end)?.trim().replace(['"', '\''], ""))
 }
 
 impl fmt::Display for HttpConfig {
@@ -270,9 +288,21 @@ mod tests {
         let text = "[http]\nlisten = \"127.0.0.1:1\"\n\n[turn]\nrealm = \"x\"\nrelay_port = 5\n";
         let e = Config::from_toml(text, "k.toml").unwrap_err().to_string();
         assert!(
-            e.starts_with("k.toml:6:1: [turn]: unknown field `relay_port`"),
+            e.starts_with("k.toml:6:1: turn.relay_port: unknown field `relay_port`"),
             "{e}"
         );
+        let e = Config::from_toml("[turn]\nrealm = 5\n", "k")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("k:2:9: turn.realm: invalid type"), "{e}");
+        let e = Config::from_toml("turn.relay_ports.min = \"x\"\n", "k")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("k:1:24: turn.relay_ports.min: "), "{e}");
+        let e = Config::from_toml("[[turn.users]]\npassword = \"x\"\n", "k")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("turn.users: missing field `name`"), "{e}");
     }
 
     #[test]
@@ -289,7 +319,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("k.toml:2:"), "{e}");
-        assert!(e.contains("[http]"), "{e}");
+        assert!(e.contains("http.listen: "), "{e}");
     }
 
     #[test]

@@ -175,7 +175,7 @@ fn config_errors_name_the_key_and_exit_2() {
     let e = text(&o.stderr);
     assert!(e.starts_with("config error: "), "{e}");
     assert!(
-        e.contains("[turn]") && e.contains("unknown field `relay_port`"),
+        e.contains("typo.toml:3:1: turn.relay_port: unknown field `relay_port`"),
         "{e}"
     );
 
