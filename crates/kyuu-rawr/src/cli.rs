@@ -73,6 +73,9 @@ pub struct LabArgs {
     /// Print the report as JSON too.
     #[arg(long)]
     pub json: bool,
+    /// Use in-process RAWR nodes with coturn as TURN instead of `kyuu serve` on every node.
+    #[arg(long)]
+    pub coturn: bool,
 }
 
 /// Runs `kyuu rawr …`.
@@ -189,7 +192,19 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
 
 /// Runs `kyuu lab`.
 pub async fn run_lab(args: LabArgs) -> anyhow::Result<()> {
-    match crate::lab::run_demo(args.rounds, true).await? {
+    let exe = std::env::current_exe().ok();
+    let server = match exe {
+        Some(p)
+            if !args.coturn
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("kyuu")) =>
+        {
+            crate::lab::LabServer::Kyuu(p)
+        }
+        _ => crate::lab::LabServer::Coturn,
+    };
+    match crate::lab::run_demo(args.rounds, true, server).await? {
         Some(r) => {
             r.print();
             if args.json {
@@ -198,7 +213,7 @@ pub async fn run_lab(args: LabArgs) -> anyhow::Result<()> {
             println!("lab torn down");
             Ok(())
         }
-        None => bail!("the lab needs root, iproute2, nftables and coturn (turnserver)"),
+        None => bail!("the lab needs root, iproute2 and nftables (and coturn with --coturn)"),
     }
 }
 

@@ -26,9 +26,21 @@ pub const RAWR_PORT: u16 = 3479;
 pub const TURN_PORT: u16 = 3478;
 const SECRET: &str = "lab-turn-secret";
 
+/// What runs on the lab's nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LabServer {
+    /// In-process RAWR nodes on port 3479, coturn beside them on 3478 as the data plane.
+    #[default]
+    Coturn,
+    /// `<kyuu binary> serve` on every node: STUN/TURN and RAWR on port 3478, nothing else needed.
+    Kyuu(std::path::PathBuf),
+}
+
 /// Which lab to build.
 #[derive(Debug, Clone)]
 pub struct LabSpec {
+    /// The servers on the nodes.
+    pub server: LabServer,
     /// LAN 1 ms, ISP 10 ms, root 40 ms one way (else no impairment).
     pub delays: bool,
     /// NAT of the home routers.
@@ -50,6 +62,7 @@ pub struct LabSpec {
 impl Default for LabSpec {
     fn default() -> Self {
         LabSpec {
+            server: LabServer::Coturn,
             delays: false,
             nat: NatKind::Symmetric,
             isp_node: true,
@@ -81,8 +94,13 @@ pub enum RawrLabError {
     Other(String),
 }
 
+enum NodeRun {
+    Task(NodeHandle),
+    Process(LabChild),
+}
+
 struct RunningNode {
-    handle: NodeHandle,
+    run: NodeRun,
     cfg: RawrConfig,
     ns: LabNode,
 }
@@ -98,6 +116,7 @@ pub struct RawrLab {
     pub pb: LabNode,
     nodes: BTreeMap<String, RunningNode>,
     _turns: Vec<LabChild>,
+    files: Vec<std::path::PathBuf>,
     // Declared last: dropped after the children and nodes above.
     pub lab: Lab,
 }
@@ -174,10 +193,11 @@ impl RawrLab {
     /// Builds the lab, or `Ok(None)` after printing a SKIP line when this machine cannot run it
     /// (not root, no `ip`/`nft`) and `KYUU_LAB_REQUIRED` is not set.
     pub async fn build_or_skip(test: &str, spec: LabSpec) -> Result<Option<RawrLab>, RawrLabError> {
-        if std::process::Command::new("turnserver")
-            .arg("--version")
-            .output()
-            .is_err()
+        if spec.server == LabServer::Coturn
+            && std::process::Command::new("turnserver")
+                .arg("--version")
+                .output()
+                .is_err()
         {
             if kyuu_lab::lab_required() {
                 return Err(RawrLabError::Other(
@@ -241,12 +261,15 @@ impl RawrLab {
             mk_peer("pb", &lanb, "198.19.2.10/24", "198.19.2.1")?
         };
 
-        let mut turns = vec![coturn(&root, ROOT_IP)?];
-        if spec.isp_node {
-            turns.push(coturn(isp.node(), ISP_IP)?);
-        }
-        if spec.plain_gateway_a {
-            turns.push(coturn(homea.node(), HOMEA_IP)?);
+        let mut turns = Vec::new();
+        if spec.server == LabServer::Coturn {
+            turns.push(coturn(&root, ROOT_IP)?);
+            if spec.isp_node {
+                turns.push(coturn(isp.node(), ISP_IP)?);
+            }
+            if spec.plain_gateway_a {
+                turns.push(coturn(homea.node(), HOMEA_IP)?);
+            }
         }
 
         let mut rl = RawrLab {
@@ -259,8 +282,21 @@ impl RawrLab {
             pb,
             nodes: BTreeMap::new(),
             _turns: turns,
+            files: Vec::new(),
             lab,
         };
+        let port = rl.port();
+        let node_cfg =
+            |name: &str, ip, gw, children: &[&str]| node_cfg(name, ip, gw, children, port);
+        if spec.plain_gateway_a {
+            if let LabServer::Kyuu(_) = &spec.server {
+                // A kyuu TURN server with RAWR disabled.
+                let mut cfg = node_cfg("homea", HOMEA_IP, None, &[]);
+                cfg.enabled = false;
+                let ns = rl.homea.node().clone();
+                rl.start_node(ns, cfg).await?;
+            }
+        }
 
         // RAWR nodes. Every node also runs a TURN server in a full deployment; here only the
         // root, the ISP and (as a plain TURN gateway) home A have one, since only they relay.
@@ -326,10 +362,103 @@ impl RawrLab {
         if spec.plain_gateway_a {
             wait_stun(&rl.pa, sa(HOMEA_IP, TURN_PORT)).await?;
         }
+        if let LabServer::Kyuu(_) = &spec.server {
+            // Every node is a kyuu server process: wait until each answers STUN.
+            let addrs: Vec<(SocketAddr, bool)> = rl
+                .nodes
+                .values()
+                .filter_map(|n| {
+                    n.cfg
+                        .self_addrs
+                        .first()
+                        .map(|a| (*a, n.cfg.name == "homeb"))
+                })
+                .collect();
+            for (a, from_b) in addrs {
+                let from = if from_b { &rl.pb } else { &rl.pa };
+                wait_stun(from, a).await?;
+            }
+        }
         Ok(rl)
     }
 
+    /// The port RAWR requests go to.
+    pub fn port(&self) -> u16 {
+        match self.spec.server {
+            LabServer::Coturn => RAWR_PORT,
+            LabServer::Kyuu(_) => TURN_PORT,
+        }
+    }
+
+    /// `kyuu serve` in `ns` with this node's `[rawr]` (STUN/TURN and RAWR on port 3478).
+    fn spawn_kyuu(
+        &mut self,
+        bin: &std::path::Path,
+        ns: &LabNode,
+        cfg: &RawrConfig,
+    ) -> Result<LabChild, RawrLabError> {
+        let ip = cfg
+            .self_addrs
+            .first()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let mut rawr = cfg.clone();
+        rawr.netns = None;
+        let rawr = toml::Value::try_from(&rawr)
+            .map_err(|e| RawrLabError::Other(format!("rawr config: {e}")))?;
+        let mut t = toml::Table::new();
+        let table = |pairs: Vec<(&str, toml::Value)>| {
+            toml::Value::Table(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        };
+        let strs = |v: &[&str]| {
+            toml::Value::Array(v.iter().map(|x| toml::Value::String((*x).into())).collect())
+        };
+        t.insert(
+            "listen".into(),
+            table(vec![
+                ("udp", strs(&[&format!("0.0.0.0:{TURN_PORT}")])),
+                ("tcp", strs(&[])),
+                ("tls", strs(&[])),
+            ]),
+        );
+        t.insert(
+            "turn".into(),
+            table(vec![
+                ("realm", toml::Value::String("kyuu-lab".into())),
+                ("static_auth_secrets", strs(&[SECRET])),
+                ("allow_peers", strs(&["198.18.0.0/15"])),
+                ("relay_ipv4", toml::Value::String(ip)),
+            ]),
+        );
+        t.insert(
+            "http".into(),
+            table(vec![("enabled", toml::Value::Boolean(false))]),
+        );
+        t.insert("rawr".into(), rawr);
+        let text = toml::to_string(&t).map_err(|e| RawrLabError::Other(e.to_string()))?;
+        let file = std::env::temp_dir().join(format!("{}-{}.toml", self.lab.prefix(), cfg.name));
+        std::fs::write(&file, text)?;
+        self.files.push(file.clone());
+        let mut cmd = ns.command(bin);
+        cmd.arg("serve").arg("--config").arg(&file);
+        cmd.stdout(std::process::Stdio::null());
+        cmd.stderr(std::process::Stdio::null());
+        Ok(ns.spawn(cmd)?)
+    }
+
     async fn start_node(&mut self, ns: LabNode, mut cfg: RawrConfig) -> Result<(), RawrLabError> {
+        if let LabServer::Kyuu(bin) = self.spec.server.clone() {
+            let child = self.spawn_kyuu(&bin, &ns, &cfg)?;
+            self.nodes.insert(
+                cfg.name.clone(),
+                RunningNode {
+                    run: NodeRun::Process(child),
+                    cfg,
+                    ns,
+                },
+            );
+            return Ok(());
+        }
         cfg.netns = Some(ns.ns_name().to_owned());
         let addr = cfg
             .self_addrs
@@ -350,15 +479,24 @@ impl RawrLab {
         }
         let sock = sock.ok_or_else(|| RawrLabError::Other(format!("cannot bind {addr}")))?;
         let handle = spawn_node_on(cfg.clone(), to_tokio(sock)?, None, lab_host(&ns))?;
-        self.nodes
-            .insert(cfg.name.clone(), RunningNode { handle, cfg, ns });
+        self.nodes.insert(
+            cfg.name.clone(),
+            RunningNode {
+                run: NodeRun::Task(handle),
+                cfg,
+                ns,
+            },
+        );
         Ok(())
     }
 
     /// Kills a node (its pending state is lost).
     pub fn kill_node(&mut self, name: &str) {
         if let Some(n) = self.nodes.get(name) {
-            n.handle.kill();
+            match &n.run {
+                NodeRun::Task(h) => h.kill(),
+                NodeRun::Process(c) => c.kill(),
+            }
         }
     }
 
@@ -367,21 +505,30 @@ impl RawrLab {
         let Some(n) = self.nodes.remove(name) else {
             return Err(RawrLabError::Other(format!("no node {name}")));
         };
-        n.handle.kill();
-        drop(n.handle);
+        match n.run {
+            NodeRun::Task(h) => {
+                h.kill();
+                drop(h);
+            }
+            NodeRun::Process(c) => c.kill(),
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.start_node(n.ns, n.cfg).await
     }
 
     pub async fn stats(&self, name: &str) -> Option<crate::node::Stats> {
-        self.nodes.get(name)?.handle.stats().await
+        match &self.nodes.get(name)?.run {
+            NodeRun::Task(h) => h.stats().await,
+            NodeRun::Process(_) => None,
+        }
     }
 
     /// `(name, stats)` of every running node.
     pub async fn all_stats(&self) -> Vec<(String, crate::node::Stats)> {
         let mut v = Vec::new();
         for (name, n) in &self.nodes {
-            if let Some(s) = n.handle.stats().await {
+            let NodeRun::Task(h) = &n.run else { continue };
+            if let Some(s) = h.stats().await {
                 v.push((name.clone(), s));
             }
         }
@@ -412,7 +559,7 @@ impl RawrLab {
         if self.spec.plain_gateway_a {
             Some(sa(HOMEA_IP, TURN_PORT))
         } else {
-            self.spec.home_nodes.then(|| sa(HOMEA_IP, RAWR_PORT))
+            self.spec.home_nodes.then(|| sa(HOMEA_IP, self.port()))
         }
     }
 
@@ -420,12 +567,12 @@ impl RawrLab {
         if self.spec.same_lan {
             self.gateway_a()
         } else {
-            self.spec.home_nodes.then(|| sa(HOMEB_IP, RAWR_PORT))
+            self.spec.home_nodes.then(|| sa(HOMEB_IP, self.port()))
         }
     }
 
     pub fn root_addr(&self) -> SocketAddr {
-        sa(ROOT_IP, RAWR_PORT)
+        sa(ROOT_IP, self.port())
     }
 
     /// Runs the peer algorithm on both peers at once for `session`.
@@ -468,15 +615,16 @@ fn node_cfg(
     ip: [u8; 4],
     gateway: Option<(&str, [u8; 4])>,
     children: &[&str],
+    port: u16,
 ) -> RawrConfig {
     RawrConfig {
         enabled: true,
         name: name.into(),
-        self_addrs: vec![sa(ip, RAWR_PORT)],
+        self_addrs: vec![sa(ip, port)],
         relay: vec![format!("turn:{}?transport=udp", sa(ip, TURN_PORT))],
         secret: SECRET.into(),
         gateway: gateway.map(|(me, gw)| GatewayConfig {
-            addr: sa(gw, RAWR_PORT),
+            addr: sa(gw, port),
             key: Some(format!("link-{me}")),
         }),
         children: children
@@ -501,6 +649,14 @@ pub fn lab_host(ns: &LabNode) -> HostNet {
         netns: Some(ns.ns_name().to_owned()),
         arp: Some(arp),
         on_link: None,
+    }
+}
+
+impl Drop for RawrLab {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -728,8 +884,13 @@ impl RawrLab {
 /// Builds the delayed lab (LAN 1 ms, ISP 10 ms, root 40 ms, symmetric NAT at home), connects the
 /// two peers `rounds` times through RAWR and through the root only, and measures both.
 /// `Ok(None)` when the lab cannot run here (SKIP printed).
-pub async fn run_demo(rounds: usize, log: bool) -> Result<Option<DemoReport>, RawrLabError> {
+pub async fn run_demo(
+    rounds: usize,
+    log: bool,
+    server: LabServer,
+) -> Result<Option<DemoReport>, RawrLabError> {
     let spec = LabSpec {
+        server: server.clone(),
         delays: true,
         ..LabSpec::default()
     };
@@ -739,6 +900,13 @@ pub async fn run_demo(rounds: usize, log: bool) -> Result<Option<DemoReport>, Ra
     if log {
         println!("lab built: root 198.18.0.10, ISP node 198.18.1.1, homes behind symmetric NAT (198.19.1.0/24, 198.19.2.0/24)");
         println!("one-way delays: LAN 1 ms, home-ISP 10 ms, ISP-root 40 ms");
+        match &server {
+            LabServer::Coturn => println!("servers: RAWR nodes on :3479, coturn TURN on :3478"),
+            LabServer::Kyuu(bin) => println!(
+                "servers: `{} serve` on every node (STUN/TURN + RAWR on :3478)",
+                bin.display()
+            ),
+        }
     }
     let root_stun = stun_rtt(&lab.pa, sa(ROOT_IP, TURN_PORT), 5).await?;
     let isp_stun = stun_rtt(&lab.pa, sa(ISP_IP, TURN_PORT), 5).await?;

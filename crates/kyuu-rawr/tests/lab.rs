@@ -253,3 +253,80 @@ async fn root_unreachable_is_a_clear_error_and_leaves_no_state() {
     assert!(t.elapsed() < Duration::from_secs(5));
     lab.wait_clean(Duration::from_secs(1)).await.unwrap();
 }
+
+/// The `kyuu` binary for `kyuu serve` on every node: `KYUU_BIN`, else next to this test's
+/// target directory (built by `cargo test --workspace` / `cargo build -p kyuu`).
+fn kyuu_bin() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KYUU_BIN") {
+        return Some(p.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?;
+    [dir.join("kyuu"), dir.join("../release/kyuu")]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
+async fn build_kyuu(test: &str, mut spec: LabSpec) -> Option<RawrLab> {
+    let Some(bin) = kyuu_bin() else {
+        assert!(
+            !kyuu_lab::lab_required() || std::env::var_os("KYUU_BIN_REQUIRED").is_none(),
+            "{test}: no kyuu binary"
+        );
+        println!("SKIP {test}: no kyuu binary (set KYUU_BIN or build -p kyuu)");
+        return None;
+    };
+    spec.server = kyuu_rawr::lab::LabServer::Kyuu(bin);
+    build(test, spec).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_nodes_meet_at_the_isp_and_relay_through_kyuu_turn() {
+    let Some(lab) = build_kyuu("rawr lab kyuu serve", LabSpec::default()).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = lab.root_udp_in().unwrap();
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    let after = lab.root_udp_in().unwrap();
+    assert!(rtt.samples.len() >= 18, "data did not flow: {rtt:?}");
+    assert_eq!(rtt.relay.unwrap().to_string(), "198.18.1.1:3478");
+    assert_eq!(
+        after - before,
+        0,
+        "the root received datagrams during the session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_without_rawr_as_gateway_falls_back_to_the_root() {
+    let spec = LabSpec {
+        plain_gateway_a: true,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab kyuu plain gateway", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    assert_eq!(
+        b.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let why = a.outcome.gateway_error.clone().unwrap();
+    assert!(why.contains("400"), "{why}");
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}
