@@ -750,7 +750,7 @@ fn server_addr(s: &mut Result<ServerProc, String>) -> anyhow::Result<std::net::S
             p.check_alive()?;
             Ok(p.addr)
         }
-        Err(e) => Err(anyhow::anyhow!("not started: {e}")),
+        Err(_) => Err(anyhow::anyhow!("not started (see the notes)")),
     }
 }
 
@@ -910,12 +910,17 @@ fn render(res: &Results, targets: &[Target]) -> String {
         };
         let _ = writeln!(s, "- {goal}: **{mark}** ({detail})");
     }
-    let notes: Vec<String> = res
+    let mut notes: Vec<String> = Vec::new();
+    for n in res
         .rows
         .iter()
         .flat_map(|r| r.notes.iter().map(move |n| format!("{}: {n}", r.metric)))
         .chain(res.notes.iter().cloned())
-        .collect();
+    {
+        if !notes.contains(&n) {
+            notes.push(n);
+        }
+    }
     if !notes.is_empty() {
         let _ = writeln!(s, "\nNotes (why a cell is n/a):");
         for n in notes {

@@ -300,3 +300,25 @@ pub fn start_kyuu(
     wait_ready(&mut p, Duration::from_secs(10))?;
     Ok(p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kyuu_config_is_accepted_by_kyuu_server() -> anyhow::Result<()> {
+        let c = Common {
+            username: "bench".into(),
+            password: "bench-pass".into(),
+            realm: "kyuu-bench".into(),
+            threads: 2,
+        };
+        let text = kyuu_config(40000, (21500, 32767), &c, "info");
+        let cfg = kyuu_server::config::Config::from_toml(&text, "bench.toml")?;
+        cfg.validate()?;
+        assert_eq!(cfg.turn.unauth_rate, 0);
+        assert_eq!(cfg.turn.allow_peers.len(), 1);
+        assert!(!cfg.http.enabled);
+        Ok(())
+    }
+}
