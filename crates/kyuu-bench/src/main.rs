@@ -78,6 +78,10 @@ struct Args {
     /// Allocations held for the memory test (default 10000; 1000 with --quick).
     #[arg(long)]
     hold: Option<usize>,
+    /// Credentials: `static` (one long-term user) or `rest` (TURN REST API shared secret,
+    /// username `<expiry>:bench`).
+    #[arg(long, default_value = "static", value_parser = ["static", "rest"])]
+    auth: String,
     /// kyuu's `[log] level`.
     #[arg(long, default_value = "info")]
     kyuu_log_level: String,
@@ -253,10 +257,20 @@ fn main() -> anyhow::Result<()> {
         password: "bench-pass".into(),
         realm: "kyuu-bench".into(),
         threads: args.threads,
+        secret: (args.auth == "rest").then(|| "kyuu-bench-rest-secret".to_owned()),
     };
-    let creds = Credentials {
-        username: common.username.clone(),
-        password: common.password.clone(),
+    let creds = match &common.secret {
+        Some(secret) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let (username, password) = kyuu_turn::rest_credentials(secret, "bench", now, 86_400);
+            Credentials { username, password }
+        }
+        None => Credentials {
+            username: common.username.clone(),
+            password: common.password.clone(),
+        },
     };
     let mut srv = Servers {
         dir: dir.clone(),
@@ -286,6 +300,7 @@ fn main() -> anyhow::Result<()> {
             "payloads": args.payloads,
             "window": args.window,
             "threads": args.threads,
+            "auth": args.auth,
             "latency_rate": args.latency_rate,
             "latency_allocations": args.latency_allocations,
             "alloc_count": alloc_count,
@@ -346,7 +361,10 @@ fn main() -> anyhow::Result<()> {
     if !skip("rate") {
         let per_round = alloc_count.div_ceil(rounds);
         let mut row = Row::new(
-            format!("authenticated allocations/s ({alloc_count} made, 64 in flight)"),
+            format!(
+                "authenticated allocations/s ({alloc_count} made, 64 in flight, {} credentials)",
+                args.auth
+            ),
             Better::Higher,
         );
         let mut cpu_row = Row::new(

@@ -19,6 +19,9 @@ pub struct Common {
     pub realm: String,
     /// Worker/relay threads.
     pub threads: usize,
+    /// TURN REST API shared secret: when set, both servers take REST credentials instead of
+    /// the static user.
+    pub secret: Option<String>,
 }
 
 /// A server process; killed (by PID) and reaped when dropped.
@@ -195,7 +198,7 @@ pub fn start_coturn(
     c: &Common,
 ) -> anyhow::Result<ServerProc> {
     let log = dir.join("coturn.log");
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "-n".into(),
         "--listening-ip=127.0.0.1".into(),
         format!("--listening-port={port}"),
@@ -203,7 +206,6 @@ pub fn start_coturn(
         format!("--min-port={}", relay.0),
         format!("--max-port={}", relay.1),
         "--lt-cred-mech".into(),
-        format!("--user={}:{}", c.username, c.password),
         format!("--realm={}", c.realm),
         "--no-tls".into(),
         "--no-dtls".into(),
@@ -221,6 +223,13 @@ pub fn start_coturn(
         "--simple-log".into(),
         "--no-stdout-log".into(),
     ];
+    match &c.secret {
+        Some(secret) => {
+            args.push("--use-auth-secret".into());
+            args.push(format!("--static-auth-secret={secret}"));
+        }
+        None => args.push(format!("--user={}:{}", c.username, c.password)),
+    }
     let child = spawn(bin, &args, &log)?;
     let mut p = ServerProc {
         name: "coturn",
@@ -252,10 +261,7 @@ pub fn kyuu_config(port: u16, relay: (u16, u16), c: &Common, log_level: &str) ->
          # coturn has no per-source limit on 401 challenges; the bench opens every allocation\n\
          # from 127.0.0.1, so the limiter would measure itself.\n\
          unauth_rate = 0\n\
-         \n\
-         [[turn.users]]\n\
-         name = \"{user}\"\n\
-         password = \"{pass}\"\n\
+         {auth}\n\
          \n\
          [http]\n\
          enabled = false\n\
@@ -267,8 +273,13 @@ pub fn kyuu_config(port: u16, relay: (u16, u16), c: &Common, log_level: &str) ->
         realm = c.realm,
         lo = relay.0,
         hi = relay.1,
-        user = c.username,
-        pass = c.password,
+        auth = match &c.secret {
+            Some(secret) => format!("static_auth_secrets = [\"{secret}\"]"),
+            None => format!(
+                "\n[[turn.users]]\nname = \"{}\"\npassword = \"{}\"",
+                c.username, c.password
+            ),
+        },
     );
     s
 }
@@ -312,13 +323,26 @@ mod tests {
             password: "bench-pass".into(),
             realm: "kyuu-bench".into(),
             threads: 2,
+            secret: None,
         };
         let text = kyuu_config(40000, (21500, 32767), &c, "info");
         let cfg = kyuu_server::config::Config::from_toml(&text, "bench.toml")?;
         cfg.validate()?;
         assert_eq!(cfg.turn.unauth_rate, 0);
         assert_eq!(cfg.turn.allow_peers.len(), 1);
+        assert_eq!(cfg.turn.users.len(), 1);
         assert!(!cfg.http.enabled);
+        let rest = Common {
+            secret: Some("s3cret".into()),
+            ..c
+        };
+        let cfg = kyuu_server::config::Config::from_toml(
+            &kyuu_config(40000, (21500, 32767), &rest, "info"),
+            "bench.toml",
+        )?;
+        cfg.validate()?;
+        assert_eq!(cfg.turn.static_auth_secrets, vec!["s3cret".to_owned()]);
+        assert!(cfg.turn.users.is_empty());
         Ok(())
     }
 }
