@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,10 +34,6 @@ pub struct Config {
     pub signal: SignalConfig,
     pub rawr: RawrConfig,
     pub log: LogConfig,
-    /// The `[signal]` table as written, for `--print-config` (`SignalConfig` is not
-    /// `Serialize`).
-    #[serde(skip)]
-    pub signal_source: Option<toml::Table>,
 }
 
 /// The `[http]` section: one HTTP server for signaling, ICE provisioning, metrics and health.
@@ -56,6 +52,16 @@ pub struct HttpConfig {
     pub public_host: Option<String>,
     /// Lifetime of the TURN credentials `/v1/ice-servers` hands out, seconds.
     pub credential_ttl_secs: u64,
+    /// Address of the HTTPS server: the same routes over TLS, so signaling works as
+    /// `wss://host:port/<id>`. Off by default (a browser only accepts `wss://` with a
+    /// certificate it trusts, which kyuu cannot make up); e.g. `"0.0.0.0:8443"`.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for HTTPS. Without `tls_cert`/`tls_key`, `listen.tls_cert`/
+    /// `listen.tls_key` are used when set, else a self-signed certificate is generated at start
+    /// for `listen.tls_names`, `public_host` and the `tls_listen` IP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS (with `tls_cert`).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -66,6 +72,9 @@ impl Default for HttpConfig {
             metrics: true,
             public_host: None,
             credential_ttl_secs: 24 * 3600,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -137,14 +146,7 @@ impl Config {
                 message: format!("{key}{}", e.message().trim_end()),
             }
         };
-        let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
-        let signal_source = match table.get("signal") {
-            Some(toml::Value::Table(t)) => Some(t.clone()),
-            Some(_) | None => None,
-        };
-        let mut config: Config = toml::from_str(text).map_err(parse_err)?;
-        config.signal_source = signal_source;
-        Ok(config)
+        toml::from_str(text).map_err(parse_err)
     }
 
     /// Checks every section; the error names the key.
@@ -168,6 +170,31 @@ impl Config {
                 "http.listen: {} is also a STUN/TURN TCP listener",
                 self.http.listen
             )));
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "http.tls_cert: tls_cert and tls_key go together".into(),
+            ));
+        }
+        if let Some(tls) = self.http.tls_listen.filter(|_| self.http.enabled) {
+            if self.listen.conflicts_with_tcp(tls) {
+                return Err(ConfigError::Invalid(format!(
+                    "http.tls_listen: {tls} is also a STUN/TURN TCP listener"
+                )));
+            }
+            let h = self.http.listen;
+            if tls.port() == h.port()
+                && tls.port() != 0
+                && (tls.ip() == h.ip() || tls.ip().is_unspecified() || h.ip().is_unspecified())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "http.tls_listen: {tls} is also http.listen"
+                )));
+            }
+        } else if self.http.tls_cert.is_some() && self.http.enabled {
+            return Err(ConfigError::Invalid(
+                "http.tls_cert: set http.tls_listen too (HTTPS is off without it)".into(),
+            ));
         }
         if self.rawr.enabled {
             // `kyuu serve` fills an empty rawr.secret and rawr.relay from [turn] and the ICE
@@ -193,15 +220,7 @@ impl Config {
         out.push_str(&section("listen", &self.listen)?);
         out.push_str(&section("turn", &self.turn)?);
         out.push_str(&section("http", &self.http)?);
-        out.push_str("[signal]\n");
-        out.push_str(
-            "# kyuu_signal::SignalConfig cannot be printed; keys set in the file are shown, \
-             every other key has its default\n",
-        );
-        if let Some(t) = &self.signal_source {
-            out.push_str(&toml::to_string(t)?);
-        }
-        out.push('\n');
+        out.push_str(&section("signal", &self.signal)?);
         out.push_str(&section("rawr", &self.rawr)?);
         out.push_str(&section("log", &self.log)?);
         Ok(out)
@@ -349,6 +368,8 @@ mod tests {
         let again = Config::from_toml(&printed, "printed").unwrap();
         assert_eq!(again.http.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(again.signal.max_connections, 7);
+        assert_eq!(again.signal, c.signal);
+        assert_eq!(again.http, c.http);
         assert_eq!(again.turn, c.turn);
         assert_eq!(again.listen, c.listen);
         assert_eq!(again.rawr, c.rawr);

@@ -1,9 +1,20 @@
 //! The HTTP server: `/metrics` and `/healthz` in front of the signaling router
 //! (`kyuu_signal::router`: WebSocket signaling, `/v1/ice-servers`, web pages).
+//!
+//! The same router is served over plain HTTP ([`serve`]) and over TLS ([`serve_tls`], for
+//! `https://` and `wss://`), with a configured PEM pair or a self-signed certificate
+//! ([`tls_acceptor`]).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -71,6 +82,161 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// TLS handshakes that may run at once; further connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 1024;
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the HTTPS certificate came from, for the start-up summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    /// `http.tls_cert` / `http.tls_key` (or `listen.tls_cert` / `listen.tls_key`).
+    File(std::path::PathBuf),
+    /// Generated at start for these names; browsers do not trust it.
+    SelfSigned(Vec<String>),
+}
+
+/// A TLS acceptor for the HTTP server: the PEM pair when both paths are given, else a
+/// self-signed certificate for `names`. ALPN offers HTTP/1.1 only (WebSocket upgrades).
+pub fn tls_acceptor(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    names: Vec<String>,
+) -> anyhow::Result<(TlsAcceptor, CertSource)> {
+    let (certs, key, source) = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let pem = std::fs::read(cert)
+                .with_context(|| format!("http.tls_cert: cannot read {}", cert.display()))?;
+            let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("http.tls_cert: bad PEM in {}", cert.display()))?;
+            if certs.is_empty() {
+                anyhow::bail!("http.tls_cert: no certificate in {}", cert.display());
+            }
+            let pem = std::fs::read(key)
+                .with_context(|| format!("http.tls_key: cannot read {}", key.display()))?;
+            let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+                .with_context(|| format!("http.tls_key: bad PEM in {}", key.display()))?
+                .with_context(|| format!("http.tls_key: no key in {}", key.display()))?;
+            (certs, key_der, CertSource::File(cert.to_path_buf()))
+        }
+        _ => {
+            let ck = rcgen::generate_simple_self_signed(names.clone())
+                .context("generating a self-signed certificate for HTTPS")?;
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+            (
+                vec![ck.cert.der().clone()],
+                key,
+                CertSource::SelfSigned(names),
+            )
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("http.tls_cert: certificate and key do not match")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(config)), source))
+}
+
+/// An axum [`Listener`](axum::serve::Listener) yielding finished TLS connections. Handshakes
+/// run in their own tasks (bounded in number and time), so a slow client never holds up others.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor_task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let acceptor_task = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::debug!("https accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("https handshake from {peer}: {e}"),
+                        Err(_) => tracing::debug!("https handshake from {peer}: timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener {
+            ready,
+            local,
+            acceptor_task,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor_task.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The acceptor task only ends when the listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves: `https://` and `wss://`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>` (the per-address limits of
+    // signaling need the client's address).
+    let listener = TlsListener::new(listener, acceptor)?.tap_io(|_| {});
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -29,6 +29,10 @@ pub enum AuthMode {
 pub struct Running {
     /// Where HTTP listens (after binding, so port 0 shows the real port).
     pub http_addr: Option<SocketAddr>,
+    /// Where HTTPS (and `wss://` signaling) listens, when `http.tls_listen` is set.
+    pub https_addr: Option<SocketAddr>,
+    /// The HTTPS certificate's origin.
+    pub https_cert: Option<http::CertSource>,
     /// STUN/TURN listeners as (`"udp"`/`"tcp"`/`"tls"`, address).
     pub listeners: Vec<(&'static str, SocketAddr)>,
     /// RFC 5780 alternate address, when configured.
@@ -102,11 +106,25 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     metrics::gauge!("kyuu_start_time_seconds").set(unix_now() as f64);
 
     let mut http_addr = None;
+    let mut https_addr = None;
+    let mut https_cert = None;
     if config.http.enabled {
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
         http_addr = Some(listener.local_addr()?);
+        let tls = match config.http.tls_listen {
+            Some(addr) => {
+                let (acceptor, source) = https_acceptor(&config, &host, addr)?;
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("http.tls_listen: cannot bind {addr}"))?;
+                https_addr = Some(l.local_addr()?);
+                https_cert = Some(source);
+                Some((l, acceptor))
+            }
+            None => None,
+        };
         let health = Arc::new(Health {
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
@@ -115,6 +133,18 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         let mut app = http::router(signal, metrics, health);
         if let Some(node) = &rawr {
             app = app.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
+        }
+        if let Some((l, acceptor)) = tls {
+            let mut rx = shutdown_rx.clone();
+            let app = app.clone();
+            tasks.spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                http::serve_tls(l, acceptor, app, stop)
+                    .await
+                    .context("https server")
+            });
         }
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
@@ -129,6 +159,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         http_addr,
+        https_addr,
+        https_cert,
         listeners,
         alternate,
         auth,
@@ -217,6 +249,26 @@ impl Running {
             }
             None => {
                 let _ = writeln!(s, "  HTTP        off");
+            }
+        }
+        if let Some(a) = self.https_addr {
+            let _ = writeln!(
+                s,
+                "  HTTPS       https://{a}  signaling wss://{a}/<id>, same routes as HTTP"
+            );
+            match &self.https_cert {
+                Some(http::CertSource::SelfSigned(names)) => {
+                    let _ = writeln!(
+                        s,
+                        "              self-signed certificate for {} (browsers refuse it; set \
+                         http.tls_cert and http.tls_key)",
+                        names.join(", ")
+                    );
+                }
+                Some(http::CertSource::File(p)) => {
+                    let _ = writeln!(s, "              certificate {}", p.display());
+                }
+                None => {}
             }
         }
         match &self.auth {
@@ -332,6 +384,31 @@ async fn start_rawr(
     kyuu_rawr::runtime::start(cfg, Some((rx, reply)))
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
+}
+
+/// The HTTPS certificate: `http.tls_cert`/`tls_key`, else `listen.tls_cert`/`tls_key`, else
+/// self-signed for `listen.tls_names`, the public host and the `tls_listen` IP.
+fn https_acceptor(
+    config: &Config,
+    host: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, http::CertSource)> {
+    let (cert, key) = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(c), Some(k)) => (Some(c), Some(k)),
+        _ => (
+            config.listen.tls_cert.as_ref(),
+            config.listen.tls_key.as_ref(),
+        ),
+    };
+    let mut names = config.listen.tls_names.clone();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if !host.is_empty() && !names.iter().any(|n| n == host) {
+        names.push(host.to_owned());
+    }
+    if !addr.ip().is_unspecified() && !names.contains(&addr.ip().to_string()) {
+        names.push(addr.ip().to_string());
+    }
+    http::tls_acceptor(cert.map(|p| p.as_path()), key.map(|p| p.as_path()), names)
 }
 
 fn random_secret() -> String {
@@ -462,5 +539,168 @@ fn ice_provider(
         turn_urls,
         rest_secret: config.turn.static_auth_secrets.first().cloned(),
         ttl: Duration::from_secs(config.http.credential_ttl_secs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const SEED: &str = include_str!("../../kyuu-signal/tests/fixtures/seed004.log");
+
+    type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    /// A server with HTTP and HTTPS on loopback, its certificate from PEM files made here.
+    async fn start_https() -> (Running, rustls::RootCertStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("kyuu-https-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = Config {
+            listen: crate::relay::ListenConfig::on(&[lo], &[]),
+            ..Config::default()
+        };
+        config.http.listen = lo;
+        config.http.tls_listen = Some(lo);
+        config.http.tls_cert = Some(cert);
+        config.http.tls_key = Some(key);
+        config.http.metrics = false;
+        config.validate().unwrap();
+        (start(config).await.unwrap(), roots, dir)
+    }
+
+    async fn tls_connect(addr: SocketAddr, roots: &rustls::RootCertStore) -> Tls {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
+    async fn recv_text(ws: &mut tokio_tungstenite::WebSocketStream<Tls>) -> String {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("timed out")
+                .expect("stream ended")
+                .expect("read error");
+            match m {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Two clients relay seed 004's offer, answer and candidates through `wss://`, and
+    /// `https://.../healthz` answers.
+    #[tokio::test]
+    async fn wss_relays_seed_004_and_https_healthz() {
+        let (running, roots, dir) = start_https().await;
+        let addr = running.https_addr.expect("https is on");
+        assert!(
+            running.summary().contains(&format!("wss://{addr}/<id>")),
+            "{}",
+            running.summary()
+        );
+        let url = |id: &str| format!("wss://localhost:{}/{id}", addr.port());
+        let (mut a, _) =
+            tokio_tungstenite::client_async(url("3251357a"), tls_connect(addr, &roots).await)
+                .await
+                .unwrap();
+        let (mut b, _) =
+            tokio_tungstenite::client_async(url("4626b02b"), tls_connect(addr, &roots).await)
+                .await
+                .unwrap();
+        let parse = |l: &'static str| {
+            let rest = l.strip_prefix("Client ")?;
+            let (id, rest) = rest.split_once(' ')?;
+            let (dir, msg) = rest.split_once(' ')?;
+            Some((id, dir, msg))
+        };
+        let lines: Vec<&'static str> = SEED.lines().collect();
+        let mut exchanged = 0;
+        for pair in lines.windows(2) {
+            let (Some((from, "<<", msg)), Some((to, ">>", expected))) =
+                (parse(pair[0]), parse(pair[1]))
+            else {
+                continue;
+            };
+            assert_ne!(from, to);
+            let (src, dst) = if from == "3251357a" {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            src.send(Message::Text(msg.into())).await.unwrap();
+            assert_eq!(recv_text(dst).await, expected);
+            exchanged += 1;
+        }
+        assert_eq!(exchanged, 6, "offer, answer and four candidates");
+
+        let mut tls = tls_connect(addr, &roots).await;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut body))
+            .await
+            .expect("timed out")
+            .ok();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("\"status\":\"ok\""), "{body}");
+
+        // Plain HTTP on the other port still serves the same routes.
+        let http = running.http_addr.expect("http is on");
+        let mut tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut plain = String::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut plain))
+            .await
+            .expect("timed out")
+            .unwrap();
+        assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+
+        running.shutdown(Duration::from_millis(200)).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Without a certificate, HTTPS starts with a self-signed one and says so.
+    #[tokio::test]
+    async fn https_self_signed_by_default() {
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = Config {
+            listen: crate::relay::ListenConfig::on(&[lo], &[]),
+            ..Config::default()
+        };
+        config.http.listen = lo;
+        config.http.tls_listen = Some(lo);
+        config.http.metrics = false;
+        let running = start(config).await.unwrap();
+        assert!(matches!(
+            running.https_cert,
+            Some(http::CertSource::SelfSigned(ref n)) if n.iter().any(|n| n == "localhost")
+        ));
+        assert!(running.summary().contains("self-signed"));
+        running.shutdown(Duration::from_millis(200)).await;
     }
 }

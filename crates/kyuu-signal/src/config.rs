@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Configuration of the signaling service; embedded by `kyuu serve` as the `[signal]` TOML
 /// section. Every field has a default, so an empty section is valid.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SignalConfig {
     /// Largest text message (bytes) that is relayed. A larger one up to twice this size is

@@ -45,7 +45,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(after_help = "Defaults without any file or flag:
   STUN/TURN on UDP and TCP 0.0.0.0:3478 and [::]:3478, TLS on :5349 (self-signed certificate),
-  HTTP on 0.0.0.0:8080, TURN authentication on with a REST secret generated at start.
+  HTTP on 0.0.0.0:8080 (HTTPS/wss off: --https or http.tls_listen), TURN authentication on
+  with a REST secret generated at start.
   Credentials come from GET /v1/ice-servers (printed at start).
 
 Examples:
@@ -54,6 +55,7 @@ Examples:
   kyuu serve --external-ip 203.0.113.10 --realm example.org          behind a 1:1 NAT
   kyuu serve --secret \"$TURN_SECRET\" --http 127.0.0.1:8080          coturn-style REST secret
   kyuu serve --user alice:wonderland                                 static user, no REST secret
+  kyuu serve --https 0.0.0.0:8443 --config kyuu.toml                 wss:// (set http.tls_cert/tls_key)
   kyuu serve --config kyuu.toml --log debug
   kyuu serve --config kyuu.toml --check                              validate only
 
@@ -78,6 +80,12 @@ pub struct ServeArgs {
     /// "off" disables HTTP.
     #[arg(long, value_name = "ADDR|off")]
     pub http: Option<String>,
+
+    /// HTTPS address: the same routes over TLS, signaling as wss://host:port/<id>
+    /// (http.tls_listen; off by default). An IP alone means port 8443. Certificate from
+    /// http.tls_cert/tls_key, else listen.tls_cert/tls_key, else self-signed. "off" disables.
+    #[arg(long, value_name = "ADDR|off")]
+    pub https: Option<String>,
 
     /// Long-term credential realm (turn.realm).
     #[arg(long, value_name = "REALM")]

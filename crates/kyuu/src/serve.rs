@@ -148,6 +148,17 @@ fn apply_flags(c: &mut Config, a: &ServeArgs) -> Result<(), kyuu_server::config:
                 .map_err(|_| Invalid(format!("--http: {h:?} is not IP, IP:PORT or off")))?;
         }
     }
+    if let Some(h) = &a.https {
+        c.http.tls_listen = if h == "off" {
+            None
+        } else {
+            Some(
+                h.parse::<SocketAddr>()
+                    .or_else(|_| h.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 8443)))
+                    .map_err(|_| Invalid(format!("--https: {h:?} is not IP, IP:PORT or off")))?,
+            )
+        };
+    }
     if let Some(r) = &a.realm {
         c.turn.realm.clone_from(r);
     }

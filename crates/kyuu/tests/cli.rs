@@ -136,6 +136,7 @@ fn help_is_complete() {
         "--config",
         "--listen",
         "--http",
+        "--https",
         "--realm",
         "--external-ip",
         "--alt-ip",
@@ -162,9 +163,49 @@ fn print_config_round_trips_and_checks() {
         printed.contains("[listen]") && printed.contains("[turn]") && printed.contains("[http]")
     );
     assert!(printed.contains("realm = \"example.org\""), "{printed}");
+    // [signal] is printed with every default, not only the keys a file set.
+    assert!(printed.contains("[signal]"), "{printed}");
+    assert!(printed.contains("max_message_size = 65536"), "{printed}");
+    assert!(printed.contains("legacy_takeover = true"), "{printed}");
     let p = temp_file("printed.toml", &printed);
     let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--check"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+
+    // A [signal] key and the HTTPS keys set in a file survive a print and a re-read.
+    let p = temp_file(
+        "signal.toml",
+        "[http]\ntls_listen = \"127.0.0.1:8443\"\n[signal]\nmax_connections = 7\nallowed_origins = [\"https://a.example\"]\n",
+    );
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--print-config"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let printed = text(&o.stdout);
+    assert!(printed.contains("max_connections = 7"), "{printed}");
+    assert!(
+        printed.contains("tls_listen = \"127.0.0.1:8443\""),
+        "{printed}"
+    );
+    let p2 = temp_file("signal-printed.toml", &printed);
+    let o = kyuu(&["serve", "--config", p2.to_str().unwrap(), "--print-config"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), printed, "printing is a fixed point");
+    let o = kyuu(&["serve", "--config", p2.to_str().unwrap(), "--check"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+
+    // --https sets http.tls_listen; a lone certificate is refused with the key named.
+    let o = kyuu(&["serve", "--https", "127.0.0.1", "--print-config"]);
+    assert!(
+        text(&o.stdout).contains("tls_listen = \"127.0.0.1:8443\""),
+        "{}",
+        text(&o.stdout)
+    );
+    let p = temp_file("lonecert.toml", "[http]\ntls_cert = \"/nonexistent.pem\"\n");
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("http.tls_cert"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
