@@ -15,9 +15,9 @@ use kyuu_turn::{
     ClientSocket, Output, PeerAddr, RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
 };
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
-use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +36,10 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BUDGET: usize = 16;
 
 type Sh = Rc<RefCell<State>>;
+/// A UDP socket registered with the runtime. `AsyncFd` rather than `tokio::net::UdpSocket` so a
+/// short batch can clear readiness without the extra `recvmmsg` that would return EAGAIN
+/// (edge-triggered: a datagram arriving later raises a new event).
+type UdpSocket = AsyncFd<std::net::UdpSocket>;
 
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -76,7 +80,24 @@ struct State {
     socket_buffer: usize,
     dropped_sends: u64,
     arena: Rc<RefCell<Arena>>,
+    batch: Batch,
 }
+
+/// Datagrams waiting to leave together (UDP GSO).
+struct Batch {
+    buf: Vec<u8>,
+    sock: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
+    to: SocketAddr,
+    src_ip: Option<IpAddr>,
+    seg: usize,
+    n: usize,
+    max: usize,
+    closed: bool,
+}
+
+/// Datagrams larger than this go alone (a GSO segment must fit the path MTU).
+const GSO_MAX_SEGMENT: usize = 1400;
+const GSO_MAX_BYTES: usize = 60_000;
 
 /// Per-shard receive buffers, shared by every socket of the shard (only one reads at a time).
 struct Arena {
@@ -110,14 +131,20 @@ impl Arena {
                 IoSliceMut::new(b.get_mut(head..).unwrap_or(&mut []))
             })
         };
-        state.recv(UdpSockRef::from(sock), &mut slices, &mut self.metas)
+        state.recv(
+            UdpSockRef::from(sock.get_ref()),
+            &mut slices,
+            &mut self.metas,
+        )
     }
 }
 
-/// One `sendto`, whatever tokio believes about write readiness (a fresh socket is writable
-/// before the runtime has seen it say so). UDP drops rather than waits.
-fn send_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
-    socket2::SockRef::from(sock).send_to(data, &to.into())
+/// Registers a socket with the runtime. `AsyncFd::new` is deprecated because it accepts types
+/// that do not own their descriptor; `std::net::UdpSocket` does, so the safe constructor is sound
+/// here and spares an `unsafe` block (denied workspace-wide) for `AsyncFd::register`.
+#[allow(deprecated)]
+fn register(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
+    AsyncFd::new(s)
 }
 
 fn is_would_block(e: &std::io::Error) -> bool {
@@ -157,7 +184,7 @@ pub(crate) fn run(
                 let addr = s.local_addr()?;
                 udp.push(Listener {
                     addr,
-                    sock: Rc::new(UdpSocket::from_std(s)?),
+                    sock: Rc::new(register(s)?),
                     state: Rc::new(state),
                 });
             }
@@ -186,6 +213,16 @@ pub(crate) fn run(
             socket_buffer,
             dropped_sends: 0,
             arena: arena.clone(),
+            batch: Batch {
+                buf: Vec::with_capacity(GSO_MAX_BYTES + GSO_MAX_SEGMENT),
+                sock: None,
+                to: SocketAddr::from(([0, 0, 0, 0], 0)),
+                src_ip: None,
+                seg: 0,
+                n: 0,
+                max: 1,
+                closed: false,
+            },
         }));
         let mut tasks = Vec::new();
         for (i, l) in udp.iter().enumerate() {
@@ -232,7 +269,9 @@ pub(crate) fn run(
         let reply_sh = sh.clone();
         tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
             while let Some((client, data)) = reply_rx.recv().await {
-                reply_sh.borrow_mut().send_client(client, &data);
+                let mut st = reply_sh.borrow_mut();
+                st.send_client(client, &data);
+                st.flush_udp();
             }
         })));
         let _ = ready.send(Ok(())).await;
@@ -260,24 +299,10 @@ impl State {
                     self.dropped_sends += 1;
                     return;
                 };
-                if !l.addr.ip().is_unspecified() {
-                    if send_now(&l.sock, data, client.remote).is_err() {
-                        self.dropped_sends += 1;
-                    }
-                    return;
-                }
-                // A wildcard socket: answer from the address the client wrote to.
-                let src_ip = Some(client.local.ip());
-                let t = quinn_udp::Transmit {
-                    destination: client.remote,
-                    ecn: None,
-                    contents: data,
-                    segment_size: None,
-                    src_ip,
-                };
-                if l.state.try_send(UdpSockRef::from(&*l.sock), &t).is_err() {
-                    self.dropped_sends += 1;
-                }
+                // A wildcard socket answers from the address the client wrote to.
+                let src_ip = l.addr.ip().is_unspecified().then(|| client.local.ip());
+                let (sock, state) = (l.sock.clone(), l.state.clone());
+                self.queue_udp(&sock, &state, client.remote, src_ip, data);
             }
             Transport::Tcp | Transport::Tls => {
                 let sent = self
@@ -292,19 +317,98 @@ impl State {
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
-        let Some((sock, _)) = self.relays.get(&tp.relay).and_then(|r| r.udp.as_ref()) else {
+        let Some((sock, state)) = self.relays.get(&tp.relay).and_then(|r| r.udp.clone()) else {
             return;
         };
         let Some(data) = packet.get(tp.data.clone()) else {
             return;
         };
-        if send_now(sock, data, tp.peer.0).is_err() {
-            self.dropped_sends += 1;
+        self.queue_udp(&sock, &state, tp.peer.0, None, data);
+    }
+
+    /// Queues a datagram. Consecutive datagrams of one size from one socket to one destination
+    /// leave in a single `sendmsg` with UDP GSO; [`State::flush_udp`] ends every input batch.
+    fn queue_udp(
+        &mut self,
+        sock: &Rc<UdpSocket>,
+        state: &Rc<UdpSocketState>,
+        to: SocketAddr,
+        src_ip: Option<IpAddr>,
+        data: &[u8],
+    ) {
+        let b = &mut self.batch;
+        let same = b.n > 0
+            && !b.closed
+            && b.to == to
+            && b.src_ip == src_ip
+            && b.sock.as_ref().is_some_and(|(s, _)| Rc::ptr_eq(s, sock))
+            && data.len() <= b.seg
+            && b.n < b.max
+            && b.buf.len() + data.len() <= GSO_MAX_BYTES;
+        if !same {
+            self.flush_udp();
+            if data.len() > GSO_MAX_SEGMENT || state.max_gso_segments() < 2 {
+                let t = quinn_udp::Transmit {
+                    destination: to,
+                    ecn: None,
+                    contents: data,
+                    segment_size: None,
+                    src_ip,
+                };
+                if state
+                    .try_send(UdpSockRef::from((**sock).get_ref()), &t)
+                    .is_err()
+                {
+                    self.dropped_sends += 1;
+                }
+                return;
+            }
+            let b = &mut self.batch;
+            b.sock = Some((sock.clone(), state.clone()));
+            b.to = to;
+            b.src_ip = src_ip;
+            b.seg = data.len();
+            b.max = state.max_gso_segments().min(64);
         }
+        let b = &mut self.batch;
+        b.buf.extend_from_slice(data);
+        b.n += 1;
+        // A shorter datagram can only be the last segment.
+        b.closed = data.len() < b.seg;
+    }
+
+    fn flush_udp(&mut self) {
+        let b = &mut self.batch;
+        if b.n == 0 {
+            return;
+        }
+        if let Some((sock, state)) = b.sock.take() {
+            let t = quinn_udp::Transmit {
+                destination: b.to,
+                ecn: None,
+                contents: &b.buf,
+                segment_size: (b.n > 1).then_some(b.seg),
+                src_ip: b.src_ip,
+            };
+            if state
+                .try_send(UdpSockRef::from(sock.get_ref()), &t)
+                .is_err()
+            {
+                self.dropped_sends += b.n as u64;
+            }
+        }
+        b.buf.clear();
+        b.n = 0;
+        b.closed = false;
     }
 
     /// Carries out everything the core asked for.
     fn drain(&mut self, sh: &Sh) {
+        self.drain_outputs(sh);
+        self.flush_udp();
+    }
+
+    fn drain_outputs(&mut self, sh: &Sh) {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit(t) => self.send_client(t.client, &t.data),
@@ -361,7 +465,7 @@ impl State {
                     super::bind_udp(addr, false, self.socket_buffer.min(1 << 20)).and_then(|s| {
                         let state = UdpSocketState::new(UdpSockRef::from(&s))?;
                         let local = s.local_addr()?;
-                        Ok((Rc::new(UdpSocket::from_std(s)?), Rc::new(state), local))
+                        Ok((Rc::new(register(s)?), Rc::new(state), local))
                     });
                 match bound {
                     Ok((sock, state, local)) => {
@@ -441,23 +545,21 @@ async fn client_udp_loop(
         return;
     };
     loop {
-        if sock.readable().await.is_err() {
+        let Ok(mut guard) = sock.readable().await else {
             return;
-        }
+        };
         let mut exhausted = true;
         for _ in 0..READ_BUDGET {
             let mut ar = arena.borrow_mut();
-            let res = sock.try_io(Interest::READABLE, || ar.recv(&state, &sock, 0));
-            let n = match res {
+            let n = match ar.recv(&state, &sock, 0) {
                 Ok(n) => n,
                 Err(e) if is_would_block(&e) => {
+                    guard.clear_ready();
                     exhausted = false;
                     break;
                 }
-                Err(_) => {
-                    exhausted = false;
-                    break;
-                }
+                // A pending socket error is reported once; read on.
+                Err(_) => continue,
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
@@ -477,7 +579,13 @@ async fn client_udp_loop(
                 }
             }
             st.drain(&sh);
+            if n < BATCH {
+                guard.clear_ready();
+                exhausted = false;
+                break;
+            }
         }
+        drop(guard);
         if exhausted {
             tokio::task::yield_now().await;
         }
@@ -492,23 +600,21 @@ async fn relay_udp_loop(
     state: Rc<UdpSocketState>,
 ) {
     loop {
-        if sock.readable().await.is_err() {
+        let Ok(mut guard) = sock.readable().await else {
             return;
-        }
+        };
         let mut exhausted = true;
         for _ in 0..READ_BUDGET {
             let mut ar = arena.borrow_mut();
-            let res = sock.try_io(Interest::READABLE, || ar.recv(&state, &sock, PEER_HEADROOM));
-            let n = match res {
+            let n = match ar.recv(&state, &sock, PEER_HEADROOM) {
                 Ok(n) => n,
                 Err(e) if is_would_block(&e) => {
+                    guard.clear_ready();
                     exhausted = false;
                     break;
                 }
-                Err(_) => {
-                    exhausted = false;
-                    break;
-                }
+                // A pending socket error is reported once; read on.
+                Err(_) => continue,
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
@@ -557,7 +663,13 @@ async fn relay_udp_loop(
                 }
             }
             st.drain(&sh);
+            if n < BATCH {
+                guard.clear_ready();
+                exhausted = false;
+                break;
+            }
         }
+        drop(guard);
         if exhausted {
             tokio::task::yield_now().await;
         }
