@@ -465,7 +465,9 @@ async fn run_conn(
                         break None;
                     }
                 }
-                None => break None,
+                // The hub dropped our queue. It does that together with sending a close reason,
+                // and `select!` may see the closed queue first: take the reason if one is there.
+                None => break kill.try_recv().ok(),
             },
             _ = ticker.tick() => {
                 if !idle_limit.is_zero() && last_heard.elapsed() > idle_limit {
