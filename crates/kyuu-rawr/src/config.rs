@@ -164,6 +164,21 @@ impl RawrConfig {
         Ok(())
     }
 
+    /// The addresses that mean "this node": `self` plus the addresses of its own `relay` URIs
+    /// (under `kyuu serve` RAWR arrives on the TURN port, so a peer naming this node as its root
+    /// uses one of them).
+    pub fn self_addresses(&self) -> Vec<SocketAddr> {
+        let mut v = self.self_addrs.clone();
+        for u in &self.relay {
+            if let Ok(a) = crate::turn::parse_turn_uri(u) {
+                if !v.contains(&a) {
+                    v.push(a);
+                }
+            }
+        }
+        v
+    }
+
     pub fn parsed_networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
         self.networks
             .iter()

@@ -146,7 +146,7 @@ impl Node {
     pub fn new(cfg: &RawrConfig, now: Instant, unix_now: u64, seed: u64) -> Node {
         Node {
             name: cfg.name.clone(),
-            self_addrs: cfg.self_addrs.clone(),
+            self_addrs: cfg.self_addresses(),
             relay: cfg.relay.clone(),
             secret: cfg.secret.clone(),
             gateway: cfg

@@ -920,6 +920,7 @@ fn neighbour_reads_are_skipped_when_the_connect_pairs() {
 fn a_root_missing_its_own_address_says_so() {
     let mut cfg = node_cfg("root", addr(ROOT));
     cfg.self_addrs.clear();
+    cfg.relay = vec!["turn:198.18.0.200:3478".into()];
     let t = Instant::now();
     let mut n = Node::new(&cfg, t, 0, 1);
     let d = wire::encode_connect(TransactionId([1; 12]), &connect(1, 1, 2, &[]), None);
@@ -940,4 +941,18 @@ fn a_root_missing_its_own_address_says_so() {
     let e = m.error_code().unwrap().unwrap();
     assert_eq!(e.code, 482);
     assert!(e.reason.contains("rawr.self"), "{}", e.reason);
+}
+
+#[test]
+fn relay_uris_count_as_self_addresses() {
+    let mut cfg = node_cfg("root", addr(ROOT));
+    cfg.self_addrs.clear();
+    // node_cfg's relay URI names addr(ROOT): that alone makes it the root.
+    let t = Instant::now();
+    let mut n = Node::new(&cfg, t, 0, 1);
+    let d = wire::encode_connect(TransactionId([1; 12]), &connect(1, 1, 2, &[]), None);
+    n.handle_input(t, addr(10), &d);
+    let outs = outputs(&mut n);
+    assert_eq!(outs.len(), 1, "held, not forwarded");
+    assert_eq!(class_and_code(&outs[0].1), (Class::Indication, None));
 }
