@@ -48,9 +48,12 @@ pub struct ConnectArgs {
     /// Announce a random locally administered MAC (registered with the gateway).
     #[arg(long, conflicts_with = "mac")]
     pub random_mac: bool,
-    /// Overall deadline in seconds.
+    /// Overall deadline in seconds (per attempt).
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// Run the whole algorithm again this many times after a failure (1 s apart).
+    #[arg(long, default_value_t = 2)]
+    pub retries: u32,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -127,7 +130,19 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     if !local.ip().is_unspecified() {
         cfg.hosts = vec![local];
     }
-    let o = run_peer(cfg, &sock, &PeerEnv { host }).await?;
+    let env = PeerEnv { host };
+    let mut attempt = 0;
+    let o = loop {
+        match run_peer(cfg.clone(), &sock, &env).await {
+            Ok(o) => break o,
+            Err(e) if attempt < a.retries => {
+                attempt += 1;
+                eprintln!("attempt {attempt} failed: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if a.json {
         let v = serde_json::json!({
             "route": o.route,
