@@ -37,7 +37,12 @@
     const gateway = opts.gateway || "/rawr";
     const root = opts.root;
     const session = opts.session;
-    const mac = opts.mac || randomMac();
+    // One MAC per session, kept across reloads: the root refuses a third MAC for a session.
+    const key = "rawr-mac-" + session;
+    let stored = null;
+    try { stored = sessionStorage.getItem(key); } catch (_) { /* storage disabled */ }
+    const mac = opts.mac || stored || randomMac();
+    try { sessionStorage.setItem(key, mac); } catch (_) { /* storage disabled */ }
     await post(gateway, "/register", { mac });
     const ex = await post(gateway, "/exchange", { session, mac, root });
     let ans;
