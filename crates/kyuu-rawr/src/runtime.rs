@@ -122,6 +122,7 @@ pub fn spawn_node_on(
         };
         let mut buf = vec![0u8; 4096];
         let mut socket_clients = std::collections::HashSet::new();
+        let mut forwarded = 0u64;
         for _ in 0..u64::MAX {
             let wake = node
                 .poll_timeout()
@@ -161,9 +162,18 @@ pub fn spawn_node_on(
                         }
                     },
                     Output::Paired { tag, usernames } => {
+                        metrics::counter!("kyuu_rawr_paired_total").increment(1);
                         tracing::info!(node = node.name(), %tag, ?usernames, "rawr: paired");
                     }
                 }
+            }
+            let st = node.stats();
+            metrics::gauge!("kyuu_rawr_pending").set(st.pending as f64);
+            metrics::gauge!("kyuu_rawr_exchanges").set(st.exchanges as f64);
+            metrics::gauge!("kyuu_rawr_registrations").set(st.registrations as f64);
+            if st.forwarded > forwarded {
+                metrics::counter!("kyuu_rawr_forwarded_total").increment(st.forwarded - forwarded);
+                forwarded = st.forwarded;
             }
         }
     });
