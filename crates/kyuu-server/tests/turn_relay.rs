@@ -284,3 +284,21 @@ async fn tcp_relay_and_state_freed_on_disconnect() {
     assert!(matches!(r, Ok(0) | Err(_)));
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn start_local_with_rest_secret() {
+    let h = relay::start_local("test-secret").await.unwrap();
+    assert!(h.addr("udp").is_some() && h.addr("tcp").is_some() && h.addr("tls").is_some());
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (user, pass) = kyuu_turn::rest_credentials("test-secret", "browser", unix, 600);
+    let mut u = Udp::new(h.addr("udp").unwrap()).await;
+    u.c = Client::new(&user, &pass, false);
+    u.c.allocate(Instant::now());
+    assert!(matches!(u.event().await, Event::Allocated { .. }));
+    u.c.create_permission(Instant::now(), &["127.0.0.1:9".parse().unwrap()]);
+    assert_eq!(u.event().await, Event::PermissionCreated);
+    h.shutdown().await;
+}

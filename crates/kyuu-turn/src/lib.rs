@@ -34,6 +34,8 @@ mod types;
 
 pub use auth::{rest_credentials, rest_password};
 pub use config::{PortRange, TurnConfig, UserConfig};
+/// The CIDR type of `allow_peers`/`deny_peers`.
+pub use ipnet;
 pub use server::{Rfc5780, Server, ServerOptions, Shared};
 pub use types::*;
 

@@ -211,6 +211,15 @@ pub async fn start(
 ) -> anyhow::Result<RelayHandle> {
     listen.validate().map_err(anyhow::Error::msg)?;
     turn.validate().map_err(anyhow::Error::msg)?;
+    // Every allocation holds a relay socket: raise the descriptor limit to the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => tracing::warn!(
+            target: "kyuu::relay",
+            "open file limit is {n}: at most about {n} allocations can be held"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(target: "kyuu::relay", "cannot raise the open file limit: {e}"),
+    }
     let all = || {
         listen
             .udp
@@ -370,6 +379,28 @@ pub async fn start(
         stop,
         threads: handles,
     })
+}
+
+/// Starts STUN/TURN on 127.0.0.1 with free ports for UDP, TCP and TLS (self-signed), TURN REST
+/// API credentials under `rest_secret` (mint them with [`kyuu_turn::rest_credentials`]), and
+/// loopback peers allowed (127.0.0.0/8, ::1): for tests of other parts (the browser relay test,
+/// RAWR). `handle.addr("udp")`, `"tcp"`, `"tls"` give the ports.
+pub async fn start_local(rest_secret: &str) -> anyhow::Result<RelayHandle> {
+    let any = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    let listen = ListenConfig {
+        threads: 1,
+        ..ListenConfig::on(&[any(0)], &[any(0)])
+    };
+    let turn = TurnConfig {
+        static_auth_secrets: vec![rest_secret.to_owned()],
+        allow_peers: ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|n| n.parse::<kyuu_turn::ipnet::IpNet>().ok())
+            .collect(),
+        unauth_rate: 0,
+        ..TurnConfig::default()
+    };
+    start(&listen, turn, None).await
 }
 
 /// Splits the relay port range into one contiguous, even-aligned slice per shard.
