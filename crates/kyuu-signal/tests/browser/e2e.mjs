@@ -6,6 +6,8 @@
 // Two separate browser profiles (two persistent contexts, each with a fresh --user-data-dir)
 // load the page; "alice" publishes her name, "bob" watches it, and they open a data channel
 // through kyuu's signaling. Prints one line "RESULT <json>" and exits 0 on success.
+// KYUU_E2E_SCREENSHOT=/tmp/kyuu-call also saves the pages as /tmp/kyuu-call-{alice,bob}.png
+// (alice before the call, then both once connected) for a person to look at.
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -19,6 +21,7 @@ if (!base) {
 const relay = process.env.KYUU_E2E_RELAY === '1';
 const executablePath = process.env.KYUU_CHROMIUM || '/usr/bin/chromium';
 const timeoutMs = Number(process.env.KYUU_E2E_TIMEOUT_MS || 45000);
+const shots = process.env.KYUU_E2E_SCREENSHOT;
 const args = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
@@ -54,6 +57,7 @@ async function open(who, query) {
 async function main() {
   const alice = await open('alice', { name: names.alice });
   await alice.waitForFunction(() => window.kyuu && window.kyuu.id, null, { timeout: timeoutMs });
+  if (shots) await alice.screenshot({ path: `${shots}-alice-waiting.png`, fullPage: true });
   const bob = await open('bob', { name: names.bob, call: names.alice });
   const opened = (p) => p.waitForFunction(
     () => window.kyuu.error || (window.kyuu.state === 'open' && window.kyuu.received.length > 0 && window.kyuu.path),
@@ -66,6 +70,12 @@ async function main() {
   }
   // Wait for an application-level round trip over the data channel too.
   await bob.waitForFunction(() => window.kyuu.appRtt !== null, null, { timeout: 10000 });
+  if (shots) {
+    // Let the path line pick up the data channel RTT first.
+    await bob.waitForTimeout(1500);
+    await alice.screenshot({ path: `${shots}-alice.png`, fullPage: true });
+    await bob.screenshot({ path: `${shots}-bob.png`, fullPage: true });
+  }
   const a = await alice.evaluate(() => window.kyuu);
   const b = await bob.evaluate(() => window.kyuu);
   const result = {
