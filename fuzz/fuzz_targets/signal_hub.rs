@@ -212,7 +212,10 @@ fuzz_target!(|data: &[u8]| {
             // A deadline in the past must be cleared by handle_timeout(now).
             if t <= now {
                 hub.handle_timeout(now);
-                assert!(hub.poll_timeout().map_or(true, |t2| t2 > now), "timeout not cleared");
+                assert!(
+                    hub.poll_timeout().map_or(true, |t2| t2 > now),
+                    "timeout not cleared"
+                );
             }
         }
     }
@@ -220,5 +223,9 @@ fuzz_target!(|data: &[u8]| {
         hub.disconnect(now, c);
     }
     while hub.poll_output().is_some() {}
-    assert_eq!(hub.connections(), 0, "connections left after every disconnect");
+    assert_eq!(
+        hub.connections(),
+        0,
+        "connections left after every disconnect"
+    );
 });
