@@ -21,6 +21,10 @@
 //!   libdatachannel's URL form `turn:user:pass@host:port`. Not over TCP: libdatachannel built
 //!   with libjuice (node-datachannel is) skips TURN/TCP and TURN/TLS servers with a warning.
 //!
+//! Every test also checks that each side received exactly the descriptions the other sent
+//! (SHA-256 logged by both clients). A client pair is run again (at most 3 tries) only on
+//! libdatachannel's own fingerprint race, recognised by its signature (see `fingerprint_race`).
+//!
 //! libjuice (libdatachannel's ICE) gathers no candidates on loopback, so each test builds two
 //! fresh network namespaces joined by a veth pair: kyuu in one (198.18.88.1/24), both clients
 //! in the other (198.18.88.2/24; see `Netns` for why not the same one). kyuu listens on and
