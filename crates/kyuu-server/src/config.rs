@@ -55,6 +55,7 @@ pub struct HttpConfig {
     /// Address of the HTTPS server: the same routes over TLS, so signaling works as
     /// `wss://host:port/<id>`. Off by default (a browser only accepts `wss://` with a
     /// certificate it trusts, which kyuu cannot make up); e.g. `"0.0.0.0:8443"`.
+    /// `enabled = false` turns HTTPS off too.
     pub tls_listen: Option<SocketAddr>,
     /// PEM certificate chain for HTTPS. Without `tls_cert`/`tls_key`, `listen.tls_cert`/
     /// `listen.tls_key` are used when set, else a self-signed certificate is generated at start

@@ -472,3 +472,46 @@ fn default_auth_is_on_and_ice_servers_credentials_allocate() {
         other => panic!("allocate with /v1/ice-servers credentials: {other:?}"),
     }
 }
+
+#[test]
+fn serve_https_prints_wss_and_answers() {
+    let port = free_pair();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Serve::start(&[
+        "--listen",
+        &listen,
+        "--tls",
+        "off",
+        "--http",
+        "127.0.0.1:0",
+        "--https",
+        "127.0.0.1:0",
+    ]);
+    let s = &server.summary;
+    let line = s
+        .lines()
+        .find(|l| l.trim_start().starts_with("HTTPS"))
+        .unwrap_or_else(|| panic!("no HTTPS line: {s}"));
+    let addr: SocketAddr = line
+        .split("https://")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no https address: {line}"));
+    assert!(line.contains(&format!("wss://{addr}/<id>")), "{line}");
+    assert!(s.contains("self-signed certificate"), "{s}");
+    // curl, where installed, gets /healthz over TLS (the certificate is self-signed: -k).
+    let Ok(o) = Command::new("curl")
+        .args(["-sk", "--max-time", "5", &format!("https://{addr}/healthz")])
+        .output()
+    else {
+        println!("SKIP https fetch: no curl");
+        return;
+    };
+    assert!(o.status.success(), "curl: {}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("\"status\":\"ok\""),
+        "{}",
+        text(&o.stdout)
+    );
+}
