@@ -20,7 +20,10 @@ fn setup(t0: Instant) -> (Server, ClientSocket, Vec<Vec<u8>>) {
         static_auth_secrets: vec!["s".into()],
         relay_ipv4: Some("198.51.100.1".parse().unwrap()),
         relay_ipv6: Some("2001:db8::1".parse().unwrap()),
-        relay_ports: PortRange { min: 50000, max: 50015 },
+        relay_ports: PortRange {
+            min: 50000,
+            max: 50015,
+        },
         unauth_rate: 0,
         ..Default::default()
     };
@@ -101,11 +104,20 @@ fuzz_target!(|data: &[u8]| {
                 let mut buf = vec![0u8; PEER_HEADROOM + chunk.len() + PEER_TAILROOM];
                 buf[PEER_HEADROOM..PEER_HEADROOM + chunk.len()].copy_from_slice(chunk);
                 let relay = RelayKey {
-                    alloc: AllocId { slot: u32::from(op / 64), generation: 0 },
+                    alloc: AllocId {
+                        slot: u32::from(op / 64),
+                        generation: 0,
+                    },
                     family: if op & 8 != 0 { Family::V6 } else { Family::V4 },
                 };
                 let peer = PeerAddr("8.8.8.8:1".parse().unwrap());
-                s.handle_peer(now, relay, peer, &mut buf, PEER_HEADROOM..PEER_HEADROOM + chunk.len());
+                s.handle_peer(
+                    now,
+                    relay,
+                    peer,
+                    &mut buf,
+                    PEER_HEADROOM..PEER_HEADROOM + chunk.len(),
+                );
             }
             4 => {
                 now += Duration::from_secs(u64::from(chunk.first().copied().unwrap_or(1)) * 8);

@@ -853,6 +853,15 @@ impl Server {
             self.drops.no_allocation += 1;
             return None;
         };
+        // Indications with unknown comprehension-required attributes are discarded
+        // (RFC 8489 §6.3.3).
+        if msg
+            .effective_attrs()
+            .any(|a| attr::is_comprehension_required(a.attr_type) && !known_turn(a.attr_type))
+        {
+            self.drops.malformed += 1;
+            return None;
+        }
         let Some(Ok(peer)) = msg.xor_address(attr::XOR_PEER_ADDRESS) else {
             self.drops.malformed += 1;
             return None;
