@@ -393,9 +393,10 @@ fn https_acceptor(
     host: &str,
     addr: SocketAddr,
 ) -> anyhow::Result<(tokio_rustls::TlsAcceptor, http::CertSource)> {
-    let (cert, key) = match (&config.http.tls_cert, &config.http.tls_key) {
-        (Some(c), Some(k)) => (Some(c), Some(k)),
+    let (section, cert, key) = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(c), Some(k)) => ("http", Some(c), Some(k)),
         _ => (
+            "listen",
             config.listen.tls_cert.as_ref(),
             config.listen.tls_key.as_ref(),
         ),
@@ -408,7 +409,12 @@ fn https_acceptor(
     if !addr.ip().is_unspecified() && !names.contains(&addr.ip().to_string()) {
         names.push(addr.ip().to_string());
     }
-    http::tls_acceptor(cert.map(|p| p.as_path()), key.map(|p| p.as_path()), names)
+    http::tls_acceptor(
+        section,
+        cert.map(|p| p.as_path()),
+        key.map(|p| p.as_path()),
+        names,
+    )
 }
 
 fn random_secret() -> String {
