@@ -277,7 +277,7 @@ mod tests {
         assert!(format!("{e:#}").starts_with("listen.tls_cert: "), "{e:#}");
         std::fs::write(&key, a.key_pair.serialize_pem()).unwrap();
         let (_, source) = tls_acceptor("http", Some(&cert), Some(&key), vec![]).unwrap();
-        assert_eq!(source, CertSource::File(cert.clone()));
+        assert_eq!(source, CertSource::File(cert));
         let _ = std::fs::remove_dir_all(&dir);
 
         let (_, source) = tls_acceptor("http", None, None, vec!["localhost".into()]).unwrap();

@@ -13,6 +13,10 @@
 //! The browser driver is kyuu-signal's `tests/browser/check.mjs` (playwright-core). It leaves a
 //! full-page screenshot in the temp dir (`kyuu-check.png`) for a person to look at.
 //!
+//! `call_page_over_https_and_wss`: the call page loaded from kyuu's HTTPS listener
+//! (`http.tls_listen`, self-signed certificate accepted by the browser), so signaling runs over
+//! `wss://`; two browser profiles find each other by name and open a data channel.
+//!
 //! Needs root, `ip`, `nft`, node and /usr/bin/chromium (or `KYUU_CHROMIUM`): SKIP otherwise, a
 //! failure with `KYUU_BROWSER_REQUIRED=1`. The namespace (with its nftables table), its
 //! processes and the temp dir are removed on every path (Drop guard; processes killed by PID).
@@ -32,6 +36,7 @@ const SERVER_IP: &str = "198.18.77.1";
 const OTHER_IP: &str = "198.18.77.2";
 const TURN_PORT: u16 = 3478;
 const HTTP_PORT: u16 = 8080;
+const HTTPS_PORT: u16 = 8443;
 const RELAY_PORTS: (u16, u16) = (50000, 50999);
 
 fn required() -> bool {
@@ -314,8 +319,13 @@ fn add_nat(ns: &Netns) -> Result<(), String> {
     }
 }
 
-fn write_config(ns: &Netns) -> PathBuf {
+fn write_config(ns: &Netns, https: bool) -> PathBuf {
     let (min, max) = RELAY_PORTS;
+    let tls_listen = if https {
+        format!("tls_listen = \"{SERVER_IP}:{HTTPS_PORT}\"\n")
+    } else {
+        String::new()
+    };
     let text = format!(
         "[listen]\n\
          udp = [\"{SERVER_IP}:{TURN_PORT}\"]\n\
@@ -330,6 +340,7 @@ fn write_config(ns: &Netns) -> PathBuf {
          \n\
          [http]\n\
          listen = \"{SERVER_IP}:{HTTP_PORT}\"\n\
+         {tls_listen}\
          \n\
          [log]\n\
          ansi = false\n"
@@ -363,7 +374,7 @@ fn check_page_reports_srflx_and_relay_from_kyuu() {
     }
     // No secret configured: kyuu generates one, and the page gets credentials from
     // /v1/ice-servers like any browser.
-    let config = write_config(&ns);
+    let config = write_config(&ns, false);
     start_kyuu(&mut ns, &config);
     let ice = http_get(
         &ns,
@@ -461,5 +472,45 @@ fn check_page_reports_srflx_and_relay_from_kyuu() {
     assert!(
         status.is_some_and(|s| s.success()),
         "check.mjs exited {status:?}"
+    );
+}
+
+#[test]
+fn call_page_over_https_and_wss() {
+    const TEST: &str = "call_page_over_https_and_wss";
+    if let Err(e) = prerequisites() {
+        skip(TEST, &e);
+        return;
+    }
+    let mut ns = match Netns::create("wss") {
+        Ok(ns) => ns,
+        Err(e) => {
+            skip(TEST, &format!("cannot build the network namespace: {e}"));
+            return;
+        }
+    };
+    let config = write_config(&ns, true);
+    start_kyuu(&mut ns, &config);
+    let mut cmd = ns.command("node");
+    cmd.arg("e2e.mjs")
+        .arg(format!("https://{SERVER_IP}:{HTTPS_PORT}/"))
+        .current_dir(driver_dir())
+        .env("KYUU_E2E_INSECURE", "1")
+        .env("KYUU_E2E_TIMEOUT_MS", "30000")
+        .env("KYUU_CHROMIUM", chromium());
+    let (status, out, err) = run_bounded(cmd, &ns.dir, "e2e", Duration::from_secs(100));
+    let Some(line) = out.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        panic!(
+            "e2e.mjs printed no RESULT (status {status:?}):\n{out}\n{err}\nkyuu log:\n{}",
+            ns.server_log()
+        );
+    };
+    let result: Value = serde_json::from_str(line).unwrap();
+    println!("over https/wss: {result}");
+    assert_eq!(
+        result["ok"],
+        true,
+        "call over https/wss failed: {result}\n{err}\nkyuu log:\n{}",
+        ns.server_log()
     );
 }

@@ -30,6 +30,19 @@ const dir = mkdtempSync(join(tmpdir(), 'kyuu-check-'));
 const logs = [];
 let ctx;
 
+// Chromium reports ERR_NETWORK_CHANGED when it starts right after the test's veth pair came up;
+// retry a navigation that failed for that reason (bounded).
+async function gotoRetrying(page, url) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await page.goto(url);
+    } catch (e) {
+      if (attempt >= 3 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
 async function main() {
   ctx = await chromium.launchPersistentContext(dir, {
     executablePath, headless: true, args, viewport: { width: 1100, height: 900 },
@@ -40,7 +53,7 @@ async function main() {
   const url = new URL(target);
   url.searchParams.set('auto', '1');
   // Short per-server timeout: gathering ends early when ICE gathering completes.
-  await page.goto(url.toString());
+  await gotoRetrying(page, url.toString());
   await page.waitForFunction(() => window.kyuuCheck && window.kyuuCheck.done, null,
     { timeout: timeoutMs, polling: 200 });
   const result = await page.evaluate(() => ({

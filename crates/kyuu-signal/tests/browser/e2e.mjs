@@ -30,12 +30,27 @@ const args = [
   // A synthetic camera, so the video path is exercised too.
   '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
 ];
+// KYUU_E2E_INSECURE=1: accept kyuu's self-signed HTTPS certificate (https:// page, wss:// signaling).
+if (process.env.KYUU_E2E_INSECURE === '1') args.push('--ignore-certificate-errors');
 
 const tag = Math.random().toString(36).slice(2, 8);
 const names = { alice: `alice-${tag}`, bob: `bob-${tag}` };
 const dirs = [];
 const contexts = [];
 const logs = { alice: [], bob: [] };
+
+// Chromium reports ERR_NETWORK_CHANGED when it starts right after the test's veth pair came up;
+// retry a navigation that failed for that reason (bounded).
+async function gotoRetrying(page, url) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await page.goto(url);
+    } catch (e) {
+      if (attempt >= 3 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
 
 async function open(who, query) {
   const dir = mkdtempSync(join(tmpdir(), `kyuu-e2e-${who}-`));
@@ -50,7 +65,7 @@ async function open(who, query) {
   const url = new URL(base);
   for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
   if (relay) url.searchParams.set('relay', '1');
-  await page.goto(url.toString());
+  await gotoRetrying(page, url.toString());
   return page;
 }
 
