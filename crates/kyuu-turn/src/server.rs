@@ -381,6 +381,11 @@ impl Server {
         &self.cfg
     }
 
+    /// Whether `client`'s five-tuple holds an allocation.
+    pub fn has_allocation(&self, client: &ClientSocket) -> bool {
+        self.by_client.contains_key(client)
+    }
+
     /// Number of live allocations in this shard.
     pub fn allocation_count(&self) -> usize {
         self.by_client.len()

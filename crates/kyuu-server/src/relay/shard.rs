@@ -29,7 +29,9 @@ const BATCH: usize = quinn_udp::BATCH_SIZE;
 const SLOT: usize = PEER_HEADROOM + 64 * 1536;
 const STREAM_QUEUE: usize = 1024;
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A stream connection without an allocation that sends nothing for this long is closed; one with
+/// an allocation lives as long as the allocation.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches a socket may read before letting other tasks run.
@@ -729,6 +731,7 @@ async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(sh: Sh, mut s: S, client
             r = tokio::time::timeout(STREAM_IDLE_TIMEOUT, s.read(buf.get_mut(filled..).unwrap_or(&mut []))) => {
                 let n = match r {
                     Ok(Ok(n)) if n > 0 => n,
+                    Err(_) if sh.borrow().core.has_allocation(&client) => continue 'conn,
                     _ => break 'conn,
                 };
                 filled += n;
