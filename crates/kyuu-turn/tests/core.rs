@@ -835,3 +835,65 @@ fn turn_request_with_unknown_required_attribute_gets_420() {
     assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES).unwrap(), &[0x7A, 0xBC]);
     assert!(m.verify_integrity(&key).is_ok());
 }
+
+#[test]
+fn bandwidth_cap_drops_excess() {
+    let mut c = cfg();
+    c.max_bps = 1000;
+    let mut p = Pair::new(c);
+    p.allocate();
+    p.client.channel_bind(p.now, 0x4000, peer());
+    p.run();
+    let mut buf = [0u8; 600];
+    let n = p
+        .client
+        .channel_data(0x4000, &[7u8; 400], &mut buf)
+        .unwrap();
+    for _ in 0..5 {
+        p.raw_to_server(&buf[..n]);
+    }
+    // 1000 bytes of budget: two 400-byte payloads pass, the rest is dropped.
+    assert_eq!(p.to_peer.len(), 2);
+    p.advance(Duration::from_secs(1));
+    p.raw_to_server(&buf[..n]);
+    assert_eq!(p.to_peer.len(), 3);
+    // The other direction has its own budget.
+    assert!(p.peer_sends(peer(), &[1u8; 400]).is_some());
+}
+
+#[test]
+fn total_and_per_client_quotas() {
+    for (total, client) in [(1, 0), (0, 1)] {
+        let mut c = cfg();
+        c.total_quota = total;
+        c.client_quota = client;
+        let t0 = Instant::now();
+        let mut s = server(c, t0);
+        let mut results = Vec::new();
+        for port in [1000u16, 1001] {
+            let sock = ClientSocket {
+                transport: Transport::Udp,
+                local: "198.51.100.1:3478".parse().unwrap(),
+                remote: SocketAddr::from(([203, 0, 113, 5], port)),
+            };
+            let mut cl = Client::new("alice", "secret", false);
+            cl.allocate(t0);
+            while let Some(b) = cl.poll_transmit() {
+                s.handle_client(t0, sock, &b);
+                while let Some(o) = s.poll_output() {
+                    match o {
+                        Output::Transmit(t) => cl.handle_input(t0, &t.data),
+                        Output::BindRelay { key, addr, .. } => s.relay_bound(t0, key, Ok(addr)),
+                        _ => {}
+                    }
+                }
+            }
+            results.push(cl.poll_event());
+        }
+        assert!(matches!(results[0], Some(Event::Allocated { .. })));
+        assert!(
+            matches!(results[1], Some(Event::Error { code: 486, .. })),
+            "{results:?}"
+        );
+    }
+}
