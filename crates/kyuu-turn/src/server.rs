@@ -19,6 +19,7 @@ use crate::types::*;
 
 const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 const CONNECTION_BIND_TIMEOUT: Duration = Duration::from_secs(30);
 const CACHE_LIFETIME: Duration = Duration::from_secs(40);
@@ -704,9 +705,11 @@ impl Server {
                 continue;
             }
             a.perms.retain(|(_, exp)| *exp > now);
-            a.channels.retain(|c| c.expires > now);
+            // An expired channel keeps its number and peer reserved for five more minutes
+            // (RFC 8656 §12) but relays nothing.
+            a.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
             perms += a.perms.len();
-            channels += a.channels.len();
+            channels += a.channels.iter().filter(|c| c.expires > now).count();
             flush_stats(a);
         }
         for id in expired {
@@ -1911,10 +1914,9 @@ impl Server {
         }
         let max = self.cfg.max_permissions as usize;
         let Some(a) = self.alloc_mut(id) else { return };
-        let conflict = a
-            .channels
-            .iter()
-            .any(|c| c.expires > now && ((c.number == number) != (c.peer == peer)));
+        let conflict = a.channels.iter().any(|c| {
+            c.expires + CHANNEL_COOLDOWN > now && ((c.number == number) != (c.peer == peer))
+        });
         let new_perm = !a.perms.iter().any(|(ip, _)| *ip == peer.ip());
         if conflict || (new_perm && a.perms.len() >= max) {
             let code = if conflict { 400 } else { 508 };

@@ -897,3 +897,27 @@ fn total_and_per_client_quotas() {
         );
     }
 }
+
+#[test]
+fn expired_channel_number_is_reserved_for_five_minutes() {
+    let mut c = cfg();
+    c.default_lifetime = 3600;
+    let mut p = Pair::new(c);
+    p.allocate();
+    p.client.channel_bind(p.now, 0x4000, peer());
+    p.run();
+    p.advance(Duration::from_secs(601));
+    // Expired: nothing relayed on it.
+    let mut buf = [0u8; 64];
+    let n = p.client.channel_data(0x4000, b"x", &mut buf).unwrap();
+    p.raw_to_server(&buf[..n]);
+    assert!(p.to_peer.is_empty());
+    // The number cannot go to another peer yet, but can be bound again to the same one.
+    p.client
+        .channel_bind(p.now, 0x4000, "8.8.4.4:1".parse().unwrap());
+    p.expect_error(400);
+    p.advance(Duration::from_secs(300));
+    p.client
+        .channel_bind(p.now, 0x4000, "8.8.4.4:1".parse().unwrap());
+    assert!(matches!(p.run().as_slice(), [Event::ChannelBound { .. }]));
+}
