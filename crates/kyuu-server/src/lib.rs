@@ -3,6 +3,7 @@
 //! * [`config`]: the TOML configuration of `kyuu serve`.
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
 //! * [`metrics`]: the Prometheus recorder.
+//! * [`tls`]: certificates for the TLS listeners (STUN/TURN and HTTPS).
 //! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
 //! * [`start`]: starts everything from a [`config::Config`].
 
@@ -11,5 +12,6 @@ pub mod http;
 pub mod metrics;
 pub mod relay;
 mod serve;
+pub mod tls;
 
 pub use serve::{start, Running};

@@ -32,7 +32,7 @@ pub struct Running {
     /// Where HTTPS (and `wss://` signaling) listens, when `http.tls_listen` is set.
     pub https_addr: Option<SocketAddr>,
     /// The HTTPS certificate's origin.
-    pub https_cert: Option<http::CertSource>,
+    pub https_cert: Option<crate::tls::CertSource>,
     /// STUN/TURN listeners as (`"udp"`/`"tcp"`/`"tls"`, address).
     pub listeners: Vec<(&'static str, SocketAddr)>,
     /// RFC 5780 alternate address, when configured.
@@ -257,7 +257,7 @@ impl Running {
                 "  HTTPS       https://{a}  signaling wss://{a}/<id>, same routes as HTTP"
             );
             match &self.https_cert {
-                Some(http::CertSource::SelfSigned(names)) => {
+                Some(crate::tls::CertSource::SelfSigned(names)) => {
                     let _ = writeln!(
                         s,
                         "              self-signed certificate for {} (browsers refuse it; set \
@@ -265,7 +265,7 @@ impl Running {
                         names.join(", ")
                     );
                 }
-                Some(http::CertSource::File(p)) => {
+                Some(crate::tls::CertSource::File(p)) => {
                     let _ = writeln!(s, "              certificate {}", p.display());
                 }
                 None => {}
@@ -392,7 +392,7 @@ fn https_acceptor(
     config: &Config,
     host: &str,
     addr: SocketAddr,
-) -> anyhow::Result<(tokio_rustls::TlsAcceptor, http::CertSource)> {
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, crate::tls::CertSource)> {
     let (section, cert, key) = match (&config.http.tls_cert, &config.http.tls_key) {
         (Some(c), Some(k)) => ("http", Some(c), Some(k)),
         _ => (
@@ -409,11 +409,12 @@ fn https_acceptor(
     if !addr.ip().is_unspecified() && !names.contains(&addr.ip().to_string()) {
         names.push(addr.ip().to_string());
     }
-    http::tls_acceptor(
+    crate::tls::acceptor(
         section,
         cert.map(|p| p.as_path()),
         key.map(|p| p.as_path()),
         names,
+        crate::tls::HTTP_ALPN,
     )
 }
 
@@ -704,7 +705,7 @@ mod tests {
         let running = start(config).await.unwrap();
         assert!(matches!(
             running.https_cert,
-            Some(http::CertSource::SelfSigned(ref n)) if n.iter().any(|n| n == "localhost")
+            Some(crate::tls::CertSource::SelfSigned(ref n)) if n.iter().any(|n| n == "localhost")
         ));
         assert!(running.summary().contains("self-signed"));
         running.shutdown(Duration::from_millis(200)).await;
