@@ -86,6 +86,10 @@ struct State {
     dropped_sends: u64,
     arena: Rc<RefCell<Arena>>,
     batch: Batch,
+    /// quinn-udp state shared by every relay socket of the shard. `UdpSocketState::new` probes
+    /// GSO/GRO with throwaway sockets (on this kernel the UDP_GRO probe flips a static key and
+    /// IPIs every CPU), far too costly per allocation; the state holds nothing socket-specific.
+    relay_state: Option<Rc<UdpSocketState>>,
 }
 
 /// Datagrams waiting to leave together (UDP GSO).
@@ -228,6 +232,7 @@ pub(crate) fn run(
                 max: 1,
                 closed: false,
             },
+            relay_state: udp.first().map(|l| l.state.clone()),
         }));
         let mut tasks = Vec::new();
         for (i, l) in udp.iter().enumerate() {
@@ -468,9 +473,19 @@ impl State {
             RelayProto::Udp => {
                 let bound =
                     super::bind_udp(addr, false, self.socket_buffer.min(1 << 20)).and_then(|s| {
-                        let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+                        let state = match &self.relay_state {
+                            Some(state) => {
+                                relay_socket_options(&s, addr)?;
+                                state.clone()
+                            }
+                            None => {
+                                let state = Rc::new(UdpSocketState::new(UdpSockRef::from(&s))?);
+                                self.relay_state = Some(state.clone());
+                                state
+                            }
+                        };
                         let local = s.local_addr()?;
-                        Ok((Rc::new(register(s)?), Rc::new(state), local))
+                        Ok((Rc::new(register(s)?), state, local))
                     });
                 match bound {
                     Ok((sock, state, local)) => {
@@ -524,6 +539,17 @@ impl State {
             }
         }
     }
+}
+
+/// What `UdpSocketState::new` would set that matters on a relay socket: no fragmentation
+/// (`IP_PMTUDISC_PROBE`, as quinn-udp does). The socket is already non-blocking (`bind_udp`).
+fn relay_socket_options(s: &std::net::UdpSocket, addr: SocketAddr) -> std::io::Result<()> {
+    use rustix::net::sockopt;
+    let _ = sockopt::set_ip_mtu_discover(s, sockopt::Ipv4PathMtuDiscovery::PROBE);
+    if addr.is_ipv6() {
+        let _ = sockopt::set_ipv6_mtu_discover(s, sockopt::Ipv6PathMtuDiscovery::PROBE);
+    }
+    Ok(())
 }
 
 fn local_addr(l: SocketAddr, dst_ip: Option<IpAddr>) -> SocketAddr {
