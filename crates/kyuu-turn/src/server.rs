@@ -963,6 +963,15 @@ impl Server {
         }
     }
 
+    /// An empty authenticated success answer, remembered for retransmissions.
+    fn reply_ok(&mut self, client: ClientSocket, msg: &Message<'_>, m: u16, auth: &Authed) {
+        let tid = *msg.transaction_id();
+        let resp = self.build(m, Class::Success, tid, Some((&auth.key, auth.kind)), |_| {
+            Ok(())
+        });
+        self.send_cached(client, tid, resp);
+    }
+
     fn send_cached(&mut self, client: ClientSocket, tid: TransactionId, data: Option<Vec<u8>>) {
         let Some(data) = data else { return };
         self.cache_put(client, tid, data.clone());
@@ -1877,14 +1886,7 @@ impl Server {
         for p in &peers {
             a.add_permission(p.ip(), now + PERMISSION_LIFETIME);
         }
-        let resp = self.build(
-            method::CREATE_PERMISSION,
-            Class::Success,
-            *msg.transaction_id(),
-            Some((&auth.key, auth.kind)),
-            |_| Ok(()),
-        );
-        self.send_cached(client, *msg.transaction_id(), resp);
+        self.reply_ok(client, msg, method::CREATE_PERMISSION, &auth);
     }
 
     fn channel_bind(
@@ -1935,14 +1937,7 @@ impl Server {
             }),
         }
         a.add_permission(peer.ip(), now + PERMISSION_LIFETIME);
-        let resp = self.build(
-            method::CHANNEL_BIND,
-            Class::Success,
-            *msg.transaction_id(),
-            Some((&auth.key, auth.kind)),
-            |_| Ok(()),
-        );
-        self.send_cached(client, *msg.transaction_id(), resp);
+        self.reply_ok(client, msg, method::CHANNEL_BIND, &auth);
     }
 
     fn connect(
