@@ -42,9 +42,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod support;
+use support::{kill_pid, metric, quiet_ok, unix_now};
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const SERVER_IP: &str = "198.18.88.1";
@@ -78,15 +81,6 @@ fn skip(test: &str, why: &str) {
 
 fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/libdatachannel")
-}
-
-fn quiet_ok(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn prerequisites() -> Result<(), String> {
@@ -137,11 +131,6 @@ fn prerequisites() -> Result<(), String> {
         String::from_utf8_lossy(&loads.stdout).trim()
     );
     Ok(())
-}
-
-/// Kills one process by PID.
-fn kill_pid(pid: u32) {
-    let _ = quiet_ok("kill", &["-KILL", &pid.to_string()]);
 }
 
 /// Two network namespaces joined by a veth pair, a temp dir, and the kyuu server running in
@@ -440,19 +429,6 @@ fn start_kyuu(ns: &mut Netns, config: &Path) {
     );
 }
 
-/// Sum of every sample of `name` whose labels contain all of `labels` (`key="value"`).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
-
 fn metrics(ns: &Netns) -> String {
     http_get(ns, &format!("http://{SERVER_IP}:{HTTP_PORT}/metrics")).unwrap()
 }
@@ -467,13 +443,6 @@ fn wait_metrics(ns: &Netns, limit: Duration, done: impl Fn(&str) -> bool) -> Str
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 fn setup(test: &str, tag: &str) -> Option<(Netns, String)> {
