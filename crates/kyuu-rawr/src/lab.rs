@@ -639,6 +639,30 @@ fn node_cfg(
 }
 
 /// Host facts for a lab namespace: the neighbour table is read on a thread inside it.
+/// The `kyuu` binary for [`LabServer::Kyuu`] labs in tests: `KYUU_BIN`, else `kyuu` beside the
+/// calling test binary's directory (cargo's `target/<profile>`), else the release build. When
+/// none exists this prints a SKIP line for `test` and returns `None`, or panics when
+/// `KYUU_BIN_REQUIRED=1` (CI sets it, so those scenarios can never be skipped silently there).
+pub fn kyuu_bin_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("KYUU_BIN")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            let dir = exe.parent()?.parent()?.to_path_buf();
+            [dir.join("kyuu"), dir.join("../release/kyuu")]
+                .into_iter()
+                .find(|p| p.exists())
+        });
+    if found.is_none() {
+        assert!(
+            std::env::var("KYUU_BIN_REQUIRED").map_or(true, |v| v != "1"),
+            "{test}: no kyuu binary (KYUU_BIN_REQUIRED=1)"
+        );
+        println!("SKIP {test}: no kyuu binary (set KYUU_BIN or build -p kyuu)");
+    }
+    found
+}
+
 pub fn lab_host(ns: &LabNode) -> HostNet {
     let node = ns.clone();
     let arp: crate::sys::ArpReader = std::sync::Arc::new(move || {

@@ -101,15 +101,7 @@ async fn two_chromiums_behind_nat_open_a_data_channel_through_the_isp_node() {
 /// The same with `kyuu serve` (STUN/TURN + RAWR on one port) on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_chromiums_through_kyuu_serve_nodes() {
-    let bin = std::env::var_os("KYUU_BIN").map(PathBuf::from).or_else(|| {
-        let exe = std::env::current_exe().ok()?;
-        let dir = exe.parent()?.parent()?.to_path_buf();
-        [dir.join("kyuu"), dir.join("../release/kyuu")]
-            .into_iter()
-            .find(|p| p.exists())
-    });
-    let Some(bin) = bin else {
-        println!("SKIP rawr browser kyuu serve: no kyuu binary (set KYUU_BIN or build -p kyuu)");
+    let Some(bin) = kyuu_rawr::lab::kyuu_bin_or_skip("rawr browser kyuu serve") else {
         return;
     };
     let spec = LabSpec {

@@ -15,6 +15,30 @@ async fn build(test: &str, spec: LabSpec) -> Option<RawrLab> {
     RawrLab::build_or_skip(test, spec).await.unwrap()
 }
 
+/// Both peers fell back to the root (their gateway does not speak RAWR), the gateway error
+/// contains `why`, and data flows through the root.
+async fn assert_root_fallback(lab: &RawrLab, why: &str) {
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    assert_eq!(
+        b.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let err = a.outcome.gateway_error.clone().unwrap();
+    assert!(err.contains(why), "{err}");
+    println!("peer A fell back: {err}");
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symmetric_nat_homes_meet_at_the_isp_and_the_root_relays_nothing() {
     let Some(lab) = build("rawr lab isp", LabSpec::default()).await else {
@@ -97,25 +121,7 @@ async fn plain_turn_gateway_falls_back_to_the_root() {
     let Some(lab) = build("rawr lab plain gateway", spec).await else {
         return;
     };
-    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
-    let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(
-        a.outcome.route,
-        Route::Root {
-            name: "root".into()
-        }
-    );
-    assert_eq!(
-        b.outcome.route,
-        Route::Root {
-            name: "root".into()
-        }
-    );
-    let why = a.outcome.gateway_error.clone().unwrap();
-    assert!(why.contains("gateway"), "{why}");
-    println!("peer A fell back: {why}");
-    let rtt = ping_pong(&a, &b, 10).await.unwrap();
-    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    assert_root_fallback(&lab, "gateway").await;
     lab.wait_clean(Duration::from_secs(3)).await.unwrap();
 }
 
@@ -256,26 +262,8 @@ async fn root_unreachable_is_a_clear_error_and_leaves_no_state() {
 
 /// The `kyuu` binary for `kyuu serve` on every node: `KYUU_BIN`, else next to this test's
 /// target directory (built by `cargo test --workspace` / `cargo build -p kyuu`).
-fn kyuu_bin() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("KYUU_BIN") {
-        return Some(p.into());
-    }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    [dir.join("kyuu"), dir.join("../release/kyuu")]
-        .into_iter()
-        .find(|p| p.exists())
-}
-
 async fn build_kyuu(test: &str, mut spec: LabSpec) -> Option<RawrLab> {
-    let Some(bin) = kyuu_bin() else {
-        assert!(
-            !kyuu_lab::lab_required() || std::env::var_os("KYUU_BIN_REQUIRED").is_none(),
-            "{test}: no kyuu binary"
-        );
-        println!("SKIP {test}: no kyuu binary (set KYUU_BIN or build -p kyuu)");
-        return None;
-    };
+    let bin = kyuu_rawr::lab::kyuu_bin_or_skip(test)?;
     spec.server = kyuu_rawr::lab::LabServer::Kyuu(bin);
     build(test, spec).await
 }
@@ -311,22 +299,5 @@ async fn kyuu_serve_without_rawr_as_gateway_falls_back_to_the_root() {
     let Some(lab) = build_kyuu("rawr lab kyuu plain gateway", spec).await else {
         return;
     };
-    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
-    let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(
-        a.outcome.route,
-        Route::Root {
-            name: "root".into()
-        }
-    );
-    assert_eq!(
-        b.outcome.route,
-        Route::Root {
-            name: "root".into()
-        }
-    );
-    let why = a.outcome.gateway_error.clone().unwrap();
-    assert!(why.contains("400"), "{why}");
-    let rtt = ping_pong(&a, &b, 10).await.unwrap();
-    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    assert_root_fallback(&lab, "400").await;
 }
