@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+use common::free_port_pair;
+
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_stun::{attr, method, Class, Message, MessageBuilder, TransactionId};
 use kyuu_turn::TurnConfig;
@@ -200,29 +203,6 @@ async fn tls_connect(tcp: TcpStream) -> tokio_rustls::client::TlsStream<TcpStrea
     conn.connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap()
-}
-
-fn free_port_pair() -> (u16, u16) {
-    // Two consecutive-ish free UDP+TCP ports on both 127.0.0.1 and 127.0.0.2.
-    for _ in 0..50 {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = s.local_addr().unwrap().port();
-        drop(s);
-        if p > 65000 {
-            continue;
-        }
-        let q = p + 1;
-        let ok = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
-            [p, q].iter().all(|port| {
-                std::net::UdpSocket::bind((*ip, *port)).is_ok()
-                    && std::net::TcpListener::bind((*ip, *port)).is_ok()
-            })
-        });
-        if ok {
-            return (p, q);
-        }
-    }
-    panic!("no free port pair");
 }
 
 #[tokio::test]

@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+mod common;
+use common::free_port_pair;
+
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_turn::TurnConfig;
 
@@ -44,28 +47,6 @@ async fn run(cmd: &str, args: &[String], limit: Duration) -> (bool, String) {
         Ok(Err(e)) => (false, format!("spawn failed: {e}")),
         Err(_) => (false, "timed out".into()),
     }
-}
-
-fn free_port_pair() -> (u16, u16) {
-    for _ in 0..50 {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = s.local_addr().unwrap().port();
-        drop(s);
-        if p > 65000 {
-            continue;
-        }
-        let q = p + 1;
-        let ok = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
-            [p, q].iter().all(|port| {
-                std::net::UdpSocket::bind((*ip, *port)).is_ok()
-                    && std::net::TcpListener::bind((*ip, *port)).is_ok()
-            })
-        });
-        if ok {
-            return (p, q);
-        }
-    }
-    panic!("no free port pair");
 }
 
 #[tokio::test]
