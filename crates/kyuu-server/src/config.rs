@@ -7,6 +7,7 @@
 //! [signal]   # kyuu_signal::SignalConfig
 //! [rawr]     # kyuu_rawr::RawrConfig: a RAWR node beside STUN/TURN (off by default)
 //! [log]      # LogConfig
+//! [admin]    # crate::admin::AdminConfig: the admin API and /status (off by default)
 //! ```
 //!
 //! Unknown keys are refused (`deny_unknown_fields`) and [`Config::validate`] names the offending
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::admin::AdminConfig;
 pub use crate::relay::ListenConfig;
 pub use kyuu_rawr::RawrConfig;
 pub use kyuu_signal::SignalConfig;
@@ -34,6 +36,7 @@ pub struct Config {
     pub signal: SignalConfig,
     pub rawr: RawrConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
 }
 
 /// The `[http]` section: one HTTP server for signaling, ICE provisioning, metrics and health.
@@ -210,6 +213,14 @@ impl Config {
             rawr.validate()
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
+        self.admin.validate().map_err(ConfigError::Invalid)?;
+        if self.admin.token.is_some() && self.admin.listen.is_none() && !self.http.enabled {
+            return Err(ConfigError::Invalid(
+                "admin.token: without admin.listen the admin API is served on the HTTP \
+                 listener, which is off (http.enabled = false); set admin.listen"
+                    .into(),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: {:?}: {e}", self.log.level)))?;
         Ok(())
@@ -224,6 +235,7 @@ impl Config {
         out.push_str(&section("signal", &self.signal)?);
         out.push_str(&section("rawr", &self.rawr)?);
         out.push_str(&section("log", &self.log)?);
+        out.push_str(&section("admin", &self.admin)?);
         Ok(out)
     }
 }

@@ -1,5 +1,6 @@
 //! kyuu-server: the tokio shell around kyuu's protocol cores.
 //!
+//! * [`admin`]: the admin API and the `/status` page.
 //! * [`config`]: the TOML configuration of `kyuu serve`.
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
 //! * [`metrics`]: the Prometheus recorder.
@@ -7,6 +8,7 @@
 //! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
 //! * [`start`]: starts everything from a [`config::Config`].
 
+pub mod admin;
 pub mod config;
 pub mod http;
 pub mod metrics;
@@ -14,4 +16,4 @@ pub mod relay;
 mod serve;
 pub mod tls;
 
-pub use serve::{start, Running};
+pub use serve::{start, start_with, Running};

@@ -11,6 +11,7 @@ use kyuu_signal::IceProvider;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::admin::{self, Admin, Hooks};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::relay::{self, RelayHandle};
@@ -50,13 +51,28 @@ pub struct Running {
     /// The RAWR node's own UDP address, when `[rawr]` is enabled.
     pub rawr_node: Option<SocketAddr>,
     rawr: Option<kyuu_rawr::runtime::NodeHandle>,
+    /// Where the separate admin listener (`admin.listen`) listens.
+    pub admin_addr: Option<SocketAddr>,
+    /// The admin API's state, when `[admin]` enables it (for `SIGHUP` reloads).
+    pub admin: Option<Arc<Admin>>,
+    /// Notified when the server should end by itself (a finished drain).
+    exit: Arc<tokio::sync::Notify>,
 }
 
 /// Starts every service the configuration enables. The configuration must have been validated.
-pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, Hooks::default()).await
+}
+
+/// [`start`], with the binary's hooks for run-time log level changes and configuration reloads
+/// (used by the admin API and `SIGHUP`).
+pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let started = Instant::now();
+    let mut generated_secret = None;
     let auth = if config.turn.static_auth_secrets.is_empty() && config.turn.users.is_empty() {
-        config.turn.static_auth_secrets.push(random_secret());
+        let secret = random_secret();
+        generated_secret = Some(secret.clone());
+        config.turn.static_auth_secrets.push(secret);
         AuthMode::GeneratedSecret
     } else {
         AuthMode::Configured {
@@ -78,6 +94,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         (None, None)
     };
     let relay = relay::start(&config.listen, config.turn.clone(), ext).await?;
+    let exit = Arc::new(tokio::sync::Notify::new());
     let listeners = relay.listeners().to_vec();
     let alternate = relay.alternate();
 
@@ -108,6 +125,20 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let mut http_addr = None;
     let mut https_addr = None;
     let mut https_cert = None;
+    let mut admin_addr = None;
+    let mut signal_admin = None;
+    let admin_listener = match config.admin.listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("admin.listen: cannot bind {a}"))?;
+            admin_addr = Some(l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    let mut app = None;
+    let mut http_sockets = None;
     if config.http.enabled {
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -129,11 +160,48 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
         });
-        let signal = kyuu_signal::router(config.signal.clone(), ice.clone());
-        let mut app = http::router(signal, metrics, health);
+        let (signal, sig_admin) = kyuu_signal::router_with_admin(config.signal.clone(), ice.clone());
+        signal_admin = Some(sig_admin);
+        let mut a = http::router(signal, metrics.clone(), health);
         if let Some(node) = &rawr {
-            app = app.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
+            a = a.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
         }
+        app = Some(a);
+        http_sockets = Some((listener, tls));
+    }
+    let admin = config.admin.enabled().then(|| {
+        Admin::new(admin::AdminParts {
+            config: config.clone(),
+            generated_secret,
+            turn_urls: ice.turn_urls.clone(),
+            relay: Some(relay.control()),
+            signal: signal_admin,
+            hooks,
+            metrics: metrics.clone(),
+            exit: exit.clone(),
+        })
+    });
+    if let Some(a) = &admin {
+        let sampler = a.clone();
+        tasks.spawn(async move {
+            admin::run_sampler(sampler).await;
+            Ok(())
+        });
+        if let Some(l) = admin_listener {
+            let router = admin::router(a.clone());
+            let mut rx = shutdown_rx.clone();
+            tasks.spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                http::serve(l, router, stop).await.context("admin server")
+            });
+        } else if let Some(a2) = app.take() {
+            // Token only: the admin routes ride on the HTTP listener(s), behind the token.
+            app = Some(admin::router(a.clone()).merge(a2));
+        }
+    }
+    if let (Some(app), Some((listener, tls))) = (app, http_sockets) {
         if let Some((l, acceptor)) = tls {
             let mut rx = shutdown_rx.clone();
             let app = app.clone();
@@ -172,13 +240,21 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         upkeep,
         rawr_node: rawr.as_ref().map(|n| n.local_addr()),
         rawr,
+        admin_addr,
+        admin,
+        exit,
     })
 }
 
 impl Running {
     /// Waits until a service fails (or all end); returns the first error.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        while let Some(res) = self.tasks.join_next().await {
+        loop {
+            let res = tokio::select! {
+                r = self.tasks.join_next() => r,
+                () = self.exit.notified() => return Ok(()),
+            };
+            let Some(res) = res else { break };
             match res {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
@@ -270,6 +346,21 @@ impl Running {
                 }
                 None => {}
             }
+        }
+        match (self.admin_addr, &self.admin) {
+            (Some(a), _) => {
+                let _ = writeln!(
+                    s,
+                    "  admin       http://{a}/admin/v1/  status page http://{a}/status  (kyuu admin --url http://{a})"
+                );
+            }
+            (None, Some(_)) => {
+                let _ = writeln!(
+                    s,
+                    "  admin       /admin/v1/ and /status on the HTTP listener, with admin.token"
+                );
+            }
+            (None, None) => {}
         }
         match &self.auth {
             AuthMode::GeneratedSecret => {

@@ -20,4 +20,4 @@ pub mod token;
 
 pub use config::SignalConfig;
 pub use ice::{IceProvider, IceServer};
-pub use server::{router, serve, serve_listener};
+pub use server::{router, router_with_admin, serve, serve_listener, SignalAdmin};

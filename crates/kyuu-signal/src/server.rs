@@ -48,13 +48,19 @@ struct State_ {
 
 struct Shared {
     cfg: SignalConfig,
-    ice: IceProvider,
+    /// Behind a lock so a configuration reload can change the REST secret it mints with.
+    ice: Mutex<IceProvider>,
     state: Mutex<State_>,
     wake: Notify,
     timer: Once,
 }
 
 impl Shared {
+    fn ice_servers(&self, user: &str) -> Vec<crate::ice::IceServer> {
+        let ice = self.ice.lock().unwrap_or_else(|p| p.into_inner());
+        ice.ice_servers(user, now_unix())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State_> {
         // The hub never panics on input; should it ever, keep serving with its state as is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -150,6 +156,54 @@ impl Shared {
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the per-address
 /// connection cap sees real addresses (without it all clients count as one unknown address).
 pub fn router(cfg: SignalConfig, ice: IceProvider) -> Router {
+    router_with_admin(cfg, ice).0
+}
+
+/// An operator's handle on a running signaling router: list connections and rooms, close a
+/// connection.
+#[derive(Clone)]
+pub struct SignalAdmin(Arc<Shared>);
+
+impl std::fmt::Debug for SignalAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalAdmin")
+    }
+}
+
+impl SignalAdmin {
+    /// Live connections, ordered by client id.
+    pub fn connections(&self) -> Vec<crate::hub::ConnInfo> {
+        self.0.lock().hub.connection_list()
+    }
+
+    /// Mints `/v1/ice-servers` credentials with `secret` from now on (a reloaded
+    /// configuration's first TURN REST secret).
+    pub fn set_rest_secret(&self, secret: Option<String>) {
+        let mut ice = self.0.ice.lock().unwrap_or_else(|p| p.into_inner());
+        ice.rest_secret = secret;
+    }
+
+    /// Rooms and their members.
+    pub fn rooms(&self) -> Vec<crate::hub::RoomInfo> {
+        self.0.lock().hub.room_list()
+    }
+
+    /// Closes the connection of client `id` (WebSocket close 1008 "closed by admin"); false when
+    /// no live connection has that id.
+    pub fn kill(&self, id: &str) -> bool {
+        self.0.with_hub(|hub, _| hub.conn_of(id)).is_some_and(|conn| {
+            let link = self.0.lock().links.remove(&conn);
+            if let Some(link) = link {
+                let _ = link.kill.send((1008, "closed by admin"));
+            }
+            self.0.with_hub(|hub, now| hub.disconnect(now, conn));
+            true
+        })
+    }
+}
+
+/// [`router`] plus its [`SignalAdmin`] handle.
+pub fn router_with_admin(cfg: SignalConfig, ice: IceProvider) -> (Router, SignalAdmin) {
     let seed = rand::random();
     let shared = Arc::new(Shared {
         state: Mutex::new(State_ {
@@ -158,18 +212,19 @@ pub fn router(cfg: SignalConfig, ice: IceProvider) -> Router {
             next_wake: None,
         }),
         cfg,
-        ice,
+        ice: Mutex::new(ice),
         wake: Notify::new(),
         timer: Once::new(),
     });
-    Router::new()
+    let router = Router::new()
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/v1/ice-servers", get(ice_servers))
         .route("/kyuu.js", get(common_js))
         .route("/{id}", get(by_id))
         .route("/{id}/{*rest}", get(by_id_rest))
-        .with_state(shared)
+        .with_state(shared.clone());
+    (router, SignalAdmin(shared))
 }
 
 /// Binds `addr` and serves [`router`] until an error occurs.
@@ -318,7 +373,7 @@ async fn ice_servers(
         Some(Ok(claims)) => claims.sub,
         None => p.user.unwrap_or_else(|| "kyuu".to_owned()),
     };
-    let servers = s.ice.ice_servers(&user, now_unix());
+    let servers = s.ice_servers(&user);
     (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(servers),
@@ -351,7 +406,7 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
     let v2 = params.v == Some(2) || id.as_deref().is_none_or(str::is_empty);
     let ice = v2.then(|| {
         let user = id.as_deref().unwrap_or("kyuu");
-        serde_json::to_value(s.ice.ice_servers(user, now_unix())).unwrap_or_default()
+        serde_json::to_value(s.ice_servers(user)).unwrap_or_default()
     });
     let request = ConnectRequest {
         id,

@@ -17,6 +17,11 @@ use crate::policy::PeerPolicy;
 use crate::ratelimit::RateLimiter;
 use crate::types::*;
 
+// Operator views and commands (listing, killing, reconfiguring, draining), kept apart from the
+// protocol logic.
+#[path = "admin.rs"]
+pub(crate) mod admin;
+
 const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
@@ -279,6 +284,8 @@ pub struct Server {
     drops: Drops,
     flushed_drops: Drops,
     auth_failures: HashMap<&'static str, u64>,
+    /// Set by [`Server::drain`]: new allocations are refused (486, or 300 with an alternate).
+    draining: bool,
 }
 
 fn known_binding(rfc5780: bool, t: u16) -> bool {
@@ -375,6 +382,7 @@ impl Server {
             drops: Drops::default(),
             flushed_drops: Drops::default(),
             auth_failures: HashMap::new(),
+            draining: false,
         })
     }
 
@@ -1385,6 +1393,9 @@ impl Server {
     }
 
     fn quota_check_and_take(&self, username: &str, ip: IpAddr) -> Result<(), &'static str> {
+        if self.draining {
+            return Err("draining");
+        }
         let Ok(mut q) = self.opts.shared.quotas.lock() else {
             return Err("internal");
         };

@@ -10,6 +10,7 @@
 //! hands out relay ports from its own slice of `turn.relay_ports`.
 
 pub mod config;
+mod control;
 mod shard;
 mod tls;
 
@@ -23,6 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, watch};
 
 pub use config::ListenConfig;
+pub use control::{parse_alloc_id, RelayControl, ShardAllocation};
 pub use kyuu_turn::{ClientSocket, Transport};
 
 /// Hands STUN requests in [`kyuu_turn::EXTENSION_METHODS`] (RAWR control messages) to another
@@ -64,6 +66,7 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    control: RelayControl,
 }
 
 impl RelayHandle {
@@ -88,6 +91,11 @@ impl RelayHandle {
     /// Live allocations across all shards.
     pub fn allocations(&self) -> u32 {
         self.shared.allocations()
+    }
+
+    /// A handle for operator commands (list, kill, reconfigure, drain).
+    pub fn control(&self) -> RelayControl {
+        self.control.clone()
     }
 
     /// Stops every shard and waits for their threads (blocking; call from a blocking context or
@@ -343,6 +351,7 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let ranges = split_ports(turn.relay_ports, threads);
     let mut handles = Vec::new();
+    let mut control = Vec::new();
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(threads);
     for (i, sockets) in shard_sockets.into_iter().enumerate() {
         let opts = ServerOptions {
@@ -359,9 +368,13 @@ pub async fn start(
         let stop_rx = stop_rx.clone();
         let buf = listen.socket_buffer;
         let ready = ready_tx.clone();
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        control.push(ctl_tx);
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready))
+            .spawn(move || {
+                shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, ctl_rx)
+            })
             .context("spawning relay thread")?;
         handles.push(h);
     }
@@ -375,9 +388,13 @@ pub async fn start(
     Ok(RelayHandle {
         listeners,
         alternate,
-        shared,
+        shared: shared.clone(),
         stop,
         threads: handles,
+        control: RelayControl {
+            shards: control,
+            shared,
+        },
     })
 }
 

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use super::control::ShardCmd;
 use super::{ExtensionReply, ExtensionRequest, ShardSockets};
 
 const BATCH: usize = quinn_udp::BATCH_SIZE;
@@ -170,6 +171,7 @@ pub(crate) fn run(
     mut stop: watch::Receiver<bool>,
     socket_buffer: usize,
     ready: mpsc::Sender<anyhow::Result<()>>,
+    mut control: mpsc::UnboundedReceiver<ShardCmd>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -284,6 +286,12 @@ pub(crate) fn run(
                 st.flush_udp();
             }
         })));
+        let control_sh = sh.clone();
+        tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
+            while let Some(cmd) = control.recv().await {
+                control_sh.borrow_mut().command(&control_sh, cmd);
+            }
+        })));
         let _ = ready.send(Ok(())).await;
         drop(ready);
         tracing::debug!(target: "kyuu::relay", shard = index, "relay shard running");
@@ -297,6 +305,24 @@ pub(crate) fn run(
 }
 
 impl State {
+    /// An operator command (`super::control`), between two inputs like any other.
+    fn command(&mut self, sh: &Sh, cmd: ShardCmd) {
+        let now = Instant::now();
+        match cmd {
+            ShardCmd::Allocations(reply) => {
+                let _ = reply.send(self.core.allocations(now));
+            }
+            ShardCmd::Kill { id, reply } => {
+                let _ = reply.send(self.core.kill_allocation(now, id));
+            }
+            ShardCmd::Reconfigure { turn, reply } => {
+                let _ = reply.send(self.core.reconfigure(*turn));
+            }
+            ShardCmd::Drain { alternate } => self.core.drain(alternate),
+        }
+        self.drain(sh);
+    }
+
     fn send_client(&mut self, client: ClientSocket, data: &[u8]) {
         match client.transport {
             Transport::Udp => {
