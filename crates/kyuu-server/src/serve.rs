@@ -53,8 +53,10 @@ pub struct Running {
     rawr: Option<kyuu_rawr::runtime::NodeHandle>,
     /// Where the separate admin listener (`admin.listen`) listens.
     pub admin_addr: Option<SocketAddr>,
-    /// The admin API's state, when `[admin]` enables it (for `SIGHUP` reloads).
-    pub admin: Option<Arc<Admin>>,
+    /// The admin API's state (also behind `SIGHUP` reloads); its routes are served only when
+    /// `[admin]` enables them.
+    pub admin: Arc<Admin>,
+    admin_enabled: bool,
     /// Notified when the server should end by itself (a finished drain).
     exit: Arc<tokio::sync::Notify>,
 }
@@ -160,7 +162,8 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
         });
-        let (signal, sig_admin) = kyuu_signal::router_with_admin(config.signal.clone(), ice.clone());
+        let (signal, sig_admin) =
+            kyuu_signal::router_with_admin(config.signal.clone(), ice.clone());
         signal_admin = Some(sig_admin);
         let mut a = http::router(signal, metrics.clone(), health);
         if let Some(node) = &rawr {
@@ -169,19 +172,19 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         app = Some(a);
         http_sockets = Some((listener, tls));
     }
-    let admin = config.admin.enabled().then(|| {
-        Admin::new(admin::AdminParts {
-            config: config.clone(),
-            generated_secret,
-            turn_urls: ice.turn_urls.clone(),
-            relay: Some(relay.control()),
-            signal: signal_admin,
-            hooks,
-            metrics: metrics.clone(),
-            exit: exit.clone(),
-        })
+    // The admin state exists even when its routes are off: SIGHUP reloads through it.
+    let admin = Admin::new(admin::AdminParts {
+        config: config.clone(),
+        generated_secret,
+        turn_urls: ice.turn_urls.clone(),
+        relay: Some(relay.control()),
+        signal: signal_admin,
+        hooks,
+        metrics: metrics.clone(),
+        exit: exit.clone(),
     });
-    if let Some(a) = &admin {
+    if config.admin.enabled() {
+        let a = &admin;
         let sampler = a.clone();
         tasks.spawn(async move {
             admin::run_sampler(sampler).await;
@@ -242,6 +245,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         rawr,
         admin_addr,
         admin,
+        admin_enabled: config.admin.enabled(),
         exit,
     })
 }
@@ -347,20 +351,20 @@ impl Running {
                 None => {}
             }
         }
-        match (self.admin_addr, &self.admin) {
+        match (self.admin_addr, self.admin_enabled) {
             (Some(a), _) => {
                 let _ = writeln!(
                     s,
                     "  admin       http://{a}/admin/v1/  status page http://{a}/status  (kyuu admin --url http://{a})"
                 );
             }
-            (None, Some(_)) => {
+            (None, true) => {
                 let _ = writeln!(
                     s,
                     "  admin       /admin/v1/ and /status on the HTTP listener, with admin.token"
                 );
             }
-            (None, None) => {}
+            (None, false) => {}
         }
         match &self.auth {
             AuthMode::GeneratedSecret => {

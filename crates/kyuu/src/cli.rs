@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
   kyuu serve --config /etc/kyuu.toml          run with a configuration file
   kyuu serve --print-config > kyuu.toml       write the effective configuration as a starting point
   kyuu nat stun.example.org                   what kind of NAT is this host behind?
+  kyuu admin sessions                         allocations of a running server ([admin] listen)
   kyuu rawr session                           a fresh RAWR session id
   kyuu lab                                    RAWR demo in network namespaces (root)
 
@@ -34,6 +35,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Find out what NAT sits between this host and a STUN server (RFC 5780 tests).
     Nat(NatArgs),
+    /// Talk to a running server's admin API: sessions, kill, credentials, log level, reload,
+    /// drain.
+    Admin(crate::admin::AdminArgs),
     /// RAWR: find a path to another peer through RAWR nodes, or run a standalone node.
     Rawr(kyuu_rawr::cli::RawrArgs),
     /// Build a small RAWR network on this machine (root), connect two peers, report, tear down.

@@ -64,7 +64,10 @@ mod tests {
             token: None,
         };
         let e = c.validate().unwrap_err();
-        assert!(e.starts_with("admin.listen: 0.0.0.0:8081 is not a loopback"), "{e}");
+        assert!(
+            e.starts_with("admin.listen: 0.0.0.0:8081 is not a loopback"),
+            "{e}"
+        );
         c.token = Some("0123456789abcdef".into());
         c.validate().unwrap();
         c.token = Some("short".into());

@@ -14,11 +14,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -278,22 +278,49 @@ async fn auth(State(a): State<Arc<Admin>>, req: Request, next: Next) -> Response
     r
 }
 
+/// Every admin route as (method, path, handler). [`router`] is built from this table, and a
+/// test checks it against `docs/admin-openapi.json` both ways.
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<Admin>>)> {
+    vec![
+        ("GET", "/admin/v1/allocations", get(allocations)),
+        (
+            "DELETE",
+            "/admin/v1/allocations/{id}",
+            delete(kill_allocation),
+        ),
+        ("GET", "/admin/v1/signaling", get(signaling)),
+        ("DELETE", "/admin/v1/signaling/{id}", delete(kill_signaling)),
+        ("POST", "/admin/v1/credentials", post(mint_credentials)),
+        (
+            "POST",
+            "/admin/v1/credentials/check",
+            post(check_credentials),
+        ),
+        ("GET", "/admin/v1/loglevel", get(get_loglevel)),
+        ("PUT", "/admin/v1/loglevel", put(set_loglevel)),
+        ("POST", "/admin/v1/reload", post(reload)),
+        ("GET", "/admin/v1/drain", get(drain_status)),
+        ("POST", "/admin/v1/drain", post(drain)),
+        ("GET", "/admin/v1/stats", get(stats)),
+        ("GET", "/admin/v1/openapi.json", get(openapi)),
+        ("GET", "/status", get(status_page)),
+    ]
+}
+
 /// The admin routes (`/admin/v1/…` and `/status`), behind the token when one is configured.
 pub fn router(admin: Arc<Admin>) -> Router {
-    Router::new()
-        .route("/admin/v1/allocations", get(allocations))
-        .route("/admin/v1/allocations/{id}", delete(kill_allocation))
-        .route("/admin/v1/signaling", get(signaling))
-        .route("/admin/v1/signaling/{id}", delete(kill_signaling))
-        .route("/admin/v1/credentials", post(mint_credentials))
-        .route("/admin/v1/credentials/check", post(check_credentials))
-        .route("/admin/v1/loglevel", get(get_loglevel).put(set_loglevel))
-        .route("/admin/v1/reload", post(reload))
-        .route("/admin/v1/drain", get(drain_status).post(drain))
-        .route("/admin/v1/stats", get(stats))
-        .route("/admin/v1/openapi.json", get(openapi))
-        .route("/status", get(status_page))
-        .route_layer(middleware::from_fn_with_state(admin.clone(), auth))
+    let mut by_path: Vec<(&'static str, MethodRouter<Arc<Admin>>)> = Vec::new();
+    for (_, path, handler) in routes() {
+        match by_path.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, mr)) => *mr = std::mem::take(mr).merge(handler),
+            None => by_path.push((path, handler)),
+        }
+    }
+    let mut r = Router::new();
+    for (path, mr) in by_path {
+        r = r.route(path, mr);
+    }
+    r.route_layer(middleware::from_fn_with_state(admin.clone(), auth))
         .with_state(admin)
 }
 
@@ -346,7 +373,10 @@ struct MintRequest {
     ttl_secs: Option<u64>,
 }
 
-async fn mint_credentials(State(a): State<Arc<Admin>>, body: Option<Json<MintRequest>>) -> Response {
+async fn mint_credentials(
+    State(a): State<Arc<Admin>>,
+    body: Option<Json<MintRequest>>,
+) -> Response {
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let (secret, default_ttl) = {
         let c = a.config();
@@ -394,10 +424,7 @@ struct CheckRequest {
     password: String,
 }
 
-async fn check_credentials(
-    State(a): State<Arc<Admin>>,
-    Json(req): Json<CheckRequest>,
-) -> Response {
+async fn check_credentials(State(a): State<Arc<Admin>>, Json(req): Json<CheckRequest>) -> Response {
     let turn = a.config().turn.clone();
     let r = kyuu_turn::check_credentials(&turn, &req.username, &req.password, unix_now());
     Json(r).into_response()
@@ -470,9 +497,7 @@ async fn drain_status(State(a): State<Arc<Admin>>) -> Response {
 async fn drain(State(a): State<Arc<Admin>>, body: Option<Json<DrainRequest>>) -> Response {
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let deadline = Duration::from_secs(req.deadline_secs.unwrap_or(3600));
-    let alternate = req
-        .alternate
-        .or_else(|| a.config().turn.alternate_server);
+    let alternate = req.alternate.or_else(|| a.config().turn.alternate_server);
     a.start_drain(deadline, alternate);
     Json(drain_json(&a)).into_response()
 }
@@ -485,6 +510,40 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn status_page(Query(_q): Query<Value>) -> Response {
+async fn status_page() -> Response {
     Html(STATUS_HTML).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Every route is documented and every documented path and method is routed.
+    #[test]
+    fn openapi_matches_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let mut documented = BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        let routed: BTreeSet<(String, String)> = routes()
+            .into_iter()
+            .map(|(m, p, _)| (m.to_owned(), p.to_owned()))
+            .collect();
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from the OpenAPI document: {undocumented:?}"
+        );
+        assert!(
+            unrouted.is_empty(),
+            "documented but not routed: {unrouted:?}"
+        );
+    }
 }

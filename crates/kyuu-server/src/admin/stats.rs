@@ -128,7 +128,10 @@ impl Sampler {
     fn current(&self, text: &str) -> Sample {
         Sample {
             t_ms: now_ms(),
-            allocations: self.relay.as_ref().map_or(0, |r| u64::from(r.allocation_count())),
+            allocations: self
+                .relay
+                .as_ref()
+                .map_or(0, |r| u64::from(r.allocation_count())),
             relayed_bytes: metric_sum(text, "kyuu_turn_relayed_bytes_total"),
             relayed_packets: metric_sum(text, "kyuu_turn_relayed_packets_total"),
             signaling_connections: self
@@ -139,7 +142,10 @@ impl Sampler {
     }
 
     fn render(&self) -> String {
-        self.metrics.as_ref().map(|m| m.render()).unwrap_or_default()
+        self.metrics
+            .as_ref()
+            .map(|m| m.render())
+            .unwrap_or_default()
     }
 
     /// Takes one sample (called every [`INTERVAL`]).

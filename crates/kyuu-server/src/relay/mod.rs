@@ -372,9 +372,7 @@ pub async fn start(
         control.push(ctl_tx);
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || {
-                shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, ctl_rx)
-            })
+            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, ctl_rx))
             .context("spawning relay thread")?;
         handles.push(h);
     }
