@@ -4,6 +4,7 @@
 //! * [`config`]: the TOML configuration of `kyuu serve`.
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
 //! * [`metrics`]: the Prometheus recorder.
+//! * [`proxy`]: PROXY protocol v2 headers from load balancers.
 //! * [`tls`]: certificates for the TLS listeners (STUN/TURN and HTTPS).
 //! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
 //! * [`start`]: starts everything from a [`config::Config`].
@@ -12,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod proxy;
 pub mod relay;
 mod serve;
 pub mod tls;

@@ -32,6 +32,9 @@ pub struct ListenConfig {
     pub threads: usize,
     /// SO_RCVBUF/SO_SNDBUF for UDP sockets in bytes (0: the system default).
     pub socket_buffer: usize,
+    /// Listeners behind a load balancer that sends PROXY protocol v2 headers
+    /// (`[[listen.proxy_protocol]]`, see `crate::proxy`).
+    pub proxy_protocol: Vec<crate::proxy::ProxyListener>,
 }
 
 impl Default for ListenConfig {
@@ -49,6 +52,7 @@ impl Default for ListenConfig {
             alt_port: None,
             threads: 0,
             socket_buffer: 4 << 20,
+            proxy_protocol: Vec::new(),
         }
     }
 }
@@ -87,6 +91,7 @@ impl ListenConfig {
         } else if self.alt_port.is_some() {
             return Err("listen.alt_port: needs listen.alt_ip".into());
         }
+        crate::proxy::validate(&self.proxy_protocol, &self.udp, &self.tcp, &self.tls)?;
         if self.threads > 256 {
             return Err("listen.threads: at most 256".into());
         }

@@ -289,10 +289,12 @@ pub async fn start(
     let mut p6 = None;
     let mut ptls4 = None;
     let mut ptls6 = None;
+    let mut proxy_rules = crate::proxy::Rules::new(&listen.proxy_protocol);
     let mut udp_final = Vec::new();
     for a in &udp_addrs {
         let g = if a.is_ipv4() { &mut p4 } else { &mut p6 };
         let got = resolve(*a, g, Type::DGRAM, Protocol::UDP)?;
+        proxy_rules.resolve("udp", *a, got);
         udp_final.push(got);
         listeners.push(("udp", got));
     }
@@ -300,6 +302,7 @@ pub async fn start(
     for a in &tcp_addrs {
         let g = if a.is_ipv4() { &mut p4 } else { &mut p6 };
         let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
+        proxy_rules.resolve("tcp", *a, got);
         tcp_final.push(got);
         listeners.push(("tcp", got));
     }
@@ -307,6 +310,7 @@ pub async fn start(
     for a in &listen.tls {
         let g = if a.is_ipv4() { &mut ptls4 } else { &mut ptls6 };
         let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
+        proxy_rules.resolve("tls", *a, got);
         tls_final.push(got);
         listeners.push(("tls", got));
     }
@@ -369,10 +373,14 @@ pub async fn start(
         let buf = listen.socket_buffer;
         let ready = ready_tx.clone();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let io = shard::ShardIo {
+            control: ctl_rx,
+            proxy: proxy_rules.clone(),
+        };
         control.push(ctl_tx);
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, ctl_rx))
+            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, io))
             .context("spawning relay thread")?;
         handles.push(h);
     }

@@ -24,6 +24,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::control::ShardCmd;
 use super::{ExtensionReply, ExtensionRequest, ShardSockets};
+use crate::proxy;
+use kyuu_turn::ipnet::IpNet;
 
 const BATCH: usize = quinn_udp::BATCH_SIZE;
 /// Relay sockets carry one peer flow each and mostly hold a datagram or two per wake-up;
@@ -59,7 +61,20 @@ struct Listener {
     addr: SocketAddr,
     sock: Rc<UdpSocket>,
     state: Rc<UdpSocketState>,
+    /// Balancers allowed to send PROXY v2 datagrams, when this listener expects them.
+    proxy: Option<Rc<[IpNet]>>,
 }
+
+/// What a shard gets besides its sockets: its operator control channel and the PROXY protocol
+/// rules of its listeners.
+pub(crate) struct ShardIo {
+    pub control: mpsc::UnboundedReceiver<ShardCmd>,
+    pub proxy: proxy::Rules,
+}
+
+/// Real clients behind UDP balancers remembered at once (a flood only forgets old entries).
+const MAX_PROXIED: usize = 65_536;
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Relay {
     udp: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
@@ -76,6 +91,9 @@ struct State {
     core: Server,
     udp: Vec<Listener>,
     relays: FxHashMap<RelayKey, Relay>,
+    /// PROXY protocol over UDP: the balancer address each real client came through (answers go
+    /// back through it).
+    udp_via: HashMap<SocketAddr, SocketAddr>,
     streams: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<StreamCmd>>,
     /// RFC 6062 peer connections waiting for ConnectionBind.
     peer_conns: HashMap<u32, TcpStream>,
@@ -171,8 +189,12 @@ pub(crate) fn run(
     mut stop: watch::Receiver<bool>,
     socket_buffer: usize,
     ready: mpsc::Sender<anyhow::Result<()>>,
-    mut control: mpsc::UnboundedReceiver<ShardCmd>,
+    io: ShardIo,
 ) {
+    let ShardIo {
+        mut control,
+        proxy: proxy_rules,
+    } = io;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,6 +219,7 @@ pub(crate) fn run(
                     addr,
                     sock: Rc::new(register(s)?),
                     state: Rc::new(state),
+                    proxy: proxy_rules.trusted("udp", addr).map(Rc::from),
                 });
             }
             for s in sockets.tcp {
@@ -216,6 +239,7 @@ pub(crate) fn run(
             core,
             udp: Vec::new(),
             relays: FxHashMap::default(),
+            udp_via: HashMap::new(),
             streams: HashMap::new(),
             peer_conns: HashMap::new(),
             splices: HashMap::new(),
@@ -247,19 +271,29 @@ pub(crate) fn run(
             ))));
         }
         sh.borrow_mut().udp = udp;
+        let trust = |t: &str, l: &TcpListener| -> Option<Rc<[IpNet]>> {
+            l.local_addr()
+                .ok()
+                .and_then(|a| proxy_rules.trusted(t, a))
+                .map(Rc::from)
+        };
         for l in tcp {
+            let t = trust("tcp", &l);
             tasks.push(AbortOnDrop(tokio::task::spawn_local(accept_loop(
                 sh.clone(),
                 l,
                 None,
+                t,
             ))));
         }
         if let Some(acc) = acceptor {
             for l in tls {
+                let t = trust("tls", &l);
                 tasks.push(AbortOnDrop(tokio::task::spawn_local(accept_loop(
                     sh.clone(),
                     l,
                     Some(acc.clone()),
+                    t,
                 ))));
             }
         }
@@ -338,7 +372,18 @@ impl State {
                 // A wildcard socket answers from the address the client wrote to.
                 let src_ip = l.addr.ip().is_unspecified().then(|| client.local.ip());
                 let (sock, state) = (l.sock.clone(), l.state.clone());
-                self.queue_udp(&sock, &state, client.remote, src_ip, data);
+                // Behind a PROXY protocol balancer the answer goes back through it.
+                let to = match &l.proxy {
+                    None => client.remote,
+                    Some(_) => match self.udp_via.get(&client.remote) {
+                        Some(via) => *via,
+                        None => {
+                            self.dropped_sends += 1;
+                            return;
+                        }
+                    },
+                };
+                self.queue_udp(&sock, &state, to, src_ip, data);
             }
             Transport::Tcp | Transport::Tls => {
                 let sent = self
@@ -350,6 +395,48 @@ impl State {
                 }
             }
         }
+    }
+
+    /// A datagram on a PROXY protocol listener: from a trusted balancer, with a v2 header naming
+    /// the real client. Returns the client and the payload after the header, or `None` (dropped
+    /// and counted).
+    fn proxied_datagram<'a>(
+        &mut self,
+        trusted: &[IpNet],
+        client: ClientSocket,
+        seg: &'a [u8],
+    ) -> Option<(ClientSocket, &'a [u8])> {
+        if !proxy::trusted(trusted, client.remote.ip()) {
+            proxy::refused("udp", "untrusted");
+            return None;
+        }
+        let header = match proxy::parse(seg) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                proxy::refused("udp", "bad_header");
+                return None;
+            }
+            Err(e) => {
+                proxy::refused("udp", e.label());
+                return None;
+            }
+        };
+        let payload = seg.get(header.len..)?;
+        // LOCAL (the balancer's own health check): it is the client.
+        let real = header.source().unwrap_or(client.remote);
+        if self.udp_via.get(&real) != Some(&client.remote) {
+            if self.udp_via.len() >= MAX_PROXIED {
+                self.udp_via.clear();
+            }
+            self.udp_via.insert(real, client.remote);
+        }
+        Some((
+            ClientSocket {
+                remote: real,
+                ..client
+            },
+            payload,
+        ))
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
@@ -598,7 +685,12 @@ async fn client_udp_loop(
     sock: Rc<UdpSocket>,
     state: Rc<UdpSocketState>,
 ) {
-    let Some(listen_addr) = sh.borrow().udp.get(index).map(|l| l.addr) else {
+    let Some((listen_addr, trust)) = sh
+        .borrow()
+        .udp
+        .get(index)
+        .map(|l| (l.addr, l.proxy.clone()))
+    else {
         return;
     };
     loop {
@@ -630,6 +722,13 @@ async fn client_udp_loop(
                 let data = buf.get(..meta.len).unwrap_or(&[]);
                 let stride = meta.stride.max(1);
                 for seg in data.chunks(stride) {
+                    let (client, seg) = match &trust {
+                        None => (client, seg),
+                        Some(nets) => match st.proxied_datagram(nets, client, seg) {
+                            Some(x) => x,
+                            None => continue,
+                        },
+                    };
                     if let Some(tp) = st.core.handle_client(now, client, seg) {
                         st.send_peer(&tp, seg);
                     }
@@ -733,28 +832,90 @@ async fn relay_udp_loop(
     }
 }
 
-async fn accept_loop(sh: Sh, listener: TcpListener, tls: Option<TlsAcceptor>) {
+/// Reads a PROXY v2 header from the start of a connection, exactly (nothing after it is
+/// consumed, so TLS or STUN framing starts right behind it). The real client address, or the
+/// connection's own for LOCAL; `None` when refused (counted).
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    transport: &'static str,
+    remote: SocketAddr,
+) -> Option<SocketAddr> {
+    let read = async {
+        let mut head = [0u8; proxy::HEADER_LEN];
+        stream.read_exact(&mut head).await.ok()?;
+        let body_len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+        let mut whole = head.to_vec();
+        if proxy::HEADER_LEN + body_len <= proxy::MAX_LEN {
+            whole.resize(proxy::HEADER_LEN + body_len, 0);
+            stream
+                .read_exact(whole.get_mut(proxy::HEADER_LEN..)?)
+                .await
+                .ok()?;
+        }
+        Some(proxy::parse(&whole))
+    };
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read).await {
+        Ok(Some(Ok(Some(h)))) => Some(h.source().unwrap_or(remote)),
+        Ok(Some(Err(e))) => {
+            proxy::refused(transport, e.label());
+            None
+        }
+        Ok(Some(Ok(None))) | Ok(None) | Err(_) => {
+            proxy::refused(transport, "bad_header");
+            None
+        }
+    }
+}
+
+async fn accept_loop(
+    sh: Sh,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    proxy_trust: Option<Rc<[IpNet]>>,
+) {
+    let transport = if tls.is_some() { "tls" } else { "tcp" };
     loop {
-        let Ok((stream, remote)) = listener.accept().await else {
+        let Ok((mut stream, mut remote)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        if let Some(nets) = &proxy_trust {
+            if !proxy::trusted(nets, remote.ip()) {
+                proxy::refused(transport, "untrusted");
+                continue;
+            }
+        }
         let _ = stream.set_nodelay(true);
         let Ok(local) = stream.local_addr() else {
             continue;
         };
         let sh = sh.clone();
+        let proxied = proxy_trust.is_some();
         match tls.clone() {
             None => {
-                let client = ClientSocket {
-                    transport: Transport::Tcp,
-                    local,
-                    remote,
-                };
-                tokio::task::spawn_local(stream_task(sh, stream, client));
+                tokio::task::spawn_local(async move {
+                    if proxied {
+                        match read_proxy_header(&mut stream, transport, remote).await {
+                            Some(real) => remote = real,
+                            None => return,
+                        }
+                    }
+                    let client = ClientSocket {
+                        transport: Transport::Tcp,
+                        local,
+                        remote,
+                    };
+                    stream_task(sh, stream, client).await;
+                });
             }
             Some(acc) => {
                 tokio::task::spawn_local(async move {
+                    if proxied {
+                        match read_proxy_header(&mut stream, transport, remote).await {
+                            Some(real) => remote = real,
+                            None => return,
+                        }
+                    }
                     let Ok(Ok(s)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(stream)).await
                     else {
