@@ -66,6 +66,13 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for HTTPS (with `tls_cert`).
     pub tls_key: Option<PathBuf>,
+    /// Serve TURN over TLS on `tls_listen` too (e.g. both on 443, for networks that let only
+    /// HTTPS out): a connection goes to TURN when it negotiates ALPN `stun.turn`, or offers no
+    /// ALPN and names one of `tls_turn_names` in SNI, or sends a STUN message first
+    /// (`crate::tls_mux`). `/v1/ice-servers` then adds a `turns:` URL on that port.
+    pub tls_turn: bool,
+    /// SNI names that mean TURN when the client offers no ALPN.
+    pub tls_turn_names: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -79,6 +86,8 @@ impl Default for HttpConfig {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            tls_turn: false,
+            tls_turn_names: Vec::new(),
         }
     }
 }
@@ -198,6 +207,16 @@ impl Config {
         } else if self.http.tls_cert.is_some() && self.http.enabled {
             return Err(ConfigError::Invalid(
                 "http.tls_cert: set http.tls_listen too (HTTPS is off without it)".into(),
+            ));
+        }
+        if self.http.tls_turn && (self.http.tls_listen.is_none() || !self.http.enabled) {
+            return Err(ConfigError::Invalid(
+                "http.tls_turn: needs http.tls_listen (TURN shares the HTTPS listener)".into(),
+            ));
+        }
+        if self.http.tls_turn && !self.turn.enabled {
+            return Err(ConfigError::Invalid(
+                "http.tls_turn: TURN is off (turn.enabled = false)".into(),
             ));
         }
         if self.rawr.enabled {

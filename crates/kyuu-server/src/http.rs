@@ -94,14 +94,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An axum [`Listener`](axum::serve::Listener) yielding finished TLS connections. Handshakes
 /// run in their own tasks (bounded in number and time), so a slow client never holds up others.
+/// A routed HTTPS connection: the TLS stream, with any byte read while routing put back.
+type HttpsStream = crate::tls_mux::Prefixed<TlsStream<TcpStream>>;
+
 struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<(HttpsStream, SocketAddr)>,
     local: SocketAddr,
     acceptor_task: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
-    fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+    fn new(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        turn: Option<crate::tls_mux::TurnOnTls>,
+    ) -> std::io::Result<Self> {
+        let turn = turn.map(Arc::new);
         let local = listener.local_addr()?;
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -125,11 +133,19 @@ impl TlsListener {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let turn = turn.clone();
+                let local = tcp.local_addr().unwrap_or(local);
                 tokio::spawn(async move {
                     let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            let Some(turn) = turn else {
+                                let _ = tx
+                                    .send((crate::tls_mux::Prefixed::new(Vec::new(), tls), peer))
+                                    .await;
+                                return;
+                            };
+                            route(tls, peer, local, &turn, &tx).await;
                         }
                         Ok(Err(e)) => tracing::debug!("https handshake from {peer}: {e}"),
                         Err(_) => tracing::debug!("https handshake from {peer}: timed out"),
@@ -145,6 +161,39 @@ impl TlsListener {
     }
 }
 
+/// Sends a connection of the shared HTTPS/TURN listener to HTTP or to the relay.
+async fn route(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    turn: &crate::tls_mux::TurnOnTls,
+    http: &tokio::sync::mpsc::Sender<(HttpsStream, SocketAddr)>,
+) {
+    use crate::tls_mux::{classify, Route};
+    let conn = tls.get_ref().1;
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let sni = conn.server_name().map(str::to_owned);
+    let Some((stream, r)) = classify(tls, alpn.as_deref(), sni.as_deref(), &turn.names).await
+    else {
+        return;
+    };
+    match r {
+        Route::Http => {
+            metrics::counter!("kyuu_tls_shared_connections_total", "route" => "http").increment(1);
+            let _ = http.send((stream, peer)).await;
+        }
+        Route::Turn => {
+            metrics::counter!("kyuu_tls_shared_connections_total", "route" => "turn").increment(1);
+            let client = kyuu_turn::ClientSocket {
+                transport: kyuu_turn::Transport::Tls,
+                local,
+                remote: peer,
+            };
+            turn.relay.adopt_stream(Box::new(stream), client);
+        }
+    }
+}
+
 impl Drop for TlsListener {
     fn drop(&mut self) {
         self.acceptor_task.abort();
@@ -152,7 +201,7 @@ impl Drop for TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = HttpsStream;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -175,10 +224,22 @@ pub async fn serve_tls(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_tls_shared(listener, acceptor, app, shutdown, None).await
+}
+
+/// [`serve_tls`], with TURN-over-TLS on the same port when `turn` is given
+/// ([`crate::tls_mux`]; the acceptor must offer [`crate::tls_mux::SHARED_ALPN`]).
+pub async fn serve_tls_shared(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    turn: Option<crate::tls_mux::TurnOnTls>,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt as _;
     // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>` (the per-address limits of
     // signaling need the client's address).
-    let listener = TlsListener::new(listener, acceptor)?.tap_io(|_| {});
+    let listener = TlsListener::new(listener, acceptor, turn)?.tap_io(|_| {});
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

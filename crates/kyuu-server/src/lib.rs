@@ -5,6 +5,7 @@
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
 //! * [`metrics`]: the Prometheus recorder.
 //! * [`proxy`]: PROXY protocol v2 headers from load balancers.
+//! * [`tls_mux`]: TURN over TLS beside HTTPS on one port.
 //! * [`tls`]: certificates for the TLS listeners (STUN/TURN and HTTPS).
 //! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
 //! * [`start`]: starts everything from a [`config::Config`].
@@ -17,5 +18,6 @@ pub mod proxy;
 pub mod relay;
 mod serve;
 pub mod tls;
+pub mod tls_mux;
 
 pub use serve::{start, start_with, Running};

@@ -57,6 +57,8 @@ pub struct Running {
     /// `[admin]` enables them.
     pub admin: Arc<Admin>,
     admin_enabled: bool,
+    /// TURN over TLS is served on the HTTPS port too (`http.tls_turn`).
+    pub https_turn: bool,
     /// Notified when the server should end by itself (a finished drain).
     exit: Arc<tokio::sync::Notify>,
 }
@@ -208,11 +210,15 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         if let Some((l, acceptor)) = tls {
             let mut rx = shutdown_rx.clone();
             let app = app.clone();
+            let tls_turn = config.http.tls_turn.then(|| crate::tls_mux::TurnOnTls {
+                relay: relay.control(),
+                names: config.http.tls_turn_names.clone(),
+            });
             tasks.spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                http::serve_tls(l, acceptor, app, stop)
+                http::serve_tls_shared(l, acceptor, app, stop, tls_turn)
                     .await
                     .context("https server")
             });
@@ -246,6 +252,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         admin_addr,
         admin,
         admin_enabled: config.admin.enabled(),
+        https_turn: config.http.tls_turn && https_addr.is_some(),
         exit,
     })
 }
@@ -336,6 +343,12 @@ impl Running {
                 s,
                 "  HTTPS       https://{a}  signaling wss://{a}/<id>, same routes as HTTP"
             );
+            if self.https_turn {
+                let _ = writeln!(
+                    s,
+                    "              and TURN over TLS on the same port (ALPN stun.turn, SNI, or STUN first)"
+                );
+            }
             match &self.https_cert {
                 Some(crate::tls::CertSource::SelfSigned(names)) => {
                     let _ = writeln!(
@@ -509,7 +522,11 @@ fn https_acceptor(
         cert.map(|p| p.as_path()),
         key.map(|p| p.as_path()),
         names,
-        crate::tls::HTTP_ALPN,
+        if config.http.tls_turn {
+            crate::tls_mux::SHARED_ALPN
+        } else {
+            crate::tls::HTTP_ALPN
+        },
     )
 }
 
@@ -633,6 +650,17 @@ fn ice_provider(
     }
     if let Some(p) = tls {
         if config.turn.enabled {
+            turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
+        }
+    }
+    // TURN over TLS beside HTTPS (http.tls_turn), e.g. on 443.
+    if let Some(p) = config
+        .http
+        .tls_listen
+        .filter(|a| config.http.tls_turn && config.turn.enabled && a.port() != 0)
+        .map(|a| a.port())
+    {
+        if Some(p) != tls {
             turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
         }
     }

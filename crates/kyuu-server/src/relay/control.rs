@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use kyuu_turn::{AllocId, AllocationInfo, NotApplied, Shared, TurnConfig};
+use kyuu_turn::{AllocId, AllocationInfo, ClientSocket, NotApplied, Shared, TurnConfig};
 use tokio::sync::{mpsc, oneshot};
 
 /// A command for one shard.
@@ -25,6 +25,31 @@ pub(crate) enum ShardCmd {
     },
     /// Refuse new allocations from now on.
     Drain { alternate: Option<SocketAddr> },
+    /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
+    Stream {
+        stream: AdoptedStream,
+        client: ClientSocket,
+    },
+}
+
+/// A client byte stream (already past TLS) handed to the relay.
+pub type AdoptedStream = Box<dyn AdoptableStream>;
+
+/// What [`RelayControl::adopt_stream`] takes: any byte stream that can move to a shard thread.
+pub trait AdoptableStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> AdoptableStream
+    for T
+{
+}
+
+impl std::fmt::Debug for dyn AdoptableStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdoptedStream")
+    }
 }
 
 /// One allocation and the shard that holds it.
@@ -114,6 +139,14 @@ impl RelayControl {
             }
         }
         Ok(not_applied)
+    }
+
+    /// Serves STUN/TURN on `stream` as if it had arrived on a TURN listener (stream clients all
+    /// live on the first shard, like the TCP/TLS listeners). False when the relay has stopped.
+    pub fn adopt_stream(&self, stream: AdoptedStream, client: ClientSocket) -> bool {
+        self.shards
+            .first()
+            .is_some_and(|tx| tx.send(ShardCmd::Stream { stream, client }).is_ok())
     }
 
     /// Every shard refuses new allocations from now on.

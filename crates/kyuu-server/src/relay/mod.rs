@@ -24,7 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, watch};
 
 pub use config::ListenConfig;
-pub use control::{parse_alloc_id, RelayControl, ShardAllocation};
+pub use control::{parse_alloc_id, AdoptableStream, AdoptedStream, RelayControl, ShardAllocation};
 pub use kyuu_turn::{ClientSocket, Transport};
 
 /// Hands STUN requests in [`kyuu_turn::EXTENSION_METHODS`] (RAWR control messages) to another

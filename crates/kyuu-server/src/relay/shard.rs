@@ -353,6 +353,9 @@ impl State {
                 let _ = reply.send(self.core.reconfigure(*turn));
             }
             ShardCmd::Drain { alternate } => self.core.drain(alternate),
+            ShardCmd::Stream { stream, client } => {
+                tokio::task::spawn_local(stream_task(sh.clone(), stream, client));
+            }
         }
         self.drain(sh);
     }
