@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,10 +151,10 @@ fn base_toml(extra_users: &str) -> String {
     )
 }
 
-async fn start(file: &PathBuf) -> kyuu_server::Running {
+async fn start(file: &Path) -> kyuu_server::Running {
     let config = Config::from_file(file).unwrap();
     config.validate().unwrap();
-    let path = file.clone();
+    let path = file.to_path_buf();
     let hooks = Hooks {
         log_level: Some(Arc::new(|_: &str| Ok(()))),
         reload_config: Some(Arc::new(move || {

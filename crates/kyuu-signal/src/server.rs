@@ -191,14 +191,16 @@ impl SignalAdmin {
     /// Closes the connection of client `id` (WebSocket close 1008 "closed by admin"); false when
     /// no live connection has that id.
     pub fn kill(&self, id: &str) -> bool {
-        self.0.with_hub(|hub, _| hub.conn_of(id)).is_some_and(|conn| {
-            let link = self.0.lock().links.remove(&conn);
-            if let Some(link) = link {
-                let _ = link.kill.send((1008, "closed by admin"));
-            }
-            self.0.with_hub(|hub, now| hub.disconnect(now, conn));
-            true
-        })
+        self.0
+            .with_hub(|hub, _| hub.conn_of(id))
+            .is_some_and(|conn| {
+                let link = self.0.lock().links.remove(&conn);
+                if let Some(link) = link {
+                    let _ = link.kill.send((1008, "closed by admin"));
+                }
+                self.0.with_hub(|hub, now| hub.disconnect(now, conn));
+                true
+            })
     }
 }
 

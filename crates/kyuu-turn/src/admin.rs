@@ -187,10 +187,8 @@ impl Server {
             self.limiter = RateLimiter::new(cfg.unauth_rate, cfg.unauth_burst, cfg.rate_table_size);
         }
         if cfg.nonce_lifetime != self.cfg.nonce_lifetime {
-            self.nonces = crate::auth::Nonces::new(
-                self.opts.shared.nonce_key,
-                u64::from(cfg.nonce_lifetime),
-            );
+            self.nonces =
+                crate::auth::Nonces::new(self.opts.shared.nonce_key, u64::from(cfg.nonce_lifetime));
         }
         self.cfg = cfg;
         Ok(NotApplied(kept))
@@ -240,7 +238,10 @@ mod tests {
             check_credentials(&cfg, &u, "nope", 1000).reason,
             Some("wrong_password")
         );
-        assert_eq!(check_credentials(&cfg, "alice", "pw", 0).kind, "static_user");
+        assert_eq!(
+            check_credentials(&cfg, "alice", "pw", 0).kind,
+            "static_user"
+        );
         assert!(!check_credentials(&cfg, "alice", "px", 0).valid);
         assert_eq!(
             check_credentials(&cfg, "carol", "pw", 0).reason,

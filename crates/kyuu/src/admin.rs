@@ -527,10 +527,7 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     }
     let mut out = Vec::new();
     let mut rest = body;
-    loop {
-        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
         let size_line = String::from_utf8_lossy(rest.get(..eol).unwrap_or_default());
         let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|_| "bad chunk size")?;

@@ -37,8 +37,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let log_hook = init_logging(&config);
-    let args = std::sync::Arc::new(args);
-    let reload_args = args.clone();
+    let reload_args = std::sync::Arc::new(args);
     let hooks = kyuu_server::admin::Hooks {
         log_level: log_hook,
         reload_config: Some(std::sync::Arc::new(move || {
