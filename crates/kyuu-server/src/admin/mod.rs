@@ -162,6 +162,8 @@ impl Admin {
                 new.turn.static_auth_secrets.push(s.clone());
             }
         }
+        // Renewed certificates: read them all before changing anything.
+        let certs = crate::tls::prepare_reload().map_err(|e| format!("{e:#}"))?;
         let old = self.config().clone();
         let mut report = ReloadReport::default();
         let mut restart = |changed: bool, name: &str| {
@@ -195,6 +197,10 @@ impl Admin {
             if let Some(sig) = &self.signal {
                 sig.set_rest_secret(new.turn.static_auth_secrets.first().cloned());
             }
+        }
+        if !certs.is_empty() {
+            crate::tls::apply_reload(certs);
+            report.applied.push("tls certificates".into());
         }
         tracing::info!(
             applied = ?report.applied,
