@@ -73,6 +73,10 @@ pub struct HttpConfig {
     pub tls_turn: bool,
     /// SNI names that mean TURN when the client offers no ALPN.
     pub tls_turn_names: Vec<String>,
+    /// PROXY protocol v2 on `listen` (plain HTTP): every connection must start with a header
+    /// from one of these networks (the balancers'); empty: off. Signaling's per-address limits
+    /// then count real clients.
+    pub proxy_protocol_trusted: Vec<kyuu_turn::ipnet::IpNet>,
 }
 
 impl Default for HttpConfig {
@@ -88,6 +92,7 @@ impl Default for HttpConfig {
             tls_key: None,
             tls_turn: false,
             tls_turn_names: Vec::new(),
+            proxy_protocol_trusted: Vec::new(),
         }
     }
 }

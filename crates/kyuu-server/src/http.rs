@@ -87,6 +87,90 @@ pub async fn serve(
     .await
 }
 
+/// Serves `app` on `listener` until `shutdown` resolves, every connection prefixed by a PROXY
+/// protocol v2 header from `trusted` networks ([`crate::proxy`]); handlers see the real client
+/// address as `ConnectInfo`.
+pub async fn serve_proxied(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    trusted: Vec<kyuu_turn::ipnet::IpNet>,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let (tx, ready) = tokio::sync::mpsc::channel(64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let trusted: Arc<[kyuu_turn::ipnet::IpNet]> = trusted.into();
+    let acceptor_task = tokio::spawn(async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (mut tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("http accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if !crate::proxy::trusted(&trusted, peer.ip()) {
+                crate::proxy::refused("http", "untrusted");
+                continue;
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Some(real) = crate::proxy::read_stream_header(&mut tcp, "http", peer).await {
+                    let _ = tx.send((tcp, real)).await;
+                }
+            });
+        }
+    });
+    use axum::serve::ListenerExt as _;
+    // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>`, here the header's address.
+    let listener = ProxiedListener {
+        ready,
+        local,
+        acceptor_task,
+    }
+    .tap_io(|_| {});
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Connections whose PROXY header was read, with the client address it named.
+struct ProxiedListener {
+    ready: tokio::sync::mpsc::Receiver<(TcpStream, SocketAddr)>,
+    local: SocketAddr,
+    acceptor_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ProxiedListener {
+    fn drop(&mut self) {
+        self.acceptor_task.abort();
+    }
+}
+
+impl axum::serve::Listener for ProxiedListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
 /// TLS handshakes that may run at once; further connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 1024;
 /// A TLS handshake that takes longer than this is dropped.

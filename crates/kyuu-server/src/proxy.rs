@@ -268,6 +268,42 @@ pub fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
+/// How long a connection may take to send its PROXY header.
+const STREAM_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads a PROXY v2 header from the start of a connection, exactly (nothing after it is
+/// consumed, so TLS, STUN framing or HTTP starts right behind it). Returns the real client
+/// address, or `remote` for LOCAL; `None` when refused (counted under `transport`).
+pub async fn read_stream_header<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    transport: &'static str,
+    remote: SocketAddr,
+) -> Option<SocketAddr> {
+    use tokio::io::AsyncReadExt as _;
+    let read = async {
+        let mut head = [0u8; HEADER_LEN];
+        stream.read_exact(&mut head).await.ok()?;
+        let body_len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+        let mut whole = head.to_vec();
+        if HEADER_LEN + body_len <= MAX_LEN {
+            whole.resize(HEADER_LEN + body_len, 0);
+            stream.read_exact(whole.get_mut(HEADER_LEN..)?).await.ok()?;
+        }
+        Some(parse(&whole))
+    };
+    match tokio::time::timeout(STREAM_HEADER_TIMEOUT, read).await {
+        Ok(Some(Ok(Some(h)))) => Some(h.source().unwrap_or(remote)),
+        Ok(Some(Err(e))) => {
+            refused(transport, e.label());
+            None
+        }
+        Ok(Some(Ok(None))) | Ok(None) | Err(_) => {
+            refused(transport, "bad_header");
+            None
+        }
+    }
+}
+
 /// Counts a refused connection or datagram.
 pub fn refused(transport: &'static str, reason: &'static str) {
     metrics::counter!("kyuu_proxy_protocol_refused_total", "transport" => transport, "reason" => reason)

@@ -224,13 +224,17 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
             });
         }
         let mut rx = shutdown_rx.clone();
+        let trusted = config.http.proxy_protocol_trusted.clone();
         tasks.spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            http::serve(listener, app, stop)
-                .await
-                .context("http server")
+            if trusted.is_empty() {
+                http::serve(listener, app, stop).await
+            } else {
+                http::serve_proxied(listener, app, stop, trusted).await
+            }
+            .context("http server")
         });
     }
 

@@ -313,3 +313,49 @@ async fn haproxy_send_proxy_v2_in_front_of_tcp() {
     );
     running.shutdown(Duration::from_millis(100)).await;
 }
+
+/// PROXY v2 on the HTTP listener (`http.proxy_protocol_trusted`): signaling sees the address in
+/// the header (listed by the admin API), and a connection without a header gets no answer.
+#[tokio::test]
+async fn http_listener_takes_the_client_from_the_header() {
+    let text = "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\ntls = []\nthreads = 1\n\
+        [http]\nlisten = \"127.0.0.1:0\"\nproxy_protocol_trusted = [\"127.0.0.0/8\"]\n\
+        [admin]\nlisten = \"127.0.0.1:0\"\n";
+    let c = Config::from_toml(text, "t").unwrap();
+    c.validate().unwrap();
+    let running = kyuu_server::start(c).await.unwrap();
+    let http = running.http_addr.unwrap();
+    let admin = running.admin_addr.unwrap();
+    let real: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(&proxy::encode(real, http, false))
+        .await
+        .unwrap();
+    let (_ws, _) = tokio_tungstenite::client_async(format!("ws://{http}/carol"), tcp)
+        .await
+        .unwrap();
+    let mut a = TcpStream::connect(admin).await.unwrap();
+    a.write_all(b"GET /admin/v1/signaling HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    a.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.contains(r#""id":"carol","ip":"203.0.113.9""#),
+        "signaling saw the header's address: {out}"
+    );
+
+    // No header: nothing is served.
+    let mut bare = TcpStream::connect(http).await.unwrap();
+    bare.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(7), bare.read_to_end(&mut got)).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200 OK"),
+        "answered without a PROXY header"
+    );
+    running.shutdown(Duration::from_millis(100)).await;
+}

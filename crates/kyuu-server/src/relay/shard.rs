@@ -74,7 +74,6 @@ pub(crate) struct ShardIo {
 
 /// Real clients behind UDP balancers remembered at once (a flood only forgets old entries).
 const MAX_PROXIED: usize = 65_536;
-const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Relay {
     udp: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
@@ -835,41 +834,6 @@ async fn relay_udp_loop(
     }
 }
 
-/// Reads a PROXY v2 header from the start of a connection, exactly (nothing after it is
-/// consumed, so TLS or STUN framing starts right behind it). The real client address, or the
-/// connection's own for LOCAL; `None` when refused (counted).
-async fn read_proxy_header(
-    stream: &mut TcpStream,
-    transport: &'static str,
-    remote: SocketAddr,
-) -> Option<SocketAddr> {
-    let read = async {
-        let mut head = [0u8; proxy::HEADER_LEN];
-        stream.read_exact(&mut head).await.ok()?;
-        let body_len = usize::from(u16::from_be_bytes([head[14], head[15]]));
-        let mut whole = head.to_vec();
-        if proxy::HEADER_LEN + body_len <= proxy::MAX_LEN {
-            whole.resize(proxy::HEADER_LEN + body_len, 0);
-            stream
-                .read_exact(whole.get_mut(proxy::HEADER_LEN..)?)
-                .await
-                .ok()?;
-        }
-        Some(proxy::parse(&whole))
-    };
-    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read).await {
-        Ok(Some(Ok(Some(h)))) => Some(h.source().unwrap_or(remote)),
-        Ok(Some(Err(e))) => {
-            proxy::refused(transport, e.label());
-            None
-        }
-        Ok(Some(Ok(None))) | Ok(None) | Err(_) => {
-            proxy::refused(transport, "bad_header");
-            None
-        }
-    }
-}
-
 async fn accept_loop(
     sh: Sh,
     listener: TcpListener,
@@ -898,7 +862,7 @@ async fn accept_loop(
             None => {
                 tokio::task::spawn_local(async move {
                     if proxied {
-                        match read_proxy_header(&mut stream, transport, remote).await {
+                        match proxy::read_stream_header(&mut stream, transport, remote).await {
                             Some(real) => remote = real,
                             None => return,
                         }
@@ -914,7 +878,7 @@ async fn accept_loop(
             Some(acc) => {
                 tokio::task::spawn_local(async move {
                     if proxied {
-                        match read_proxy_header(&mut stream, transport, remote).await {
+                        match proxy::read_stream_header(&mut stream, transport, remote).await {
                             Some(real) => remote = real,
                             None => return,
                         }
