@@ -382,6 +382,34 @@ mod tests {
         assert_eq!(parse(&long), Err(ProxyError::TooLong));
     }
 
+    proptest::proptest! {
+        /// Any bytes, and any bytes behind a valid signature: an answer, never a panic; a
+        /// parsed header never claims more bytes than it was given.
+        #[test]
+        fn parse_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..80), signed: bool) {
+            let mut buf = if signed { SIGNATURE.to_vec() } else { Vec::new() };
+            buf.extend_from_slice(&tail);
+            if let Ok(Some(h)) = parse(&buf) {
+                proptest::prop_assert!(h.len <= buf.len());
+            }
+        }
+
+        #[test]
+        fn encode_parse_round_trip(a: [u8; 4], b: [u8; 16], p: u16, q: u16, dgram: bool, six: bool) {
+            let src = if six {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), p)
+            } else {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), p)
+            };
+            let dst = SocketAddr::new(src.ip(), q);
+            let h = encode(src, dst, dgram);
+            let parsed = parse(&h).unwrap().unwrap();
+            proptest::prop_assert_eq!(parsed.addrs, Some((src, dst)));
+            proptest::prop_assert_eq!(parsed.dgram, Some(dgram));
+            proptest::prop_assert_eq!(parsed.len, h.len());
+        }
+    }
+
     #[test]
     fn trust_and_validation() {
         let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
