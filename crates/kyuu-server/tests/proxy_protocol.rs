@@ -359,3 +359,80 @@ async fn http_listener_takes_the_client_from_the_header() {
     );
     running.shutdown(Duration::from_millis(100)).await;
 }
+
+/// On a TLS listener the header comes before the TLS handshake.
+#[tokio::test]
+async fn tls_header_precedes_the_handshake() {
+    let dir = std::env::temp_dir().join(format!("kyuu-proxy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tls_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\ntls = [\"{tls_addr}\"]\nthreads = 1\n\
+         tls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         [[listen.proxy_protocol]]\ntransport = \"tls\"\nlisten = \"{tls_addr}\"\ntrusted = [\"127.0.0.1/32\"]\n\
+         [turn]\nunauth_rate = 0\n[[turn.users]]\nname = \"u\"\npassword = \"p\"\n\
+         [http]\nenabled = false\n",
+        cert.display(),
+        key.display()
+    );
+    let c = Config::from_toml(&text, "t").unwrap();
+    c.validate().unwrap();
+    let running = kyuu_server::start(c).await.unwrap();
+
+    let real: SocketAddr = "198.51.100.77:45678".parse().unwrap();
+    let mut tcp = TcpStream::connect(tls_addr).await.unwrap();
+    tcp.write_all(&proxy::encode(real, tls_addr, false))
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut c = Client::new("u", "p", true);
+    c.allocate(Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ev = loop {
+        while let Some(b) = c.poll_transmit() {
+            s.write_all(&b).await.unwrap();
+        }
+        if let Some(e) = c.poll_event() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no answer over TLS");
+        let mut head = [0u8; 4];
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut head)).await
+        {
+            r.unwrap();
+            let n = kyuu_stun::frame_len(&head).unwrap().unwrap();
+            let mut rest = vec![0u8; n - 4];
+            s.read_exact(&mut rest).await.unwrap();
+            c.handle_input(Instant::now(), &[head.to_vec(), rest].concat());
+        }
+    };
+    let Event::Allocated { mapped, .. } = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(mapped, Some(real));
+    running.shutdown(Duration::from_millis(100)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
