@@ -110,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
                     },
                     family: if op & 8 != 0 { Family::V6 } else { Family::V4 },
                 };
-                let peer = PeerAddr("8.8.8.8:1".parse().unwrap());
+                let peer = PeerAddr::new("8.8.8.8:1".parse().unwrap());
                 s.handle_peer(
                     now,
                     relay,
@@ -134,7 +134,7 @@ fuzz_target!(|data: &[u8]| {
         while let Some(o) = s.poll_output() {
             if let Output::BindRelay { key, addr, .. } = o {
                 if op & 4 != 0 {
-                    s.relay_bound(now, key, Err(()));
+                    s.relay_bound(now, key, Err(BindFailed(std::io::ErrorKind::AddrInUse)));
                 } else {
                     s.relay_bound(now, key, Ok(addr));
                 }

@@ -36,7 +36,7 @@ pub use auth::{rest_credentials, rest_password};
 pub use config::{PortRange, TurnConfig, UserConfig};
 /// The CIDR type of `allow_peers`/`deny_peers`.
 pub use ipnet;
-pub use server::{Rfc5780, Server, ServerOptions, Shared};
+pub use server::{Rfc5780, Server, ServerError, ServerOptions, Shared};
 pub use types::*;
 
 /// First and last STUN method handed to the extension (RAWR control messages, `docs/rawr.md`).
