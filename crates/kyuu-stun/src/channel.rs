@@ -69,10 +69,13 @@ impl<'a> ChannelData<'a> {
             return Err(Error::NotStun("channel number outside 0x4000-0x7FFF"));
         };
         let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
-        let data = buf.get(4..).and_then(|rest| rest.get(..len)).ok_or(Error::Truncated {
-            expected: 4 + len,
-            actual: buf.len(),
-        })?;
+        let data = buf
+            .get(4..)
+            .and_then(|rest| rest.get(..len))
+            .ok_or(Error::Truncated {
+                expected: 4 + len,
+                actual: buf.len(),
+            })?;
         Ok(ChannelData { channel, data })
     }
 
@@ -126,8 +129,14 @@ mod tests {
     #[test]
     fn channel_numbers_outside_their_range_are_refused() {
         assert_eq!(ChannelNumber::new(0x3FFF), None);
-        assert_eq!(ChannelNumber::new(0x4000).map(ChannelNumber::get), Some(0x4000));
-        assert_eq!(ChannelNumber::new(0x4FFF).map(ChannelNumber::get), Some(0x4FFF));
+        assert_eq!(
+            ChannelNumber::new(0x4000).map(ChannelNumber::get),
+            Some(0x4000)
+        );
+        assert_eq!(
+            ChannelNumber::new(0x4FFF).map(ChannelNumber::get),
+            Some(0x4FFF)
+        );
         assert_eq!(ChannelNumber::new(0x5000), None);
         assert_eq!(
             ChannelNumber::new_rfc5766(0x7FFF).map(ChannelNumber::get),

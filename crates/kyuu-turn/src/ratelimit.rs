@@ -17,7 +17,10 @@ pub(crate) struct TokenBucket {
 impl TokenBucket {
     /// A full bucket.
     pub fn full(burst: f64, now: Instant) -> Self {
-        TokenBucket { tokens: burst, last: now }
+        TokenBucket {
+            tokens: burst,
+            last: now,
+        }
     }
 
     /// Refills for the time since the last call, then takes `amount` if that many are there.

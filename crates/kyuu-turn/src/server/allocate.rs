@@ -53,7 +53,10 @@ impl Server {
         // A reservation token fixes the family and the port.
         let (family, reserved_port) = match req.token {
             None => (req.family, None),
-            Some(t) => match self.reservations.claim(&self.opts.shared.reservations, t, now) {
+            Some(t) => match self
+                .reservations
+                .claim(&self.opts.shared.reservations, t, now)
+            {
                 Claim::Port(f, p) => {
                     self.ports.mark(f, p);
                     (f, Some(p))
@@ -104,7 +107,9 @@ impl Server {
         let port = match reserved_port {
             Some(p) => Some(p),
             None => {
-                let p = self.ports.pick(family, req.even_port.is_some(), &mut self.rng);
+                let p = self
+                    .ports
+                    .pick(family, req.even_port.is_some(), &mut self.rng);
                 if let (Some(p), Some(true)) = (p, req.even_port) {
                     // EVEN-PORT(R): keep the next port for a later Allocate with the token.
                     self.ports.mark(family, p + 1);
@@ -180,7 +185,10 @@ impl Server {
                 continue;
             };
             self.out.push_back(Output::BindRelay {
-                key: RelayKey { alloc: id, family: f },
+                key: RelayKey {
+                    alloc: id,
+                    family: f,
+                },
                 addr: SocketAddr::new(ip, r.port),
                 proto: req.proto,
             });
@@ -192,7 +200,12 @@ impl Server {
     /// The shell's answer to [`Output::BindRelay`]: the bound address, or an error (the core then
     /// tries another port, or gives up on the family; with no family left the Allocate fails with
     /// 508, RFC 8656 §7.2).
-    pub fn relay_bound(&mut self, now: Instant, key: RelayKey, result: Result<SocketAddr, BindFailed>) {
+    pub fn relay_bound(
+        &mut self,
+        now: Instant,
+        key: RelayKey,
+        result: Result<SocketAddr, BindFailed>,
+    ) {
         let idx = key.family.index();
         let Some(alloc) = self.allocs.get_mut(key.alloc) else {
             if result.is_ok() {
@@ -316,10 +329,15 @@ impl Server {
             return;
         };
         for f in Family::BOTH {
-            let Some(r) = a.relays[f.index()] else { continue };
+            let Some(r) = a.relays[f.index()] else {
+                continue;
+            };
             self.ports.release(f, r.port);
             if r.bound.is_some() {
-                let key = RelayKey { alloc: id, family: f };
+                let key = RelayKey {
+                    alloc: id,
+                    family: f,
+                };
                 self.out.push_back(Output::CloseRelay { key });
             }
         }

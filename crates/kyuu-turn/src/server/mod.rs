@@ -325,7 +325,11 @@ impl Server {
         let Some(id) = self.allocs.id_of(&client) else {
             return self.error(client, msg, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
         };
-        if !self.allocs.get(id).is_some_and(|a| a.username == auth.username) {
+        if !self
+            .allocs
+            .get(id)
+            .is_some_and(|a| a.username == auth.username)
+        {
             self.counters
                 .auth_failure(crate::auth::AuthFailure::UnknownUser);
             return self.error(client, msg, ErrorCode::WRONG_CREDENTIALS, Some(&auth));

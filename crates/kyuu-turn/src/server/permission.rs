@@ -82,7 +82,11 @@ impl Server {
             Ok(r) => r,
             Err(code) => return self.error(client, msg, code, Some(&auth)),
         };
-        if self.allocs.get(id).is_some_and(|a| a.proto != RelayProto::Udp) {
+        if self
+            .allocs
+            .get(id)
+            .is_some_and(|a| a.proto != RelayProto::Udp)
+        {
             return self.error(client, msg, ErrorCode::BAD_REQUEST, Some(&auth));
         }
         if let Err(code) = self.check_peer(id, peer) {

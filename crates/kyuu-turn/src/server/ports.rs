@@ -76,7 +76,10 @@ mod tests {
 
     #[test]
     fn even_pick_leaves_the_next_port_free_and_pool_runs_dry() {
-        let mut pool = PortPool::new(PortRange { min: 50000, max: 50003 });
+        let mut pool = PortPool::new(PortRange {
+            min: 50000,
+            max: 50003,
+        });
         let mut rng = Rng::new(7);
         let p = pool.pick(Family::V4, true, &mut rng);
         assert!(p.is_some_and(|p| p % 2 == 0 && !pool.is_used(Family::V4, p + 1)));

@@ -57,8 +57,7 @@ impl Quotas {
         if cfg.total_quota > 0 && q.total >= cfg.total_quota {
             return Err(QuotaExceeded::Total);
         }
-        if cfg.user_quota > 0 && q.per_user.get(username).copied().unwrap_or(0) >= cfg.user_quota
-        {
+        if cfg.user_quota > 0 && q.per_user.get(username).copied().unwrap_or(0) >= cfg.user_quota {
             return Err(QuotaExceeded::User);
         }
         if cfg.client_quota > 0 && q.per_ip.get(&ip).copied().unwrap_or(0) >= cfg.client_quota {

@@ -85,7 +85,8 @@ impl Server {
         let tid = self.rng.tid();
         let slot = buf.get_mut(start..end)?;
         let mut b = MessageBuilder::new(slot, method::DATA, Class::Indication, tid).ok()?;
-        b.add_xor_address(attr::XOR_PEER_ADDRESS, peer.addr()).ok()?;
+        b.add_xor_address(attr::XOR_PEER_ADDRESS, peer.addr())
+            .ok()?;
         // The payload already sits where DATA's value goes: reserve writes only the header and
         // padding.
         b.reserve(attr::DATA, len).ok()?;

@@ -71,7 +71,13 @@ impl Server {
     }
 
     /// An empty authenticated success answer, remembered for retransmissions.
-    pub(super) fn reply_ok(&mut self, client: ClientSocket, msg: &Message<'_>, m: u16, auth: &Authed) {
+    pub(super) fn reply_ok(
+        &mut self,
+        client: ClientSocket,
+        msg: &Message<'_>,
+        m: u16,
+        auth: &Authed,
+    ) {
         let tid = *msg.transaction_id();
         let resp = self.build(m, Class::Success, tid, Some((&auth.key, auth.kind)), |_| {
             Ok(())
@@ -136,9 +142,7 @@ impl Server {
         msg: &Message<'_>,
         code: ErrorCode,
     ) {
-        let nonce = self
-            .nonces
-            .issue(self.opts.shared.secs(now), client.remote);
+        let nonce = self.nonces.issue(self.opts.shared.secs(now), client.remote);
         let resp = self.build(
             msg.method(),
             Class::Error,

@@ -186,14 +186,28 @@ impl Server {
             Ok(r) => r.peer,
             Err(code) => return self.error(client, msg, code, Some(&auth)),
         };
-        if self.allocs.get(id).is_some_and(|a| a.proto != RelayProto::Tcp) {
+        if self
+            .allocs
+            .get(id)
+            .is_some_and(|a| a.proto != RelayProto::Tcp)
+        {
             return self.error(client, msg, ErrorCode::BAD_REQUEST, Some(&auth));
         }
         if let Err(code) = self.check_peer(id, peer) {
             return self.error(client, msg, code, Some(&auth));
         }
-        if self.conns.0.values().any(|c| c.alloc == id && c.peer == peer) {
-            return self.error(client, msg, ErrorCode::CONNECTION_ALREADY_EXISTS, Some(&auth));
+        if self
+            .conns
+            .0
+            .values()
+            .any(|c| c.alloc == id && c.peer == peer)
+        {
+            return self.error(
+                client,
+                msg,
+                ErrorCode::CONNECTION_ALREADY_EXISTS,
+                Some(&auth),
+            );
         }
         let connection_id = self.conns.new_id(&mut self.rng);
         if let Some(a) = self.allocs.get_mut(id) {
@@ -225,7 +239,12 @@ impl Server {
 
     /// ConnectionBind (RFC 6062 §5.4), on a new client connection without an allocation, by the
     /// user who owns the allocation.
-    pub(super) fn connection_bind(&mut self, client: ClientSocket, msg: &Message<'_>, auth: Authed) {
+    pub(super) fn connection_bind(
+        &mut self,
+        client: ClientSocket,
+        msg: &Message<'_>,
+        auth: Authed,
+    ) {
         if !client.transport.is_stream() || self.allocs.id_of(&client).is_some() {
             return self.error(client, msg, ErrorCode::BAD_REQUEST, Some(&auth));
         }
