@@ -325,11 +325,8 @@ impl Server {
         let Some(id) = self.allocs.id_of(&client) else {
             return self.error(client, msg, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
         };
-        if !self
-            .allocs
-            .get(id)
-            .is_some_and(|a| a.username == auth.username)
-        {
+        let owner = self.allocs.get(id).map(|a| a.username.as_str());
+        if owner != Some(auth.username.as_str()) {
             self.counters
                 .auth_failure(crate::auth::AuthFailure::UnknownUser);
             return self.error(client, msg, ErrorCode::WRONG_CREDENTIALS, Some(&auth));
