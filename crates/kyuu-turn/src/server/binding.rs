@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use kyuu_stun::{attr, method, Class, ErrorCode, Message};
 
-use crate::server::metrics::Drop;
+use crate::server::metrics::Dropped;
 use crate::server::Server;
 use crate::types::ClientSocket;
 
@@ -80,7 +80,7 @@ impl Server {
     /// Unauthenticated, so rate limited per source.
     pub(super) fn binding(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>) {
         if !self.limiter.allow(client.remote.ip(), now) {
-            self.counters.drop(Drop::RateLimited);
+            self.counters.drop(Dropped::RateLimited);
             return;
         }
         metrics::counter!("kyuu_stun_binding_requests_total", "transport" => client.transport.label())

@@ -17,7 +17,7 @@ pub(crate) struct Stats {
 
 /// Why input was dropped without an answer.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Drop {
+pub(crate) enum Dropped {
     Malformed,
     NoAllocation,
     NoPermission,
@@ -26,13 +26,13 @@ pub(crate) enum Drop {
     ForbiddenPeer,
 }
 
-const DROPS: [(Drop, &str); 6] = [
-    (Drop::Malformed, "malformed"),
-    (Drop::NoAllocation, "no_allocation"),
-    (Drop::NoPermission, "no_permission"),
-    (Drop::RateLimited, "rate_limited"),
-    (Drop::Bandwidth, "bandwidth"),
-    (Drop::ForbiddenPeer, "forbidden_peer"),
+const DROPS: [(Dropped, &str); 6] = [
+    (Dropped::Malformed, "malformed"),
+    (Dropped::NoAllocation, "no_allocation"),
+    (Dropped::NoPermission, "no_permission"),
+    (Dropped::RateLimited, "rate_limited"),
+    (Dropped::Bandwidth, "bandwidth"),
+    (Dropped::ForbiddenPeer, "forbidden_peer"),
 ];
 
 /// Per-shard counters not tied to one allocation.
@@ -44,7 +44,7 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub fn drop(&mut self, why: Drop) {
+    pub fn drop(&mut self, why: Dropped) {
         self.drops[why as usize] += 1;
     }
 

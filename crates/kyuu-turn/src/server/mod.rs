@@ -51,7 +51,7 @@ pub use binding::Rfc5780;
 use allocation::Allocations;
 use authenticate::{authenticate, Answer, AuthContext, Authed, Verdict};
 use cache::ResponseCache;
-use metrics::{Counters, Drop};
+use metrics::{Counters, Dropped};
 use ports::PortPool;
 use quota::Quotas;
 use reservation::{Reservations, SharedReservations};
@@ -199,11 +199,11 @@ impl Server {
             return self.channel_data(now, client, packet);
         }
         let Ok(msg) = Message::parse(packet) else {
-            self.counters.drop(Drop::Malformed);
+            self.counters.drop(Dropped::Malformed);
             return None;
         };
         if msg.verify_fingerprint().is_err() {
-            self.counters.drop(Drop::Malformed);
+            self.counters.drop(Dropped::Malformed);
             return None;
         }
         match msg.class() {
@@ -301,7 +301,7 @@ impl Server {
             if self.limiter.allow(client.remote.ip(), now) {
                 self.error(client, msg, ErrorCode::BAD_REQUEST, None);
             } else {
-                self.counters.drop(Drop::RateLimited);
+                self.counters.drop(Dropped::RateLimited);
             }
             return;
         }
@@ -363,7 +363,7 @@ impl Server {
             self.counters.auth_failure(f);
         }
         if refusal.rate_limited && !self.limiter.allow(client.remote.ip(), now) {
-            self.counters.drop(Drop::RateLimited);
+            self.counters.drop(Dropped::RateLimited);
             return None;
         }
         match refusal.answer {

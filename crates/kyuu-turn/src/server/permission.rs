@@ -8,7 +8,7 @@ use kyuu_stun::{method, ErrorCode, Message};
 
 use crate::server::allocation::PERMISSION_LIFETIME;
 use crate::server::authenticate::Authed;
-use crate::server::metrics::Drop;
+use crate::server::metrics::Dropped;
 use crate::server::request::{ChannelBindReq, CreatePermissionReq};
 use crate::server::Server;
 use crate::types::{AllocId, ClientSocket, Family, RelayProto};
@@ -24,7 +24,7 @@ impl Server {
             return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
         }
         if !self.policy.permits(peer.ip()) {
-            self.counters.drop(Drop::ForbiddenPeer);
+            self.counters.drop(Dropped::ForbiddenPeer);
             metrics::counter!("kyuu_turn_forbidden_peers_total").increment(1);
             return Err(ErrorCode::FORBIDDEN);
         }

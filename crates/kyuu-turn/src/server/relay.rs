@@ -20,7 +20,7 @@ use std::time::Instant;
 use kyuu_stun::{attr, method, ChannelData, Class, Message, MessageBuilder};
 
 use crate::server::allocation::{Allocation, Direction};
-use crate::server::metrics::{Counters, Drop};
+use crate::server::metrics::{Counters, Dropped};
 use crate::server::request::SendInd;
 use crate::server::Server;
 use crate::types::{ClientSocket, Family, PeerAddr, RelayKey, RelayProto, ToClient, ToPeer};
@@ -45,16 +45,16 @@ impl Server {
     ) -> Option<ToClient> {
         let max_bps = self.cfg.max_bps;
         let Some(alloc) = self.allocs.get_mut(relay.alloc) else {
-            self.counters.drop(Drop::NoAllocation);
+            self.counters.drop(Dropped::NoAllocation);
             return None;
         };
         let len = payload.len();
         if !alloc.permitted(peer.addr().ip(), now) {
-            self.counters.drop(Drop::NoPermission);
+            self.counters.drop(Dropped::NoPermission);
             return None;
         }
         if !alloc.take_bytes(Direction::ToClient, len, max_bps, now) {
-            self.counters.drop(Drop::Bandwidth);
+            self.counters.drop(Dropped::Bandwidth);
             return None;
         }
         let client = alloc.client;
@@ -106,16 +106,16 @@ impl Server {
         packet: &[u8],
     ) -> Option<ToPeer> {
         let Ok(cd) = ChannelData::parse(packet) else {
-            self.counters.drop(Drop::Malformed);
+            self.counters.drop(Dropped::Malformed);
             return None;
         };
         let Some(id) = self.allocs.id_of(&client) else {
-            self.counters.drop(Drop::NoAllocation);
+            self.counters.drop(Dropped::NoAllocation);
             return None;
         };
         let alloc = self.allocs.get_mut(id)?;
         let Some(peer) = alloc.channel_peer(cd.channel, now) else {
-            self.counters.drop(Drop::NoPermission);
+            self.counters.drop(Dropped::NoPermission);
             return None;
         };
         let data = range_in(4, cd.data.len(), packet.len())?;
@@ -135,20 +135,20 @@ impl Server {
         msg: &Message<'_>,
     ) -> Option<ToPeer> {
         let Some(id) = self.allocs.id_of(&client) else {
-            self.counters.drop(Drop::NoAllocation);
+            self.counters.drop(Dropped::NoAllocation);
             return None;
         };
         let Ok(send) = SendInd::decode(msg) else {
-            self.counters.drop(Drop::Malformed);
+            self.counters.drop(Dropped::Malformed);
             return None;
         };
         if !self.policy.permits(send.peer.ip()) {
-            self.counters.drop(Drop::ForbiddenPeer);
+            self.counters.drop(Dropped::ForbiddenPeer);
             return None;
         }
         let alloc = self.allocs.get_mut(id)?;
         if alloc.proto != RelayProto::Udp || !alloc.has_family(Family::of(&send.peer)) {
-            self.counters.drop(Drop::NoPermission);
+            self.counters.drop(Dropped::NoPermission);
             return None;
         }
         let out = Outbound {
@@ -176,12 +176,12 @@ fn to_peer(
     max_bps: u64,
 ) -> Option<ToPeer> {
     if !alloc.permitted(out.peer.ip(), now) {
-        counters.drop(Drop::NoPermission);
+        counters.drop(Dropped::NoPermission);
         return None;
     }
     let len = out.data.len();
     if !alloc.take_bytes(Direction::ToPeer, len, max_bps, now) {
-        counters.drop(Drop::Bandwidth);
+        counters.drop(Dropped::Bandwidth);
         return None;
     }
     alloc.stats.to_peer_pkts += 1;

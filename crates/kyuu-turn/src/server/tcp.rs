@@ -14,7 +14,7 @@ use kyuu_stun::{attr, method, Class, ErrorCode, Message, TransactionId};
 
 use crate::server::allocation::PERMISSION_LIFETIME;
 use crate::server::authenticate::Authed;
-use crate::server::metrics::Drop;
+use crate::server::metrics::Dropped;
 use crate::server::request::{ConnectReq, ConnectionBindReq};
 use crate::server::rng::Rng;
 use crate::server::Server;
@@ -136,7 +136,7 @@ impl Server {
     ) -> Option<ConnectionId> {
         let alloc = self.allocs.get(relay.alloc)?;
         if !alloc.permitted(peer.addr().ip(), now) {
-            self.counters.drop(Drop::NoPermission);
+            self.counters.drop(Dropped::NoPermission);
             return None;
         }
         let client = alloc.client;
