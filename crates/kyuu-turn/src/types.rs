@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
-/// The transport a client reached the server over.
+/// The transport a client reached the server over. A datagram transport added later (DTLS,
+/// RFC 7350) belongs here, with `is_stream` false: the core's rules depend only on whether
+/// ChannelData is framed by datagrams or padded in a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     Udp,
