@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{flush_stats, Server};
+use super::metrics::flush_stats;
+use super::Server;
 use crate::auth::Credentials;
 use crate::config::TurnConfig;
 use crate::policy::PeerPolicy;
@@ -95,9 +96,8 @@ pub fn check_credentials(
 impl Server {
     /// Every allocation of this shard (pending ones included, with no relayed address yet).
     pub fn allocations(&self, now: Instant) -> Vec<AllocationInfo> {
-        self.slots
+        self.allocs
             .iter()
-            .filter_map(|(_, a)| a.as_ref())
             .map(|a| {
                 let s = a.stats;
                 AllocationInfo {
@@ -124,7 +124,7 @@ impl Server {
                         .channels
                         .iter()
                         .filter(|c| c.expires > now)
-                        .map(|c| (c.number, c.peer))
+                        .map(|c| (c.number.get(), c.peer))
                         .collect(),
                     to_peer_packets: s.to_peer_pkts,
                     to_peer_bytes: s.to_peer_bytes,
@@ -140,10 +140,10 @@ impl Server {
     /// Ends an allocation now, as if it had expired, and closes a stream client's connection.
     /// False when `id` is not (or no longer) an allocation of this shard.
     pub fn kill_allocation(&mut self, now: Instant, id: AllocId) -> bool {
-        let Some(client) = self.alloc(id).map(|a| a.client) else {
+        let Some(client) = self.allocs.get(id).map(|a| a.client) else {
             return false;
         };
-        if let Some(a) = self.alloc_mut(id) {
+        if let Some(a) = self.allocs.get_mut(id) {
             flush_stats(a);
         }
         self.delete_allocation(now, id, "killed by admin");
