@@ -103,7 +103,19 @@ impl Credentials {
     }
 
     /// Every key `username` may be using, at `unix_now` seconds.
-    pub fn keys(&self, username: &str, unix_now: u64) -> Result<Vec<UserKeys>, AuthFailure> {
+    ///
+    /// `live_allocation`: the request comes from the five-tuple of an allocation this username
+    /// made. A REST credential is checked for expiry only when it starts something (Allocate,
+    /// and requests without an allocation); the allocation it opened keeps working past the
+    /// credential's expiry (Refresh, CreatePermission, ChannelBind) until it is released or
+    /// expires, as `turn.max_lifetime` bounds each refresh. Short credential lifetimes are then
+    /// safe: a call outlives the credential that started it.
+    pub fn keys(
+        &self,
+        username: &str,
+        unix_now: u64,
+        live_allocation: bool,
+    ) -> Result<Vec<UserKeys>, AuthFailure> {
         if let Some(k) = self.users.get(username) {
             return Ok(vec![k.clone()]);
         }
@@ -115,7 +127,7 @@ impl Credentials {
         let Ok(expiry) = stamp.parse::<u64>() else {
             return Err(AuthFailure::UnknownUser);
         };
-        if expiry < unix_now {
+        if expiry < unix_now && !live_allocation {
             return Err(AuthFailure::Expired);
         }
         Ok(self
@@ -269,11 +281,13 @@ mod tests {
         let c = Credentials::new(&cfg);
         let (u, p) = rest_credentials("new", "alice", 1000, 60);
         assert_eq!(u, "1060:alice");
-        let keys = c.keys(&u, 1000).unwrap();
+        let keys = c.keys(&u, 1000, false).unwrap();
         assert_eq!(keys.len(), 2);
         let want = Key::long_term_md5(&u, "kyuu", &p);
         assert!(keys.iter().any(|k| k.md5.as_ref() == Some(&want)));
-        assert_eq!(c.keys(&u, 1061).unwrap_err(), AuthFailure::Expired);
-        assert_eq!(c.keys("bob", 0).unwrap_err(), AuthFailure::UnknownUser);
+        assert_eq!(c.keys(&u, 1061, false).unwrap_err(), AuthFailure::Expired);
+        // An allocation made while the credential was valid keeps it.
+        assert!(c.keys(&u, 1061, true).is_ok());
+        assert_eq!(c.keys("bob", 0, false).unwrap_err(), AuthFailure::UnknownUser);
     }
 }

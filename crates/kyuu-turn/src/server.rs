@@ -1210,7 +1210,15 @@ impl Server {
                 }
             }
         };
-        let keys = match self.creds.keys(&username, self.unix_now(now)) {
+        // Requests on an allocation this username holds keep working after a REST credential
+        // expires (auth.rs `Credentials::keys`).
+        let live = msg.method() != method::ALLOCATE
+            && self
+                .by_client
+                .get(&client)
+                .and_then(|id| self.alloc(*id))
+                .is_some_and(|a| a.username == username);
+        let keys = match self.creds.keys(&username, self.unix_now(now), live) {
             Ok(k) => k,
             Err(f) => {
                 self.count_auth_failure(f);

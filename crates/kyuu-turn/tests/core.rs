@@ -292,6 +292,32 @@ fn forbidden_peers_get_403_on_every_path() {
     p.expect_error(403);
 }
 
+/// A short-lived REST credential starts an allocation; after it expires, the allocation is still
+/// refreshed (with a stale-nonce round on the way), while a new Allocate with it is refused.
+#[test]
+fn refresh_outlives_short_rest_credential() {
+    let (u, pw) = rest_credentials("rest-secret", "bob", UNIX0, 60);
+    let mut p = Pair::with(cfg(), Client::new(&u, &pw, false), Transport::Udp);
+    p.allocate();
+    p.advance(Duration::from_secs(300));
+    p.client.refresh(p.now, 600);
+    assert_eq!(p.run(), vec![Event::Refreshed { lifetime: 600 }]);
+    p.client
+        .create_permission(p.now, &["8.8.8.8:9".parse().unwrap()]);
+    assert_eq!(p.run(), vec![Event::PermissionCreated]);
+    // Past the nonce lifetime too: 438, then the retry with a fresh nonce is accepted.
+    p.advance(Duration::from_secs(550));
+    p.client.refresh(p.now, 600);
+    assert_eq!(p.run(), vec![Event::Refreshed { lifetime: 600 }]);
+    assert_eq!(p.server.allocation_count(), 1);
+
+    // The same expired credential cannot start anything new.
+    let mut q = Pair::with(cfg(), Client::new(&u, &pw, false), Transport::Udp);
+    q.advance(Duration::from_secs(300));
+    q.client.allocate(q.now);
+    q.expect_error(401);
+}
+
 #[test]
 fn auth_failures_stale_nonce_and_rest() {
     // Wrong password: 401 twice -> error.
