@@ -114,7 +114,11 @@ impl ConnLimiter {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut m = self.limiter.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self
+            .limiter
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -384,7 +388,10 @@ mod tests {
         drop(g1);
         assert!(l.admit(a).is_some());
         let v6: IpAddr = "2001:db8:1:1::1".parse().unwrap();
-        let _h = (l.admit(v6).unwrap(), l.admit("2001:db8:1:1::2".parse().unwrap()));
+        let _h = (
+            l.admit(v6).unwrap(),
+            l.admit("2001:db8:1:1::2".parse().unwrap()),
+        );
         assert!(l.admit("2001:db8:1:1:ffff::3".parse().unwrap()).is_none());
         assert_eq!(l.open_from(v6), 2);
         let unlimited = ConnLimiter::new("test", 0);

@@ -34,7 +34,12 @@ const FIRST_MESSAGE_SECS: u64 = 25;
 const HEADER_SECS: u64 = 3;
 
 fn source(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % usize::from(SOURCES)) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        2 + (i % usize::from(SOURCES)) as u8,
+    ))
 }
 
 async fn connect_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -221,7 +226,9 @@ async fn legitimate_client_served_under_flood_and_limits_close_connections() {
     let mut half_tls: Vec<TcpStream> = batched(HALF_OPEN_TLS, 250, |i| async move {
         let mut s = connect_from(source(i), tls).await.unwrap();
         // A TLS record header announcing a ClientHello that never comes.
-        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
         s
     })
     .await;
@@ -279,7 +286,10 @@ async fn legitimate_client_served_under_flood_and_limits_close_connections() {
     .into_iter()
     .filter(|c| *c)
     .count();
-    assert_eq!(refused, 20, "exactly the connections over the caps are closed at once");
+    assert_eq!(
+        refused, 20,
+        "exactly the connections over the caps are closed at once"
+    );
     drop(stun_conns);
     drop(http_conns);
 
@@ -318,7 +328,11 @@ async fn legitimate_client_served_under_flood_and_limits_close_connections() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    for s in idle_tcp.iter_mut().step_by(97).chain(half_tls.iter_mut().step_by(97)) {
+    for s in idle_tcp
+        .iter_mut()
+        .step_by(97)
+        .chain(half_tls.iter_mut().step_by(97))
+    {
         assert!(closed_within(s, Duration::from_secs(2)).await);
     }
     let refused_stun = metric(
@@ -336,12 +350,18 @@ async fn legitimate_client_served_under_flood_and_limits_close_connections() {
         "kyuu_conn_closed_total",
         &["listener=\"http\"", "reason=\"header_timeout\""],
     );
-    println!("refused per IP: stun {refused_stun}, http {refused_http}; header timeouts {slow_closed}");
+    println!(
+        "refused per IP: stun {refused_stun}, http {refused_http}; header timeouts {slow_closed}"
+    );
     assert_eq!(refused_stun, 10.0);
     assert_eq!(refused_http, 10.0);
     assert!(slow_closed >= 1.0);
     // Only the greedy source's STUN connections were still open: all closed by now.
-    assert_eq!(metric(&m, "kyuu_conns_open", &["listener=\"stun\""]), 0.0, "{m}");
+    assert_eq!(
+        metric(&m, "kyuu_conns_open", &["listener=\"stun\""]),
+        0.0,
+        "{m}"
+    );
     assert!(metric(&m, "kyuu_conns_open", &["listener=\"http\""]) >= IDLE_WS as f64);
     drop(ws);
     running.shutdown(Duration::from_millis(500)).await;

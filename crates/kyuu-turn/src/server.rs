@@ -942,7 +942,10 @@ impl Server {
         let mut buf = vec![0u8; 1400];
         let mut b = MessageBuilder::new(&mut buf, m, class, tid).ok()?;
         f(&mut b).ok()?;
-        if !self.cfg.software.is_empty() && class != Class::Indication {
+        // Not in errors to unauthenticated requests: they go to unverified addresses, and
+        // must stay no larger than a Binding answer relative to the request (amplification).
+        let unverified_error = class == Class::Error && auth.is_none();
+        if !self.cfg.software.is_empty() && class != Class::Indication && !unverified_error {
             b.add(attr::SOFTWARE, self.cfg.software.as_bytes()).ok()?;
         }
         match auth {
@@ -1010,7 +1013,10 @@ impl Server {
             Class::Error,
             *msg.transaction_id(),
             auth.map(|a| (&a.key, a.kind)),
-            |b| b.add_error(code, ""),
+            |b| match auth {
+                Some(_) => b.add_error(code, ""),
+                None => b.add_error_bare(code),
+            },
         );
         if auth.is_some() {
             self.send_cached(client, *msg.transaction_id(), resp);
@@ -1059,6 +1065,27 @@ impl Server {
             self.out
                 .push_back(Output::Transmit(Transmit { client, data }));
             return;
+        }
+        if msg.integrity_kind().is_none() {
+            // Without credentials only an Allocate that could succeed is challenged (the 401 is
+            // several times the size of a bare request); anything else gets a small error,
+            // never more bytes than a Binding answer per request byte (amplification).
+            let code = match m {
+                method::ALLOCATE if !msg.has(attr::REQUESTED_TRANSPORT) => Some(400),
+                method::ALLOCATE => None,
+                method::CONNECTION_BIND if client.transport.is_stream() => None,
+                method::CONNECTION_BIND => Some(400),
+                _ if self.by_client.contains_key(&client) => None,
+                _ => Some(437),
+            };
+            if let Some(code) = code {
+                if self.limiter.allow(client.remote.ip(), now) {
+                    self.error(client, msg, code, None);
+                } else {
+                    self.drops.rate_limited += 1;
+                }
+                return;
+            }
         }
         let Some(auth) = self.authenticate(now, client, msg) else {
             return;
@@ -1117,7 +1144,7 @@ impl Server {
             *msg.transaction_id(),
             None,
             |b| {
-                b.add_error(code, "")?;
+                b.add_error_bare(code)?;
                 b.add(attr::REALM, realm.as_bytes())?;
                 b.add(attr::NONCE, &nonce)?;
                 b.add_password_algorithms(&PASSWORD_ALGORITHMS)

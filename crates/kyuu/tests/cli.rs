@@ -230,7 +230,10 @@ fn safe_defaults_warnings_and_production_profile() {
         "max_conns_per_ip = 1024",
         "header_timeout_secs = 10",
     ] {
-        assert!(printed.contains(line), "--print-config lacks {line}:\n{printed}");
+        assert!(
+            printed.contains(line),
+            "--print-config lacks {line}:\n{printed}"
+        );
     }
     // 0 lifts a limit, and the printed file says so.
     let p = temp_file(
@@ -267,7 +270,12 @@ fn safe_defaults_warnings_and_production_profile() {
     // The production profile refuses open minting, by flag or by key, and names the fix.
     for args in [
         vec!["serve", "--production", "--check"],
-        vec!["serve", "--config", public.to_str().unwrap(), "--production"],
+        vec![
+            "serve",
+            "--config",
+            public.to_str().unwrap(),
+            "--production",
+        ],
     ] {
         let o = kyuu(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

@@ -368,9 +368,7 @@ pub async fn start(
         let limits = limits.clone();
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || {
-                shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, limits)
-            })
+            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, limits))
             .context("spawning relay thread")?;
         handles.push(h);
     }
