@@ -298,8 +298,18 @@ pub fn start_kyuu(
     c: &Common,
     log_level: &str,
 ) -> anyhow::Result<ServerProc> {
+    start_kyuu_config(bin, dir, port, &kyuu_config(port, relay, c, log_level))
+}
+
+/// Starts `kyuu serve` with the configuration `text` (UDP STUN/TURN on 127.0.0.1:`port`).
+pub fn start_kyuu_config(
+    bin: &str,
+    dir: &Path,
+    port: u16,
+    text: &str,
+) -> anyhow::Result<ServerProc> {
     let config = dir.join("kyuu.toml");
-    std::fs::write(&config, kyuu_config(port, relay, c, log_level))?;
+    std::fs::write(&config, text)?;
     let log = dir.join("kyuu.log");
     let args = vec![
         "serve".into(),
