@@ -77,7 +77,9 @@ struct Args {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected e.g. 90s, 10m, 1h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s, 10m, 1h"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -197,7 +199,7 @@ fn main() -> anyhow::Result<()> {
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
     let creds = Credentials {
         username: common.username.clone(),
-        password: common.password.clone(),
+        password: common.password,
     };
     let plan = Plan {
         permission: true,
@@ -260,7 +262,7 @@ fn main() -> anyhow::Result<()> {
             }
             refreshes += rep.ok;
         }
-        if cycle % 2 == 0 {
+        if cycle.is_multiple_of(2) {
             let rep = cohort.deallocate(64, Duration::from_secs(60))?;
             if rep.failed > 0 {
                 bail!("cycle {cycle}: release: {rep:?}");
