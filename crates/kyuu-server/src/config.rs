@@ -448,6 +448,45 @@ mod tests {
     }
 
     #[test]
+    fn exposure_warnings_and_production_profile() {
+        let public: std::net::IpAddr = "8.8.8.8".parse().unwrap();
+        // Wildcard HTTP on a host whose default route is public: warned.
+        let c = Config::default();
+        assert!(c.open_minting());
+        let w = c.exposure_warnings(Some(public));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("8.8.8.8:8080"), "{w:?}");
+        // ... but not on a host with only private addresses, nor on loopback.
+        assert!(c.exposure_warnings(None).is_empty());
+        let mut lo = Config::default();
+        lo.http.listen = "127.0.0.1:8080".parse().unwrap();
+        assert!(lo.exposure_warnings(Some(public)).is_empty());
+        // Tokens, static users only, or no HTTP: nothing is minted openly.
+        let mut tok = Config::default();
+        tok.signal.auth_secret = Some("s".into());
+        assert!(!tok.open_minting());
+        assert!(tok.exposure_warnings(Some(public)).is_empty());
+        let mut users = Config::default();
+        users.turn.users.push(kyuu_turn::UserConfig {
+            name: "u".into(),
+            password: Some("p".into()),
+            key: None,
+            key_sha256: None,
+        });
+        assert!(!users.open_minting());
+        // The production profile refuses open minting and names the key.
+        let mut prod = Config::from_toml("[server]\nprofile = \"production\"\n", "k").unwrap();
+        let e = prod.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("server.profile: \"production\" refuses"),
+            "{e}"
+        );
+        prod.signal.auth_secret = Some("s".into());
+        prod.validate().unwrap();
+        assert!(Config::from_toml("[server]\nprofile = \"prod\"\n", "k").is_err());
+    }
+
+    #[test]
     fn print_config_round_trips() {
         let text = "[http]\nlisten = \"127.0.0.1:9000\"\n[signal]\nmax_connections = 7\n";
         let c = Config::from_toml(text, "k").unwrap();
@@ -460,5 +499,6 @@ mod tests {
         assert_eq!(again.turn, c.turn);
         assert_eq!(again.listen, c.listen);
         assert_eq!(again.rawr, c.rawr);
+        assert_eq!(again.server, c.server);
     }
 }
