@@ -132,6 +132,11 @@ impl<'b> MessageBuilder<'b> {
         Ok(())
     }
 
+    /// ERROR-CODE with its default reason phrase.
+    pub fn add_error_code(&mut self, code: crate::ErrorCode) -> Result<(), Error> {
+        self.add_error(code.code(), code.reason())
+    }
+
     pub fn add_unknown_attributes(&mut self, types: &[u16]) -> Result<(), Error> {
         let v = self.reserve(attr::UNKNOWN_ATTRIBUTES, types.len() * 2)?;
         for (chunk, t) in v.chunks_exact_mut(2).zip(types) {

@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::types::Family;
+
 /// Default `user_quota` and `client_quota`: allocations per username and per client IP.
 pub const DEFAULT_QUOTA: u32 = 10;
 /// Default `total_quota`.
@@ -228,11 +230,10 @@ impl TurnConfig {
     }
 
     /// The address relay sockets of `family` bind to, if that family is configured.
-    pub fn relay_ip(&self, v6: bool) -> Option<IpAddr> {
-        if v6 {
-            self.relay_ipv6.map(IpAddr::V6)
-        } else {
-            self.relay_ipv4.map(IpAddr::V4)
+    pub fn relay_ip(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::V4 => self.relay_ipv4.map(IpAddr::V4),
+            Family::V6 => self.relay_ipv6.map(IpAddr::V6),
         }
     }
 

@@ -16,6 +16,9 @@
 //!
 //! After every input the shell drains [`Server::poll_output`] until it returns `None`.
 //!
+//! The server lives in `src/server/`, one file per piece of state it owns; `server/mod.rs`
+//! has the map. The per-packet path is `server/relay.rs`.
+//!
 //! [`client`] holds a small sans-IO TURN client for tests, benchmarks and RAWR.
 //!
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
@@ -36,7 +39,7 @@ pub use auth::{rest_credentials, rest_password};
 pub use config::{PortRange, TurnConfig, UserConfig};
 /// The CIDR type of `allow_peers`/`deny_peers`.
 pub use ipnet;
-pub use server::{Rfc5780, Server, ServerOptions, Shared};
+pub use server::{Rfc5780, Server, ServerError, ServerOptions, Shared};
 pub use types::*;
 
 /// First and last STUN method handed to the extension (RAWR control messages, `docs/rawr.md`).

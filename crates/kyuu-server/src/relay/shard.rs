@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use kyuu_stun::frame_len;
 use kyuu_turn::fxhash::FxHashMap;
 use kyuu_turn::{
-    ClientSocket, Output, PeerAddr, RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
+    BindFailed, ClientSocket, ConnectionId, Output, PeerAddr, RelayKey, RelayProto, Server, ToPeer,
+    Transport, PEER_HEADROOM,
 };
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::unix::AsyncFd;
@@ -77,7 +78,7 @@ struct State {
     relays: FxHashMap<RelayKey, Relay>,
     streams: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<StreamCmd>>,
     /// RFC 6062 peer connections waiting for ConnectionBind.
-    peer_conns: HashMap<u32, TcpStream>,
+    peer_conns: HashMap<ConnectionId, TcpStream>,
     /// Client data connections to splice with a peer connection.
     splices: HashMap<(SocketAddr, SocketAddr), TcpStream>,
     ext: Option<mpsc::Sender<ExtensionRequest>>,
@@ -336,7 +337,7 @@ impl State {
         let Some(data) = packet.get(tp.data.clone()) else {
             return;
         };
-        self.queue_udp(&sock, &state, tp.peer.0, None, data);
+        self.queue_udp(&sock, &state, tp.peer.addr(), None, data);
     }
 
     /// Queues a datagram. Consecutive datagrams of one size from one socket to one destination
@@ -512,7 +513,7 @@ impl State {
                     Err(e) => {
                         tracing::debug!(target: "kyuu::relay", %addr, "relay bind failed: {e}");
                         eprintln!("relay bind {addr} failed: {e}");
-                        self.core.relay_bound(now, key, Err(()));
+                        self.core.relay_bound(now, key, Err(BindFailed(e.kind())));
                     }
                 }
             }
@@ -537,7 +538,7 @@ impl State {
                         );
                         self.core.relay_bound(now, key, Ok(local));
                     }
-                    Err(_) => self.core.relay_bound(now, key, Err(())),
+                    Err(e) => self.core.relay_bound(now, key, Err(BindFailed(e.kind()))),
                 }
             }
         }
@@ -658,7 +659,7 @@ async fn relay_udp_loop(
                 scratch,
             } = &mut *ar;
             for (meta, buf) in metas.iter().zip(bufs.iter_mut()).take(n) {
-                let peer = PeerAddr(meta.addr);
+                let peer = PeerAddr::new(meta.addr);
                 let stride = meta.stride.max(1);
                 if meta.len <= stride {
                     let payload = PEER_HEADROOM..PEER_HEADROOM + meta.len;
@@ -896,7 +897,7 @@ async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn connect_peer(sh: Sh, from: SocketAddr, peer: PeerAddr, connection_id: u32) {
+async fn connect_peer(sh: Sh, from: SocketAddr, peer: PeerAddr, connection_id: ConnectionId) {
     let attempt = async {
         let sock = if from.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -906,7 +907,7 @@ async fn connect_peer(sh: Sh, from: SocketAddr, peer: PeerAddr, connection_id: u
         sock.set_reuseaddr(true)?;
         sock.set_reuseport(true)?;
         sock.bind(from)?;
-        sock.connect(peer.0).await
+        sock.connect(peer.addr()).await
     };
     let res = tokio::time::timeout(PEER_CONNECT_TIMEOUT, attempt).await;
     let mut st = sh.borrow_mut();
@@ -929,7 +930,7 @@ async fn relay_tcp_accept(sh: Sh, key: RelayKey, listener: TcpListener) {
         let mut st = sh.borrow_mut();
         if let Some(id) = st
             .core
-            .peer_connection_accepted(Instant::now(), key, PeerAddr(peer))
+            .peer_connection_accepted(Instant::now(), key, PeerAddr::new(peer))
         {
             st.peer_conns.insert(id, stream);
         }
