@@ -35,6 +35,8 @@ pub enum Step {
     Permission,
     Channel,
     Ready,
+    /// Refresh of a ready allocation (back to Ready).
+    Refresh,
     Deallocate,
     Closed,
     Failed,
@@ -52,6 +54,9 @@ pub enum Action {
     /// Not for us (stale or foreign transaction); nothing to do.
     Ignore,
 }
+
+/// The lifetime a Refresh asks for, seconds.
+pub const REFRESH_LIFETIME: u32 = 600;
 
 /// The channel number every session binds (channels are per allocation, so one suffices).
 pub const CHANNEL: u16 = 0x4000;
@@ -143,10 +148,22 @@ impl Session {
         }
     }
 
+    /// Starts refreshing a ready session (Refresh with LIFETIME [`REFRESH_LIFETIME`]).
+    pub fn refresh(&mut self, creds: &Credentials, now: Instant) -> Action {
+        match self.step {
+            Step::Ready => self.enter(Step::Refresh, creds, now),
+            _ => Action::Ignore,
+        }
+    }
+
     /// When the outstanding request should be retransmitted.
     pub fn timeout(&self) -> Option<Instant> {
         match self.step {
-            Step::Allocate | Step::Permission | Step::Channel | Step::Deallocate => {
+            Step::Allocate
+            | Step::Permission
+            | Step::Channel
+            | Step::Refresh
+            | Step::Deallocate => {
                 Some(self.sent_at + RTO * (1u32 << self.tries.saturating_sub(1).min(3)))
             }
             Step::Idle | Step::Ready | Step::Closed | Step::Failed => None,
@@ -208,7 +225,7 @@ impl Session {
                     Action::Done
                 }
             }
-            Step::Channel => {
+            Step::Channel | Step::Refresh => {
                 self.step = Step::Ready;
                 Action::Done
             }
@@ -279,7 +296,7 @@ impl Session {
             Step::Allocate => method::ALLOCATE,
             Step::Permission => method::CREATE_PERMISSION,
             Step::Channel => method::CHANNEL_BIND,
-            Step::Deallocate => method::REFRESH,
+            Step::Refresh | Step::Deallocate => method::REFRESH,
             Step::Idle | Step::Ready | Step::Closed | Step::Failed => method::BINDING,
         };
         let mut b = MessageBuilder::new(&mut self.req, m, Class::Request, self.tid)?;
@@ -290,6 +307,7 @@ impl Session {
                 b.add_channel_number(CHANNEL)?;
                 b.add_xor_address(attr::XOR_PEER_ADDRESS, self.peer)?;
             }
+            Step::Refresh => b.add_u32(attr::LIFETIME, REFRESH_LIFETIME)?,
             Step::Deallocate => b.add_u32(attr::LIFETIME, 0)?,
             Step::Idle | Step::Ready | Step::Closed | Step::Failed => {}
         }

@@ -5,12 +5,10 @@
 //! `https://` and `wss://`), with a configured PEM pair or a self-signed certificate
 //! ([`crate::tls::acceptor`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use axum::extract::State;
@@ -73,261 +71,23 @@ fn json_strings(items: &[String]) -> String {
     format!("[{}]", quoted.join(","))
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves.
+/// Serves `app` on `listener` until `shutdown` resolves, with the default `[http]` limits
+/// (per-IP connection cap, slow-header timeout: [`crate::limits::serve_http`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    crate::limits::serve_http(listener, app, &Default::default(), shutdown).await
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, every connection prefixed by a PROXY
-/// protocol v2 header from `trusted` networks ([`crate::proxy`]); handlers see the real client
-/// address as `ConnectInfo`.
-pub async fn serve_proxied(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    trusted: Vec<kyuu_turn::ipnet::IpNet>,
-) -> std::io::Result<()> {
-    let local = listener.local_addr()?;
-    let (tx, ready) = tokio::sync::mpsc::channel(64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let trusted: Arc<[kyuu_turn::ipnet::IpNet]> = trusted.into();
-    let acceptor_task = tokio::spawn(async move {
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let (mut tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!("http accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if !crate::proxy::trusted(&trusted, peer.ip()) {
-                crate::proxy::refused("http", "untrusted");
-                continue;
-            }
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Some(real) = crate::proxy::read_stream_header(&mut tcp, "http", peer).await {
-                    let _ = tx.send((tcp, real)).await;
-                }
-            });
-        }
-    });
-    use axum::serve::ListenerExt as _;
-    // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>`, here the header's address.
-    let listener = ProxiedListener {
-        ready,
-        local,
-        acceptor_task,
-    }
-    .tap_io(|_| {});
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-}
-
-/// Connections whose PROXY header was read, with the client address it named.
-struct ProxiedListener {
-    ready: tokio::sync::mpsc::Receiver<(TcpStream, SocketAddr)>,
-    local: SocketAddr,
-    acceptor_task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ProxiedListener {
-    fn drop(&mut self) {
-        self.acceptor_task.abort();
-    }
-}
-
-impl axum::serve::Listener for ProxiedListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// TLS handshakes that may run at once; further connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 1024;
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An axum [`Listener`](axum::serve::Listener) yielding finished TLS connections. Handshakes
-/// run in their own tasks (bounded in number and time), so a slow client never holds up others.
-/// A routed HTTPS connection: the TLS stream, with any byte read while routing put back.
-type HttpsStream = crate::tls_mux::Prefixed<TlsStream<TcpStream>>;
-
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(HttpsStream, SocketAddr)>,
-    local: SocketAddr,
-    acceptor_task: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    fn new(
-        listener: TcpListener,
-        acceptor: TlsAcceptor,
-        turn: Option<crate::tls_mux::TurnOnTls>,
-    ) -> std::io::Result<Self> {
-        let turn = turn.map(Arc::new);
-        let local = listener.local_addr()?;
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        let acceptor_task = tokio::spawn(async move {
-            loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::debug!("https accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                let turn = turn.clone();
-                let local = tcp.local_addr().unwrap_or(local);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let Some(turn) = turn else {
-                                let _ = tx
-                                    .send((crate::tls_mux::Prefixed::new(Vec::new(), tls), peer))
-                                    .await;
-                                return;
-                            };
-                            route(tls, peer, local, &turn, &tx).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!("https handshake from {peer}: {e}"),
-                        Err(_) => tracing::debug!("https handshake from {peer}: timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener {
-            ready,
-            local,
-            acceptor_task,
-        })
-    }
-}
-
-/// Sends a connection of the shared HTTPS/TURN listener to HTTP or to the relay.
-async fn route(
-    tls: TlsStream<TcpStream>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    turn: &crate::tls_mux::TurnOnTls,
-    http: &tokio::sync::mpsc::Sender<(HttpsStream, SocketAddr)>,
-) {
-    use crate::tls_mux::{classify, Route};
-    let conn = tls.get_ref().1;
-    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let sni = conn.server_name().map(str::to_owned);
-    let Some((stream, r)) = classify(tls, alpn.as_deref(), sni.as_deref(), &turn.names).await
-    else {
-        return;
-    };
-    match r {
-        Route::Http => {
-            metrics::counter!("kyuu_tls_shared_connections_total", "route" => "http").increment(1);
-            let _ = http.send((stream, peer)).await;
-        }
-        Route::Turn => {
-            metrics::counter!("kyuu_tls_shared_connections_total", "route" => "turn").increment(1);
-            let client = kyuu_turn::ClientSocket {
-                transport: kyuu_turn::Transport::Tls,
-                local,
-                remote: peer,
-            };
-            turn.relay.adopt_stream(Box::new(stream), client);
-        }
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor_task.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = HttpsStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The acceptor task only ends when the listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// Serves `app` over TLS on `listener` until `shutdown` resolves: `https://` and `wss://`.
+/// Serves `app` over TLS on `listener` until `shutdown` resolves: `https://` and `wss://`
+/// ([`crate::limits::serve_https`]: handshakes bounded in number and time, per-IP cap).
 pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_tls_shared(listener, acceptor, app, shutdown, None).await
-}
-
-/// [`serve_tls`], with TURN-over-TLS on the same port when `turn` is given
-/// ([`crate::tls_mux`]; the acceptor must offer [`crate::tls_mux::SHARED_ALPN`]).
-pub async fn serve_tls_shared(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    turn: Option<crate::tls_mux::TurnOnTls>,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>` (the per-address limits of
-    // signaling need the client's address).
-    let listener = TlsListener::new(listener, acceptor, turn)?.tap_io(|_| {});
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    crate::limits::serve_https(listener, acceptor, app, &Default::default(), shutdown).await
 }

@@ -3,6 +3,7 @@
 //! * [`admin`]: the admin API and the `/status` page.
 //! * [`config`]: the TOML configuration of `kyuu serve`.
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
+//! * [`limits`]: pre-authentication limits on every stream listener (per-IP caps, timeouts).
 //! * [`metrics`]: the Prometheus recorder.
 //! * [`proxy`]: PROXY protocol v2 headers from load balancers.
 //! * [`tls_mux`]: TURN over TLS beside HTTPS on one port.
@@ -13,6 +14,7 @@
 pub mod admin;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;

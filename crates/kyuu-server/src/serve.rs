@@ -50,6 +50,8 @@ pub struct Running {
     upkeep: Option<tokio::task::AbortHandle>,
     /// The RAWR node's own UDP address, when `[rawr]` is enabled.
     pub rawr_node: Option<SocketAddr>,
+    /// Exposure warnings (open credential minting on a public address), also in the summary.
+    pub warnings: Vec<String>,
     rawr: Option<kyuu_rawr::runtime::NodeHandle>,
     /// Where the separate admin listener (`admin.listen`) listens.
     pub admin_addr: Option<SocketAddr>,
@@ -73,6 +75,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let started = Instant::now();
     let mut generated_secret = None;
+    let warnings = config.exposure_warnings(crate::limits::host_public_address());
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let auth = if config.turn.static_auth_secrets.is_empty() && config.turn.users.is_empty() {
         let secret = random_secret();
         generated_secret = Some(secret.clone());
@@ -207,7 +213,9 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         }
     }
     if let (Some(app), Some((listener, tls))) = (app, http_sockets) {
+        let limits = crate::limits::HttpLimits::from(&config.http);
         if let Some((l, acceptor)) = tls {
+            let limits = limits.clone();
             let mut rx = shutdown_rx.clone();
             let app = app.clone();
             let tls_turn = config.http.tls_turn.then(|| crate::tls_mux::TurnOnTls {
@@ -218,7 +226,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                http::serve_tls_shared(l, acceptor, app, stop, tls_turn)
+                crate::limits::serve_https_shared(l, acceptor, app, &limits, stop, tls_turn)
                     .await
                     .context("https server")
             });
@@ -229,12 +237,9 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if trusted.is_empty() {
-                http::serve(listener, app, stop).await
-            } else {
-                http::serve_proxied(listener, app, stop, trusted).await
-            }
-            .context("http server")
+            crate::limits::serve_http_proxied(listener, app, &limits, stop, trusted)
+                .await
+                .context("http server")
         });
     }
 
@@ -258,6 +263,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         admin_enabled: config.admin.enabled(),
         https_turn: config.http.tls_turn && https_addr.is_some(),
         exit,
+        warnings,
     })
 }
 
@@ -417,10 +423,14 @@ impl Running {
             if !self.ice_needs_token {
                 let _ = writeln!(
                     s,
-                    "              (open to anyone who reaches the HTTP port; set \
+                    "              (open to anyone who reaches the HTTP port, rate-limited per address by \
+                     signal.mint_rate_per_min; set \
                      signal.auth_secret to require a token)"
                 );
             }
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  WARNING     {w}");
         }
         if let Some(turn) = self
             .ice

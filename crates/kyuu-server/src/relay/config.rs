@@ -35,6 +35,14 @@ pub struct ListenConfig {
     /// Listeners behind a load balancer that sends PROXY protocol v2 headers
     /// (`[[listen.proxy_protocol]]`, see `crate::proxy`).
     pub proxy_protocol: Vec<crate::proxy::ProxyListener>,
+    /// Open TCP and TLS connections one client IP address may hold on the STUN/TURN listeners;
+    /// further ones are closed at once (0: unlimited).
+    pub max_conns_per_ip: u32,
+    /// A TCP or TLS connection that has not sent one complete STUN message (or ChannelData)
+    /// this long after it was accepted is closed, seconds (0: no limit).
+    pub first_message_timeout_secs: u64,
+    /// A TLS handshake that takes longer is dropped, seconds (at least 1).
+    pub tls_handshake_timeout_secs: u64,
 }
 
 impl Default for ListenConfig {
@@ -53,6 +61,9 @@ impl Default for ListenConfig {
             threads: 0,
             socket_buffer: 4 << 20,
             proxy_protocol: Vec::new(),
+            max_conns_per_ip: 64,
+            first_message_timeout_secs: 10,
+            tls_handshake_timeout_secs: 10,
         }
     }
 }
@@ -92,6 +103,9 @@ impl ListenConfig {
             return Err("listen.alt_port: needs listen.alt_ip".into());
         }
         crate::proxy::validate(&self.proxy_protocol, &self.udp, &self.tcp, &self.tls)?;
+        if self.tls_handshake_timeout_secs == 0 {
+            return Err("listen.tls_handshake_timeout_secs: must be positive".into());
+        }
         if self.threads > 256 {
             return Err("listen.threads: at most 256".into());
         }

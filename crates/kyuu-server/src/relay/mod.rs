@@ -16,7 +16,7 @@ mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use kyuu_turn::{PortRange, Rfc5780, ServerOptions, Shared, TurnConfig};
@@ -356,6 +356,12 @@ pub async fn start(
     let ranges = split_ports(turn.relay_ports, threads);
     let mut handles = Vec::new();
     let mut control = Vec::new();
+    let limits = Arc::new(shard::StreamLimits {
+        conns: crate::limits::ConnLimiter::new("stun", listen.max_conns_per_ip),
+        first_message: (listen.first_message_timeout_secs > 0)
+            .then(|| Duration::from_secs(listen.first_message_timeout_secs)),
+        tls_handshake: Duration::from_secs(listen.tls_handshake_timeout_secs.max(1)),
+    });
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(threads);
     for (i, sockets) in shard_sockets.into_iter().enumerate() {
         let opts = ServerOptions {
@@ -372,6 +378,7 @@ pub async fn start(
         let stop_rx = stop_rx.clone();
         let buf = listen.socket_buffer;
         let ready = ready_tx.clone();
+        let limits = limits.clone();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let io = shard::ShardIo {
             control: ctl_rx,
@@ -380,7 +387,11 @@ pub async fn start(
         control.push(ctl_tx);
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, io))
+            .spawn(move || {
+                shard::run(
+                    i, sockets, core, acceptor, ext, stop_rx, buf, ready, limits, io,
+                )
+            })
             .context("spawning relay thread")?;
         handles.push(h);
     }

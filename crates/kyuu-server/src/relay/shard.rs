@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kyuu_stun::frame_len;
@@ -39,7 +40,6 @@ const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A stream connection without an allocation that sends nothing for this long is closed; one with
 /// an allocation lives as long as the allocation.
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches a socket may read before letting other tasks run.
 const READ_BUDGET: usize = 16;
@@ -189,6 +189,7 @@ pub(crate) fn run(
     mut stop: watch::Receiver<bool>,
     socket_buffer: usize,
     ready: mpsc::Sender<anyhow::Result<()>>,
+    limits: Arc<StreamLimits>,
     io: ShardIo,
 ) {
     let ShardIo {
@@ -283,6 +284,7 @@ pub(crate) fn run(
                 sh.clone(),
                 l,
                 None,
+                limits.clone(),
                 t,
             ))));
         }
@@ -293,6 +295,7 @@ pub(crate) fn run(
                     sh.clone(),
                     l,
                     Some(acc.clone()),
+                    limits.clone(),
                     t,
                 ))));
             }
@@ -321,9 +324,12 @@ pub(crate) fn run(
             }
         })));
         let control_sh = sh.clone();
+        let first_message = limits.first_message;
         tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
             while let Some(cmd) = control.recv().await {
-                control_sh.borrow_mut().command(&control_sh, cmd);
+                control_sh
+                    .borrow_mut()
+                    .command(&control_sh, cmd, first_message);
             }
         })));
         let _ = ready.send(Ok(())).await;
@@ -340,7 +346,7 @@ pub(crate) fn run(
 
 impl State {
     /// An operator command (`super::control`), between two inputs like any other.
-    fn command(&mut self, sh: &Sh, cmd: ShardCmd) {
+    fn command(&mut self, sh: &Sh, cmd: ShardCmd, first_message: Option<Duration>) {
         let now = Instant::now();
         match cmd {
             ShardCmd::Allocations(reply) => {
@@ -354,7 +360,7 @@ impl State {
             }
             ShardCmd::Drain { alternate } => self.core.drain(alternate),
             ShardCmd::Stream { stream, client } => {
-                tokio::task::spawn_local(stream_task(sh.clone(), stream, client));
+                tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
             }
         }
         self.drain(sh);
@@ -835,10 +841,21 @@ async fn relay_udp_loop(
     }
 }
 
+/// Pre-authentication limits of the STUN/TURN stream listeners (`[listen]`, see
+/// `crate::limits`), shared by every shard.
+#[derive(Debug)]
+pub(crate) struct StreamLimits {
+    pub conns: Arc<crate::limits::ConnLimiter>,
+    /// Until the first complete STUN message or ChannelData (`None`: no limit).
+    pub first_message: Option<Duration>,
+    pub tls_handshake: Duration,
+}
+
 async fn accept_loop(
     sh: Sh,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    limits: Arc<StreamLimits>,
     proxy_trust: Option<Rc<[IpNet]>>,
 ) {
     let transport = if tls.is_some() { "tls" } else { "tcp" };
@@ -847,11 +864,21 @@ async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        if let Some(nets) = &proxy_trust {
-            if !proxy::trusted(nets, remote.ip()) {
-                proxy::refused(transport, "untrusted");
-                continue;
+        // Behind a PROXY protocol balancer every connection comes from the balancer: the
+        // per-IP cap applies to the client its header names, once it is read.
+        let mut guard = None;
+        match &proxy_trust {
+            Some(nets) => {
+                if !proxy::trusted(nets, remote.ip()) {
+                    proxy::refused(transport, "untrusted");
+                    continue;
+                }
             }
+            // Over the per-IP cap: dropped (closed) before any buffer or task exists for it.
+            None => match limits.conns.admit(remote.ip()) {
+                Some(g) => guard = Some(g),
+                None => continue,
+            },
         }
         let _ = stream.set_nodelay(true);
         let Ok(local) = stream.local_addr() else {
@@ -859,62 +886,99 @@ async fn accept_loop(
         };
         let sh = sh.clone();
         let proxied = proxy_trust.is_some();
-        match tls.clone() {
-            None => {
-                tokio::task::spawn_local(async move {
-                    if proxied {
-                        match proxy::read_stream_header(&mut stream, transport, remote).await {
-                            Some(real) => remote = real,
-                            None => return,
-                        }
-                    }
-                    let client = ClientSocket {
-                        transport: Transport::Tcp,
-                        local,
-                        remote,
-                    };
-                    stream_task(sh, stream, client).await;
-                });
+        let first = limits.first_message;
+        let limits = limits.clone();
+        let tls = tls.clone();
+        tokio::task::spawn_local(async move {
+            let mut guard = guard;
+            if proxied {
+                match proxy::read_stream_header(&mut stream, transport, remote).await {
+                    Some(real) => remote = real,
+                    None => return,
+                }
+                match limits.conns.admit(remote.ip()) {
+                    Some(g) => guard = Some(g),
+                    None => return,
+                }
             }
-            Some(acc) => {
-                tokio::task::spawn_local(async move {
-                    if proxied {
-                        match proxy::read_stream_header(&mut stream, transport, remote).await {
-                            Some(real) => remote = real,
-                            None => return,
-                        }
-                    }
-                    let Ok(Ok(s)) =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(stream)).await
-                    else {
-                        metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
-                        return;
-                    };
-                    let client = ClientSocket {
-                        transport: Transport::Tls,
-                        local,
-                        remote,
-                    };
-                    stream_task(sh, s, client).await;
-                });
-            }
-        }
+            let _guard = guard;
+            let Some(acc) = tls else {
+                let client = ClientSocket {
+                    transport: Transport::Tcp,
+                    local,
+                    remote,
+                };
+                stream_task(sh, stream, client, first).await;
+                return;
+            };
+            let s = match tokio::time::timeout(limits.tls_handshake, acc.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) => {
+                    metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
+                    crate::limits::closed("stun_tls", "tls_handshake_timeout");
+                    return;
+                }
+            };
+            let client = ClientSocket {
+                transport: Transport::Tls,
+                local,
+                remote,
+            };
+            stream_task(sh, s, client, first).await;
+        });
     }
 }
 
+/// The metrics label of a STUN/TURN stream listener.
+fn stream_listener(t: Transport) -> &'static str {
+    match t {
+        Transport::Tls => "stun_tls",
+        Transport::Tcp | Transport::Udp => "stun_tcp",
+    }
+}
+
+/// Read buffer of a new stream connection; grown up to [`STREAM_BUF_MAX`] as messages need, so
+/// thousands of idle connections cost little.
+const STREAM_BUF_START: usize = 2048;
+/// The largest STUN message (64 KiB + header) or ChannelData frame, with room to spare.
+const STREAM_BUF_MAX: usize = 70_000;
+
 /// A client's TCP or TLS connection: RFC 8489 §6.2.2 framing in, queued messages out.
-async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(sh: Sh, mut s: S, client: ClientSocket) {
+/// `first_message`: the connection is closed unless one complete frame arrives in time.
+async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(
+    sh: Sh,
+    mut s: S,
+    client: ClientSocket,
+    first_message: Option<Duration>,
+) {
     let key = (client.local, client.remote);
     let (tx, mut rx) = mpsc::channel(STREAM_QUEUE);
     sh.borrow_mut().streams.insert(key, tx);
-    let mut buf = vec![0u8; 70_000];
+    let mut buf = vec![0u8; STREAM_BUF_START];
     let mut filled = 0usize;
     let mut splice_with = None;
+    let first_deadline = first_message.map(|d| tokio::time::Instant::now() + d);
+    let mut got_frame = false;
     'conn: loop {
+        if filled == buf.len() && buf.len() < STREAM_BUF_MAX {
+            buf.resize((buf.len() * 2).min(STREAM_BUF_MAX), 0);
+        }
+        let idle = match first_deadline {
+            Some(d) if !got_frame => d.saturating_duration_since(tokio::time::Instant::now()),
+            _ => STREAM_IDLE_TIMEOUT,
+        };
         tokio::select! {
-            r = tokio::time::timeout(STREAM_IDLE_TIMEOUT, s.read(buf.get_mut(filled..).unwrap_or(&mut []))) => {
+            r = tokio::time::timeout(idle, s.read(buf.get_mut(filled..).unwrap_or(&mut []))) => {
                 let n = match r {
                     Ok(Ok(n)) if n > 0 => n,
+                    Err(_) if !got_frame => {
+                        crate::limits::closed(stream_listener(client.transport), "first_message_timeout");
+                        break 'conn;
+                    }
                     Err(_) if sh.borrow().core.has_allocation(&client) => continue 'conn,
                     _ => break 'conn,
                 };
@@ -925,6 +989,7 @@ async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(sh: Sh, mut s: S, client
                     match frame_len(rest) {
                         Ok(Some(len)) if len <= rest.len() => {
                             let Some(frame) = rest.get(..len) else { break 'conn };
+                            got_frame = true;
                             let now = Instant::now();
                             let mut st = sh.borrow_mut();
                             if let Some(tp) = st.core.handle_client(now, client, frame) {

@@ -74,7 +74,8 @@ pub fn check_credentials(
         expires_at: None,
     };
     let creds = Credentials::new(cfg);
-    let keys = match creds.keys(username, unix_now) {
+    // As for a new allocation: an expired REST credential is refused.
+    let keys = match creds.keys(username, unix_now, false) {
         Ok(k) => k,
         Err(f) => return invalid(f.label()),
     };
