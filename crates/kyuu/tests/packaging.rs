@@ -50,9 +50,23 @@ fn production_config_passes_check() {
         .arg(&broken)
         .output()
         .unwrap();
-    let _ = std::fs::remove_file(&broken);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("admin.listen"));
+    // The production profile: no signal token, no start.
+    let text: String = read("packaging/kyuu.toml")
+        .lines()
+        .filter(|l| !l.starts_with("auth_secret"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&broken, text).unwrap();
+    let o = Command::new(KYUU)
+        .args(["serve", "--check", "--config"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&broken);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("server.profile"));
 }
 
 #[test]
