@@ -16,7 +16,7 @@
 //!
 //! After every input the shell drains [`Server::poll_output`] until it returns `None`.
 //!
-//! [`client`] holds a small sans-IO TURN client for tests, benchmarks and RAWR.
+//! The TURN client is `kyuu_client::turn` (a dev-dependency here: the server core does not link it).
 //!
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
 //! [RFC 5780]: https://www.rfc-editor.org/rfc/rfc5780
@@ -24,7 +24,6 @@
 //! [RFC 6062]: https://www.rfc-editor.org/rfc/rfc6062
 
 mod auth;
-pub mod client;
 pub mod config;
 pub mod fxhash;
 pub mod policy;
