@@ -81,7 +81,9 @@ impl Allocation {
             .create_permission(Instant::now(), &[SocketAddr::new(peer, 0)]);
         match self.answer().await? {
             Event::PermissionCreated => Ok(()),
-            _ => Err(TurnError::Malformed("unexpected answer to CreatePermission")),
+            _ => Err(TurnError::Malformed(
+                "unexpected answer to CreatePermission",
+            )),
         }
     }
 

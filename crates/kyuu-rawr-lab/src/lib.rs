@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use kyuu_lab::{Lab, LabChild, LabError, LinkSpec, NatKind, Node as LabNode, Router};
 use tokio::net::UdpSocket;
 
+use kyuu_client::turn_udp::{Allocation, TurnError};
 use kyuu_rawr::config::{parse_turn_uri, BadTurnUri, ChildConfig, GatewayConfig, RawrConfig};
 use kyuu_rawr::peer::{Outcome, PeerConfig, PeerError, Route};
 use kyuu_server::rawr::runtime::{run_peer, spawn_node_on, NodeHandle, PeerEnv};
 use kyuu_server::rawr::sys::HostNet;
-use kyuu_client::turn_udp::{Allocation, TurnError};
 
 pub const RAWR_PORT: u16 = 3479;
 pub const TURN_PORT: u16 = 3478;

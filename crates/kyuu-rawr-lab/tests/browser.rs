@@ -136,7 +136,10 @@ async fn browsers_through_rawr(test: &str, spec: LabSpec) {
             .route("/", get(page))
             .route("/mailbox/{key}", get(mail_get).post(mail_put))
             .with_state(mailbox.clone())
-            .nest("/rawr", kyuu_server::rawr::http::router_with(rawr_addr, factory));
+            .nest(
+                "/rawr",
+                kyuu_server::rawr::http::router_with(rawr_addr, factory),
+            );
         servers.push(tokio::spawn(async move { axum::serve(l, app).await }));
     }
     let session = hex::encode(rand::random::<[u8; 16]>());

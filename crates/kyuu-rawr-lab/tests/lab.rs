@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use kyuu_rawr_lab::{ping_pong, LabSpec, RawrLab};
 use kyuu_rawr::peer::Route;
+use kyuu_rawr_lab::{ping_pong, LabSpec, RawrLab};
 
 fn session() -> Vec<u8> {
     rand::random::<[u8; 16]>().to_vec()

@@ -27,6 +27,7 @@ mod error;
 pub mod integrity;
 mod message;
 pub mod method;
+pub mod rest;
 
 pub use builder::MessageBuilder;
 pub use channel::{frame_len, ChannelData, CHANNEL_MAX, CHANNEL_MIN};

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kyuu_stun::{attr, method, Class, Message, MessageBuilder, TransactionId};
 use kyuu_client::turn::{AllocateOptions, Client, Event};
+use kyuu_stun::{attr, method, Class, Message, MessageBuilder, TransactionId};
 use kyuu_turn::*;
 
 const UNIX0: u64 = 1_700_000_000;

@@ -10,9 +10,9 @@ use tokio::net::UdpSocket;
 
 use kyuu_rawr::config::RawrConfig;
 use kyuu_rawr::peer::{PeerConfig, Route};
+use kyuu_rawr::wire::Mac;
 use kyuu_server::rawr::runtime::{run_peer, spawn_node, PeerEnv};
 use kyuu_server::rawr::sys::HostNet;
-use kyuu_rawr::wire::Mac;
 
 /// `kyuu rawr`: the RAWR peer and a standalone node.
 #[derive(Debug, clap::Args)]

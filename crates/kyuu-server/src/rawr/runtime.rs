@@ -13,10 +13,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::sys::HostNet;
 use kyuu_rawr::config::{ConfigError, RawrConfig};
 use kyuu_rawr::node::{Node, Output, Stats};
 use kyuu_rawr::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
-use super::sys::HostNet;
 use kyuu_rawr::wire::Mac;
 
 fn unix_now() -> u64 {
