@@ -110,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
                     },
                     family: if op & 8 != 0 { Family::V6 } else { Family::V4 },
                 };
-                let peer = PeerAddr("8.8.8.8:1".parse().unwrap());
+                let peer = PeerAddr::new("8.8.8.8:1".parse().unwrap());
                 s.handle_peer(
                     now,
                     relay,
@@ -124,7 +124,11 @@ fuzz_target!(|data: &[u8]| {
                 s.handle_timeout(now);
             }
             5 => s.client_closed(now, client),
-            6 => s.peer_connected(now, u32::from_be_bytes([op, 0, 0, 1]), op & 8 != 0),
+            6 => s.peer_connected(
+                now,
+                ConnectionId::new(u32::from_be_bytes([op, 0, 0, 1])),
+                op & 8 != 0,
+            ),
             _ => {
                 for t in &templates {
                     s.handle_client(now, client, t);
@@ -134,7 +138,7 @@ fuzz_target!(|data: &[u8]| {
         while let Some(o) = s.poll_output() {
             if let Output::BindRelay { key, addr, .. } = o {
                 if op & 4 != 0 {
-                    s.relay_bound(now, key, Err(()));
+                    s.relay_bound(now, key, Err(BindFailed(std::io::ErrorKind::AddrInUse)));
                 } else {
                     s.relay_bound(now, key, Ok(addr));
                 }

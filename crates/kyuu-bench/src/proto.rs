@@ -1,6 +1,6 @@
 //! The load generator's TURN session: Allocate (answering the 401 challenge), then optionally
-//! CreatePermission (RFC 8656 §9) and ChannelBind (§11), and finally a Refresh with LIFETIME 0
-//! to deallocate (§8). A step machine over kyuu's one TURN client, [`kyuu_client::turn::Client`]
+//! CreatePermission (RFC 8656 §9) and ChannelBind (§11), Refreshes while held, and finally a
+//! Refresh with LIFETIME 0 to deallocate (§8). A step machine over kyuu's one TURN client, [`kyuu_client::turn::Client`]
 //! (authentication, retransmission and answer matching live there); the relay hot loop in
 //! `load.rs` writes its own ChannelData without allocating.
 //!
@@ -34,6 +34,8 @@ pub enum Step {
     Permission,
     Channel,
     Ready,
+    /// Refresh of a ready allocation (back to Ready).
+    Refresh,
     Deallocate,
     Closed,
     Failed,
@@ -54,6 +56,9 @@ pub enum Action {
 
 /// The channel number every session binds (channels are per allocation, so one suffices).
 pub const CHANNEL: u16 = 0x4000;
+
+/// The lifetime a Refresh asks for, seconds.
+pub const REFRESH_LIFETIME: u32 = 600;
 
 /// One client's TURN allocation, as a state machine.
 #[derive(Debug)]
@@ -126,12 +131,26 @@ impl Session {
         }
     }
 
+    /// Starts refreshing a ready session (Refresh with LIFETIME [`REFRESH_LIFETIME`]).
+    pub fn refresh(&mut self, _creds: &Credentials, now: Instant) -> Action {
+        match self.step {
+            Step::Ready => {
+                self.step = Step::Refresh;
+                self.client.refresh(now, REFRESH_LIFETIME);
+                self.transmit()
+            }
+            _ => Action::Ignore,
+        }
+    }
+
     /// When the outstanding request should be retransmitted (or given up).
     pub fn timeout(&self) -> Option<Instant> {
         match self.step {
-            Step::Allocate | Step::Permission | Step::Channel | Step::Deallocate => {
-                self.client.poll_timeout()
-            }
+            Step::Allocate
+            | Step::Permission
+            | Step::Channel
+            | Step::Refresh
+            | Step::Deallocate => self.client.poll_timeout(),
             Step::Idle | Step::Ready | Step::Closed | Step::Failed => None,
         }
     }
@@ -161,6 +180,7 @@ impl Session {
                 }
                 Event::PermissionCreated => self.after(Step::Permission, now),
                 Event::ChannelBound { .. } => self.after(Step::Channel, now),
+                Event::Refreshed { .. } if self.step == Step::Refresh => self.step = Step::Ready,
                 Event::Refreshed { .. } => self.step = Step::Closed,
                 // A deallocation that finds nothing to delete is done all the same.
                 Event::Error { code: 437, .. } if self.step == Step::Deallocate => {

@@ -386,7 +386,7 @@ impl Client {
         if data.first().is_some_and(|b| b & 0xC0 == 0x40) {
             if let Ok(cd) = ChannelData::parse(data) {
                 self.events.push_back(Event::ChannelData {
-                    channel: cd.channel,
+                    channel: cd.channel.get(),
                     data: cd.data.to_vec(),
                 });
             }

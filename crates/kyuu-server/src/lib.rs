@@ -2,6 +2,7 @@
 //!
 //! * [`config`]: the TOML configuration of `kyuu serve`.
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
+//! * [`limits`]: pre-authentication limits on every stream listener (per-IP caps, timeouts).
 //! * [`metrics`]: the Prometheus recorder.
 //! * [`tls`]: certificates for the TLS listeners (STUN/TURN and HTTPS).
 //! * [`rawr`]: the RAWR node and peer runners, HTTP form and neighbour table around `kyuu_rawr`.
@@ -10,6 +11,7 @@
 
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod rawr;
 pub mod relay;

@@ -49,12 +49,18 @@ pub struct Running {
     upkeep: Option<tokio::task::AbortHandle>,
     /// The RAWR node's own UDP address, when `[rawr]` is enabled.
     pub rawr_node: Option<SocketAddr>,
+    /// Exposure warnings (open credential minting on a public address), also in the summary.
+    pub warnings: Vec<String>,
     rawr: Option<crate::rawr::runtime::NodeHandle>,
 }
 
 /// Starts every service the configuration enables. The configuration must have been validated.
 pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let started = Instant::now();
+    let warnings = config.exposure_warnings(crate::limits::host_public_address());
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let auth = if config.turn.static_auth_secrets.is_empty() && config.turn.users.is_empty() {
         config.turn.static_auth_secrets.push(random_secret());
         AuthMode::GeneratedSecret
@@ -134,14 +140,16 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         if let Some(node) = &rawr {
             app = app.nest("/rawr", crate::rawr::http::router(node.local_addr()));
         }
+        let limits = crate::limits::HttpLimits::from(&config.http);
         if let Some((l, acceptor)) = tls {
+            let limits = limits.clone();
             let mut rx = shutdown_rx.clone();
             let app = app.clone();
             tasks.spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                http::serve_tls(l, acceptor, app, stop)
+                crate::limits::serve_https(l, acceptor, app, &limits, stop)
                     .await
                     .context("https server")
             });
@@ -151,7 +159,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            http::serve(listener, app, stop)
+            crate::limits::serve_http(listener, app, &limits, stop)
                 .await
                 .context("http server")
         });
@@ -172,6 +180,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         upkeep,
         rawr_node: rawr.as_ref().map(|n| n.local_addr()),
         rawr,
+        warnings,
     })
 }
 
@@ -305,10 +314,14 @@ impl Running {
             if !self.ice_needs_token {
                 let _ = writeln!(
                     s,
-                    "              (open to anyone who reaches the HTTP port; set \
+                    "              (open to anyone who reaches the HTTP port, rate-limited per address by \
+                     signal.mint_rate_per_min; set \
                      signal.auth_secret to require a token)"
                 );
             }
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  WARNING     {w}");
         }
         if let Some(turn) = self
             .ice

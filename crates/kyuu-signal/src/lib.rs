@@ -15,6 +15,7 @@ pub mod config;
 pub mod frame;
 pub mod hub;
 pub mod ice;
+pub mod mint;
 mod server;
 pub mod token;
 

@@ -242,7 +242,8 @@ pub fn encode_address(addr: SocketAddr, out: &mut [u8; 20]) -> usize {
     }
 }
 
-/// A decoded ERROR-CODE attribute (RFC 8489 §14.8).
+/// A decoded ERROR-CODE attribute (RFC 8489 §14.8): the number and the sender's reason phrase.
+/// For the code by name see [`crate::ErrorCode`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorCode<'a> {
     pub code: u16,
@@ -268,27 +269,7 @@ pub fn decode_error_code(value: &[u8]) -> Result<ErrorCode<'_>, Error> {
 
 /// The default reason phrase for an error code, from the RFCs that define it.
 pub fn error_reason(code: u16) -> &'static str {
-    match code {
-        300 => "Try Alternate",
-        400 => "Bad Request",
-        401 => "Unauthenticated",
-        403 => "Forbidden",
-        405 => "Mobility Forbidden",
-        420 => "Unknown Attribute",
-        437 => "Allocation Mismatch",
-        438 => "Stale Nonce",
-        440 => "Address Family not Supported",
-        441 => "Wrong Credentials",
-        442 => "Unsupported Transport Protocol",
-        443 => "Peer Address Family Mismatch",
-        446 => "Connection Already Exists",
-        447 => "Connection Timeout or Failure",
-        486 => "Allocation Quota Reached",
-        487 => "Role Conflict",
-        500 => "Server Error",
-        508 => "Insufficient Capacity",
-        _ => "Error",
-    }
+    crate::ErrorCode::new(code).map_or("Error", crate::ErrorCode::reason)
 }
 
 /// Decodes a big-endian u32 attribute (LIFETIME, CHANGE-REQUEST, PRIORITY, CONNECTION-ID...).

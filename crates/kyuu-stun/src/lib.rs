@@ -24,14 +24,18 @@ pub mod attr;
 mod builder;
 mod channel;
 mod error;
+mod error_code;
 pub mod integrity;
 mod message;
 pub mod method;
 pub mod rest;
 
 pub use builder::MessageBuilder;
-pub use channel::{frame_len, ChannelData, CHANNEL_MAX, CHANNEL_MIN};
+pub use channel::{
+    frame_len, ChannelData, ChannelNumber, CHANNEL_MAX, CHANNEL_MAX_RFC5766, CHANNEL_MIN,
+};
 pub use error::Error;
+pub use error_code::ErrorCode;
 pub use message::{is_stun, AttrIter, Class, Message, RawAttr, TransactionId};
 
 /// The fixed magic cookie of RFC 8489 section 5.

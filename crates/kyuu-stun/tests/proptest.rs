@@ -56,7 +56,7 @@ proptest! {
         let mut out = vec![0u8; 1600];
         let n = ChannelData::encode(ch, &data, pad, &mut out).unwrap();
         let cd = ChannelData::parse(&out[..n]).unwrap();
-        prop_assert_eq!(cd.channel, ch);
+        prop_assert_eq!(cd.channel.get(), ch);
         prop_assert_eq!(cd.data, &data[..]);
         if pad { prop_assert_eq!(frame_len(&out[..n]).unwrap(), Some(n)); }
     }

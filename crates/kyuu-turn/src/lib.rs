@@ -16,6 +16,9 @@
 //!
 //! After every input the shell drains [`Server::poll_output`] until it returns `None`.
 //!
+//! The server lives in `src/server/`, one file per piece of state it owns; `server/mod.rs`
+//! has the map. The per-packet path is `server/relay.rs`.
+//!
 //! The TURN client is `kyuu_client::turn` (a dev-dependency here: the server core does not link it).
 //!
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
@@ -35,7 +38,7 @@ pub use auth::{rest_credentials, rest_password};
 pub use config::{PortRange, TurnConfig, UserConfig};
 /// The CIDR type of `allow_peers`/`deny_peers`.
 pub use ipnet;
-pub use server::{Rfc5780, Server, ServerOptions, Shared};
+pub use server::{Rfc5780, Server, ServerError, ServerOptions, Shared};
 pub use types::*;
 
 /// First and last STUN method handed to the extension (RAWR control messages, `docs/rawr.md`).

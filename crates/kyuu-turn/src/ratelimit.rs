@@ -1,16 +1,49 @@
-//! Per-source token buckets for unauthenticated answers, in a bounded table, so the server cannot
-//! be used to reflect traffic at a spoofed victim.
+//! Token buckets: one type, used for the per-source limit on unauthenticated answers (so the
+//! server cannot be used to reflect traffic at a spoofed victim) and for each allocation's
+//! `max_bps` byte budget.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// A bucket refilled at `rate` per second up to `burst`. Plain numbers, no heap: the relay path
+/// takes from one per packet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn full(burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Refills for the time since the last call, then takes `amount` if that many are there.
+    pub fn take(&mut self, amount: f64, rate: f64, burst: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.last = now;
+        if self.tokens >= amount {
+            self.tokens -= amount;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-source buckets for unauthenticated answers, in a bounded table.
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     rate: f64,
     burst: f64,
     cap: usize,
-    table: HashMap<IpAddr, (f64, Instant)>,
+    table: HashMap<IpAddr, TokenBucket>,
 }
 
 impl RateLimiter {
@@ -36,23 +69,17 @@ impl RateLimiter {
             }
         }
         let (rate, burst) = (self.rate, self.burst);
-        let entry = self.table.entry(ip).or_insert((burst, now));
-        let elapsed = now.saturating_duration_since(entry.1).as_secs_f64();
-        entry.0 = (entry.0 + elapsed * rate).min(burst);
-        entry.1 = now;
-        if entry.0 >= 1.0 {
-            entry.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.table
+            .entry(ip)
+            .or_insert(TokenBucket::full(burst, now))
+            .take(1.0, rate, burst, now)
     }
 
     /// Forgets sources whose bucket has refilled.
     pub fn expire(&mut self, now: Instant) {
         let full_after = Duration::from_secs_f64((self.burst / self.rate.max(1e-9)).min(3600.0));
         self.table
-            .retain(|_, (_, last)| now.saturating_duration_since(*last) < full_after);
+            .retain(|_, b| now.saturating_duration_since(b.last) < full_after);
     }
 
     #[cfg(test)]
@@ -79,5 +106,14 @@ mod tests {
         assert!(!r.allow([192, 0, 2, 3].into(), t0));
         assert!(r.allow([192, 0, 2, 3].into(), t0 + Duration::from_secs(5)));
         assert!(r.len() <= 2);
+    }
+
+    #[test]
+    fn byte_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(1000.0, t0);
+        assert!(b.take(1000.0, 1000.0, 1000.0, t0));
+        assert!(!b.take(1.0, 1000.0, 1000.0, t0));
+        assert!(b.take(100.0, 1000.0, 1000.0, t0 + Duration::from_millis(100)));
     }
 }

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
-/// The transport a client reached the server over.
+/// The transport a client reached the server over. A datagram transport added later (DTLS,
+/// RFC 7350) belongs here, with `is_stream` false: the core's rules depend only on whether
+/// ChannelData is framed by datagrams or padded in a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     Udp,
@@ -37,9 +39,58 @@ pub struct ClientSocket {
     pub remote: SocketAddr,
 }
 
-/// A peer's transport address.
+/// A peer's transport address. Kept apart from [`ClientSocket`] addresses by type: the relay
+/// path never sends client bytes to an address that did not come in as a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PeerAddr(pub SocketAddr);
+pub struct PeerAddr(SocketAddr);
+
+impl PeerAddr {
+    pub const fn new(addr: SocketAddr) -> Self {
+        PeerAddr(addr)
+    }
+
+    pub const fn addr(self) -> SocketAddr {
+        self.0
+    }
+
+    pub fn family(self) -> Family {
+        Family::of(&self.0)
+    }
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(addr: SocketAddr) -> Self {
+        PeerAddr(addr)
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An RFC 6062 connection id (CONNECTION-ID, §6.2.1): names one peer TCP connection between the
+/// Connect or ConnectionAttempt that created it and the ConnectionBind that claims it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(u32);
+
+impl ConnectionId {
+    pub const fn new(id: u32) -> Self {
+        ConnectionId(id)
+    }
+
+    /// The value carried in CONNECTION-ID.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
 
 /// Index of an allocation in the core; stable for its life, never reused while a stale copy
 /// could still be around (the generation changes).
@@ -65,13 +116,39 @@ impl Family {
         }
     }
 
+    /// The family of an address-family attribute's code (REQUESTED-ADDRESS-FAMILY,
+    /// ADDITIONAL-ADDRESS-FAMILY, ADDRESS-ERROR-CODE; RFC 8656 §18.10).
+    pub fn from_code(code: u8) -> Option<Family> {
+        match code {
+            kyuu_stun::attr::FAMILY_IPV4 => Some(Family::V4),
+            kyuu_stun::attr::FAMILY_IPV6 => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    /// The wire code of the family.
+    pub fn code(self) -> u8 {
+        match self {
+            Family::V4 => kyuu_stun::attr::FAMILY_IPV4,
+            Family::V6 => kyuu_stun::attr::FAMILY_IPV6,
+        }
+    }
+
     pub(crate) fn index(self) -> usize {
         match self {
             Family::V4 => 0,
             Family::V6 => 1,
         }
     }
+
+    pub(crate) const BOTH: [Family; 2] = [Family::V4, Family::V6];
 }
+
+/// The shell could not bind a relay socket ([`Output::BindRelay`]); the core tries another port
+/// or fails the allocation with 508.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("could not bind the relay socket: {0:?}")]
+pub struct BindFailed(pub std::io::ErrorKind);
 
 /// One relay socket: an allocation's relayed address of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,17 +193,17 @@ pub enum Output {
     /// [`crate::Server::peer_connected`].
     ConnectPeer {
         key: RelayKey,
-        connection_id: u32,
+        connection_id: ConnectionId,
         peer: PeerAddr,
     },
     /// RFC 6062: join the client data connection with the peer connection `connection_id`; from
     /// now on both are raw byte pipes.
     SpliceConnection {
         client: ClientSocket,
-        connection_id: u32,
+        connection_id: ConnectionId,
     },
     /// RFC 6062: drop a peer connection that was never bound (or refused).
-    ClosePeerConnection { connection_id: u32 },
+    ClosePeerConnection { connection_id: ConnectionId },
     /// A STUN request in the extension method range (RAWR), for the extension's handler.
     Extension { client: ClientSocket, data: Vec<u8> },
 }

@@ -78,7 +78,7 @@ proptest! {
         let relay = RelayKey { alloc: AllocId { slot: 0, generation: 0 }, family: Family::V4 };
         let mut buf = vec![0u8; PEER_HEADROOM + data.len() + PEER_TAILROOM];
         buf[PEER_HEADROOM..PEER_HEADROOM + data.len()].copy_from_slice(&data);
-        s.handle_peer(t0, relay, PeerAddr("8.8.8.8:1".parse().unwrap()), &mut buf, PEER_HEADROOM..PEER_HEADROOM + data.len());
+        s.handle_peer(t0, relay, PeerAddr::new("8.8.8.8:1".parse().unwrap()), &mut buf, PEER_HEADROOM..PEER_HEADROOM + data.len());
         s.handle_timeout(t0 + Duration::from_secs(2));
         while s.poll_output().is_some() {}
     }

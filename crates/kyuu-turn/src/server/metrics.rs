@@ -1,0 +1,98 @@
+//! Counters. The relay path only bumps plain integers (per allocation, or per shard for drops);
+//! they reach the `metrics` registry once per tick, so a packet costs no registry lookup.
+
+use std::collections::HashMap;
+
+use crate::auth::AuthFailure;
+use crate::server::allocation::Allocation;
+
+/// Relayed traffic of one allocation.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Stats {
+    pub to_peer_pkts: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_pkts: u64,
+    pub to_client_bytes: u64,
+}
+
+/// Why input was dropped without an answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dropped {
+    Malformed,
+    NoAllocation,
+    NoPermission,
+    RateLimited,
+    Bandwidth,
+    ForbiddenPeer,
+}
+
+const DROPS: [(Dropped, &str); 6] = [
+    (Dropped::Malformed, "malformed"),
+    (Dropped::NoAllocation, "no_allocation"),
+    (Dropped::NoPermission, "no_permission"),
+    (Dropped::RateLimited, "rate_limited"),
+    (Dropped::Bandwidth, "bandwidth"),
+    (Dropped::ForbiddenPeer, "forbidden_peer"),
+];
+
+/// Per-shard counters not tied to one allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    drops: [u64; DROPS.len()],
+    flushed: [u64; DROPS.len()],
+    auth_failures: HashMap<&'static str, u64>,
+}
+
+impl Counters {
+    pub fn drop(&mut self, why: Dropped) {
+        self.drops[why as usize] += 1;
+    }
+
+    pub fn auth_failure(&mut self, f: AuthFailure) {
+        *self.auth_failures.entry(f.label()).or_insert(0) += 1;
+    }
+
+    /// Hands what changed since the last flush to the registry.
+    pub fn flush(&mut self) {
+        for ((_, name), (cur, old)) in DROPS
+            .iter()
+            .zip(self.drops.iter().zip(self.flushed.iter_mut()))
+        {
+            if *cur > *old {
+                metrics::counter!("kyuu_turn_dropped_total", "reason" => *name)
+                    .increment(cur - *old);
+                *old = *cur;
+            }
+        }
+        for (reason, n) in self.auth_failures.drain() {
+            metrics::counter!("kyuu_turn_auth_failures_total", "reason" => reason).increment(n);
+        }
+    }
+}
+
+/// Per-shard gauges, set once per tick.
+pub(crate) fn gauges(shard: u16, allocations: usize, permissions: usize, channels: usize) {
+    let shard = shard.to_string();
+    metrics::gauge!("kyuu_turn_allocations", "shard" => shard.clone()).set(allocations as f64);
+    metrics::gauge!("kyuu_turn_permissions", "shard" => shard.clone()).set(permissions as f64);
+    metrics::gauge!("kyuu_turn_channels", "shard" => shard).set(channels as f64);
+}
+
+/// Hands an allocation's relayed traffic since the last flush to the registry.
+pub(crate) fn flush_stats(a: &mut Allocation) {
+    let t = a.client.transport.label();
+    let (s, f) = (a.stats, &mut a.flushed);
+    if s.to_peer_pkts > f.to_peer_pkts {
+        metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
+            .increment(s.to_peer_pkts - f.to_peer_pkts);
+        metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
+            .increment(s.to_peer_bytes - f.to_peer_bytes);
+    }
+    if s.to_client_pkts > f.to_client_pkts {
+        metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => "to_client", "transport" => t)
+            .increment(s.to_client_pkts - f.to_client_pkts);
+        metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
+            .increment(s.to_client_bytes - f.to_client_bytes);
+    }
+    *f = s;
+}
