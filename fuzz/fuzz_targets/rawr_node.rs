@@ -158,10 +158,7 @@ fuzz_target!(|data: &[u8]| {
         }
         while let Some(o) = n.poll_output() {
             if let Output::Transmit { data, .. } = o {
-                assert!(
-                    Message::parse(&data).is_ok(),
-                    "node sent a malformed message"
-                );
+                assert!(Message::parse(&data).is_ok(), "node sent a malformed message");
                 decode_all(&data);
             }
         }

@@ -22,11 +22,7 @@ fuzz_target!(|data: &[u8]| {
     match sel % 3 {
         0 | 1 => {
             if let Ok(Inbound::Relay(r)) = frame::parse(&text) {
-                let from = if sel & 4 == 0 {
-                    "sender"
-                } else {
-                    "a\"b\\c\u{1}"
-                };
+                let from = if sel & 4 == 0 { "sender" } else { "a\"b\\c\u{1}" };
                 let out = r.rewrite(from);
                 let v: serde_json::Value =
                     serde_json::from_str(&out).expect("a rewritten frame is JSON");

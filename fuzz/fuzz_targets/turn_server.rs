@@ -124,11 +124,7 @@ fuzz_target!(|data: &[u8]| {
                 s.handle_timeout(now);
             }
             5 => s.client_closed(now, client),
-            6 => s.peer_connected(
-                now,
-                ConnectionId::new(u32::from_be_bytes([op, 0, 0, 1])),
-                op & 8 != 0,
-            ),
+            6 => s.peer_connected(now, ConnectionId::new(u32::from_be_bytes([op, 0, 0, 1])), op & 8 != 0),
             _ => {
                 for t in &templates {
                     s.handle_client(now, client, t);
