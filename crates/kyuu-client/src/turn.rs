@@ -541,3 +541,44 @@ impl Client {
         self.events.push_back(ev);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends times (ms after the first) and when the Timeout event came, with no server answering.
+    fn unanswered(stream: bool) -> (Vec<u64>, Option<u64>) {
+        let t0 = Instant::now();
+        let mut c = Client::new("u", "p", stream);
+        c.allocate(t0);
+        let mut sends = Vec::new();
+        let mut now = t0;
+        for _ in 0..100 {
+            while c.poll_transmit().is_some() {
+                sends.push((now - t0).as_millis() as u64);
+            }
+            if let Some(Event::Timeout { method }) = c.poll_event() {
+                assert_eq!(method, method::ALLOCATE);
+                return (sends, Some((now - t0).as_millis() as u64));
+            }
+            let Some(at) = c.poll_timeout() else { break };
+            now = at;
+            c.handle_timeout(now);
+        }
+        (sends, None)
+    }
+
+    #[test]
+    fn udp_requests_follow_rfc_8489_retransmission() {
+        let (sends, timeout) = unanswered(false);
+        assert_eq!(sends, vec![0, 500, 1500, 3500, 7500, 15500, 31500]);
+        assert_eq!(timeout, Some(39_500));
+    }
+
+    #[test]
+    fn stream_requests_are_sent_once_and_time_out_after_ti() {
+        let (sends, timeout) = unanswered(true);
+        assert_eq!(sends, vec![0]);
+        assert_eq!(timeout, Some(39_500));
+    }
+}
