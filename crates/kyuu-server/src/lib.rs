@@ -8,6 +8,7 @@
 //! * [`proxy`]: PROXY protocol v2 headers from load balancers.
 //! * [`tls_mux`]: TURN over TLS beside HTTPS on one port.
 //! * [`tls`]: certificates for the TLS listeners (STUN/TURN and HTTPS).
+//! * [`rawr`]: the RAWR node and peer runners, HTTP form and neighbour table around `kyuu_rawr`.
 //! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
 //! * [`start`]: starts everything from a [`config::Config`].
 
@@ -17,6 +18,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod rawr;
 pub mod relay;
 mod serve;
 pub mod tls;

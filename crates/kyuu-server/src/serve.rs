@@ -52,7 +52,7 @@ pub struct Running {
     pub rawr_node: Option<SocketAddr>,
     /// Exposure warnings (open credential minting on a public address), also in the summary.
     pub warnings: Vec<String>,
-    rawr: Option<kyuu_rawr::runtime::NodeHandle>,
+    rawr: Option<crate::rawr::runtime::NodeHandle>,
     /// Where the separate admin listener (`admin.listen`) listens.
     pub admin_addr: Option<SocketAddr>,
     /// The admin API's state (also behind `SIGHUP` reloads); its routes are served only when
@@ -175,7 +175,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         signal_admin = Some(sig_admin);
         let mut a = http::router(signal, metrics.clone(), health);
         if let Some(node) = &rawr {
-            a = a.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
+            a = a.nest("/rawr", crate::rawr::http::router(node.local_addr()));
         }
         app = Some(a);
         http_sockets = Some((listener, tls));
@@ -456,7 +456,7 @@ async fn start_rawr(
     config: &Config,
     ice: &IceProvider,
     mut requests: tokio::sync::mpsc::Receiver<relay::ExtensionRequest>,
-) -> anyhow::Result<kyuu_rawr::runtime::NodeHandle> {
+) -> anyhow::Result<crate::rawr::runtime::NodeHandle> {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
@@ -495,7 +495,7 @@ async fn start_rawr(
             }
         }
     });
-    let reply: kyuu_rawr::runtime::ReplyFn = Box::new(move |to, data| {
+    let reply: crate::rawr::runtime::ReplyFn = Box::new(move |to, data| {
         let m = routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -503,7 +503,7 @@ async fn start_rawr(
             let _ = reply.send(*client, data);
         }
     });
-    kyuu_rawr::runtime::start(cfg, Some((rx, reply)))
+    crate::rawr::runtime::start(cfg, Some((rx, reply)))
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use kyuu_client::turn::{Client, Event};
 use kyuu_server::admin::{Hooks, OPENAPI};
 use kyuu_server::config::Config;
-use kyuu_turn::client::{Client, Event};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UdpSocket;

@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kyuu_client::turn::{Client, Event};
 use kyuu_server::config::Config;
 use kyuu_server::proxy;
-use kyuu_turn::client::{Client, Event};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UdpSocket};
 

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kyuu_client::turn::{Client, Event};
 use kyuu_server::config::Config;
-use kyuu_turn::client::{Client, Event};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kyuu_turn::client::{Client, Event};
+use kyuu_client::turn::{Client, Event};
 use kyuu_turn::*;
 
 fn cfg() -> TurnConfig {

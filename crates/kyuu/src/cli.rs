@@ -39,9 +39,9 @@ pub enum Command {
     /// drain.
     Admin(crate::admin::AdminArgs),
     /// RAWR: find a path to another peer through RAWR nodes, or run a standalone node.
-    Rawr(kyuu_rawr::cli::RawrArgs),
+    Rawr(crate::rawr::RawrArgs),
     /// Build a small RAWR network on this machine (root), connect two peers, report, tear down.
-    Lab(kyuu_rawr::cli::LabArgs),
+    Lab(crate::rawr::LabArgs),
 }
 
 /// Options of `kyuu serve`. Flags override the configuration file, which overrides the

@@ -1,9 +1,10 @@
 //! The `kyuu` command: `kyuu serve` runs the server, `kyuu nat` discovers the NAT in front of
-//! this host, `kyuu rawr` and `kyuu lab` come from `kyuu_rawr::cli`.
+//! this host, `kyuu rawr` and `kyuu lab` are in [`rawr`].
 
 mod admin;
 mod cli;
 mod nat;
+mod rawr;
 mod sdnotify;
 mod serve;
 
@@ -17,8 +18,8 @@ fn main() -> ExitCode {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Nat(args) => nat::run(args),
         cli::Command::Admin(args) => admin::run(args),
-        cli::Command::Rawr(args) => block_on(kyuu_rawr::cli::run(args)),
-        cli::Command::Lab(args) => block_on(kyuu_rawr::cli::run_lab(args)),
+        cli::Command::Rawr(args) => block_on(rawr::run(args)),
+        cli::Command::Lab(args) => block_on(rawr::run_lab(args)),
     }
 }
 

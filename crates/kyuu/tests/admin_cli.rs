@@ -104,10 +104,10 @@ fn allocate(
     server: SocketAddr,
     user: &str,
     pass: &str,
-) -> kyuu_turn::client::Event {
+) -> kyuu_client::turn::Event {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let mut c = kyuu_turn::client::Client::new(user, pass, false);
+    let mut c = kyuu_client::turn::Client::new(user, pass, false);
     let mut now = Instant::now();
     c.allocate(now);
     let deadline = now + Duration::from_secs(10);
@@ -193,7 +193,7 @@ fn admin_cli_against_kyuu_serve() {
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert!(matches!(
         allocate(&client, turn, &user, &pass),
-        kyuu_turn::client::Event::Allocated { .. }
+        kyuu_client::turn::Event::Allocated { .. }
     ));
     let check = ok(&admin(&url, t, &["credentials", "--check", &user, &pass]));
     assert!(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kyuu_turn::client::{Client, Event};
+use kyuu_client::turn::{Client, Event};
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const TOKEN: &str = "status-page-token-0123456789";
