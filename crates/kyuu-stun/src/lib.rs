@@ -23,6 +23,7 @@
 pub mod attr;
 mod builder;
 mod channel;
+pub mod classic;
 mod error;
 mod error_code;
 pub mod integrity;
@@ -32,6 +33,9 @@ pub mod method;
 pub use builder::MessageBuilder;
 pub use channel::{
     frame_len, ChannelData, ChannelNumber, CHANNEL_MAX, CHANNEL_MAX_RFC5766, CHANNEL_MIN,
+};
+pub use classic::{
+    build_classic_error, build_classic_success, ClassicRequest, ClassicTransactionId,
 };
 pub use error::Error;
 pub use error_code::ErrorCode;
