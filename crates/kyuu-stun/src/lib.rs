@@ -38,6 +38,7 @@ pub use classic::{
     build_classic_error, build_classic_success, ClassicRequest, ClassicTransactionId,
 };
 pub use error::Error;
+pub use integrity::saslprep;
 pub use error_code::ErrorCode;
 pub use message::{is_stun, AttrIter, Class, Message, RawAttr, TransactionId};
 
