@@ -109,6 +109,13 @@ pub fn render(r: &NatReport) -> String {
     };
     let _ = writeln!(s, "Hairpinning     {hairpin}");
     let _ = writeln!(s, "NAT type        {}", r.nat_type);
+    for w in &r.wrong_source {
+        let _ = writeln!(
+            s,
+            "Wrong source    {}: answered from {}, expected {}",
+            w.test, w.from, w.expected
+        );
+    }
     for p in &r.problems {
         let _ = writeln!(s, "note: {p}");
     }
