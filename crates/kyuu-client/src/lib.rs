@@ -14,5 +14,7 @@ pub mod nat;
 pub mod transaction;
 
 pub use discover::{discover, resolve_server, DiscoverError};
-pub use nat::{Filtering, Mapping, NatProbe, NatReport, NatType, ProbeConfig, ProbeError};
+pub use nat::{
+    Filtering, Mapping, NatProbe, NatReport, NatType, ProbeConfig, ProbeError, WrongSource,
+};
 pub use transaction::RetransmitConfig;
