@@ -10,10 +10,12 @@
 
 pub mod binding;
 pub mod discover;
+pub mod lifetime;
 pub mod nat;
 pub mod transaction;
 
 pub use discover::{discover, resolve_server, DiscoverError};
+pub use lifetime::{binding_lifetime, LifetimeReport};
 pub use nat::{
     Filtering, Mapping, NatProbe, NatReport, NatType, ProbeConfig, ProbeError, WrongSource,
 };
