@@ -51,7 +51,7 @@ pub struct Running {
     pub rawr_node: Option<SocketAddr>,
     /// Exposure warnings (open credential minting on a public address), also in the summary.
     pub warnings: Vec<String>,
-    rawr: Option<kyuu_rawr::runtime::NodeHandle>,
+    rawr: Option<crate::rawr::runtime::NodeHandle>,
 }
 
 /// Starts every service the configuration enables. The configuration must have been validated.
@@ -138,7 +138,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         let signal = kyuu_signal::router(config.signal.clone(), ice.clone());
         let mut app = http::router(signal, metrics, health);
         if let Some(node) = &rawr {
-            app = app.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
+            app = app.nest("/rawr", crate::rawr::http::router(node.local_addr()));
         }
         let limits = crate::limits::HttpLimits::from(&config.http);
         if let Some((l, acceptor)) = tls {
@@ -347,7 +347,7 @@ async fn start_rawr(
     config: &Config,
     ice: &IceProvider,
     mut requests: tokio::sync::mpsc::Receiver<relay::ExtensionRequest>,
-) -> anyhow::Result<kyuu_rawr::runtime::NodeHandle> {
+) -> anyhow::Result<crate::rawr::runtime::NodeHandle> {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
@@ -386,7 +386,7 @@ async fn start_rawr(
             }
         }
     });
-    let reply: kyuu_rawr::runtime::ReplyFn = Box::new(move |to, data| {
+    let reply: crate::rawr::runtime::ReplyFn = Box::new(move |to, data| {
         let m = routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -394,7 +394,7 @@ async fn start_rawr(
             let _ = reply.send(*client, data);
         }
     });
-    kyuu_rawr::runtime::start(cfg, Some((rx, reply)))
+    crate::rawr::runtime::start(cfg, Some((rx, reply)))
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }

@@ -14,9 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
+use kyuu_client::turn::{Client, Event};
 use kyuu_server::config::Config;
 use kyuu_server::relay::ListenConfig;
-use kyuu_turn::client::{Client, Event};
 use kyuu_turn::UserConfig;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};

@@ -29,6 +29,7 @@ mod error_code;
 pub mod integrity;
 mod message;
 pub mod method;
+pub mod rest;
 
 pub use builder::MessageBuilder;
 pub use channel::{

@@ -146,26 +146,7 @@ impl Credentials {
     }
 }
 
-/// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)).
-pub fn rest_password(secret: &[u8], username: &str) -> String {
-    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(secret) else {
-        return String::new();
-    };
-    mac.update(username.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
-/// TURN REST API credentials valid for `ttl_secs` from `unix_now`: (username, password).
-pub fn rest_credentials(
-    secret: &str,
-    user: &str,
-    unix_now: u64,
-    ttl_secs: u64,
-) -> (String, String) {
-    let username = format!("{}:{user}", unix_now + ttl_secs);
-    let password = rest_password(secret.as_bytes(), &username);
-    (username, password)
-}
+pub use kyuu_stun::rest::{credentials as rest_credentials, password as rest_password};
 
 /// Stateless nonces.
 #[derive(Clone)]

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use kyuu_client::turn::{Client, Event};
 use kyuu_stun::{attr, method, ErrorCode, Message};
-use kyuu_turn::client::{Client, Event};
 use kyuu_turn::{rest_credentials, Transport};
 
 fn pair_as(user: &str, password: &str) -> Pair {

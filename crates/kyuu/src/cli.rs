@@ -35,9 +35,9 @@ pub enum Command {
     /// Find out what NAT sits between this host and a STUN server (RFC 5780 tests).
     Nat(NatArgs),
     /// RAWR: find a path to another peer through RAWR nodes, or run a standalone node.
-    Rawr(kyuu_rawr::cli::RawrArgs),
+    Rawr(crate::rawr::RawrArgs),
     /// Build a small RAWR network on this machine (root), connect two peers, report, tear down.
-    Lab(kyuu_rawr::cli::LabArgs),
+    Lab(crate::rawr::LabArgs),
 }
 
 /// Options of `kyuu serve`. Flags override the configuration file, which overrides the

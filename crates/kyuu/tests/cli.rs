@@ -517,11 +517,11 @@ fn serve_with_rawr_answers_on_the_stun_port() {
 }
 
 /// Runs an Allocate with `user`/`pass` against `server` and returns the first event.
-fn allocate(server: SocketAddr, user: &str, pass: &str) -> kyuu_turn::client::Event {
+fn allocate(server: SocketAddr, user: &str, pass: &str) -> kyuu_client::turn::Event {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let mut c = kyuu_turn::client::Client::new(user, pass, false);
+    let mut c = kyuu_client::turn::Client::new(user, pass, false);
     let mut now = Instant::now();
     c.allocate(now);
     let deadline = now + Duration::from_secs(10);
@@ -564,7 +564,7 @@ fn default_auth_is_on_and_ice_servers_credentials_allocate() {
     assert!(
         matches!(
             ev,
-            kyuu_turn::client::Event::Error {
+            kyuu_client::turn::Event::Error {
                 code: 401 | 441,
                 ..
             }
@@ -584,7 +584,7 @@ fn default_auth_is_on_and_ice_servers_credentials_allocate() {
     let user = turn["username"].as_str().unwrap();
     let pass = turn["credential"].as_str().unwrap();
     match allocate(addr, user, pass) {
-        kyuu_turn::client::Event::Allocated { relayed, .. } => {
+        kyuu_client::turn::Event::Allocated { relayed, .. } => {
             assert!(relayed.iter().any(|r| r.ip() == addr.ip()), "{relayed:?}");
         }
         other => panic!("allocate with /v1/ice-servers credentials: {other:?}"),

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::wire::Mac;
+use kyuu_rawr::wire::Mac;
 
 /// Bound on one `ip` invocation.
 const IP_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,6 +1,7 @@
 //! A RAWR network in the kyuu network lab (`kyuu-lab`): a root, an ISP router, two home routers
 //! with NAT, peers behind them, RAWR nodes on the routers and coturn as each meeting node's TURN
-//! data plane. Used by the lab tests, the RTT benchmark and `kyuu lab`.
+//! data plane. Used by the lab tests, the RTT benchmark and `kyuu lab`; a test-support crate
+//! that only the `kyuu` binary (for `kyuu lab`) links, never `kyuu-server`.
 //!
 //! ```text
 //!   root 198.18.0.10 ──(40 ms)── isp 198.18.0.2 | 198.18.1.1 ──(10 ms)── homea 198.18.1.2 | 198.19.1.1 ──(1 ms)── pa 198.19.1.10
@@ -16,11 +17,11 @@ use std::time::{Duration, Instant};
 use kyuu_lab::{Lab, LabChild, LabError, LinkSpec, NatKind, Node as LabNode, Router};
 use tokio::net::UdpSocket;
 
-use crate::config::{ChildConfig, GatewayConfig, RawrConfig};
-use crate::peer::{Outcome, PeerConfig, PeerError, Route};
-use crate::runtime::{run_peer, spawn_node_on, NodeHandle, PeerEnv};
-use crate::sys::HostNet;
-use crate::turn::{parse_turn_uri, Allocation, TurnError};
+use kyuu_client::turn_udp::{Allocation, TurnError};
+use kyuu_rawr::config::{parse_turn_uri, BadTurnUri, ChildConfig, GatewayConfig, RawrConfig};
+use kyuu_rawr::peer::{Outcome, PeerConfig, PeerError, Route};
+use kyuu_server::rawr::runtime::{run_peer, spawn_node_on, NodeHandle, PeerEnv};
+use kyuu_server::rawr::sys::HostNet;
 
 pub const RAWR_PORT: u16 = 3479;
 pub const TURN_PORT: u16 = 3478;
@@ -87,9 +88,11 @@ pub enum RawrLabError {
     #[error("turn: {0}")]
     Turn(#[from] TurnError),
     #[error("config: {0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] kyuu_rawr::config::ConfigError),
+    #[error("{0}")]
+    Uri(#[from] BadTurnUri),
     #[error("host: {0}")]
-    Sys(#[from] crate::sys::SysError),
+    Sys(#[from] kyuu_server::rawr::sys::SysError),
     #[error("{0}")]
     Other(String),
 }
@@ -175,7 +178,7 @@ async fn wait_stun(node: &LabNode, addr: SocketAddr) -> Result<(), RawrLabError>
     let sock = to_tokio(node.udp_bind("0.0.0.0:0")?)?;
     let mut buf = [0u8; 512];
     for i in 0..50u8 {
-        let req = crate::wire::encode_binding_request(kyuu_stun::TransactionId([i; 12]));
+        let req = kyuu_rawr::wire::encode_binding_request(kyuu_stun::TransactionId([i; 12]));
         sock.send_to(&req, addr).await?;
         if tokio::time::timeout(Duration::from_millis(100), sock.recv_from(&mut buf))
             .await
@@ -516,7 +519,7 @@ impl RawrLab {
         self.start_node(n.ns, n.cfg).await
     }
 
-    pub async fn stats(&self, name: &str) -> Option<crate::node::Stats> {
+    pub async fn stats(&self, name: &str) -> Option<kyuu_rawr::node::Stats> {
         match &self.nodes.get(name)?.run {
             NodeRun::Task(h) => h.stats().await,
             NodeRun::Process(_) => None,
@@ -524,7 +527,7 @@ impl RawrLab {
     }
 
     /// `(name, stats)` of every running node.
-    pub async fn all_stats(&self) -> Vec<(String, crate::node::Stats)> {
+    pub async fn all_stats(&self) -> Vec<(String, kyuu_rawr::node::Stats)> {
         let mut v = Vec::new();
         for (name, n) in &self.nodes {
             let NodeRun::Task(h) = &n.run else { continue };
@@ -665,7 +668,7 @@ pub fn kyuu_bin_or_skip(test: &str) -> Option<std::path::PathBuf> {
 
 pub fn lab_host(ns: &LabNode) -> HostNet {
     let node = ns.clone();
-    let arp: crate::sys::ArpReader = std::sync::Arc::new(move || {
+    let arp: kyuu_server::rawr::sys::ArpReader = std::sync::Arc::new(move || {
         node.in_ns(|| std::fs::read_to_string("/proc/thread-self/net/arp"))
             .map_err(|e| std::io::Error::other(e.to_string()))?
     });
@@ -876,7 +879,7 @@ pub async fn stun_rtt(
     let mut buf = [0u8; 512];
     let mut v = Vec::new();
     for i in 0..n {
-        let req = crate::wire::encode_binding_request(kyuu_stun::TransactionId([i as u8; 12]));
+        let req = kyuu_rawr::wire::encode_binding_request(kyuu_stun::TransactionId([i as u8; 12]));
         let t = Instant::now();
         sock.send_to(&req, addr).await?;
         if let Ok(Ok(_)) =

@@ -6,11 +6,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use kyuu_client::turn_udp::Allocation;
+use kyuu_rawr::config::parse_turn_uri;
 use kyuu_rawr::config::{ChildConfig, GatewayConfig, RawrConfig};
 use kyuu_rawr::peer::{PeerConfig, Route};
-use kyuu_rawr::runtime::{run_peer, start, NodeHandle, PeerEnv, ReplyBook};
-use kyuu_rawr::turn::{parse_turn_uri, Allocation};
 use kyuu_rawr::wire::Mac;
+use kyuu_server::rawr::runtime::{run_peer, start, NodeHandle, PeerEnv, ReplyBook};
 use kyuu_server::relay::{self, Extension, ListenConfig, RelayHandle};
 use kyuu_turn::TurnConfig;
 use tokio::net::UdpSocket;

@@ -1,17 +1,24 @@
-//! A small sans-IO TURN client (RFC 8656 long-term credentials, channels, Send indications,
-//! RFC 6062 Connect/ConnectionBind), for tests, benchmarks and the RAWR node.
+//! kyuu's one TURN client, sans-IO ([RFC 8656](https://www.rfc-editor.org/rfc/rfc8656):
+//! Allocate with long-term credentials, Refresh, CreatePermission, ChannelBind, Send and Data
+//! indications, ChannelData; RFC 6062 Connect/ConnectionBind; a STUN Binding), used by the TURN
+//! core's tests, the fuzz target, the RAWR lab and tests, and the benchmark's setup.
 //!
-//! Like the server: feed it every datagram or frame from the server with
-//! [`Client::handle_input`], drain [`Client::poll_transmit`] and [`Client::poll_event`], call
-//! [`Client::handle_timeout`] for retransmissions over UDP. A 401 or 438 answer is handled
-//! inside: the request is sent again with the realm and nonce the server gave.
+//! The contract: feed every datagram or frame from the server to [`Client::handle_input`], then
+//! drain [`Client::poll_transmit`] and [`Client::poll_event`]; call [`Client::handle_timeout`]
+//! at [`Client::poll_timeout`]. Time is always passed in; the client owns no socket or clock.
+//! Requests are retransmitted on the one schedule of [`crate::transaction`] (RFC 8489 §6.2.1
+//! over UDP: RTO 500 ms doubling, Rc 7, Rm 16; one 39.5 s timeout over TCP/TLS, §6.2.2). A 401
+//! or 438 answer is handled inside: the request is sent again with the realm and nonce the
+//! server gave. [`crate::turn_udp`] wraps it over a tokio UDP socket.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kyuu_stun::integrity::{userhash, Key};
 use kyuu_stun::{attr, method, ChannelData, Class, Message, MessageBuilder, TransactionId};
+
+use crate::transaction::{RetransmitConfig, Timer, TimerAction};
 
 /// What the client learned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +97,7 @@ enum A {
 struct Pending {
     method: u16,
     attrs: Vec<A>,
-    sent: Instant,
-    rto: Duration,
-    tries: u8,
+    timer: Timer,
     bytes: Vec<u8>,
     challenged: bool,
 }
@@ -109,6 +114,7 @@ pub struct Client {
     use_userhash: bool,
     server_algs: Option<Vec<u8>>,
     stream: bool,
+    retransmit: RetransmitConfig,
     pending: HashMap<TransactionId, Pending>,
     out: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
@@ -131,6 +137,11 @@ impl Client {
             use_userhash: false,
             server_algs: None,
             stream,
+            retransmit: if stream {
+                RetransmitConfig::reliable()
+            } else {
+                RetransmitConfig::udp()
+            },
             pending: HashMap::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
@@ -143,6 +154,13 @@ impl Client {
     /// Use PASSWORD-ALGORITHM SHA-256 when the server offers it.
     pub fn with_sha256(mut self) -> Self {
         self.sha256 = true;
+        self
+    }
+
+    /// Replaces the retransmission schedule (for example a shorter overall bound for a tool
+    /// that expects some requests to go unanswered).
+    pub fn with_retransmit(mut self, cfg: RetransmitConfig) -> Self {
+        self.retransmit = cfg;
         self
     }
 
@@ -207,15 +225,17 @@ impl Client {
         let bytes = self
             .build(m, Class::Request, tid, &attrs)
             .unwrap_or_default();
-        self.out.push_back(bytes.clone());
+        let mut timer = Timer::new(self.retransmit, now);
+        // The first poll is the first transmission, due now.
+        if timer.poll(now) == TimerAction::Send {
+            self.out.push_back(bytes.clone());
+        }
         self.pending.insert(
             tid,
             Pending {
                 method: m,
                 attrs,
-                sent: now,
-                rto: Duration::from_millis(500),
-                tries: 1,
+                timer,
                 bytes,
                 challenged: false,
             },
@@ -336,25 +356,19 @@ impl Client {
         self.events.pop_front()
     }
 
-    /// Retransmits unanswered requests over UDP (RFC 8489 §6.2.1, 7 tries).
+    /// Retransmits unanswered requests and fails those whose time is up
+    /// ([`Event::Timeout`]), on the schedule of [`crate::transaction::Timer`].
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut dead = Vec::new();
         for (tid, p) in self.pending.iter_mut() {
-            if now.saturating_duration_since(p.sent) < p.rto {
-                continue;
+            // Bounded: a timer sends at most once per poll.
+            match p.timer.poll(now) {
+                TimerAction::Wait(_) => {}
+                TimerAction::Send => self.out.push_back(p.bytes.clone()),
+                TimerAction::Expired => dead.push(*tid),
             }
-            if self.stream || p.tries >= 7 {
-                if self.stream && now.saturating_duration_since(p.sent) < Duration::from_secs(39) {
-                    continue;
-                }
-                dead.push(*tid);
-                continue;
-            }
-            p.tries += 1;
-            p.sent = now;
-            p.rto *= 2;
-            self.out.push_back(p.bytes.clone());
         }
+        dead.sort_unstable_by_key(|t| t.0);
         for tid in dead {
             if let Some(p) = self.pending.remove(&tid) {
                 self.events.push_back(Event::Timeout { method: p.method });
@@ -362,9 +376,9 @@ impl Client {
         }
     }
 
-    /// The earliest retransmission time.
+    /// When [`Client::handle_timeout`] next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.sent + p.rto).min()
+        self.pending.values().map(|p| p.timer.next_wakeup()).min()
     }
 
     /// A datagram or frame from the server.
@@ -525,5 +539,46 @@ impl Client {
             _ => return,
         };
         self.events.push_back(ev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends times (ms after the first) and when the Timeout event came, with no server answering.
+    fn unanswered(stream: bool) -> (Vec<u64>, Option<u64>) {
+        let t0 = Instant::now();
+        let mut c = Client::new("u", "p", stream);
+        c.allocate(t0);
+        let mut sends = Vec::new();
+        let mut now = t0;
+        for _ in 0..100 {
+            while c.poll_transmit().is_some() {
+                sends.push((now - t0).as_millis() as u64);
+            }
+            if let Some(Event::Timeout { method }) = c.poll_event() {
+                assert_eq!(method, method::ALLOCATE);
+                return (sends, Some((now - t0).as_millis() as u64));
+            }
+            let Some(at) = c.poll_timeout() else { break };
+            now = at;
+            c.handle_timeout(now);
+        }
+        (sends, None)
+    }
+
+    #[test]
+    fn udp_requests_follow_rfc_8489_retransmission() {
+        let (sends, timeout) = unanswered(false);
+        assert_eq!(sends, vec![0, 500, 1500, 3500, 7500, 15500, 31500]);
+        assert_eq!(timeout, Some(39_500));
+    }
+
+    #[test]
+    fn stream_requests_are_sent_once_and_time_out_after_ti() {
+        let (sends, timeout) = unanswered(true);
+        assert_eq!(sends, vec![0]);
+        assert_eq!(timeout, Some(39_500));
     }
 }

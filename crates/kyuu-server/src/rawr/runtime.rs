@@ -13,11 +13,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::{ConfigError, RawrConfig};
-use crate::node::{Node, Output, Stats};
-use crate::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
-use crate::sys::HostNet;
-use crate::wire::Mac;
+use super::sys::HostNet;
+use kyuu_rawr::config::{ConfigError, RawrConfig};
+use kyuu_rawr::node::{Node, Output, Stats};
+use kyuu_rawr::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
+use kyuu_rawr::wire::Mac;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -263,7 +263,7 @@ pub struct PeerEnv {
 pub async fn local_identity(
     host: &HostNet,
     toward: IpAddr,
-) -> Result<(Mac, IpAddr), crate::sys::SysError> {
+) -> Result<(Mac, IpAddr), super::sys::SysError> {
     host.mac_toward(toward).await
 }
 
@@ -396,7 +396,7 @@ pub async fn transact_on(
     build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
     deadline: Duration,
 ) -> Result<Vec<u8>, std::io::Error> {
-    use crate::txn::{Txn, TxnPoll};
+    use kyuu_rawr::txn::{Txn, TxnPoll};
     let tid = kyuu_stun::TransactionId(rand::random());
     let data = build(tid);
     let start = Instant::now();

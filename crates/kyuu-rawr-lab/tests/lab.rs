@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use kyuu_rawr::lab::{ping_pong, LabSpec, RawrLab};
 use kyuu_rawr::peer::Route;
+use kyuu_rawr_lab::{ping_pong, LabSpec, RawrLab};
 
 fn session() -> Vec<u8> {
     rand::random::<[u8; 16]>().to_vec()
@@ -191,11 +191,11 @@ async fn gateway_killed_mid_request_falls_back_with_a_clear_error() {
     let (ga, gb) = (lab.gateway_a(), lab.gateway_b());
     let (pa, pb) = (lab.pa.clone(), lab.pb.clone());
     let sa = s.clone();
-    let ta = tokio::spawn(async move { kyuu_rawr::lab::lab_peer(&pa, &sa, root, ga).await });
+    let ta = tokio::spawn(async move { kyuu_rawr_lab::lab_peer(&pa, &sa, root, ga).await });
     // A has registered and is waiting at the root for B; its gateway dies now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     lab.kill_node("homea");
-    let b = kyuu_rawr::lab::lab_peer(&pb, &s, root, gb).await.unwrap();
+    let b = kyuu_rawr_lab::lab_peer(&pb, &s, root, gb).await.unwrap();
     let a = ta.await.unwrap().unwrap();
     let why = a.outcome.gateway_error.clone().unwrap();
     assert!(why.contains("stopped answering"), "{why}");
@@ -263,8 +263,8 @@ async fn root_unreachable_is_a_clear_error_and_leaves_no_state() {
 /// The `kyuu` binary for `kyuu serve` on every node: `KYUU_BIN`, else next to this test's
 /// target directory (built by `cargo test --workspace` / `cargo build -p kyuu`).
 async fn build_kyuu(test: &str, mut spec: LabSpec) -> Option<RawrLab> {
-    let bin = kyuu_rawr::lab::kyuu_bin_or_skip(test)?;
-    spec.server = kyuu_rawr::lab::LabServer::Kyuu(bin);
+    let bin = kyuu_rawr_lab::kyuu_bin_or_skip(test)?;
+    spec.server = kyuu_rawr_lab::LabServer::Kyuu(bin);
     build(test, spec).await
 }
 

@@ -1,5 +1,5 @@
 //! The RAWR control plane as JSON over HTTP, for browsers (`docs/rawr.md` §9). Mount with
-//! `Router::new().nest("/rawr", kyuu_rawr::http::router(node_udp_addr))`.
+//! `Router::new().nest("/rawr", kyuu_server::rawr::http::router(node_udp_addr))`.
 //!
 //! The handlers speak RAWR over UDP to the node on the browser's behalf (to this node, or to the
 //! root for Exchange and for the root fallback), so the node core is the same for both forms.
@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use crate::runtime::transact_on;
-use crate::wire::{self, ConnectReq, Mac, Relay, MAX_HOPS};
+use super::runtime::transact_on;
+use kyuu_rawr::wire::{self, ConnectReq, Mac, Relay, MAX_HOPS};
 
 /// The script web apps load: `rawrIceServers({gateway, root, session})`.
 pub const SCRIPT: &str = include_str!("rawr.js");

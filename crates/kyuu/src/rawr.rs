@@ -1,5 +1,5 @@
-//! `kyuu rawr …` and `kyuu lab`: clap argument structs and their runners, for the `kyuu` binary
-//! to mount (`Rawr(kyuu_rawr::cli::RawrArgs)`, `Lab(kyuu_rawr::cli::LabArgs)`).
+//! `kyuu rawr …` and `kyuu lab`: clap argument structs and their runners (the RAWR peer, a
+//! standalone node over `kyuu_server::rawr`, and the lab demo from `kyuu_rawr_lab`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use tokio::net::UdpSocket;
 
-use crate::config::RawrConfig;
-use crate::peer::{PeerConfig, Route};
-use crate::runtime::{run_peer, spawn_node, PeerEnv};
-use crate::sys::HostNet;
-use crate::wire::Mac;
+use kyuu_rawr::config::RawrConfig;
+use kyuu_rawr::peer::{PeerConfig, Route};
+use kyuu_rawr::wire::Mac;
+use kyuu_server::rawr::runtime::{run_peer, spawn_node, PeerEnv};
+use kyuu_server::rawr::sys::HostNet;
 
 /// `kyuu rawr`: the RAWR peer and a standalone node.
 #[derive(Debug, clap::Args)]
@@ -96,7 +96,7 @@ pub async fn run(args: RawrArgs) -> anyhow::Result<()> {
 
 async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let session = hex::decode(&a.session).context("--session is not hex")?;
-    if !(crate::wire::MIN_SESSION..=crate::wire::MAX_SESSION).contains(&session.len()) {
+    if !(kyuu_rawr::wire::MIN_SESSION..=kyuu_rawr::wire::MAX_SESSION).contains(&session.len()) {
         bail!("--session must be 16..64 bytes (32..128 hex digits)");
     }
     let mut host = HostNet::default();
@@ -215,11 +215,11 @@ pub async fn run_lab(args: LabArgs) -> anyhow::Result<()> {
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with("kyuu")) =>
         {
-            crate::lab::LabServer::Kyuu(p)
+            kyuu_rawr_lab::LabServer::Kyuu(p)
         }
-        _ => crate::lab::LabServer::Coturn,
+        _ => kyuu_rawr_lab::LabServer::Coturn,
     };
-    match crate::lab::run_demo(args.rounds, true, server).await? {
+    match kyuu_rawr_lab::run_demo(args.rounds, true, server).await? {
         Some(r) => {
             r.print();
             if args.json {

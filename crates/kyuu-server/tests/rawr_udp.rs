@@ -5,11 +5,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use kyuu_client::turn_udp::Allocation;
+use kyuu_rawr::config::parse_turn_uri;
 use kyuu_rawr::config::{ChildConfig, GatewayConfig, RawrConfig};
 use kyuu_rawr::peer::{PeerConfig, Route};
-use kyuu_rawr::runtime::{run_peer, spawn_node, NodeHandle, PeerEnv};
-use kyuu_rawr::turn::{parse_turn_uri, Allocation};
 use kyuu_rawr::wire::Mac;
+use kyuu_server::rawr::runtime::{run_peer, spawn_node, NodeHandle, PeerEnv};
 use tokio::net::UdpSocket;
 
 async fn bind() -> UdpSocket {

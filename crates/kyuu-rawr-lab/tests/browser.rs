@@ -18,7 +18,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
-use kyuu_rawr::lab::{LabSpec, RawrLab};
+use kyuu_rawr_lab::{LabSpec, RawrLab};
 
 type Mailbox = Arc<Mutex<HashMap<String, String>>>;
 
@@ -101,11 +101,11 @@ async fn two_chromiums_behind_nat_open_a_data_channel_through_the_isp_node() {
 /// The same with `kyuu serve` (STUN/TURN + RAWR on one port) on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_chromiums_through_kyuu_serve_nodes() {
-    let Some(bin) = kyuu_rawr::lab::kyuu_bin_or_skip("rawr browser kyuu serve") else {
+    let Some(bin) = kyuu_rawr_lab::kyuu_bin_or_skip("rawr browser kyuu serve") else {
         return;
     };
     let spec = LabSpec {
-        server: kyuu_rawr::lab::LabServer::Kyuu(bin),
+        server: kyuu_rawr_lab::LabServer::Kyuu(bin),
         ..LabSpec::default()
     };
     browsers_through_rawr("rawr browser kyuu serve", spec).await;
@@ -127,7 +127,7 @@ async fn browsers_through_rawr(test: &str, spec: LabSpec) {
         let l = node.tcp_listen(&format!("{ip}:8080")).unwrap();
         l.set_nonblocking(true).unwrap();
         let l = tokio::net::TcpListener::from_std(l).unwrap();
-        let factory: kyuu_rawr::http::SocketFactory = Arc::new(move || {
+        let factory: kyuu_server::rawr::http::SocketFactory = Arc::new(move || {
             node.udp_bind("0.0.0.0:0")
                 .map_err(|e| std::io::Error::other(e.to_string()))
         });
@@ -136,7 +136,10 @@ async fn browsers_through_rawr(test: &str, spec: LabSpec) {
             .route("/", get(page))
             .route("/mailbox/{key}", get(mail_get).post(mail_put))
             .with_state(mailbox.clone())
-            .nest("/rawr", kyuu_rawr::http::router_with(rawr_addr, factory));
+            .nest(
+                "/rawr",
+                kyuu_server::rawr::http::router_with(rawr_addr, factory),
+            );
         servers.push(tokio::spawn(async move { axum::serve(l, app).await }));
     }
     let session = hex::encode(rand::random::<[u8; 16]>());

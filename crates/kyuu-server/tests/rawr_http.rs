@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use kyuu_rawr::config::{ChildConfig, GatewayConfig, RawrConfig};
-use kyuu_rawr::runtime::{spawn_node, NodeHandle};
+use kyuu_server::rawr::runtime::{spawn_node, NodeHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -34,7 +34,7 @@ async fn node(name: &str, gw: Option<SocketAddr>, children: &[&str]) -> NodeHand
 }
 
 async fn serve(node: SocketAddr) -> SocketAddr {
-    let app = axum::Router::new().nest("/rawr", kyuu_rawr::http::router(node));
+    let app = axum::Router::new().nest("/rawr", kyuu_server::rawr::http::router(node));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
