@@ -39,8 +39,8 @@ pub use classic::{
     build_classic_error, build_classic_success, ClassicRequest, ClassicTransactionId,
 };
 pub use error::Error;
-pub use integrity::saslprep;
 pub use error_code::ErrorCode;
+pub use integrity::saslprep;
 pub use message::{is_stun, AttrIter, Class, Message, RawAttr, TransactionId};
 
 /// The fixed magic cookie of RFC 8489 section 5.
