@@ -21,6 +21,7 @@
 //! [RFC 5780]: https://www.rfc-editor.org/rfc/rfc5780
 
 pub mod attr;
+pub mod bucket;
 mod builder;
 mod channel;
 pub mod classic;
