@@ -12,13 +12,15 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Instant;
 
+use kyuu_stun::bucket::TokenBucket;
+
 /// Token buckets per source prefix.
 #[derive(Debug)]
 pub struct MintLimiter {
     per_sec: f64,
     burst: f64,
     max_entries: usize,
-    buckets: HashMap<IpAddr, (f64, Instant)>,
+    buckets: HashMap<IpAddr, TokenBucket>,
 }
 
 /// The source a mint counts against: the IPv4 address, or the IPv6 /64.
@@ -54,23 +56,17 @@ impl MintLimiter {
         let key = source_key(ip);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max_entries {
             let (per_sec, burst) = (self.per_sec, self.burst);
-            self.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
-            });
+            self.buckets
+                .retain(|_, b| b.level(per_sec, burst, now) < burst);
             if self.buckets.len() >= self.max_entries {
                 return false;
             }
         }
-        let (tokens, at) = self.buckets.entry(key).or_insert((self.burst, now));
-        let refill = now.saturating_duration_since(*at).as_secs_f64() * self.per_sec;
-        *tokens = (*tokens + refill).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let (per_sec, burst) = (self.per_sec, self.burst);
+        self.buckets
+            .entry(key)
+            .or_insert(TokenBucket::full(burst, now))
+            .take(1.0, per_sec, burst, now)
     }
 
     /// Sources tracked (bounded by `max_entries`).

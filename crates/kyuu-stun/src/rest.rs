@@ -17,6 +17,14 @@ pub fn password(secret: &[u8], username: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// Wall-clock seconds since the Unix epoch, the clock REST usernames are written in (0 if the
+/// system clock is before 1970). The one copy: shells call it, cores take it as an argument.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// `(username, password)` for `user`, valid for `ttl_secs` from `unix_now`.
 pub fn credentials(secret: &str, user: &str, unix_now: u64, ttl_secs: u64) -> (String, String) {
     let username = format!("{}:{user}", unix_now.saturating_add(ttl_secs));

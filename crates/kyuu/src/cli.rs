@@ -195,9 +195,23 @@ pub struct NatArgs {
     #[arg(long)]
     pub no_hairpin: bool,
 
+    /// Run the binding-lifetime test (RFC 5780 §4.6) instead: how long the NAT keeps an idle
+    /// mapping, waiting 1 s, 2 s, 4 s... up to this bound (at most 10 min; the test takes about
+    /// twice the bound). Needs a server that honours RESPONSE-PORT. Examples: 60s, 5m.
+    #[arg(long, value_name = "MAX", value_parser = parse_lifetime)]
+    pub lifetime: Option<Duration>,
+
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(600) {
+        return Err(format!("--lifetime must be between 1ms and 10m, not {s}"));
+    }
+    Ok(d)
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {

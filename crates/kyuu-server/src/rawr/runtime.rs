@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -19,12 +19,7 @@ use kyuu_rawr::node::{Node, Output, Stats};
 use kyuu_rawr::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
 use kyuu_rawr::wire::Mac;
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kyuu_stun::rest::unix_now;
 
 /// Sources remembered as having used the node's own socket (bounded; cleared when full).
 const SOCKET_CLIENTS_MAX: usize = 4096;

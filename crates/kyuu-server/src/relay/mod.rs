@@ -16,7 +16,7 @@ mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kyuu_turn::{PortRange, Rfc5780, ServerOptions, Shared, TurnConfig};
@@ -119,12 +119,7 @@ impl Drop for RelayHandle {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kyuu_stun::rest::unix_now;
 
 /// Bound sockets of one shard.
 #[derive(Debug, Default)]

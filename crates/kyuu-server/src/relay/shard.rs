@@ -1037,13 +1037,55 @@ async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         }
+        let label = client.transport.label();
         if let Some(rest) = buf.get(off..filled) {
             if peer.write_all(rest).await.is_err() {
                 return;
             }
+            relayed(label, "to_peer", rest.len());
         }
-        let _ = tokio::io::copy_bidirectional(&mut s, &mut peer).await;
+        let (mut cr, mut cw) = tokio::io::split(s);
+        let (mut pr, mut pw) = peer.split();
+        let _ = tokio::join!(
+            counted_copy(&mut cr, &mut pw, label, "to_peer"),
+            counted_copy(&mut pr, &mut cw, label, "to_client"),
+        );
     }
+}
+
+/// RFC 6062 relayed bytes, counted in the same `kyuu_turn_relayed_*` series as UDP relaying
+/// (`transport` is the client's; a "packet" of a stream is one read).
+fn relayed(transport: &'static str, direction: &'static str, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => direction, "transport" => transport)
+        .increment(1);
+    metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => direction, "transport" => transport)
+        .increment(bytes as u64);
+}
+
+/// Copies one direction of a spliced RFC 6062 connection pair until EOF or an error, counting
+/// what it relays; shuts the writer down at the end so the other side sees EOF.
+async fn counted_copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    transport: &'static str,
+    direction: &'static str,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            _ => break,
+        };
+        let Some(chunk) = buf.get(..n) else { break };
+        if w.write_all(chunk).await.is_err() {
+            break;
+        }
+        relayed(transport, direction, n);
+    }
+    let _ = w.shutdown().await;
 }
 
 async fn connect_peer(sh: Sh, from: SocketAddr, peer: PeerAddr, connection_id: ConnectionId) {

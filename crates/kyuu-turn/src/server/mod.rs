@@ -204,7 +204,11 @@ impl Server {
             return self.channel_data(now, client, packet);
         }
         let Ok(msg) = Message::parse(packet) else {
-            self.counters.drop(Dropped::Malformed);
+            // RFC 8489 §11: a Binding request without the magic cookie is an RFC 3489 client.
+            match kyuu_stun::ClassicRequest::parse(packet) {
+                Ok(classic) => self.classic_binding(now, client, &classic),
+                Err(_) => self.counters.drop(Dropped::Malformed),
+            }
             return None;
         };
         if msg.verify_fingerprint().is_err() {
