@@ -204,7 +204,9 @@ impl Config {
     /// Checks every section; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen.validate().map_err(ConfigError::Invalid)?;
-        self.turn.validate().map_err(ConfigError::Invalid)?;
+        self.turn
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.http.enabled && self.http.credential_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "http.credential_ttl_secs: must be positive".into(),

@@ -152,83 +152,114 @@ pub(crate) fn parse_hex_key(s: &str) -> Option<Vec<u8>> {
     hex::decode(s).ok()
 }
 
+/// An invalid `[turn]` value; the message starts with the key, e.g.
+/// `turn.relay_ports: min 60000 > max 50000`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// The config key the error is about (`turn.relay_ports`).
+    pub fn key(&self) -> &str {
+        self.0.split(':').next().unwrap_or_default()
+    }
+}
+
 impl TurnConfig {
     /// Checks the values; the error names the key, e.g. `turn.relay_ports: min 60000 > max 50000`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.relay_ports.min > self.relay_ports.max {
-            return Err(format!(
+            return Err(ConfigError(format!(
                 "turn.relay_ports: min {} > max {}",
                 self.relay_ports.min, self.relay_ports.max
-            ));
+            )));
         }
         if self.relay_ports.min == 0 {
-            return Err("turn.relay_ports: min must be at least 1".into());
-        }
-        if self.realm.is_empty() || self.realm.len() > 763 {
-            return Err("turn.realm: must be 1 to 763 bytes".into());
-        }
-        if self.software.len() > 763 {
-            return Err("turn.software: longer than 763 bytes".into());
-        }
-        if self.default_lifetime == 0 {
-            return Err("turn.default_lifetime: must be positive".into());
-        }
-        if self.max_lifetime < self.default_lifetime {
-            return Err(format!(
-                "turn.max_lifetime: {} < turn.default_lifetime {}",
-                self.max_lifetime, self.default_lifetime
+            return Err(ConfigError(
+                "turn.relay_ports: min must be at least 1".into(),
             ));
         }
+        if self.realm.is_empty() || self.realm.len() > 763 {
+            return Err(ConfigError("turn.realm: must be 1 to 763 bytes".into()));
+        }
+        if self.software.len() > 763 {
+            return Err(ConfigError("turn.software: longer than 763 bytes".into()));
+        }
+        if self.default_lifetime == 0 {
+            return Err(ConfigError(
+                "turn.default_lifetime: must be positive".into(),
+            ));
+        }
+        if self.max_lifetime < self.default_lifetime {
+            return Err(ConfigError(format!(
+                "turn.max_lifetime: {} < turn.default_lifetime {}",
+                self.max_lifetime, self.default_lifetime
+            )));
+        }
         if self.nonce_lifetime == 0 {
-            return Err("turn.nonce_lifetime: must be positive".into());
+            return Err(ConfigError("turn.nonce_lifetime: must be positive".into()));
         }
         if self.unauth_rate > 0 && self.unauth_burst == 0 {
-            return Err("turn.unauth_burst: must be positive when turn.unauth_rate is set".into());
+            return Err(ConfigError(
+                "turn.unauth_burst: must be positive when turn.unauth_rate is set".into(),
+            ));
         }
         if self.rate_table_size == 0 {
-            return Err("turn.rate_table_size: must be positive".into());
+            return Err(ConfigError("turn.rate_table_size: must be positive".into()));
         }
         for (i, u) in self.users.iter().enumerate() {
             if u.name.is_empty() || u.name.len() > 513 {
-                return Err(format!("turn.users[{i}].name: must be 1 to 513 bytes"));
+                return Err(ConfigError(format!(
+                    "turn.users[{i}].name: must be 1 to 513 bytes"
+                )));
             }
             match (&u.password, &u.key) {
                 (Some(_), Some(_)) => {
-                    return Err(format!(
+                    return Err(ConfigError(format!(
                         "turn.users[{i}]: give either password or key, not both"
-                    ))
+                    )))
                 }
-                (None, None) => return Err(format!("turn.users[{i}]: password or key required")),
+                (None, None) => {
+                    return Err(ConfigError(format!(
+                        "turn.users[{i}]: password or key required"
+                    )))
+                }
                 (None, Some(k)) => {
                     if parse_hex_key(k).map(|k| k.len()) != Some(16) {
-                        return Err(format!(
+                        return Err(ConfigError(format!(
                             "turn.users[{i}].key: expected 32 hex digits (MD5 of user:realm:password)"
-                        ));
+                        )));
                     }
                 }
                 (Some(_), None) => {}
             }
             if let Some(k) = &u.key_sha256 {
                 if parse_hex_key(k).map(|k| k.len()) != Some(32) {
-                    return Err(format!(
+                    return Err(ConfigError(format!(
                         "turn.users[{i}].key_sha256: expected 64 hex digits"
-                    ));
+                    )));
                 }
             }
         }
         for (i, s) in self.static_auth_secrets.iter().enumerate() {
             if s.is_empty() {
-                return Err(format!("turn.static_auth_secrets[{i}]: empty secret"));
+                return Err(ConfigError(format!(
+                    "turn.static_auth_secrets[{i}]: empty secret"
+                )));
             }
         }
         if let Some(ip) = self.relay_ipv4 {
             if ip.is_multicast() || ip.is_broadcast() {
-                return Err(format!("turn.relay_ipv4: {ip} is not a unicast address"));
+                return Err(ConfigError(format!(
+                    "turn.relay_ipv4: {ip} is not a unicast address"
+                )));
             }
         }
         if let Some(ip) = self.relay_ipv6 {
             if ip.is_multicast() {
-                return Err(format!("turn.relay_ipv6: {ip} is not a unicast address"));
+                return Err(ConfigError(format!(
+                    "turn.relay_ipv6: {ip} is not a unicast address"
+                )));
             }
         }
         Ok(())
@@ -272,10 +303,9 @@ mod tests {
             },
             ..Default::default()
         };
-        assert_eq!(
-            c.validate().unwrap_err(),
-            "turn.relay_ports: min 60000 > max 50000"
-        );
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.to_string(), "turn.relay_ports: min 60000 > max 50000");
+        assert_eq!(e.key(), "turn.relay_ports");
         let c: Result<TurnConfig, _> = toml::from_str("realmm = \"x\"");
         assert!(c.unwrap_err().to_string().contains("realmm"));
         let c: TurnConfig = toml::from_str(

@@ -123,7 +123,7 @@ impl RelayControl {
 
     /// Validates `turn`, then applies it on every shard. Nothing changes when it is invalid.
     pub async fn reconfigure(&self, turn: &TurnConfig) -> Result<NotApplied, String> {
-        turn.validate()?;
+        turn.validate().map_err(|e| e.to_string())?;
         let mut not_applied = NotApplied::default();
         for tx in &self.shards {
             let (reply, rx) = oneshot::channel();

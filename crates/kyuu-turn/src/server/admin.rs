@@ -160,7 +160,7 @@ impl Server {
     /// start) and `enabled` need a restart; they are kept and named in the result. Nothing
     /// changes when `cfg` is invalid.
     pub fn reconfigure(&mut self, mut cfg: TurnConfig) -> Result<NotApplied, String> {
-        cfg.validate()?;
+        cfg.validate().map_err(|e| e.to_string())?;
         let mut kept = Vec::new();
         if cfg.relay_ports != self.cfg.relay_ports {
             kept.push("turn.relay_ports");

@@ -124,8 +124,8 @@ pub struct ServerOptions {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServerError {
     /// The `[turn]` config is invalid; the message names the key.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// The sans-IO server. See the crate docs for the contract.
@@ -152,7 +152,7 @@ pub struct Server {
 
 impl Server {
     pub fn new(cfg: TurnConfig, opts: ServerOptions) -> Result<Self, ServerError> {
-        cfg.validate().map_err(ServerError::Config)?;
+        cfg.validate()?;
         Ok(Server {
             creds: Credentials::new(&cfg),
             nonces: Nonces::new(opts.shared.nonce_key, u64::from(cfg.nonce_lifetime)),
