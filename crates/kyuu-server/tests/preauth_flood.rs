@@ -10,6 +10,8 @@
 //! runs `ulimit -n 65536`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -102,26 +104,7 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
 
 /// The TURN client's next event, exchanging framed messages over `s`.
 async fn event(c: &mut Client, s: &mut TcpStream) -> Event {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        while let Some(b) = c.poll_transmit() {
-            s.write_all(&b).await.unwrap();
-        }
-        if let Some(e) = c.poll_event() {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "no TURN answer under the flood");
-        let mut head = [0u8; 4];
-        if let Ok(r) =
-            tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut head)).await
-        {
-            r.unwrap();
-            let n = kyuu_stun::frame_len(&head).unwrap().unwrap();
-            let mut rest = vec![0u8; n - 4];
-            s.read_exact(&mut rest).await.unwrap();
-            c.handle_input(Instant::now(), &[head.to_vec(), rest].concat());
-        }
-    }
+    common::stream_event(s, c, 10).await
 }
 
 /// TURN Allocate over TCP, a channel, and one packet relayed to a UDP peer.

@@ -6,6 +6,8 @@
 //! `KYUU_INTEROP_REQUIRED=1`).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -200,26 +202,7 @@ async fn untrusted_sources_are_refused() {
 }
 
 async fn stream_event(s: &mut TcpStream, c: &mut Client) -> Event {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        while let Some(b) = c.poll_transmit() {
-            s.write_all(&b).await.unwrap();
-        }
-        if let Some(e) = c.poll_event() {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "no event");
-        let mut head = [0u8; 4];
-        if let Ok(r) =
-            tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut head)).await
-        {
-            r.unwrap();
-            let n = kyuu_stun::frame_len(&head).unwrap().unwrap();
-            let mut rest = vec![0u8; n - 4];
-            s.read_exact(&mut rest).await.unwrap();
-            c.handle_input(Instant::now(), &[head.to_vec(), rest].concat());
-        }
-    }
+    common::stream_event(s, c, 5).await
 }
 
 #[tokio::test]
@@ -414,26 +397,7 @@ async fn tls_header_precedes_the_handshake() {
         .unwrap();
     let mut c = Client::new("u", "p", true);
     c.allocate(Instant::now());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ev = loop {
-        while let Some(b) = c.poll_transmit() {
-            s.write_all(&b).await.unwrap();
-        }
-        if let Some(e) = c.poll_event() {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "no answer over TLS");
-        let mut head = [0u8; 4];
-        if let Ok(r) =
-            tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut head)).await
-        {
-            r.unwrap();
-            let n = kyuu_stun::frame_len(&head).unwrap().unwrap();
-            let mut rest = vec![0u8; n - 4];
-            s.read_exact(&mut rest).await.unwrap();
-            c.handle_input(Instant::now(), &[head.to_vec(), rest].concat());
-        }
-    };
+    let ev = common::stream_event(&mut s, &mut c, 5).await;
     let Event::Allocated { mapped, .. } = ev else {
         panic!("{ev:?}")
     };

@@ -4,6 +4,8 @@
 //! loss (SKIP without curl/coturn's tools, a failure with `KYUU_INTEROP_REQUIRED=1`).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,26 +98,7 @@ async fn tls(addr: SocketAddr, alpn: &[&[u8]], sni: &str) -> Tls {
 }
 
 async fn stream_event(s: &mut Tls, c: &mut Client) -> Event {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        while let Some(b) = c.poll_transmit() {
-            s.write_all(&b).await.unwrap();
-        }
-        if let Some(e) = c.poll_event() {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "no event");
-        let mut head = [0u8; 4];
-        if let Ok(r) =
-            tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut head)).await
-        {
-            r.unwrap();
-            let n = kyuu_stun::frame_len(&head).unwrap().unwrap();
-            let mut rest = vec![0u8; n - 4];
-            s.read_exact(&mut rest).await.unwrap();
-            c.handle_input(Instant::now(), &[head.to_vec(), rest].concat());
-        }
-    }
+    common::stream_event(s, c, 5).await
 }
 
 async fn allocate_over(mut s: Tls) -> SocketAddr {

@@ -1,5 +1,5 @@
 //! Helpers shared by the STUN/TURN socket tests.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, dead_code)]
 
 /// A port and the next one, both free for UDP and TCP on 127.0.0.1 and 127.0.0.2 (RFC 5780
 /// tests listen on the primary and alternate IP and port).
@@ -23,4 +23,40 @@ pub fn free_port_pair() -> (u16, u16) {
         }
     }
     panic!("no free port pair");
+}
+
+/// The sans-IO TURN client's next event, exchanging framed STUN/ChannelData over stream `s`
+/// (TCP, TLS), failing the test after `secs` seconds without one.
+pub async fn stream_event<S>(
+    s: &mut S,
+    c: &mut kyuu_client::turn::Client,
+    secs: u64,
+) -> kyuu_client::turn::Event
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        while let Some(b) = c.poll_transmit() {
+            s.write_all(&b).await.unwrap();
+        }
+        if let Some(e) = c.poll_event() {
+            return e;
+        }
+        assert!(std::time::Instant::now() < deadline, "no TURN answer");
+        let mut head = [0u8; 4];
+        if let Ok(r) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            s.read_exact(&mut head),
+        )
+        .await
+        {
+            r.unwrap();
+            let n = kyuu_stun::frame_len(&head).unwrap().unwrap();
+            let mut rest = vec![0u8; n - 4];
+            s.read_exact(&mut rest).await.unwrap();
+            c.handle_input(std::time::Instant::now(), &[head.to_vec(), rest].concat());
+        }
+    }
 }
