@@ -7,6 +7,7 @@
 //! [signal]   # kyuu_signal::SignalConfig
 //! [rawr]     # kyuu_rawr::RawrConfig: a RAWR node beside STUN/TURN (off by default)
 //! [log]      # LogConfig
+//! [fleet]    # kyuu_signal::FleetConfig: many nodes as one service over Redis (absent: one node)
 //! ```
 //!
 //! Unknown keys are refused (`deny_unknown_fields`) and [`Config::validate`] names the offending
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::relay::ListenConfig;
 pub use kyuu_rawr::RawrConfig;
-pub use kyuu_signal::SignalConfig;
+pub use kyuu_signal::{FleetConfig, SignalConfig};
 pub use kyuu_turn::TurnConfig;
 
 /// The whole configuration file.
@@ -34,6 +35,8 @@ pub struct Config {
     pub signal: SignalConfig,
     pub rawr: RawrConfig,
     pub log: LogConfig,
+    /// Absent: a single node, no Redis.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// The `[http]` section: one HTTP server for signaling, ICE provisioning, metrics and health.
@@ -154,6 +157,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen.validate().map_err(ConfigError::Invalid)?;
         self.turn.validate().map_err(ConfigError::Invalid)?;
+        if let Some(f) = &self.fleet {
+            f.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.http.enabled && self.http.credential_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "http.credential_ttl_secs: must be positive".into(),
@@ -224,6 +230,9 @@ impl Config {
         out.push_str(&section("signal", &self.signal)?);
         out.push_str(&section("rawr", &self.rawr)?);
         out.push_str(&section("log", &self.log)?);
+        if let Some(f) = &self.fleet {
+            out.push_str(&section("fleet", f)?);
+        }
         Ok(out)
     }
 }

@@ -125,11 +125,14 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             }
             None => None,
         };
+        let (signal, fleet) =
+            kyuu_signal::router_with_fleet(config.signal.clone(), ice.clone(), config.fleet.clone())
+                .map_err(anyhow::Error::msg)?;
         let health = Arc::new(Health {
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
+            fleet,
         });
-        let signal = kyuu_signal::router(config.signal.clone(), ice.clone());
         let mut app = http::router(signal, metrics, health);
         if let Some(node) = &rawr {
             app = app.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));

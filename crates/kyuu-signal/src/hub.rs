@@ -124,6 +124,19 @@ pub enum Output {
         /// Close reason.
         reason: &'static str,
     },
+    /// Fleet mode only: `to` is not known on this node; the shell looks it up in the fleet
+    /// registry and forwards `text`, or calls [`Hub::remote_unknown`] when no node has it.
+    /// Routes are emitted in input order; the shell keeps that order per sender.
+    Route {
+        /// Sending connection (for an error if the peer is unknown fleet-wide).
+        from_conn: ConnId,
+        /// Sender id.
+        from: String,
+        /// Destination id.
+        to: String,
+        /// The rewritten frame, ready for the destination.
+        text: String,
+    },
 }
 
 /// Error codes sent to opt-in clients in `{"type":"error","code":..}`.
@@ -268,6 +281,8 @@ pub struct Hub {
     /// (until, id) for `Gone` entries, in order.
     gone_order: VecDeque<(Instant, String)>,
     out: VecDeque<Output>,
+    /// Unknown destinations go out as [`Output::Route`] instead of being held or refused.
+    fleet: bool,
 }
 
 impl Hub {
@@ -287,6 +302,76 @@ impl Hub {
             held_order: VecDeque::new(),
             gone_order: VecDeque::new(),
             out: VecDeque::new(),
+            fleet: false,
+        }
+    }
+
+    /// Fleet mode: destinations unknown here are routed to other nodes ([`Output::Route`]).
+    pub fn set_fleet(&mut self, on: bool) {
+        self.fleet = on;
+    }
+
+    /// Ids of live (connected) clients, for the fleet registry heartbeat.
+    pub fn live_ids(&self) -> impl Iterator<Item = &str> {
+        self.conns.values().map(|c| c.id.as_str())
+    }
+
+    /// Fleet mode: no node has `to`. Holds the message like a local unknown destination
+    /// (`buffer_unknown`) or answers the sender with `unknown-peer`.
+    pub fn remote_unknown(&mut self, now: Instant, from_conn: ConnId, from: &str, to: &str, text: String) {
+        if !self.is_current(from_conn) {
+            return;
+        }
+        let here = self.ids.get(to).map(|e| &e.state);
+        if let Some(IdState::Live(dst)) = here {
+            // It connected here after the route was emitted.
+            let dst = *dst;
+            self.out.push_back(Output::Send { conn: dst, text });
+            return;
+        }
+        let gone_here = matches!(here, Some(IdState::Gone { .. }));
+        if gone_here || self.cfg.buffer_unknown {
+            self.hold_text(now, from_conn, from, to, text);
+        } else {
+            info!("Client {to} not found in the fleet");
+            metrics::counter!("kyuu_signal_dropped_total", "reason" => "unknown").increment(1);
+            self.error(from_conn, ErrorCode::UnknownPeer, "no such peer", Some(to));
+        }
+    }
+
+    /// Fleet mode: a frame routed here by another node for local client `to`. Returns `false`
+    /// when `to` is neither live nor recently gone here (the frame is dropped).
+    pub fn from_remote(&mut self, now: Instant, to: &str, text: String) -> bool {
+        match self.ids.get(to).map(|e| &e.state) {
+            Some(IdState::Live(dst)) => {
+                let dst = *dst;
+                debug!("Client {to} >> {text} (from fleet)");
+                metrics::counter!("kyuu_signal_messages_relayed_total").increment(1);
+                self.out.push_back(Output::Send { conn: dst, text });
+                true
+            }
+            Some(IdState::Gone { .. }) => {
+                let ttl = self.cfg.pending_ttl();
+                let per_peer = self.held.get(to).map_or(0, VecDeque::len);
+                if ttl.is_zero()
+                    || per_peer >= self.cfg.pending_max_per_peer
+                    || self.held_total >= self.cfg.pending_max_total
+                {
+                    return false;
+                }
+                let expires = now + ttl;
+                // No local sender to tell when it expires: ConnId(0) is never a live connection.
+                self.held.entry(to.to_owned()).or_default().push_back(Held {
+                    from_conn: ConnId(0),
+                    from_id: String::new(),
+                    text,
+                    expires,
+                });
+                self.held_total += 1;
+                self.held_order.push_back((expires, to.to_owned()));
+                true
+            }
+            None => false,
         }
     }
 
@@ -567,6 +652,15 @@ impl Hub {
                 metrics::counter!("kyuu_signal_messages_relayed_total").increment(1);
                 self.out.push_back(Output::Send { conn: dst, text });
             }
+            // In a fleet a client gone from here may have reconnected to another node.
+            Some(IdState::Gone { .. }) | None if self.fleet => {
+                self.out.push_back(Output::Route {
+                    from_conn: conn,
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    text: r.rewrite(from),
+                });
+            }
             Some(IdState::Gone { .. }) => self.hold(now, conn, from, to, r),
             None if self.cfg.buffer_unknown => self.hold(now, conn, from, to, r),
             None => {
@@ -585,6 +679,10 @@ impl Hub {
         to: &str,
         r: &frame::RelayFrame<'_>,
     ) {
+        self.hold_text(now, conn, from, to, r.rewrite(from));
+    }
+
+    fn hold_text(&mut self, now: Instant, conn: ConnId, from: &str, to: &str, text: String) {
         let per_peer = self.held.get(to).map_or(0, VecDeque::len);
         let ttl = self.cfg.pending_ttl();
         if ttl.is_zero()
@@ -605,7 +703,7 @@ impl Hub {
         self.held.entry(to.to_owned()).or_default().push_back(Held {
             from_conn: conn,
             from_id: from.to_owned(),
-            text: r.rewrite(from),
+            text,
             expires,
         });
         self.held_total += 1;
@@ -889,7 +987,7 @@ impl Hub {
         // Anything already queued for it is moot.
         self.out.retain(|o| match o {
             Output::Send { conn: c, .. } => *c != conn,
-            Output::Close { .. } => true,
+            Output::Close { .. } | Output::Route { .. } => true,
         });
         Some(id)
     }

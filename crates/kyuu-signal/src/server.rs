@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use crate::config::SignalConfig;
+use crate::fleet::{Cmd, Fleet, FleetConfig, FleetStatus, HubPort};
 use crate::hub::{ConnId, ConnectRequest, Hub, Output};
 use crate::ice::IceProvider;
 use crate::token::{self, Claims};
@@ -52,6 +53,26 @@ struct Shared {
     state: Mutex<State_>,
     wake: Notify,
     timer: Once,
+    /// Fleet mode glue (set once, right after the router is built).
+    fleet: std::sync::OnceLock<Fleet>,
+}
+
+impl HubPort for Shared {
+    fn live_ids(&self) -> Vec<String> {
+        self.lock().hub.live_ids().map(str::to_owned).collect()
+    }
+
+    fn from_remote(&self, to: &str, text: String) {
+        self.with_hub(|h, now| {
+            if !h.from_remote(now, to, text) {
+                debug!("fleet: frame for {to}, who is not here, dropped");
+            }
+        });
+    }
+
+    fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String) {
+        self.with_hub(|h, now| h.remote_unknown(now, from_conn, from, to, text));
+    }
 }
 
 impl Shared {
@@ -87,6 +108,24 @@ impl Shared {
                     Output::Close { conn, code, reason } => {
                         if let Some(link) = st.links.remove(&conn) {
                             let _ = link.kill.send((code, reason));
+                        }
+                    }
+                    Output::Route {
+                        from_conn,
+                        from,
+                        to,
+                        text,
+                    } => {
+                        let queued = self.fleet.get().is_some_and(|f| {
+                            f.send(Cmd::Route {
+                                from_conn,
+                                from: from.clone(),
+                                to: to.clone(),
+                                text: text.clone(),
+                            })
+                        });
+                        if !queued {
+                            st.hub.remote_unknown(now, from_conn, &from, &to, text);
                         }
                     }
                 }
@@ -150,6 +189,31 @@ impl Shared {
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the per-address
 /// connection cap sees real addresses (without it all clients count as one unknown address).
 pub fn router(cfg: SignalConfig, ice: IceProvider) -> Router {
+    build(cfg, ice).1
+}
+
+/// [`router`] in fleet mode when `fleet` is given: clients on other nodes sharing the Redis
+/// are reached by id (see [`crate::fleet`]). Returns the Redis status for `/healthz`. Must be
+/// called inside a tokio runtime when `fleet` is given.
+pub fn router_with_fleet(
+    cfg: SignalConfig,
+    ice: IceProvider,
+    fleet: Option<FleetConfig>,
+) -> Result<(Router, Option<FleetStatus>), String> {
+    let (shared, r) = build(cfg, ice);
+    let Some(fc) = fleet else {
+        return Ok((r, None));
+    };
+    shared.lock().hub.set_fleet(true);
+    let weak: std::sync::Weak<Shared> = Arc::downgrade(&shared);
+    let port: std::sync::Weak<dyn HubPort> = weak;
+    let f = Fleet::start(fc, port)?;
+    let status = f.status();
+    let _ = shared.fleet.set(f);
+    Ok((r, Some(status)))
+}
+
+fn build(cfg: SignalConfig, ice: IceProvider) -> (Arc<Shared>, Router) {
     let seed = rand::random();
     let shared = Arc::new(Shared {
         state: Mutex::new(State_ {
@@ -161,15 +225,17 @@ pub fn router(cfg: SignalConfig, ice: IceProvider) -> Router {
         ice,
         wake: Notify::new(),
         timer: Once::new(),
+        fleet: std::sync::OnceLock::new(),
     });
-    Router::new()
+    let r = Router::new()
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/v1/ice-servers", get(ice_servers))
         .route("/kyuu.js", get(common_js))
         .route("/{id}", get(by_id))
         .route("/{id}/{*rest}", get(by_id_rest))
-        .with_state(shared)
+        .with_state(shared.clone());
+    (shared, r)
 }
 
 /// Binds `addr` and serves [`router`] until an error occurs.
@@ -305,7 +371,11 @@ async fn common_js() -> Response {
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Response {
     let n = s.lock().hub.connections();
-    Json(serde_json::json!({"status": "ok", "connections": n})).into_response()
+    let mut v = serde_json::json!({"status": "ok", "connections": n});
+    if let (Some(f), serde_json::Value::Object(m)) = (s.fleet.get(), &mut v) {
+        m.insert("fleet".into(), f.status().as_str().into());
+    }
+    Json(v).into_response()
 }
 
 async fn ice_servers(
@@ -370,6 +440,10 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
         match st.hub.connect(now, request) {
             Ok(a) => {
                 st.links.insert(a.conn, Link { tx, kill: kill_tx });
+                if let Some(f) = s.fleet.get() {
+                    // Same queue as routes, so the claim is ordered before this client's frames.
+                    let _ = f.send(Cmd::Claim(a.id.clone()));
+                }
                 s.deliver(&mut st, now);
                 a
             }
