@@ -11,6 +11,9 @@
 //!   stops refreshing, so its ids vanish fleet-wide within `peer_ttl_secs`.
 //! * `kyuu:node:<name>` (pub/sub channel): frames routed to that node, JSON
 //!   `{"to": <id>, "text": <frame>}`.
+//! * `kyuu:owner:<id>` = SHA-256 (hex) of the id's resume token, same expiry, for ids whose
+//!   client holds one: another node lets a handshake take the id only with that token
+//!   ([`Fleet::admit`]) and tells the old node to close its connection (`"evict"`).
 //! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat.
 //!
 //! # Ordering
@@ -141,8 +144,8 @@ impl FleetStatus {
 /// Work for the routing task, in hub output order.
 #[derive(Debug)]
 pub(crate) enum Cmd {
-    /// A local client took an id.
-    Claim(String),
+    /// A local client took an id; with the SHA-256 (hex) of its resume token when it has one.
+    Claim(String, Option<String>),
     /// A frame for an id that is not on this node.
     Route {
         from_conn: ConnId,
@@ -154,8 +157,10 @@ pub(crate) enum Cmd {
 
 /// What the glue needs from the shell that owns the hub.
 pub(crate) trait HubPort: Send + Sync + 'static {
-    /// Ids of the live local clients.
-    fn live_ids(&self) -> Vec<String>;
+    /// Ids of the live local clients, with the hash of their resume token ([`token_hash`]).
+    fn live_ids(&self) -> Vec<(String, Option<String>)>;
+    /// `id` was taken over on another node.
+    fn evict(&self, id: &str);
     /// A frame from another node for local client `to`.
     fn from_remote(&self, to: &str, text: String);
     /// No node has `to`.
@@ -165,12 +170,33 @@ pub(crate) trait HubPort: Send + Sync + 'static {
 #[derive(Serialize, Deserialize)]
 struct Wire {
     to: String,
+    #[serde(default)]
     text: String,
+    /// `to` was taken over on another node: close it here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    evict: bool,
 }
 
 fn peer_key(id: &str) -> String {
     format!("kyuu:peer:{id}")
 }
+
+fn owner_key(id: &str) -> String {
+    format!("kyuu:owner:{id}")
+}
+
+/// What the registry stores of a resume token: its SHA-256, hex.
+pub(crate) fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why [`Fleet::admit`] refused an id.
+#[derive(Debug)]
+pub(crate) struct HeldElsewhere;
 
 fn node_channel(node: &str) -> String {
     format!("kyuu:node:{node}")
@@ -181,6 +207,9 @@ pub(crate) struct Fleet {
     tx: mpsc::Sender<Cmd>,
     status: FleetStatus,
     tasks: Vec<AbortHandle>,
+    cfg: Arc<FleetConfig>,
+    client: redis::Client,
+    mgr: Mgr,
 }
 
 impl Drop for Fleet {
@@ -223,14 +252,87 @@ impl Fleet {
             tokio::spawn(heartbeat_task(
                 cfg.clone(),
                 client.clone(),
-                mgr,
+                mgr.clone(),
                 status.clone(),
                 port.clone(),
             ))
             .abort_handle(),
         );
-        tasks.push(tokio::spawn(subscribe_task(cfg, client, status.clone(), port)).abort_handle());
-        Ok(Fleet { tx, status, tasks })
+        tasks.push(
+            tokio::spawn(subscribe_task(
+                cfg.clone(),
+                client.clone(),
+                status.clone(),
+                port,
+            ))
+            .abort_handle(),
+        );
+        Ok(Fleet {
+            tx,
+            status,
+            tasks,
+            cfg,
+            client,
+            mgr,
+        })
+    }
+
+    /// Fleet-wide id ownership, checked before the local hub sees a handshake for `id`.
+    /// When another node holds `id`, the handshake may take it only with the id's resume
+    /// token (or, for an id claimed without one, when `legacy_takeover` is on); the other
+    /// node is then told to close its connection. Redis unreachable: admitted (the node
+    /// serves on local rules while degraded).
+    pub(crate) async fn admit(
+        &self,
+        id: &str,
+        resume: Option<&str>,
+        legacy_takeover: bool,
+    ) -> Result<(), HeldElsewhere> {
+        let Some(mut c) = manager(&self.client, &self.mgr).await else {
+            return Ok(());
+        };
+        let got: redis::RedisResult<(Option<String>, Option<String>)> = redis::pipe()
+            .cmd("GET")
+            .arg(peer_key(id))
+            .cmd("GET")
+            .arg(owner_key(id))
+            .query_async(&mut c)
+            .await;
+        let (node, owner) = match got {
+            Ok(v) => v,
+            Err(e) => {
+                debug!("fleet: admitting {id}: {e}");
+                self.status.set(false);
+                return Ok(());
+            }
+        };
+        let Some(node) = node.filter(|n| *n != self.cfg.node) else {
+            return Ok(());
+        };
+        let allowed = match (owner, resume) {
+            (Some(h), Some(t)) => ct_eq_str(&h, &token_hash(t)),
+            (Some(_), None) => false,
+            (None, _) => legacy_takeover,
+        };
+        if !allowed {
+            return Err(HeldElsewhere);
+        }
+        let payload = serde_json::to_string(&Wire {
+            to: id.to_owned(),
+            text: String::new(),
+            evict: true,
+        })
+        .unwrap_or_default();
+        let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(node_channel(&node))
+            .arg(payload)
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = r {
+            debug!("fleet: telling {node} to drop {id}: {e}");
+        }
+        info!("fleet: {id} taken over from node {node}");
+        Ok(())
     }
 
     pub(crate) fn status(&self) -> FleetStatus {
@@ -266,7 +368,6 @@ async fn route_task(
     port: std::sync::Weak<dyn HubPort>,
     mut rx: mpsc::Receiver<Cmd>,
 ) {
-    let ttl = cfg.peer_ttl_secs;
     let mut last_fail: Option<tokio::time::Instant> = None;
     while let Some(cmd) = rx.recv().await {
         let Some(port) = port.upgrade() else {
@@ -280,15 +381,11 @@ async fn route_task(
             manager(&client, &mgr).await
         };
         match cmd {
-            Cmd::Claim(id) => {
+            Cmd::Claim(id, hash) => {
                 let Some(mut c) = conn else { continue };
-                let r: redis::RedisResult<()> = redis::cmd("SET")
-                    .arg(peer_key(&id))
-                    .arg(&cfg.node)
-                    .arg("EX")
-                    .arg(ttl)
-                    .query_async(&mut c)
-                    .await;
+                let mut pipe = redis::pipe();
+                register(&mut pipe, &cfg, &id, hash.as_deref());
+                let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
                 if let Err(e) = r {
                     debug!("fleet: registering {id}: {e}");
                     status.set(false);
@@ -326,7 +423,11 @@ async fn route_task(
                     port.from_remote(&to, text);
                     continue;
                 }
-                let payload = match serde_json::to_string(&Wire { to, text }) {
+                let payload = match serde_json::to_string(&Wire {
+                    to,
+                    text,
+                    evict: false,
+                }) {
                     Ok(p) => p,
                     Err(_) => continue,
                 };
@@ -348,6 +449,30 @@ async fn route_task(
             }
         }
     }
+}
+
+/// Adds the registry writes for one live id to `pipe`.
+fn register(pipe: &mut redis::Pipeline, cfg: &FleetConfig, id: &str, hash: Option<&str>) {
+    pipe.cmd("SET")
+        .arg(peer_key(id))
+        .arg(&cfg.node)
+        .arg("EX")
+        .arg(cfg.peer_ttl_secs)
+        .ignore();
+    match hash {
+        Some(h) => pipe
+            .cmd("SET")
+            .arg(owner_key(id))
+            .arg(h)
+            .arg("EX")
+            .arg(cfg.peer_ttl_secs)
+            .ignore(),
+        None => pipe.cmd("DEL").arg(owner_key(id)).ignore(),
+    };
+}
+
+fn ct_eq_str(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn heartbeat_task(
@@ -376,13 +501,8 @@ async fn heartbeat_task(
             .arg("EX")
             .arg(cfg.peer_ttl_secs)
             .ignore();
-        for id in &ids {
-            pipe.cmd("SET")
-                .arg(peer_key(id))
-                .arg(&cfg.node)
-                .arg("EX")
-                .arg(cfg.peer_ttl_secs)
-                .ignore();
+        for (id, hash) in &ids {
+            register(&mut pipe, &cfg, id, hash.as_deref());
         }
         let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
         match r {
@@ -440,7 +560,11 @@ async fn subscribe_task(
                 debug!("fleet: malformed frame on {channel}, dropped");
                 continue;
             };
-            port.from_remote(&w.to, w.text);
+            if w.evict {
+                port.evict(&w.to);
+            } else {
+                port.from_remote(&w.to, w.text);
+            }
         }
         // The connection ended (Redis restarted or unreachable): subscribe again.
         status.set(false);

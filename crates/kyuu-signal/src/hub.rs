@@ -316,6 +316,30 @@ impl Hub {
         self.conns.values().map(|c| c.id.as_str())
     }
 
+    /// The resume token of a live or reserved id (fleet mode registers its hash).
+    pub fn resume_token(&self, id: &str) -> Option<&str> {
+        self.ids.get(id).and_then(|e| e.resume.as_deref())
+    }
+
+    /// Fleet mode: `id` was taken over on another node (with its resume token, or by legacy
+    /// takeover). Closes the local connection holding it and forgets the id here, so frames
+    /// for it are routed to its new node.
+    pub fn evict(&mut self, now: Instant, id: &str) {
+        let Some(entry) = self.ids.remove(id) else {
+            return;
+        };
+        if let IdState::Live(conn) = entry.state {
+            info!("Client {id} resumed on another node");
+            self.drop_conn(now, conn);
+            metrics::gauge!("kyuu_signal_connections").set(self.conns.len() as f64);
+            self.out.push_back(Output::Close {
+                conn,
+                code: 4000,
+                reason: "replaced by a newer connection on another node",
+            });
+        }
+    }
+
     /// Fleet mode: no node has `to`. Holds the message like a local unknown destination
     /// (`buffer_unknown`) or answers the sender with `unknown-peer`.
     pub fn remote_unknown(&mut self, now: Instant, from_conn: ConnId, from: &str, to: &str, text: String) {

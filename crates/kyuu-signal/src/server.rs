@@ -58,8 +58,19 @@ struct Shared {
 }
 
 impl HubPort for Shared {
-    fn live_ids(&self) -> Vec<String> {
-        self.lock().hub.live_ids().map(str::to_owned).collect()
+    fn live_ids(&self) -> Vec<(String, Option<String>)> {
+        let st = self.lock();
+        st.hub
+            .live_ids()
+            .map(|id| {
+                let h = st.hub.resume_token(id).map(crate::fleet::token_hash);
+                (id.to_owned(), h)
+            })
+            .collect()
+    }
+
+    fn evict(&self, id: &str) {
+        self.with_hub(|h, now| h.evict(now, id));
     }
 
     fn from_remote(&self, to: &str, text: String) {
@@ -431,6 +442,17 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
         claims,
         ice_servers: ice,
     };
+    if let (Some(f), Some(id)) = (s.fleet.get(), request.id.as_deref()) {
+        if !id.is_empty()
+            && f
+                .admit(id, request.resume.as_deref(), s.cfg.legacy_takeover)
+                .await
+                .is_err()
+        {
+            let r = crate::hub::Refusal::IdTaken(id.to_owned());
+            return refuse(StatusCode::CONFLICT, &r.to_string());
+        }
+    }
     s.start_timer();
     let (tx, rx) = mpsc::channel(s.cfg.send_queue.max(1));
     let (kill_tx, kill_rx) = oneshot::channel();
@@ -442,7 +464,8 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
                 st.links.insert(a.conn, Link { tx, kill: kill_tx });
                 if let Some(f) = s.fleet.get() {
                     // Same queue as routes, so the claim is ordered before this client's frames.
-                    let _ = f.send(Cmd::Claim(a.id.clone()));
+                    let hash = st.hub.resume_token(&a.id).map(crate::fleet::token_hash);
+                    let _ = f.send(Cmd::Claim(a.id.clone(), hash));
                 }
                 s.deliver(&mut st, now);
                 a

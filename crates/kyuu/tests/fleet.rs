@@ -231,6 +231,41 @@ async fn three_nodes_one_redis() {
         assert_eq!(m["n"], i, "message {i} out of order: {m}");
     }
 
+    // Id ownership and resume across nodes: frank (v2, owns his id with a resume token) on
+    // node A; his id cannot be taken on node B without the token; with it, B takes over, A
+    // closes the old connection (4000) and frames for frank reach him on B.
+    let mut frank = client(&a, "frank?v=2").await;
+    let welcome = loop {
+        let m = frank.next().await.unwrap().unwrap();
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["type"] == "welcome" {
+                break v;
+            }
+        }
+    };
+    let token = welcome["resume"].as_str().unwrap().to_owned();
+    until_delivered(&mut bob, "frank", &mut frank, Duration::from_secs(10)).await;
+    let url = format!("ws://{}/frank?v=2", b.http);
+    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    assert!(err.to_string().contains("409"), "{err}");
+    let url = format!("ws://{}/frank?v=2&resume={token}", b.http);
+    let (mut frank2, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match frank.next().await {
+                Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
+                Some(Ok(_)) => continue,
+                _ => break 0,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 4000);
+    let v = until_delivered(&mut alice, "frank", &mut frank2, Duration::from_secs(10)).await;
+    assert_eq!(v["id"], "alice");
+
     // A killed node: its client becomes unknown fleet-wide within the registry TTL.
     let mut carol = client(&c, "carol").await;
     let mut dave = client(&a, "dave?v=2").await;
