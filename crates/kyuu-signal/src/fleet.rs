@@ -14,7 +14,11 @@
 //! * `kyuu:owner:<id>` = SHA-256 (hex) of the id's resume token, same expiry, for ids whose
 //!   client holds one: another node lets a handshake take the id only with that token
 //!   ([`Fleet::admit`]) and tells the old node to close its connection (`"evict"`).
-//! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat.
+//! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat. A node whose
+//!   key is gone is dead: the others withdraw the directory entries they mirror from it.
+//! * `kyuu:events` (pub/sub channel): directory publications and withdrawals of every node,
+//!   mirrored by every other node into its hub ([`Hub::remote_dir`]), and resync requests (a
+//!   node that (re)subscribes asks all others to announce their publications again).
 //!
 //! # Ordering
 //!
@@ -42,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use crate::hub::ConnId;
+use crate::hub::{ConnId, DirKey};
 
 /// The `[fleet]` configuration section. Absent: a single node, no Redis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +157,31 @@ pub(crate) enum Cmd {
         to: String,
         text: String,
     },
+    /// A local client published or withdrew a directory key.
+    Dir { key: DirKey, peer: String, on: bool },
+    /// Announce every local publication (asked by another node, or after subscribing).
+    Announce,
+    /// Ask every node to announce its publications (after (re)subscribing).
+    AskResync,
 }
+
+/// Fleet-wide events on [`EVENTS`].
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum Event {
+    Dir {
+        node: String,
+        key: DirKey,
+        peer: String,
+        on: bool,
+    },
+    Resync {
+        node: String,
+    },
+}
+
+/// The fleet events channel: directory changes and resync requests.
+const EVENTS: &str = "kyuu:events";
 
 /// What the glue needs from the shell that owns the hub.
 pub(crate) trait HubPort: Send + Sync + 'static {
@@ -161,6 +189,14 @@ pub(crate) trait HubPort: Send + Sync + 'static {
     fn live_ids(&self) -> Vec<(String, Option<String>)>;
     /// `id` was taken over on another node.
     fn evict(&self, id: &str);
+    /// The local publications.
+    fn local_publications(&self) -> Vec<(DirKey, String)>;
+    /// Nodes whose publications are mirrored here.
+    fn remote_nodes(&self) -> Vec<String>;
+    /// A publication on another node changed.
+    fn remote_dir(&self, node: &str, key: DirKey, peer: &str, on: bool);
+    /// `node` no longer refreshes its liveness key.
+    fn node_gone(&self, node: &str);
     /// A frame from another node for local client `to`.
     fn from_remote(&self, to: &str, text: String);
     /// No node has `to`.
@@ -264,6 +300,7 @@ impl Fleet {
                 client.clone(),
                 status.clone(),
                 port,
+                tx.clone(),
             ))
             .abort_handle(),
         );
@@ -392,6 +429,43 @@ async fn route_task(
                     last_fail = Some(tokio::time::Instant::now());
                 }
             }
+            Cmd::Dir { key, peer, on } => {
+                let ev = Event::Dir {
+                    node: cfg.node.clone(),
+                    key,
+                    peer,
+                    on,
+                };
+                if let Some(mut c) = conn {
+                    if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            Cmd::Announce | Cmd::AskResync => {
+                let Some(mut c) = conn else { continue };
+                if matches!(cmd, Cmd::AskResync) {
+                    let ev = Event::Resync {
+                        node: cfg.node.clone(),
+                    };
+                    if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                        continue;
+                    }
+                }
+                for (key, peer) in port.local_publications() {
+                    let ev = Event::Dir {
+                        node: cfg.node.clone(),
+                        key,
+                        peer,
+                        on: true,
+                    };
+                    if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                        break;
+                    }
+                }
+            }
             Cmd::Route {
                 from_conn,
                 from,
@@ -451,6 +525,25 @@ async fn route_task(
     }
 }
 
+async fn publish_event(c: &mut ConnectionManager, ev: &Event, status: &FleetStatus) -> bool {
+    let Ok(payload) = serde_json::to_string(ev) else {
+        return true;
+    };
+    let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(EVENTS)
+        .arg(payload)
+        .query_async(c)
+        .await;
+    match r {
+        Ok(_) => true,
+        Err(e) => {
+            debug!("fleet: publishing an event: {e}");
+            status.set(false);
+            false
+        }
+    }
+}
+
 /// Adds the registry writes for one live id to `pipe`.
 fn register(pipe: &mut redis::Pipeline, cfg: &FleetConfig, id: &str, hash: Option<&str>) {
     pipe.cmd("SET")
@@ -505,6 +598,19 @@ async fn heartbeat_task(
             register(&mut pipe, &cfg, id, hash.as_deref());
         }
         let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
+        if r.is_ok() {
+            // Nodes whose publications we mirror and that stopped refreshing their key.
+            let nodes = port.upgrade().map(|p| p.remote_nodes()).unwrap_or_default();
+            for n in nodes {
+                let alive: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                    .arg(format!("kyuu:alive:{n}"))
+                    .query_async(&mut c)
+                    .await;
+                if let (Ok(false), Some(p)) = (alive, port.upgrade()) {
+                    p.node_gone(&n);
+                }
+            }
+        }
         match r {
             Ok(()) => status.set(true),
             Err(e) => {
@@ -520,6 +626,7 @@ async fn subscribe_task(
     client: redis::Client,
     status: FleetStatus,
     port: std::sync::Weak<dyn HubPort>,
+    tx: mpsc::Sender<Cmd>,
 ) {
     let channel = node_channel(&cfg.node);
     let mut backoff = Duration::from_millis(100);
@@ -543,7 +650,7 @@ async fn subscribe_task(
                 continue;
             }
         };
-        if let Err(e) = ps.subscribe(&channel).await {
+        if let Err(e) = ps.subscribe(&[channel.as_str(), EVENTS]).await {
             debug!("fleet: subscribing: {e}");
             status.set(false);
             tokio::time::sleep(backoff).await;
@@ -551,11 +658,29 @@ async fn subscribe_task(
         }
         backoff = Duration::from_millis(100);
         info!("fleet: node {} subscribed to {channel}", cfg.node);
+        // Others may have changed their publications while we were not listening.
+        let _ = tx.try_send(Cmd::AskResync);
         let mut stream = ps.into_on_message();
         while let Some(msg) = stream.next().await {
             let Some(port) = port.upgrade() else {
                 return;
             };
+            if msg.get_channel_name() == EVENTS {
+                match serde_json::from_slice::<Event>(msg.get_payload_bytes()) {
+                    Ok(Event::Dir {
+                        node,
+                        key,
+                        peer,
+                        on,
+                    }) if node != cfg.node => port.remote_dir(&node, key, &peer, on),
+                    Ok(Event::Resync { node }) if node != cfg.node => {
+                        let _ = tx.try_send(Cmd::Announce);
+                    }
+                    Ok(_) => {}
+                    Err(_) => debug!("fleet: malformed event, dropped"),
+                }
+                continue;
+            }
             let Ok(w) = serde_json::from_slice::<Wire>(msg.get_payload_bytes()) else {
                 debug!("fleet: malformed frame on {channel}, dropped");
                 continue;

@@ -137,6 +137,16 @@ pub enum Output {
         /// The rewritten frame, ready for the destination.
         text: String,
     },
+    /// Fleet mode only: a local client published (`on`) or withdrew `key`; the shell tells
+    /// the other nodes, which mirror it with [`Hub::remote_dir`].
+    Dir {
+        /// The name or topic.
+        key: DirKey,
+        /// Publishing client id.
+        peer: String,
+        /// Published (true) or withdrawn.
+        on: bool,
+    },
 }
 
 /// Error codes sent to opt-in clients in `{"type":"error","code":..}`.
@@ -183,9 +193,12 @@ impl ErrorCode {
 }
 
 /// A directory key: a unique name or a shared topic.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum DirKey {
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirKey {
+    /// A unique name (one publisher).
     Name(String),
+    /// A shared topic (any number of publishers).
     Topic(String),
 }
 
@@ -283,6 +296,8 @@ pub struct Hub {
     out: VecDeque<Output>,
     /// Unknown destinations go out as [`Output::Route`] instead of being held or refused.
     fleet: bool,
+    /// Fleet mode: publications mirrored from other nodes, by node.
+    remote_pubs: HashMap<String, Vec<(DirKey, String)>>,
 }
 
 impl Hub {
@@ -303,6 +318,66 @@ impl Hub {
             gone_order: VecDeque::new(),
             out: VecDeque::new(),
             fleet: false,
+            remote_pubs: HashMap::new(),
+        }
+    }
+
+    /// Fleet mode: the local publications, to announce to the fleet (resync).
+    pub fn local_publications(&self) -> Vec<(DirKey, String)> {
+        self.conns
+            .values()
+            .flat_map(|c| c.pubs.iter().map(|k| (k.clone(), c.id.clone())))
+            .collect()
+    }
+
+    /// Fleet mode: nodes whose publications are mirrored here.
+    pub fn remote_nodes(&self) -> Vec<String> {
+        self.remote_pubs.keys().cloned().collect()
+    }
+
+    /// Fleet mode: client `peer` on `node` published (`on`) or withdrew `key`. Mirrored into
+    /// the local directory, so lookups answer and watchers are told as for a local client.
+    pub fn remote_dir(&mut self, node: &str, key: DirKey, peer: &str, on: bool) {
+        let list = self.remote_pubs.entry(node.to_owned()).or_default();
+        let had = list.iter().any(|(k, p)| *k == key && p == peer);
+        if on == had {
+            return;
+        }
+        if on {
+            list.push((key.clone(), peer.to_owned()));
+        } else {
+            list.retain(|(k, p)| !(*k == key && p == peer));
+        }
+        if list.is_empty() {
+            self.remote_pubs.remove(node);
+        }
+        let entry = self.dir.entry(key.clone()).or_default();
+        if on {
+            entry.publishers.push(peer.to_owned());
+        } else {
+            entry.publishers.retain(|p| p != peer);
+        }
+        let watchers = entry.watchers.clone();
+        if entry.publishers.is_empty() && entry.watchers.is_empty() {
+            self.dir.remove(&key);
+        }
+        let kind = if on { "published" } else { "unpublished" };
+        let mut ev = json!({"type": kind, "peer": peer});
+        key.put(&mut ev);
+        let ev = ev.to_string();
+        for w in watchers {
+            self.send_text(w, ev.clone());
+        }
+    }
+
+    /// Fleet mode: `node` died; its mirrored publications are withdrawn (watchers told).
+    pub fn node_gone(&mut self, node: &str) {
+        let Some(list) = self.remote_pubs.get(node).cloned() else {
+            return;
+        };
+        info!("fleet: node {node} is gone, withdrawing its {} publications", list.len());
+        for (k, p) in list {
+            self.remote_dir(node, k, &p, false);
         }
     }
 
@@ -911,6 +986,13 @@ impl Hub {
         if !already {
             entry.publishers.push(me.to_owned());
             let watchers = entry.watchers.clone();
+            if self.fleet {
+                self.out.push_back(Output::Dir {
+                    key: k.clone(),
+                    peer: me.to_owned(),
+                    on: true,
+                });
+            }
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.pubs.push(k);
             }
@@ -930,6 +1012,13 @@ impl Hub {
             return false;
         };
         c.pubs.swap_remove(pos);
+        if self.fleet {
+            self.out.push_back(Output::Dir {
+                key: k.clone(),
+                peer: me.to_owned(),
+                on: false,
+            });
+        }
         let mut ev = json!({"type": "unpublished", "peer": me});
         k.put(&mut ev);
         let ev = ev.to_string();
@@ -1011,7 +1100,7 @@ impl Hub {
         // Anything already queued for it is moot.
         self.out.retain(|o| match o {
             Output::Send { conn: c, .. } => *c != conn,
-            Output::Close { .. } | Output::Route { .. } => true,
+            Output::Close { .. } | Output::Route { .. } | Output::Dir { .. } => true,
         });
         Some(id)
     }

@@ -73,6 +73,22 @@ impl HubPort for Shared {
         self.with_hub(|h, now| h.evict(now, id));
     }
 
+    fn local_publications(&self) -> Vec<(crate::hub::DirKey, String)> {
+        self.lock().hub.local_publications()
+    }
+
+    fn remote_nodes(&self) -> Vec<String> {
+        self.lock().hub.remote_nodes()
+    }
+
+    fn remote_dir(&self, node: &str, key: crate::hub::DirKey, peer: &str, on: bool) {
+        self.with_hub(|h, _| h.remote_dir(node, key, peer, on));
+    }
+
+    fn node_gone(&self, node: &str) {
+        self.with_hub(|h, _| h.node_gone(node));
+    }
+
     fn from_remote(&self, to: &str, text: String) {
         self.with_hub(|h, now| {
             if !h.from_remote(now, to, text) {
@@ -137,6 +153,13 @@ impl Shared {
                         });
                         if !queued {
                             st.hub.remote_unknown(now, from_conn, &from, &to, text);
+                        }
+                    }
+                    Output::Dir { key, peer, on } => {
+                        if let Some(f) = self.fleet.get() {
+                            if !f.send(Cmd::Dir { key, peer, on }) {
+                                warn!("fleet: queue full, a directory change was not announced");
+                            }
                         }
                     }
                 }

@@ -266,24 +266,64 @@ async fn three_nodes_one_redis() {
     let v = until_delivered(&mut alice, "frank", &mut frank2, Duration::from_secs(10)).await;
     assert_eq!(v["id"], "alice");
 
-    // A killed node: its client becomes unknown fleet-wide within the registry TTL.
+    // Directory across nodes: a name published on node C is found and watched from node A,
+    // and a second client cannot take it on node B.
     let mut carol = client(&c, "carol").await;
     let mut dave = client(&a, "dave?v=2").await;
     until_delivered(&mut dave, "carol", &mut carol, Duration::from_secs(10)).await;
+    let mut gina = client(&c, "gina?v=2").await;
+    send(&mut gina, json!({"type": "publish", "name": "arm-7"})).await;
+    let m = recv(&mut gina, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["type"], "published", "{m}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        send(&mut dave, json!({"type": "lookup", "name": "arm-7"})).await;
+        let m = recv(&mut dave, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(m["type"], "lookup", "{m}");
+        if m["peers"] == json!(["gina"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "name never visible on node A: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut hank = client(&b, "hank?v=2").await;
+    send(&mut hank, json!({"type": "publish", "name": "arm-7"})).await;
+    let m = recv(&mut hank, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["code"], "name-taken", "{m}");
+    send(&mut dave, json!({"type": "watch", "name": "arm-7"})).await;
+    let m = recv(&mut dave, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["peers"], json!(["gina"]), "{m}");
+    // Found by name, reached by id across nodes.
+    send(&mut dave, json!({"id": "gina", "type": "offer", "description": "x"})).await;
+    let m = recv(&mut gina, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["id"], "dave");
+
+    // A killed node: its client becomes unknown fleet-wide within the registry TTL, and its
+    // directory name vanishes (watchers are told).
     drop(c);
     let killed = Instant::now();
-    loop {
-        send(&mut dave, json!({"id": "carol", "type": "probe"})).await;
+    let (mut carol_gone, mut name_gone) = (false, false);
+    while !(carol_gone && name_gone) {
+        if !carol_gone {
+            send(&mut dave, json!({"id": "carol", "type": "probe"})).await;
+        }
         if let Some(v) = recv(&mut dave, Duration::from_millis(500)).await {
-            if v["type"] == "error" && v["code"] == "unknown-peer" {
-                break;
-            }
+            carol_gone |= v["type"] == "error" && v["code"] == "unknown-peer";
+            name_gone |= v["type"] == "unpublished" && v["peer"] == "gina";
         }
         assert!(
             killed.elapsed() < Duration::from_secs(12),
-            "carol still routable after her node died"
+            "after her node died: carol unknown {carol_gone}, gina's name withdrawn {name_gone}"
         );
     }
+    send(&mut dave, json!({"type": "lookup", "name": "arm-7"})).await;
+    let m = loop {
+        let m = recv(&mut dave, Duration::from_secs(5)).await.unwrap();
+        if m["type"] == "lookup" {
+            break m;
+        }
+    };
+    assert_eq!(m["peers"], json!([]), "{m}");
 
     // Redis killed: local delivery keeps working, /healthz says degraded.
     drop(redis);
@@ -292,6 +332,10 @@ async fn three_nodes_one_redis() {
     send(&mut erin, json!({"id": "alice", "type": "local"})).await;
     let m = recv(&mut alice, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m, json!({"id": "erin", "type": "local"}));
+    // Published during the outage: other nodes learn it at the resync after the restart.
+    send(&mut hank, json!({"type": "publish", "name": "arm-9"})).await;
+    let m = recv(&mut hank, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["type"], "published", "{m}");
 
     // Redis back (empty, like a restart without persistence): nodes reconnect and
     // re-register, cross-node delivery resumes.
@@ -302,5 +346,20 @@ async fn three_nodes_one_redis() {
     assert_eq!(v["id"], "bob");
     let v = until_delivered(&mut alice, "bob", &mut bob, Duration::from_secs(15)).await;
     assert_eq!(v["id"], "alice");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        send(&mut dave, json!({"type": "lookup", "name": "arm-9"})).await;
+        let m = loop {
+            let m = recv(&mut dave, Duration::from_secs(5)).await.unwrap();
+            if m["type"] == "lookup" {
+                break m;
+            }
+        };
+        if m["peers"] == json!(["hank"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "arm-9 never resynced to node A: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop((a, b, redis));
 }

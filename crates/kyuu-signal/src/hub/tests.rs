@@ -39,7 +39,10 @@ fn to(outs: &[Output], conn: ConnId) -> Vec<Value> {
             Output::Send { conn: c, text } if *c == conn => {
                 Some(serde_json::from_str(text).unwrap())
             }
-            Output::Send { .. } | Output::Close { .. } | Output::Route { .. } => None,
+            Output::Send { .. }
+            | Output::Close { .. }
+            | Output::Route { .. }
+            | Output::Dir { .. } => None,
         })
         .collect()
 }
@@ -48,7 +51,10 @@ fn texts(outs: &[Output], conn: ConnId) -> Vec<String> {
     outs.iter()
         .filter_map(|o| match o {
             Output::Send { conn: c, text } if *c == conn => Some(text.clone()),
-            Output::Send { .. } | Output::Close { .. } | Output::Route { .. } => None,
+            Output::Send { .. }
+            | Output::Close { .. }
+            | Output::Route { .. }
+            | Output::Dir { .. } => None,
         })
         .collect()
 }
@@ -482,4 +488,33 @@ fn without_fleet_mode_nothing_is_routed() {
     let outs = drain(&mut h);
     assert!(!outs.iter().any(|o| matches!(o, Output::Route { .. })));
     assert_eq!(to(&outs, a)[0]["code"], "unknown-peer");
+}
+
+#[test]
+fn fleet_directory_mirrors_remote_publications_and_drops_a_dead_nodes() {
+    let (mut h, now) = hub(SignalConfig::default());
+    h.set_fleet(true);
+    let w = h.connect(now, v2(Some("watcher"))).unwrap().conn;
+    let p = h.connect(now, v2(Some("local"))).unwrap().conn;
+    drain(&mut h);
+    h.text(now, w, r#"{"type":"watch","name":"arm-7"}"#);
+    drain(&mut h);
+    h.remote_dir("node-b", DirKey::Name("arm-7".into()), "far", true);
+    let ev = to(&drain(&mut h), w);
+    assert_eq!(ev[0]["type"], "published");
+    assert_eq!(ev[0]["peer"], "far");
+    // The name is held fleet-wide.
+    h.text(now, p, r#"{"type":"publish","name":"arm-7"}"#);
+    assert_eq!(to(&drain(&mut h), p)[0]["code"], "name-taken");
+    // A local publication is announced to the fleet.
+    h.text(now, p, r#"{"type":"publish","topic":"/cam"}"#);
+    let outs = drain(&mut h);
+    assert!(outs.iter().any(|o| matches!(o, Output::Dir { on: true, peer, .. } if peer == "local")));
+    assert_eq!(h.remote_nodes(), vec!["node-b".to_owned()]);
+    h.node_gone("node-b");
+    let ev = to(&drain(&mut h), w);
+    assert_eq!(ev[0]["type"], "unpublished");
+    assert!(h.remote_nodes().is_empty());
+    h.text(now, w, r#"{"type":"lookup","name":"arm-7"}"#);
+    assert_eq!(to(&drain(&mut h), w)[0]["peers"], json!([]));
 }
