@@ -16,7 +16,8 @@
 //!   ([`Fleet::admit`]) and tells the old node to close its connection (`"evict"`).
 //! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat. A node whose
 //!   key is gone is dead: the others withdraw the directory entries they mirror from it.
-//! * `kyuu:events` (pub/sub channel): directory publications and withdrawals of every node,
+//! * `kyuu:events` (pub/sub channel): room joins/leaves and directory publications and
+//!   withdrawals of every node,
 //!   mirrored by every other node into its hub ([`Hub::remote_dir`]), and resync requests (a
 //!   node that (re)subscribes asks all others to announce their publications again).
 //!
@@ -159,6 +160,8 @@ pub(crate) enum Cmd {
     },
     /// A local client published or withdrew a directory key.
     Dir { key: DirKey, peer: String, on: bool },
+    /// A local client joined or left a room.
+    Room { room: String, peer: String, on: bool },
     /// Announce every local publication (asked by another node, or after subscribing).
     Announce,
     /// Ask every node to announce its publications (after (re)subscribing).
@@ -172,6 +175,12 @@ enum Event {
     Dir {
         node: String,
         key: DirKey,
+        peer: String,
+        on: bool,
+    },
+    Room {
+        node: String,
+        room: String,
         peer: String,
         on: bool,
     },
@@ -191,7 +200,11 @@ pub(crate) trait HubPort: Send + Sync + 'static {
     fn evict(&self, id: &str);
     /// The local publications.
     fn local_publications(&self) -> Vec<(DirKey, String)>;
-    /// Nodes whose publications are mirrored here.
+    /// The local room memberships (room, id).
+    fn local_memberships(&self) -> Vec<(String, String)>;
+    /// A room membership on another node changed.
+    fn remote_room(&self, node: &str, room: &str, peer: &str, on: bool);
+    /// Nodes whose publications or memberships are mirrored here.
     fn remote_nodes(&self) -> Vec<String>;
     /// A publication on another node changed.
     fn remote_dir(&self, node: &str, key: DirKey, peer: &str, on: bool);
@@ -442,6 +455,19 @@ async fn route_task(
                     }
                 }
             }
+            Cmd::Room { room, peer, on } => {
+                let ev = Event::Room {
+                    node: cfg.node.clone(),
+                    room,
+                    peer,
+                    on,
+                };
+                if let Some(mut c) = conn {
+                    if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
             Cmd::Announce | Cmd::AskResync => {
                 let Some(mut c) = conn else { continue };
                 if matches!(cmd, Cmd::AskResync) {
@@ -453,13 +479,24 @@ async fn route_task(
                         continue;
                     }
                 }
-                for (key, peer) in port.local_publications() {
-                    let ev = Event::Dir {
+                let pubs = port.local_publications().into_iter().map(|(key, peer)| {
+                    Event::Dir {
                         node: cfg.node.clone(),
                         key,
                         peer,
                         on: true,
-                    };
+                    }
+                });
+                let rooms = port
+                    .local_memberships()
+                    .into_iter()
+                    .map(|(room, peer)| Event::Room {
+                        node: cfg.node.clone(),
+                        room,
+                        peer,
+                        on: true,
+                    });
+                for ev in pubs.chain(rooms) {
                     if !publish_event(&mut c, &ev, &status).await {
                         last_fail = Some(tokio::time::Instant::now());
                         break;
@@ -673,6 +710,12 @@ async fn subscribe_task(
                         peer,
                         on,
                     }) if node != cfg.node => port.remote_dir(&node, key, &peer, on),
+                    Ok(Event::Room {
+                        node,
+                        room,
+                        peer,
+                        on,
+                    }) if node != cfg.node => port.remote_room(&node, &room, &peer, on),
                     Ok(Event::Resync { node }) if node != cfg.node => {
                         let _ = tx.try_send(Cmd::Announce);
                     }

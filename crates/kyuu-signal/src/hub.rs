@@ -137,6 +137,16 @@ pub enum Output {
         /// The rewritten frame, ready for the destination.
         text: String,
     },
+    /// Fleet mode only: a local client joined (`on`) or left `room`; the shell tells the other
+    /// nodes, which mirror it with [`Hub::remote_room`].
+    Room {
+        /// Room name.
+        room: String,
+        /// Member client id.
+        peer: String,
+        /// Joined (true) or left.
+        on: bool,
+    },
     /// Fleet mode only: a local client published (`on`) or withdrew `key`; the shell tells
     /// the other nodes, which mirror it with [`Hub::remote_dir`].
     Dir {
@@ -298,6 +308,8 @@ pub struct Hub {
     fleet: bool,
     /// Fleet mode: publications mirrored from other nodes, by node.
     remote_pubs: HashMap<String, Vec<(DirKey, String)>>,
+    /// Fleet mode: room memberships mirrored from other nodes, by node.
+    remote_rooms: HashMap<String, Vec<(String, String)>>,
 }
 
 impl Hub {
@@ -319,6 +331,7 @@ impl Hub {
             out: VecDeque::new(),
             fleet: false,
             remote_pubs: HashMap::new(),
+            remote_rooms: HashMap::new(),
         }
     }
 
@@ -330,9 +343,60 @@ impl Hub {
             .collect()
     }
 
-    /// Fleet mode: nodes whose publications are mirrored here.
+    /// Fleet mode: the local room memberships (room, id), to announce to the fleet.
+    pub fn local_memberships(&self) -> Vec<(String, String)> {
+        self.conns
+            .values()
+            .flat_map(|c| c.rooms.iter().map(|r| (r.clone(), c.id.clone())))
+            .collect()
+    }
+
+    /// Fleet mode: nodes whose publications or room members are mirrored here.
     pub fn remote_nodes(&self) -> Vec<String> {
-        self.remote_pubs.keys().cloned().collect()
+        let mut v: Vec<String> = self
+            .remote_pubs
+            .keys()
+            .chain(self.remote_rooms.keys())
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Fleet mode: client `peer` on `node` joined (`on`) or left `room`. Mirrored into the
+    /// local room, so members lists include it and local members get `joined`/`left`.
+    pub fn remote_room(&mut self, node: &str, room: &str, peer: &str, on: bool) {
+        let list = self.remote_rooms.entry(node.to_owned()).or_default();
+        let had = list.iter().any(|(r, p)| r == room && p == peer);
+        if on == had {
+            return;
+        }
+        if on {
+            list.push((room.to_owned(), peer.to_owned()));
+        } else {
+            list.retain(|(r, p)| !(r == room && p == peer));
+        }
+        if list.is_empty() {
+            self.remote_rooms.remove(node);
+        }
+        let kind = if on { "joined" } else { "left" };
+        let event = json!({"type": kind, "room": room, "peer": peer}).to_string();
+        if on {
+            self.broadcast_room(room, None, &event);
+            self.rooms
+                .entry(room.to_owned())
+                .or_default()
+                .push(peer.to_owned());
+        } else {
+            if let Some(m) = self.rooms.get_mut(room) {
+                m.retain(|x| x != peer);
+                if m.is_empty() {
+                    self.rooms.remove(room);
+                }
+            }
+            self.broadcast_room(room, None, &event);
+        }
     }
 
     /// Fleet mode: client `peer` on `node` published (`on`) or withdrew `key`. Mirrored into
@@ -370,14 +434,22 @@ impl Hub {
         }
     }
 
-    /// Fleet mode: `node` died; its mirrored publications are withdrawn (watchers told).
-    pub fn node_gone(&mut self, node: &str) {
+    fn node_gone_dir(&mut self, node: &str) {
         let Some(list) = self.remote_pubs.get(node).cloned() else {
             return;
         };
         info!("fleet: node {node} is gone, withdrawing its {} publications", list.len());
         for (k, p) in list {
             self.remote_dir(node, k, &p, false);
+        }
+    }
+
+    /// Fleet mode: `node` died; everything mirrored from it is withdrawn (others told).
+    pub fn node_gone(&mut self, node: &str) {
+        self.node_gone_dir(node);
+        let rooms = self.remote_rooms.get(node).cloned().unwrap_or_default();
+        for (r, p) in rooms {
+            self.remote_room(node, &r, &p, false);
         }
     }
 
@@ -907,6 +979,13 @@ impl Hub {
             }
             let event = json!({"type": "joined", "room": room, "peer": me}).to_string();
             self.broadcast_room(&room, None, &event);
+            if self.fleet {
+                self.out.push_back(Output::Room {
+                    room: room.clone(),
+                    peer: me.to_owned(),
+                    on: true,
+                });
+            }
             self.rooms
                 .entry(room.clone())
                 .or_default()
@@ -936,6 +1015,13 @@ impl Hub {
         let event = json!({"type": "left", "room": room, "peer": me}).to_string();
         self.broadcast_room(room, None, &event);
         self.send_text(conn, event);
+        if self.fleet {
+            self.out.push_back(Output::Room {
+                room: room.to_owned(),
+                peer: me.to_owned(),
+                on: false,
+            });
+        }
         Some(())
     }
 
@@ -1100,7 +1186,10 @@ impl Hub {
         // Anything already queued for it is moot.
         self.out.retain(|o| match o {
             Output::Send { conn: c, .. } => *c != conn,
-            Output::Close { .. } | Output::Route { .. } | Output::Dir { .. } => true,
+            Output::Close { .. }
+            | Output::Route { .. }
+            | Output::Dir { .. }
+            | Output::Room { .. } => true,
         });
         Some(id)
     }

@@ -77,6 +77,14 @@ impl HubPort for Shared {
         self.lock().hub.local_publications()
     }
 
+    fn local_memberships(&self) -> Vec<(String, String)> {
+        self.lock().hub.local_memberships()
+    }
+
+    fn remote_room(&self, node: &str, room: &str, peer: &str, on: bool) {
+        self.with_hub(|h, _| h.remote_room(node, room, peer, on));
+    }
+
     fn remote_nodes(&self) -> Vec<String> {
         self.lock().hub.remote_nodes()
     }
@@ -153,6 +161,13 @@ impl Shared {
                         });
                         if !queued {
                             st.hub.remote_unknown(now, from_conn, &from, &to, text);
+                        }
+                    }
+                    Output::Room { room, peer, on } => {
+                        if let Some(f) = self.fleet.get() {
+                            if !f.send(Cmd::Room { room, peer, on }) {
+                                warn!("fleet: queue full, a room change was not announced");
+                            }
                         }
                     }
                     Output::Dir { key, peer, on } => {

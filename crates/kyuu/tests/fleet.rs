@@ -298,6 +298,32 @@ async fn three_nodes_one_redis() {
     let m = recv(&mut gina, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m["id"], "dave");
 
+    // Rooms and presence across nodes.
+    let mut ivan = client(&a, "ivan?v=2").await;
+    send(&mut ivan, json!({"type": "join", "room": "lobby"})).await;
+    let m = recv(&mut ivan, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["members"], json!(["ivan"]), "{m}");
+    let mut judy = client(&b, "judy?v=2").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Joining again is harmless and answers the members list.
+        send(&mut judy, json!({"type": "join", "room": "lobby"})).await;
+        let m = recv(&mut judy, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(m["type"], "members", "{m}");
+        let mut got: Vec<String> = serde_json::from_value(m["members"].clone()).unwrap();
+        got.sort();
+        if got == ["ivan", "judy"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ivan never listed on node B: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = recv(&mut ivan, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m, json!({"type": "joined", "room": "lobby", "peer": "judy"}));
+    send(&mut judy, json!({"type": "leave", "room": "lobby"})).await;
+    let m = recv(&mut ivan, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m, json!({"type": "left", "room": "lobby", "peer": "judy"}));
+
     // A killed node: its client becomes unknown fleet-wide within the registry TTL, and its
     // directory name vanishes (watchers are told).
     drop(c);

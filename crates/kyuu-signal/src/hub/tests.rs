@@ -42,7 +42,8 @@ fn to(outs: &[Output], conn: ConnId) -> Vec<Value> {
             Output::Send { .. }
             | Output::Close { .. }
             | Output::Route { .. }
-            | Output::Dir { .. } => None,
+            | Output::Dir { .. }
+            | Output::Room { .. } => None,
         })
         .collect()
 }
@@ -54,7 +55,8 @@ fn texts(outs: &[Output], conn: ConnId) -> Vec<String> {
             Output::Send { .. }
             | Output::Close { .. }
             | Output::Route { .. }
-            | Output::Dir { .. } => None,
+            | Output::Dir { .. }
+            | Output::Room { .. } => None,
         })
         .collect()
 }
