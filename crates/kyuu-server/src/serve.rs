@@ -125,9 +125,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             }
             None => None,
         };
-        let (signal, fleet) =
-            kyuu_signal::router_with_fleet(config.signal.clone(), ice.clone(), config.fleet.clone())
-                .map_err(anyhow::Error::msg)?;
+        let (signal, fleet) = kyuu_signal::router_with_fleet(
+            config.signal.clone(),
+            ice.clone(),
+            config.fleet.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let health = Arc::new(Health {
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),

@@ -90,7 +90,10 @@ impl FleetConfig {
             ));
         }
         if redis::Client::open(self.redis_url.as_str()).is_err() {
-            return Err(format!("fleet.redis_url: {:?} is not valid", self.redis_url));
+            return Err(format!(
+                "fleet.redis_url: {:?} is not valid",
+                self.redis_url
+            ));
         }
         if self.node.is_empty()
             || self.node.len() > 64
@@ -161,7 +164,11 @@ pub(crate) enum Cmd {
     /// A local client published or withdrew a directory key.
     Dir { key: DirKey, peer: String, on: bool },
     /// A local client joined or left a room.
-    Room { room: String, peer: String, on: bool },
+    Room {
+        room: String,
+        peer: String,
+        on: bool,
+    },
     /// Announce every local publication (asked by another node, or after subscribing).
     Announce,
     /// Ask every node to announce its publications (after (re)subscribing).
@@ -211,7 +218,7 @@ pub(crate) trait HubPort: Send + Sync + 'static {
     /// `node` no longer refreshes its liveness key.
     fn node_gone(&self, node: &str);
     /// A frame from another node for local client `to`.
-    fn from_remote(&self, to: &str, text: String);
+    fn deliver_remote(&self, to: &str, text: String);
     /// No node has `to`.
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String);
 }
@@ -285,38 +292,33 @@ impl Fleet {
         let (tx, rx) = mpsc::channel(QUEUE);
         let cfg = Arc::new(cfg);
         let mgr = Arc::new(tokio::sync::OnceCell::new());
-        let mut tasks = Vec::new();
-        tasks.push(
-            tokio::spawn(route_task(
-                cfg.clone(),
-                client.clone(),
-                mgr.clone(),
-                status.clone(),
-                port.clone(),
-                rx,
-            ))
-            .abort_handle(),
-        );
-        tasks.push(
-            tokio::spawn(heartbeat_task(
-                cfg.clone(),
-                client.clone(),
-                mgr.clone(),
-                status.clone(),
-                port.clone(),
-            ))
-            .abort_handle(),
-        );
-        tasks.push(
-            tokio::spawn(subscribe_task(
-                cfg.clone(),
-                client.clone(),
-                status.clone(),
-                port,
-                tx.clone(),
-            ))
-            .abort_handle(),
-        );
+        let route = tokio::spawn(route_task(
+            cfg.clone(),
+            client.clone(),
+            mgr.clone(),
+            status.clone(),
+            port.clone(),
+            rx,
+        ));
+        let heartbeat = tokio::spawn(heartbeat_task(
+            cfg.clone(),
+            client.clone(),
+            mgr.clone(),
+            status.clone(),
+            port.clone(),
+        ));
+        let subscribe = tokio::spawn(subscribe_task(
+            cfg.clone(),
+            client.clone(),
+            status.clone(),
+            port,
+            tx.clone(),
+        ));
+        let tasks = vec![
+            route.abort_handle(),
+            heartbeat.abort_handle(),
+            subscribe.abort_handle(),
+        ];
         Ok(Fleet {
             tx,
             status,
@@ -479,14 +481,15 @@ async fn route_task(
                         continue;
                     }
                 }
-                let pubs = port.local_publications().into_iter().map(|(key, peer)| {
-                    Event::Dir {
+                let pubs = port
+                    .local_publications()
+                    .into_iter()
+                    .map(|(key, peer)| Event::Dir {
                         node: cfg.node.clone(),
                         key,
                         peer,
                         on: true,
-                    }
-                });
+                    });
                 let rooms = port
                     .local_memberships()
                     .into_iter()
@@ -513,8 +516,10 @@ async fn route_task(
                     port.remote_unknown(from_conn, &from, &to, text);
                     continue;
                 };
-                let owner: redis::RedisResult<Option<String>> =
-                    redis::cmd("GET").arg(peer_key(&to)).query_async(&mut c).await;
+                let owner: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                    .arg(peer_key(&to))
+                    .query_async(&mut c)
+                    .await;
                 let node = match owner {
                     Ok(Some(n)) => n,
                     Ok(None) => {
@@ -531,7 +536,7 @@ async fn route_task(
                 };
                 if node == cfg.node {
                     // It connected here after the hub emitted the route.
-                    port.from_remote(&to, text);
+                    port.deliver_remote(&to, text);
                     continue;
                 }
                 let payload = match serde_json::to_string(&Wire {
@@ -602,7 +607,11 @@ fn register(pipe: &mut redis::Pipeline, cfg: &FleetConfig, id: &str, hash: Optio
 }
 
 fn ct_eq_str(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 async fn heartbeat_task(
@@ -731,7 +740,7 @@ async fn subscribe_task(
             if w.evict {
                 port.evict(&w.to);
             } else {
-                port.from_remote(&w.to, w.text);
+                port.deliver_remote(&w.to, w.text);
             }
         }
         // The connection ended (Redis restarted or unreachable): subscribe again.

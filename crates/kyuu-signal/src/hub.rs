@@ -438,7 +438,10 @@ impl Hub {
         let Some(list) = self.remote_pubs.get(node).cloned() else {
             return;
         };
-        info!("fleet: node {node} is gone, withdrawing its {} publications", list.len());
+        info!(
+            "fleet: node {node} is gone, withdrawing its {} publications",
+            list.len()
+        );
         for (k, p) in list {
             self.remote_dir(node, k, &p, false);
         }
@@ -489,7 +492,14 @@ impl Hub {
 
     /// Fleet mode: no node has `to`. Holds the message like a local unknown destination
     /// (`buffer_unknown`) or answers the sender with `unknown-peer`.
-    pub fn remote_unknown(&mut self, now: Instant, from_conn: ConnId, from: &str, to: &str, text: String) {
+    pub fn remote_unknown(
+        &mut self,
+        now: Instant,
+        from_conn: ConnId,
+        from: &str,
+        to: &str,
+        text: String,
+    ) {
         if !self.is_current(from_conn) {
             return;
         }

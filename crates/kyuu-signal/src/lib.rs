@@ -20,6 +20,6 @@ mod server;
 pub mod token;
 
 pub use config::SignalConfig;
-pub use ice::{IceProvider, IceServer};
 pub use fleet::{FleetConfig, FleetStatus};
+pub use ice::{IceProvider, IceServer};
 pub use server::{router, router_with_fleet, serve, serve_listener};

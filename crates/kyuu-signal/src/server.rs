@@ -97,7 +97,7 @@ impl HubPort for Shared {
         self.with_hub(|h, _| h.node_gone(node));
     }
 
-    fn from_remote(&self, to: &str, text: String) {
+    fn deliver_remote(&self, to: &str, text: String) {
         self.with_hub(|h, now| {
             if !h.from_remote(now, to, text) {
                 debug!("fleet: frame for {to}, who is not here, dropped");
@@ -482,8 +482,7 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
     };
     if let (Some(f), Some(id)) = (s.fleet.get(), request.id.as_deref()) {
         if !id.is_empty()
-            && f
-                .admit(id, request.resume.as_deref(), s.cfg.legacy_takeover)
+            && f.admit(id, request.resume.as_deref(), s.cfg.legacy_takeover)
                 .await
                 .is_err()
         {

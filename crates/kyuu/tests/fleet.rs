@@ -141,9 +141,8 @@ fn wait_health(addr: SocketAddr, want: &str, limit: Duration) {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn client(node: &Node, path: &str) -> Ws {
     let url = format!("ws://{}/{path}", node.http);
@@ -211,13 +210,31 @@ async fn three_nodes_one_redis() {
     let first = until_delivered(&mut alice, "bob", &mut bob, Duration::from_secs(10)).await;
     assert_eq!(first["id"], "alice");
     while recv(&mut bob, Duration::from_millis(300)).await.is_some() {}
-    send(&mut alice, json!({"id": "bob", "type": "offer", "description": "v=0 offer"})).await;
+    send(
+        &mut alice,
+        json!({"id": "bob", "type": "offer", "description": "v=0 offer"}),
+    )
+    .await;
     let m = recv(&mut bob, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(m, json!({"id": "alice", "type": "offer", "description": "v=0 offer"}));
-    send(&mut bob, json!({"id": "alice", "type": "answer", "description": "v=0 answer"})).await;
+    assert_eq!(
+        m,
+        json!({"id": "alice", "type": "offer", "description": "v=0 offer"})
+    );
+    send(
+        &mut bob,
+        json!({"id": "alice", "type": "answer", "description": "v=0 answer"}),
+    )
+    .await;
     let m = recv(&mut alice, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(m, json!({"id": "bob", "type": "answer", "description": "v=0 answer"}));
-    send(&mut bob, json!({"id": "alice", "type": "candidate", "candidate": "a=candidate:1", "mid": "0"})).await;
+    assert_eq!(
+        m,
+        json!({"id": "bob", "type": "answer", "description": "v=0 answer"})
+    );
+    send(
+        &mut bob,
+        json!({"id": "alice", "type": "candidate", "candidate": "a=candidate:1", "mid": "0"}),
+    )
+    .await;
     let m = recv(&mut alice, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m["candidate"], "a=candidate:1");
     assert_eq!(m["id"], "bob");
@@ -283,7 +300,10 @@ async fn three_nodes_one_redis() {
         if m["peers"] == json!(["gina"]) {
             break;
         }
-        assert!(Instant::now() < deadline, "name never visible on node A: {m}");
+        assert!(
+            Instant::now() < deadline,
+            "name never visible on node A: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut hank = client(&b, "hank?v=2").await;
@@ -294,7 +314,11 @@ async fn three_nodes_one_redis() {
     let m = recv(&mut dave, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m["peers"], json!(["gina"]), "{m}");
     // Found by name, reached by id across nodes.
-    send(&mut dave, json!({"id": "gina", "type": "offer", "description": "x"})).await;
+    send(
+        &mut dave,
+        json!({"id": "gina", "type": "offer", "description": "x"}),
+    )
+    .await;
     let m = recv(&mut gina, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m["id"], "dave");
 
@@ -315,11 +339,17 @@ async fn three_nodes_one_redis() {
         if got == ["ivan", "judy"] {
             break;
         }
-        assert!(Instant::now() < deadline, "ivan never listed on node B: {m}");
+        assert!(
+            Instant::now() < deadline,
+            "ivan never listed on node B: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let m = recv(&mut ivan, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(m, json!({"type": "joined", "room": "lobby", "peer": "judy"}));
+    assert_eq!(
+        m,
+        json!({"type": "joined", "room": "lobby", "peer": "judy"})
+    );
     send(&mut judy, json!({"type": "leave", "room": "lobby"})).await;
     let m = recv(&mut ivan, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m, json!({"type": "left", "room": "lobby", "peer": "judy"}));
@@ -384,7 +414,10 @@ async fn three_nodes_one_redis() {
         if m["peers"] == json!(["hank"]) {
             break;
         }
-        assert!(Instant::now() < deadline, "arm-9 never resynced to node A: {m}");
+        assert!(
+            Instant::now() < deadline,
+            "arm-9 never resynced to node A: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop((a, b, redis));

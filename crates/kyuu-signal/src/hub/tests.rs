@@ -446,7 +446,10 @@ fn fleet_mode_routes_unknown_ids_out_and_takes_frames_in() {
     else {
         panic!("expected one route: {outs:?}");
     };
-    assert_eq!((*from_conn, from.as_str(), dest.as_str()), (a, "alice", "bob"));
+    assert_eq!(
+        (*from_conn, from.as_str(), dest.as_str()),
+        (a, "alice", "bob")
+    );
     let v: Value = serde_json::from_str(text).unwrap();
     assert_eq!(v, json!({"id":"alice","type":"offer","sdp":"x"}));
 
@@ -473,7 +476,10 @@ fn fleet_mode_routes_a_locally_gone_id_and_holds_when_no_node_has_it() {
     // bob may have reconnected to another node: route, don't hold.
     h.text(now, a, r#"{"id":"bob","n":1}"#);
     let outs = drain(&mut h);
-    assert!(matches!(outs.as_slice(), [Output::Route { .. }]), "{outs:?}");
+    assert!(
+        matches!(outs.as_slice(), [Output::Route { .. }]),
+        "{outs:?}"
+    );
     // Nobody has him: held here, delivered when he comes back.
     h.remote_unknown(now, a, "alice", "bob", r#"{"id":"alice","n":1}"#.into());
     assert!(drain(&mut h).is_empty());
@@ -511,7 +517,9 @@ fn fleet_directory_mirrors_remote_publications_and_drops_a_dead_nodes() {
     // A local publication is announced to the fleet.
     h.text(now, p, r#"{"type":"publish","topic":"/cam"}"#);
     let outs = drain(&mut h);
-    assert!(outs.iter().any(|o| matches!(o, Output::Dir { on: true, peer, .. } if peer == "local")));
+    assert!(outs
+        .iter()
+        .any(|o| matches!(o, Output::Dir { on: true, peer, .. } if peer == "local")));
     assert_eq!(h.remote_nodes(), vec!["node-b".to_owned()]);
     h.node_gone("node-b");
     let ev = to(&drain(&mut h), w);
