@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kyuu_turn::client::{Client, Event};
+use kyuu_client::turn::{Client, Event};
 use kyuu_turn::*;
 use libfuzzer_sys::fuzz_target;
 

@@ -25,6 +25,15 @@ pub enum Via {
     Direct,
 }
 
+/// What [`Fleet::drive`] does to each session.
+#[derive(Debug, Clone, Copy)]
+enum Drive {
+    Setup(Plan),
+    #[allow(dead_code)] // kyuu-soak
+    Refresh,
+    Deallocate,
+}
+
 /// N client sockets with their sessions.
 pub struct Fleet {
     poll: Poll,
@@ -162,7 +171,7 @@ impl Fleet {
     /// when `dealloc`. Direct fleets need no setup.
     fn drive(
         &mut self,
-        plan: Option<Plan>,
+        mode: Drive,
         concurrency: usize,
         limit: Duration,
     ) -> anyhow::Result<SetupReport> {
@@ -190,12 +199,13 @@ impl Fleet {
                 next += 1;
                 let now = Instant::now();
                 let s = &mut self.sessions[i];
-                let act = match plan {
-                    Some(p) => {
+                let act = match mode {
+                    Drive::Setup(p) => {
                         *s = Session::new(p, self.peer, now);
                         s.start(&self.creds, now)
                     }
-                    None => s.deallocate(&self.creds, now),
+                    Drive::Refresh => s.refresh(&self.creds, now),
+                    Drive::Deallocate => s.deallocate(&self.creds, now),
                 };
                 match act {
                     Action::Send => {
@@ -309,7 +319,13 @@ impl Fleet {
         concurrency: usize,
         limit: Duration,
     ) -> anyhow::Result<SetupReport> {
-        self.drive(Some(plan), concurrency, limit)
+        self.drive(Drive::Setup(plan), concurrency, limit)
+    }
+
+    /// Refreshes every ready session (Refresh LIFETIME [`proto::REFRESH_LIFETIME`]).
+    #[allow(dead_code)] // kyuu-soak
+    pub fn refresh(&mut self, concurrency: usize, limit: Duration) -> anyhow::Result<SetupReport> {
+        self.drive(Drive::Refresh, concurrency, limit)
     }
 
     /// Deallocates every ready session (Refresh LIFETIME 0).
@@ -318,7 +334,7 @@ impl Fleet {
         concurrency: usize,
         limit: Duration,
     ) -> anyhow::Result<SetupReport> {
-        self.drive(None, concurrency, limit)
+        self.drive(Drive::Deallocate, concurrency, limit)
     }
 
     /// Sessions in Ready.

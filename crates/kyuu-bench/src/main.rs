@@ -264,7 +264,7 @@ fn main() -> anyhow::Result<()> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs();
-            let (username, password) = kyuu_turn::rest_credentials(secret, "bench", now, 86_400);
+            let (username, password) = kyuu_stun::rest::credentials(secret, "bench", now, 86_400);
             Credentials { username, password }
         }
         None => Credentials {

@@ -261,6 +261,11 @@ pub fn kyuu_config(port: u16, relay: (u16, u16), c: &Common, log_level: &str) ->
          # coturn has no per-source limit on 401 challenges; the bench opens every allocation\n\
          # from 127.0.0.1, so the limiter would measure itself.\n\
          unauth_rate = 0\n\
+         # coturn runs with generous quotas and no bandwidth cap; lift kyuu's defaults to match.\n\
+         user_quota = 0\n\
+         client_quota = 0\n\
+         total_quota = 0\n\
+         max_bps = 0\n\
          {auth}\n\
          \n\
          [http]\n\
@@ -293,8 +298,18 @@ pub fn start_kyuu(
     c: &Common,
     log_level: &str,
 ) -> anyhow::Result<ServerProc> {
+    start_kyuu_config(bin, dir, port, &kyuu_config(port, relay, c, log_level))
+}
+
+/// Starts `kyuu serve` with the configuration `text` (UDP STUN/TURN on 127.0.0.1:`port`).
+pub fn start_kyuu_config(
+    bin: &str,
+    dir: &Path,
+    port: u16,
+    text: &str,
+) -> anyhow::Result<ServerProc> {
     let config = dir.join("kyuu.toml");
-    std::fs::write(&config, kyuu_config(port, relay, c, log_level))?;
+    std::fs::write(&config, text)?;
     let log = dir.join("kyuu.log");
     let args = vec![
         "serve".into(),

@@ -1,6 +1,7 @@
-//! Client transaction timing over UDP
-//! ([RFC 8489 §6.2.1](https://www.rfc-editor.org/rfc/rfc8489#section-6.2.1)).
+//! Client transaction timing: the one STUN retransmission policy of kyuu's clients (the Binding
+//! and NAT probes, the TURN client in [`crate::turn`]).
 //!
+//! Over UDP ([RFC 8489 §6.2.1](https://www.rfc-editor.org/rfc/rfc8489#section-6.2.1)):
 //! A request is sent at 0, RTO, 3·RTO, 7·RTO, … (the interval doubles after each send) until
 //! `Rc` transmissions have gone out; the transaction then fails `Rm`·RTO after the last one. With
 //! the RFC's defaults (RTO 500 ms, Rc 7, Rm 16) that is 39.5 s, far too long for an interactive
@@ -33,7 +34,26 @@ impl Default for RetransmitConfig {
     }
 }
 
+/// RFC 8489's total transaction time with the default RTO, Rc and Rm, and its TCP/TLS
+/// transaction timeout Ti (§6.2.2).
+pub const RFC_TRANSACTION_TIMEOUT: Duration = Duration::from_millis(39_500);
+
 impl RetransmitConfig {
+    /// RFC 8489 §6.2.1 over UDP: RTO 500 ms doubling, Rc 7, Rm 16, no tighter bound (39.5 s).
+    pub fn udp() -> Self {
+        RetransmitConfig::with_timeout(RFC_TRANSACTION_TIMEOUT)
+    }
+
+    /// RFC 8489 §6.2.2 over TCP/TLS: one transmission, failing after Ti = 39.5 s.
+    pub fn reliable() -> Self {
+        RetransmitConfig {
+            rto: RFC_TRANSACTION_TIMEOUT,
+            max_transmissions: 1,
+            last_wait_factor: 1,
+            timeout: RFC_TRANSACTION_TIMEOUT,
+        }
+    }
+
     /// The RFC defaults with the overall bound set to `timeout`.
     pub fn with_timeout(timeout: Duration) -> Self {
         RetransmitConfig {
@@ -141,6 +161,20 @@ mod tests {
         let (at, end) = sends(cfg);
         assert_eq!(at, vec![0, 500, 1500, 3500, 7500, 15500, 31500]);
         // RFC 8489 §6.2.1: "the client will have given up after 39500 ms".
+        assert_eq!(end, 39500);
+    }
+
+    #[test]
+    fn udp_is_the_rfc_schedule() {
+        let (at, end) = sends(RetransmitConfig::udp());
+        assert_eq!(at, vec![0, 500, 1500, 3500, 7500, 15500, 31500]);
+        assert_eq!(end, 39500);
+    }
+
+    #[test]
+    fn reliable_sends_once_and_waits_ti() {
+        let (at, end) = sends(RetransmitConfig::reliable());
+        assert_eq!(at, vec![0]);
         assert_eq!(end, 39500);
     }
 

@@ -170,7 +170,7 @@ impl RawrConfig {
     pub fn self_addresses(&self) -> Vec<SocketAddr> {
         let mut v = self.self_addrs.clone();
         for u in &self.relay {
-            if let Ok(a) = crate::turn::parse_turn_uri(u) {
+            if let Ok(a) = parse_turn_uri(u) {
                 if !v.contains(&a) {
                     v.push(a);
                 }
@@ -185,6 +185,23 @@ impl RawrConfig {
             .map(|n| n.parse().map_err(|_| ConfigError::Network(n.clone())))
             .collect()
     }
+}
+
+/// A `turn:` URI that is not `turn:<ip>[:port][?…]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad TURN URI {0:?} (expected turn:<ip>[:port][?transport=udp])")]
+pub struct BadTurnUri(pub String);
+
+/// `turn:host:port?transport=udp` → address (IP literals only; the lab and RAWR nodes use them).
+pub fn parse_turn_uri(uri: &str) -> Result<SocketAddr, BadTurnUri> {
+    let rest = uri
+        .strip_prefix("turn:")
+        .ok_or_else(|| BadTurnUri(uri.into()))?;
+    let hostport = rest.split('?').next().unwrap_or(rest);
+    hostport
+        .parse()
+        .or_else(|_| format!("{hostport}:3478").parse())
+        .map_err(|_| BadTurnUri(uri.into()))
 }
 
 #[cfg(test)]
@@ -212,5 +229,18 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.children.len(), 1);
         assert!(toml::from_str::<RawrConfig>("nmae = \"x\"").is_err());
+    }
+
+    #[test]
+    fn parses_turn_uris() {
+        assert_eq!(
+            parse_turn_uri("turn:198.18.0.1:3478?transport=udp").unwrap(),
+            "198.18.0.1:3478".parse().unwrap()
+        );
+        assert_eq!(
+            parse_turn_uri("turn:198.18.0.1").unwrap(),
+            "198.18.0.1:3478".parse().unwrap()
+        );
+        assert!(parse_turn_uri("stun:x").is_err());
     }
 }

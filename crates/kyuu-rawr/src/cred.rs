@@ -1,19 +1,12 @@
 //! TURN REST credentials (coturn `use-auth-secret` scheme), `docs/rawr.md` §6.
 
-use base64::Engine;
-use hmac::{Hmac, Mac as _};
-use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
 use crate::wire::Mac;
 
-/// `password = base64(HMAC-SHA1(secret, username))`.
+/// `password = base64(HMAC-SHA1(secret, username))` ([`kyuu_stun::rest::password`]).
 pub fn rest_password(secret: &str, username: &str) -> String {
-    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(secret.as_bytes()) else {
-        return String::new();
-    };
-    mac.update(username.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    kyuu_stun::rest::password(secret.as_bytes(), username)
 }
 
 /// First 8 bytes of SHA-256("rawr" || session), hex: names a session without revealing it.

@@ -1,6 +1,7 @@
 //! The `kyuu serve` configuration: one TOML file, every section optional.
 //!
 //! ```toml
+//! [server]   # ServerConfig: the profile (`production` refuses open credential minting)
 //! [listen]   # STUN/TURN listeners (kyuu_server::relay::ListenConfig)
 //! [turn]     # kyuu_turn::TurnConfig: realm, credentials, relay ports, quotas, peer policy
 //! [http]     # HttpConfig: signaling, /v1/ice-servers, /metrics, /healthz
@@ -29,6 +30,7 @@ pub use kyuu_turn::TurnConfig;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    pub server: ServerConfig,
     pub listen: ListenConfig,
     pub turn: TurnConfig,
     pub http: HttpConfig,
@@ -37,6 +39,25 @@ pub struct Config {
     pub log: LogConfig,
     /// Absent: a single node, no Redis.
     pub fleet: Option<FleetConfig>,
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `"default"` starts with any valid configuration (warning when anyone on the internet
+    /// can mint TURN credentials); `"production"` (or `kyuu serve --production`) refuses to
+    /// start unless credential minting needs a token (`signal.auth_secret`).
+    pub profile: Profile,
+}
+
+/// See [`ServerConfig::profile`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Default,
+    Production,
 }
 
 /// The `[http]` section: one HTTP server for signaling, ICE provisioning, metrics and health.
@@ -66,7 +87,18 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for HTTPS (with `tls_cert`).
     pub tls_key: Option<PathBuf>,
+    /// Open HTTP and HTTPS connections (WebSocket signaling included) one client IP address
+    /// may hold; further ones are closed at once (0: unlimited).
+    pub max_conns_per_ip: u32,
+    /// A client must send a request's complete headers within this many seconds of
+    /// connecting, or of the previous response, else the connection is closed (slow headers).
+    /// Also bounds the TLS handshake of HTTPS. At least 1.
+    pub header_timeout_secs: u64,
 }
+
+/// Default lifetime of minted TURN credentials: 20 minutes. An allocation made with one keeps
+/// being refreshed after it expires (`kyuu_turn` checks expiry only when something new starts).
+pub const DEFAULT_CREDENTIAL_TTL_SECS: u64 = 20 * 60;
 
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -75,10 +107,12 @@ impl Default for HttpConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
             metrics: true,
             public_host: None,
-            credential_ttl_secs: 24 * 3600,
+            credential_ttl_secs: DEFAULT_CREDENTIAL_TTL_SECS,
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            max_conns_per_ip: 1024,
+            header_timeout_secs: 10,
         }
     }
 }
@@ -165,6 +199,20 @@ impl Config {
                 "http.credential_ttl_secs: must be positive".into(),
             ));
         }
+        if self.http.enabled && self.http.header_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "http.header_timeout_secs: must be positive".into(),
+            ));
+        }
+        if self.server.profile == Profile::Production && self.open_minting() {
+            return Err(ConfigError::Invalid(
+                "server.profile: \"production\" refuses to start while anyone who reaches the \
+                 HTTP port can mint TURN credentials; set signal.auth_secret (tokens for \
+                 /v1/ice-servers and signaling), or serve TURN with static users only, or set \
+                 http.enabled = false"
+                    .into(),
+            ));
+        }
         if let Some(h) = &self.http.public_host {
             if h.is_empty() || h.contains(['/', ' ', '?']) {
                 return Err(ConfigError::Invalid(format!(
@@ -221,9 +269,47 @@ impl Config {
         Ok(())
     }
 
+    /// Whether anyone who reaches the HTTP port gets TURN credentials without a token:
+    /// `/v1/ice-servers` and the signaling welcome mint REST credentials (from a configured or
+    /// a generated secret) and `signal.auth_secret` is unset.
+    pub fn open_minting(&self) -> bool {
+        let mints = !self.turn.static_auth_secrets.is_empty() || self.turn.users.is_empty();
+        self.http.enabled && self.turn.enabled && mints && self.signal.auth_secret.is_none()
+    }
+
+    /// Warnings for `kyuu serve --check` and the start banner: open minting on an address the
+    /// internet may reach. `host_public` is the host's own public address for wildcard
+    /// listeners (the default route's source address when it is public).
+    pub fn exposure_warnings(&self, host_public: Option<std::net::IpAddr>) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.open_minting() {
+            return out;
+        }
+        let mut exposed: Vec<SocketAddr> = std::iter::once(self.http.listen)
+            .chain(self.http.tls_listen)
+            .filter(|a| crate::limits::is_public(a.ip()))
+            .collect();
+        let wildcard = std::iter::once(self.http.listen)
+            .chain(self.http.tls_listen)
+            .find(|a| a.ip().is_unspecified());
+        if let (Some(w), Some(ip)) = (wildcard, host_public) {
+            exposed.push(SocketAddr::new(ip, w.port()));
+        }
+        if let Some(a) = exposed.first() {
+            out.push(format!(
+                "open credential minting on a public address ({a}): anyone who reaches it gets \
+                 TURN credentials (rate-limited: signal.mint_rate_per_min, quotas: \
+                 turn.client_quota, turn.user_quota, turn.total_quota, turn.max_bps); set \
+                 signal.auth_secret, or server.profile = \"production\" to refuse this"
+            ));
+        }
+        out
+    }
+
     /// The effective configuration as TOML (`kyuu serve --print-config`).
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         let mut out = String::new();
+        out.push_str(&section("server", &self.server)?);
         out.push_str(&section("listen", &self.listen)?);
         out.push_str(&section("turn", &self.turn)?);
         out.push_str(&section("http", &self.http)?);
@@ -371,6 +457,45 @@ mod tests {
     }
 
     #[test]
+    fn exposure_warnings_and_production_profile() {
+        let public: std::net::IpAddr = "8.8.8.8".parse().unwrap();
+        // Wildcard HTTP on a host whose default route is public: warned.
+        let c = Config::default();
+        assert!(c.open_minting());
+        let w = c.exposure_warnings(Some(public));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("8.8.8.8:8080"), "{w:?}");
+        // ... but not on a host with only private addresses, nor on loopback.
+        assert!(c.exposure_warnings(None).is_empty());
+        let mut lo = Config::default();
+        lo.http.listen = "127.0.0.1:8080".parse().unwrap();
+        assert!(lo.exposure_warnings(Some(public)).is_empty());
+        // Tokens, static users only, or no HTTP: nothing is minted openly.
+        let mut tok = Config::default();
+        tok.signal.auth_secret = Some("s".into());
+        assert!(!tok.open_minting());
+        assert!(tok.exposure_warnings(Some(public)).is_empty());
+        let mut users = Config::default();
+        users.turn.users.push(kyuu_turn::UserConfig {
+            name: "u".into(),
+            password: Some("p".into()),
+            key: None,
+            key_sha256: None,
+        });
+        assert!(!users.open_minting());
+        // The production profile refuses open minting and names the key.
+        let mut prod = Config::from_toml("[server]\nprofile = \"production\"\n", "k").unwrap();
+        let e = prod.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("server.profile: \"production\" refuses"),
+            "{e}"
+        );
+        prod.signal.auth_secret = Some("s".into());
+        prod.validate().unwrap();
+        assert!(Config::from_toml("[server]\nprofile = \"prod\"\n", "k").is_err());
+    }
+
+    #[test]
     fn print_config_round_trips() {
         let text = "[http]\nlisten = \"127.0.0.1:9000\"\n[signal]\nmax_connections = 7\n";
         let c = Config::from_toml(text, "k").unwrap();
@@ -383,5 +508,6 @@ mod tests {
         assert_eq!(again.turn, c.turn);
         assert_eq!(again.listen, c.listen);
         assert_eq!(again.rawr, c.rawr);
+        assert_eq!(again.server, c.server);
     }
 }

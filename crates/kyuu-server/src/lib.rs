@@ -2,14 +2,18 @@
 //!
 //! * [`config`]: the TOML configuration of `kyuu serve`.
 //! * [`http`]: one axum server for signaling (`kyuu_signal::router`), `/metrics` and `/healthz`.
+//! * [`limits`]: pre-authentication limits on every stream listener (per-IP caps, timeouts).
 //! * [`metrics`]: the Prometheus recorder.
 //! * [`tls`]: certificates for the TLS listeners (STUN/TURN and HTTPS).
+//! * [`rawr`]: the RAWR node and peer runners, HTTP form and neighbour table around `kyuu_rawr`.
 //! * `relay`: the STUN/TURN listeners and relay sockets around `kyuu_turn`.
 //! * [`start`]: starts everything from a [`config::Config`].
 
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod metrics;
+pub mod rawr;
 pub mod relay;
 mod serve;
 pub mod tls;

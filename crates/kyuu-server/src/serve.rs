@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -49,12 +49,18 @@ pub struct Running {
     upkeep: Option<tokio::task::AbortHandle>,
     /// The RAWR node's own UDP address, when `[rawr]` is enabled.
     pub rawr_node: Option<SocketAddr>,
-    rawr: Option<kyuu_rawr::runtime::NodeHandle>,
+    /// Exposure warnings (open credential minting on a public address), also in the summary.
+    pub warnings: Vec<String>,
+    rawr: Option<crate::rawr::runtime::NodeHandle>,
 }
 
 /// Starts every service the configuration enables. The configuration must have been validated.
 pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let started = Instant::now();
+    let warnings = config.exposure_warnings(crate::limits::host_public_address());
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let auth = if config.turn.static_auth_secrets.is_empty() && config.turn.users.is_empty() {
         config.turn.static_auth_secrets.push(random_secret());
         AuthMode::GeneratedSecret
@@ -138,16 +144,18 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         });
         let mut app = http::router(signal, metrics, health);
         if let Some(node) = &rawr {
-            app = app.nest("/rawr", kyuu_rawr::http::router(node.local_addr()));
+            app = app.nest("/rawr", crate::rawr::http::router(node.local_addr()));
         }
+        let limits = crate::limits::HttpLimits::from(&config.http);
         if let Some((l, acceptor)) = tls {
+            let limits = limits.clone();
             let mut rx = shutdown_rx.clone();
             let app = app.clone();
             tasks.spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                http::serve_tls(l, acceptor, app, stop)
+                crate::limits::serve_https(l, acceptor, app, &limits, stop)
                     .await
                     .context("https server")
             });
@@ -157,7 +165,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            http::serve(listener, app, stop)
+            crate::limits::serve_http(listener, app, &limits, stop)
                 .await
                 .context("http server")
         });
@@ -178,6 +186,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         upkeep,
         rawr_node: rawr.as_ref().map(|n| n.local_addr()),
         rawr,
+        warnings,
     })
 }
 
@@ -311,10 +320,14 @@ impl Running {
             if !self.ice_needs_token {
                 let _ = writeln!(
                     s,
-                    "              (open to anyone who reaches the HTTP port; set \
+                    "              (open to anyone who reaches the HTTP port, rate-limited per address by \
+                     signal.mint_rate_per_min; set \
                      signal.auth_secret to require a token)"
                 );
             }
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  WARNING     {w}");
         }
         if let Some(turn) = self
             .ice
@@ -340,7 +353,7 @@ async fn start_rawr(
     config: &Config,
     ice: &IceProvider,
     mut requests: tokio::sync::mpsc::Receiver<relay::ExtensionRequest>,
-) -> anyhow::Result<kyuu_rawr::runtime::NodeHandle> {
+) -> anyhow::Result<crate::rawr::runtime::NodeHandle> {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
@@ -379,7 +392,7 @@ async fn start_rawr(
             }
         }
     });
-    let reply: kyuu_rawr::runtime::ReplyFn = Box::new(move |to, data| {
+    let reply: crate::rawr::runtime::ReplyFn = Box::new(move |to, data| {
         let m = routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -387,7 +400,7 @@ async fn start_rawr(
             let _ = reply.send(*client, data);
         }
     });
-    kyuu_rawr::runtime::start(cfg, Some((rx, reply)))
+    crate::rawr::runtime::start(cfg, Some((rx, reply)))
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }
@@ -429,11 +442,7 @@ fn random_secret() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use kyuu_stun::rest::unix_now;
 
 /// The host name put into ICE URLs.
 fn public_host(config: &Config) -> String {

@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use kyuu_client::turn::{AllocateOptions, Client, Event};
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
 use kyuu_stun::attr;
-use kyuu_turn::client::{AllocateOptions, Client, Event};
 use kyuu_turn::{TurnConfig, UserConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};

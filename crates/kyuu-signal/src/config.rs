@@ -37,6 +37,14 @@ pub struct SignalConfig {
     /// A connection from which nothing (not even a pong) arrived for this long is closed,
     /// seconds (0 disables).
     pub idle_timeout_secs: u64,
+    /// Without `auth_secret`: TURN credentials (`GET /v1/ice-servers`, the signaling welcome)
+    /// one source (IPv4 address or IPv6 /64) may mint per minute; past it `/v1/ice-servers`
+    /// answers 429 and the welcome carries STUN servers only. 0: unlimited.
+    pub mint_rate_per_min: u32,
+    /// Credentials a source may mint in a burst before `mint_rate_per_min` applies.
+    pub mint_burst: u32,
+    /// Sources the mint limiter tracks (bounded memory; when all are limited, new sources wait).
+    pub mint_table_size: usize,
     /// Secret for HMAC-SHA256 access tokens. When set, every WebSocket connection and
     /// `GET /v1/ice-servers` needs a valid token (`?token=` or `Authorization: Bearer`).
     pub auth_secret: Option<String>,
@@ -80,6 +88,9 @@ impl Default for SignalConfig {
             write_timeout_ms: 10_000,
             ping_interval_secs: 30,
             idle_timeout_secs: 75,
+            mint_rate_per_min: 10,
+            mint_burst: 20,
+            mint_table_size: 65_536,
             auth_secret: None,
             resume_grace_secs: 30,
             pending_ttl_ms: 5_000,

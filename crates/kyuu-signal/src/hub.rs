@@ -26,6 +26,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::Instant;
 
+use kyuu_stun::bucket::TokenBucket;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -242,12 +244,6 @@ struct DirEntry {
     publishers: Vec<String>,
     /// Watching connections.
     watchers: Vec<ConnId>,
-}
-
-#[derive(Debug)]
-struct TokenBucket {
-    milli_tokens: u64,
-    last: Instant,
 }
 
 #[derive(Debug)]
@@ -657,10 +653,7 @@ impl Hub {
                 ip: req.ip,
                 v2,
                 claims: req.claims,
-                bucket: TokenBucket {
-                    milli_tokens: u64::from(self.cfg.rate_limit_burst).saturating_mul(1000),
-                    last: now,
-                },
+                bucket: TokenBucket::full(f64::from(self.cfg.rate_limit_burst), now),
                 rooms: Vec::new(),
                 pubs: Vec::new(),
                 watches: Vec::new(),
@@ -1260,21 +1253,10 @@ fn validate_id(id: &str, max_len: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// One message's worth from the connection's bucket (`rate_limit_per_sec`, `rate_limit_burst`).
 fn take_token(b: &mut TokenBucket, now: Instant, cfg: &SignalConfig) -> bool {
-    let cap = u64::from(cfg.rate_limit_burst.max(1)).saturating_mul(1000);
-    let elapsed = now.saturating_duration_since(b.last);
-    let refill =
-        (elapsed.as_micros() as u64 / 1000).saturating_mul(u64::from(cfg.rate_limit_per_sec));
-    if refill > 0 {
-        b.milli_tokens = b.milli_tokens.saturating_add(refill).min(cap);
-        b.last = now;
-    }
-    if b.milli_tokens >= 1000 {
-        b.milli_tokens -= 1000;
-        true
-    } else {
-        false
-    }
+    let burst = f64::from(cfg.rate_limit_burst.max(1));
+    b.take(1.0, f64::from(cfg.rate_limit_per_sec), burst, now)
 }
 
 /// Constant-time equality for resume tokens.

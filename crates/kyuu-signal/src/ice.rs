@@ -7,11 +7,7 @@
 
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha1::Sha1;
 
 /// One `RTCIceServer` dictionary as the browser's `RTCPeerConnection` takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,13 +39,7 @@ pub struct IceProvider {
 impl IceProvider {
     /// The TURN REST credential for `username` under `secret`.
     pub fn turn_credential(secret: &str, username: &str) -> String {
-        let mut mac = match Hmac::<Sha1>::new_from_slice(secret.as_bytes()) {
-            Ok(m) => m,
-            // HMAC takes keys of any length; kept total rather than unwrapped.
-            Err(_) => return String::new(),
-        };
-        mac.update(username.as_bytes());
-        STANDARD.encode(mac.finalize().into_bytes())
+        kyuu_stun::rest::password(secret.as_bytes(), username)
     }
 
     /// The `RTCIceServer[]` for `user` at Unix time `now_unix`.

@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod frame;
 pub mod hub;
 pub mod ice;
+pub mod mint;
 mod server;
 pub mod token;
 

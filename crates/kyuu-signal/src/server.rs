@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 use crate::config::SignalConfig;
 use crate::fleet::{Cmd, Fleet, FleetConfig, FleetStatus, HubPort};
 use crate::hub::{ConnId, ConnectRequest, Hub, Output};
-use crate::ice::IceProvider;
+use crate::ice::{IceProvider, IceServer};
+use crate::mint::MintLimiter;
 use crate::token::{self, Claims};
 
 const INDEX_HTML: &str = include_str!("../web/index.html");
@@ -50,6 +51,8 @@ struct State_ {
 struct Shared {
     cfg: SignalConfig,
     ice: IceProvider,
+    /// Open minting (no `auth_secret`) only.
+    mint: Mutex<MintLimiter>,
     state: Mutex<State_>,
     wake: Notify,
     timer: Once,
@@ -270,6 +273,11 @@ fn build(cfg: SignalConfig, ice: IceProvider) -> (Arc<Shared>, Router) {
             links: HashMap::new(),
             next_wake: None,
         }),
+        mint: Mutex::new(MintLimiter::new(
+            cfg.mint_rate_per_min,
+            cfg.mint_burst,
+            cfg.mint_table_size,
+        )),
         cfg,
         ice,
         wake: Notify::new(),
@@ -327,11 +335,7 @@ fn is_ws_upgrade(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use kyuu_stun::rest::unix_now as now_unix;
 
 fn bearer(h: &HeaderMap) -> Option<String> {
     let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -429,13 +433,25 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
 
 async fn ice_servers(
     State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
     Query(p): Query<IceParams>,
+    req: Request,
 ) -> Response {
-    let user = match authenticate(&s.cfg, p.token, &headers) {
+    let headers = req.headers();
+    let user = match authenticate(&s.cfg, p.token, headers) {
         Some(Err(r)) => return r,
         Some(Ok(claims)) => claims.sub,
-        None => p.user.unwrap_or_else(|| "kyuu".to_owned()),
+        None => {
+            if !s.may_mint(client_ip(req.extensions()), "ice_servers") {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, HeaderValue::from_static("60"))],
+                    "too many credential requests from this address; set signal.auth_secret \
+                     to hand credentials to authenticated users only\n",
+                )
+                    .into_response();
+            }
+            p.user.unwrap_or_else(anonymous_user)
+        }
     };
     let servers = s.ice.ice_servers(&user, now_unix());
     (
@@ -443,6 +459,36 @@ async fn ice_servers(
         Json(servers),
     )
         .into_response()
+}
+
+/// The user part of an open-minted credential: its own name per credential, so
+/// `turn.user_quota` bounds what one credential can hold.
+fn anonymous_user() -> String {
+    format!("anon-{:08x}", rand::random::<u32>())
+}
+
+fn client_ip(ext: &axum::http::Extensions) -> IpAddr {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
+impl Shared {
+    /// Open minting: whether `ip` may have another credential now (counted either way).
+    fn may_mint(&self, ip: IpAddr, route: &'static str) -> bool {
+        let ok = self
+            .mint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(ip, std::time::Instant::now());
+        if ok {
+            metrics::counter!("kyuu_signal_credentials_minted_total", "route" => route)
+                .increment(1);
+        } else {
+            metrics::counter!("kyuu_signal_mint_limited_total", "route" => route).increment(1);
+            debug!("credential minting limited for {ip} ({route})");
+        }
+        ok
+    }
 }
 
 async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response {
@@ -459,18 +505,24 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
         Some(Err(r)) => return r,
         None => None,
     };
-    let ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let ip = client_ip(&parts.extensions);
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u,
         Err(rej) => return rej.into_response(),
     };
     let v2 = params.v == Some(2) || id.as_deref().is_none_or(str::is_empty);
     let ice = v2.then(|| {
-        let user = id.as_deref().unwrap_or("kyuu");
-        serde_json::to_value(s.ice.ice_servers(user, now_unix())).unwrap_or_default()
+        let mut servers = match (&claims, id.as_deref()) {
+            (Some(_), Some(user)) => s.ice.ice_servers(user, now_unix()),
+            (Some(_), None) => s.ice.ice_servers("kyuu", now_unix()),
+            (None, _) => s.ice.ice_servers(&anonymous_user(), now_unix()),
+        };
+        // Open minting past its limit: the welcome still carries the STUN servers.
+        let minting = servers.iter().any(|i| i.username.is_some());
+        if claims.is_none() && minting && !s.may_mint(ip, "welcome") {
+            servers.retain(|i: &IceServer| i.username.is_none());
+        }
+        serde_json::to_value(servers).unwrap_or_default()
     });
     let request = ConnectRequest {
         id,

@@ -385,3 +385,64 @@ async fn http_endpoints() {
     assert_eq!(http_get(addr, "/kyuu.js").await.0, 200);
     assert_eq!(http_get(addr, "/some-id").await.0, 404);
 }
+
+/// Without `auth_secret`, credential minting is limited per source: `/v1/ice-servers` answers
+/// 429 past the burst, and the welcome then carries STUN servers only; with a token, no limit.
+#[tokio::test]
+async fn open_minting_is_rate_limited_per_source() {
+    let ice = IceProvider {
+        stun_urls: vec!["stun:127.0.0.1:3478".into()],
+        turn_urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
+        rest_secret: Some("secret".into()),
+        ttl: Duration::from_secs(600),
+    };
+    let cfg = SignalConfig {
+        mint_rate_per_min: 1,
+        mint_burst: 3,
+        ..SignalConfig::default()
+    };
+    let addr = start_with(cfg.clone(), ice.clone()).await;
+    let mut users = Vec::new();
+    for _ in 0..3 {
+        let (s, resp) = http_get(addr, "/v1/ice-servers").await;
+        assert_eq!(s, 200);
+        let servers: Vec<kyuu_signal::IceServer> = serde_json::from_str(body(&resp)).unwrap();
+        users.push(servers[1].username.clone().unwrap());
+    }
+    // Each open-minted credential has a user of its own (turn.user_quota applies per credential).
+    users.sort();
+    users.dedup();
+    assert_eq!(users.len(), 3, "{users:?}");
+    let (s, resp) = http_get(addr, "/v1/ice-servers").await;
+    assert_eq!(s, 429, "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("retry-after: 60"));
+    // The welcome still works, without TURN credentials.
+    let mut a = connect(addr, "/?v=2").await;
+    let welcome = recv_json(&mut a).await;
+    let servers = welcome["iceServers"].as_array().expect("iceServers");
+    assert_eq!(servers.len(), 1, "{welcome}");
+    assert!(servers[0].get("username").is_none(), "{welcome}");
+
+    // With access tokens every authenticated request is served.
+    let secret = "tok-secret";
+    let addr = start_with(
+        SignalConfig {
+            auth_secret: Some(secret.into()),
+            ..cfg
+        },
+        ice,
+    )
+    .await;
+    let good = token::issue(
+        secret.as_bytes(),
+        &Claims {
+            sub: "alice".into(),
+            rooms: None,
+            exp: u64::MAX / 2,
+        },
+    );
+    for _ in 0..6 {
+        let (s, _) = http_get(addr, &format!("/v1/ice-servers?token={good}")).await;
+        assert_eq!(s, 200);
+    }
+}

@@ -121,6 +121,17 @@ impl<'b> MessageBuilder<'b> {
         Ok(())
     }
 
+    /// ERROR-CODE with an empty reason phrase (RFC 8489 §14.8 allows any phrase): for answers
+    /// to unverified addresses, where every byte counts towards amplification.
+    pub fn add_error_bare(&mut self, code: u16) -> Result<(), Error> {
+        let v = self.reserve(attr::ERROR_CODE, 4)?;
+        v[0] = 0;
+        v[1] = 0;
+        v[2] = ((code / 100) & 0x07) as u8;
+        v[3] = (code % 100) as u8;
+        Ok(())
+    }
+
     /// ERROR-CODE with its default reason phrase.
     pub fn add_error_code(&mut self, code: crate::ErrorCode) -> Result<(), Error> {
         self.add_error(code.code(), code.reason())

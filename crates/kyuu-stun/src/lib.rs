@@ -21,6 +21,7 @@
 //! [RFC 5780]: https://www.rfc-editor.org/rfc/rfc5780
 
 pub mod attr;
+pub mod bucket;
 mod builder;
 mod channel;
 mod error;
@@ -28,6 +29,7 @@ mod error_code;
 pub mod integrity;
 mod message;
 pub mod method;
+pub mod rest;
 
 pub use builder::MessageBuilder;
 pub use channel::{

@@ -1,8 +1,10 @@
 //! Long-term credentials (RFC 8489 §9.2): static users, TURN REST API shared secrets, and
 //! stateless nonces.
 //!
-//! A nonce is `obMatJos2` + security feature bits + an 8-hex-digit timestamp + 16 hex digits of
-//! HMAC-SHA1(server key, timestamp | client IP address). The server keeps nothing per client
+//! A nonce is `obMatJos2` + security feature bits + base64url (16 characters) of a 4-byte
+//! timestamp and 8 bytes of HMAC-SHA1(server key, timestamp | client IP address). Kept short:
+//! the 401 challenge it rides in must stay no larger, relative to the request, than a Binding
+//! answer (`kyuu-server/tests/amplification.rs`). The server keeps nothing per client
 //! before authentication: it recomputes the MAC to check a nonce, and a nonce older than
 //! `nonce_lifetime` gets 438 Stale Nonce with a fresh one.
 
@@ -103,7 +105,19 @@ impl Credentials {
     }
 
     /// Every key `username` may be using, at `unix_now` seconds.
-    pub fn keys(&self, username: &str, unix_now: u64) -> Result<Vec<UserKeys>, AuthFailure> {
+    ///
+    /// `live_allocation`: the request comes from the five-tuple of an allocation this username
+    /// made. A REST credential is checked for expiry only when it starts something (Allocate,
+    /// and requests without an allocation); the allocation it opened keeps working past the
+    /// credential's expiry (Refresh, CreatePermission, ChannelBind) until it is released or
+    /// expires, as `turn.max_lifetime` bounds each refresh. Short credential lifetimes are then
+    /// safe: a call outlives the credential that started it.
+    pub fn keys(
+        &self,
+        username: &str,
+        unix_now: u64,
+        live_allocation: bool,
+    ) -> Result<Vec<UserKeys>, AuthFailure> {
         if let Some(k) = self.users.get(username) {
             return Ok(vec![k.clone()]);
         }
@@ -115,7 +129,7 @@ impl Credentials {
         let Ok(expiry) = stamp.parse::<u64>() else {
             return Err(AuthFailure::UnknownUser);
         };
-        if expiry < unix_now {
+        if expiry < unix_now && !live_allocation {
             return Err(AuthFailure::Expired);
         }
         Ok(self
@@ -132,26 +146,7 @@ impl Credentials {
     }
 }
 
-/// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)).
-pub fn rest_password(secret: &[u8], username: &str) -> String {
-    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(secret) else {
-        return String::new();
-    };
-    mac.update(username.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
-/// TURN REST API credentials valid for `ttl_secs` from `unix_now`: (username, password).
-pub fn rest_credentials(
-    secret: &str,
-    user: &str,
-    unix_now: u64,
-    ttl_secs: u64,
-) -> (String, String) {
-    let username = format!("{}:{user}", unix_now + ttl_secs);
-    let password = rest_password(secret.as_bytes(), &username);
-    (username, password)
-}
+pub use kyuu_stun::rest::{credentials as rest_credentials, password as rest_password};
 
 /// Stateless nonces.
 #[derive(Clone)]
@@ -167,8 +162,8 @@ impl std::fmt::Debug for Nonces {
     }
 }
 
-/// Nonce length: 13 prefix + 8 timestamp + 16 MAC.
-pub(crate) const NONCE_LEN: usize = 37;
+/// Nonce length: 13 prefix + 16 base64url characters of (4-byte timestamp, 8-byte MAC).
+pub(crate) const NONCE_LEN: usize = 29;
 
 impl Nonces {
     pub fn new(key: [u8; 32], lifetime: u64) -> Self {
@@ -199,10 +194,12 @@ impl Nonces {
     /// A fresh nonce for `client` at server time `secs`.
     pub fn issue(&self, secs: u64, client: SocketAddr) -> [u8; NONCE_LEN] {
         let ts = secs as u32;
+        let mut raw = [0u8; 12];
+        raw[..4].copy_from_slice(&ts.to_be_bytes());
+        raw[4..].copy_from_slice(&self.mac(ts, client));
         let mut out = [0u8; NONCE_LEN];
         out[..13].copy_from_slice(&self.prefix);
-        let _ = hex::encode_to_slice(ts.to_be_bytes(), &mut out[13..21]);
-        let _ = hex::encode_to_slice(self.mac(ts, client), &mut out[21..37]);
+        let _ = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_slice(raw, &mut out[13..]);
         out
     }
 
@@ -211,11 +208,14 @@ impl Nonces {
         if nonce.len() != NONCE_LEN || nonce[..13] != self.prefix {
             return Err(AuthFailure::BadNonce);
         }
-        let mut ts = [0u8; 4];
-        hex::decode_to_slice(&nonce[13..21], &mut ts).map_err(|_| AuthFailure::BadNonce)?;
-        let ts = u32::from_be_bytes(ts);
-        let mut mac = [0u8; 8];
-        hex::decode_to_slice(&nonce[21..37], &mut mac).map_err(|_| AuthFailure::BadNonce)?;
+        let mut raw = [0u8; 12];
+        match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(&nonce[13..], &mut raw)
+        {
+            Ok(12) => {}
+            _ => return Err(AuthFailure::BadNonce),
+        }
+        let ts = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let mac = &raw[4..];
         let want = self.mac(ts, client);
         if want
             .iter()
@@ -269,11 +269,16 @@ mod tests {
         let c = Credentials::new(&cfg);
         let (u, p) = rest_credentials("new", "alice", 1000, 60);
         assert_eq!(u, "1060:alice");
-        let keys = c.keys(&u, 1000).unwrap();
+        let keys = c.keys(&u, 1000, false).unwrap();
         assert_eq!(keys.len(), 2);
         let want = Key::long_term_md5(&u, "kyuu", &p);
         assert!(keys.iter().any(|k| k.md5.as_ref() == Some(&want)));
-        assert_eq!(c.keys(&u, 1061).unwrap_err(), AuthFailure::Expired);
-        assert_eq!(c.keys("bob", 0).unwrap_err(), AuthFailure::UnknownUser);
+        assert_eq!(c.keys(&u, 1061, false).unwrap_err(), AuthFailure::Expired);
+        // An allocation made while the credential was valid keeps it.
+        assert!(c.keys(&u, 1061, true).is_ok());
+        assert_eq!(
+            c.keys("bob", 0, false).unwrap_err(),
+            AuthFailure::UnknownUser
+        );
     }
 }

@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::Family;
 
+/// Default `user_quota` and `client_quota`: allocations per username and per client IP.
+pub const DEFAULT_QUOTA: u32 = 10;
+/// Default `total_quota`.
+pub const DEFAULT_TOTAL_QUOTA: u32 = 10_000;
+/// Default `max_bps`: 5 Mbit/s per allocation and direction, in bytes per second.
+pub const DEFAULT_MAX_BPS: u64 = 5_000_000 / 8;
+
 /// The `[turn]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,13 +49,18 @@ pub struct TurnConfig {
     pub max_lifetime: u32,
     /// How long a nonce stays valid before 438 Stale Nonce (seconds).
     pub nonce_lifetime: u32,
-    /// Allocations per username (0: unlimited).
+    /// Allocations per username (0: unlimited). On by default (10, [`DEFAULT_QUOTA`]): a
+    /// browser makes one to three per call, so a real call never meets it, while one minted
+    /// credential cannot hold the whole relay.
     pub user_quota: u32,
-    /// Allocations per client IP address (0: unlimited).
+    /// Allocations per client IP address (0: unlimited). Default 10 ([`DEFAULT_QUOTA`]); raise
+    /// it for clients behind a shared NAT or for load generators.
     pub client_quota: u32,
-    /// Allocations in total (0: unlimited).
+    /// Allocations in total (0: unlimited). Default 10,000 ([`DEFAULT_TOTAL_QUOTA`]).
     pub total_quota: u32,
-    /// Relayed bytes per second per allocation, each direction (0: unlimited).
+    /// Relayed bytes per second per allocation, each direction (0: unlimited). Default
+    /// 625,000 B/s = 5 Mbit/s ([`DEFAULT_MAX_BPS`]): above a 1080p video call, far below what an
+    /// abuser wants from an open relay.
     pub max_bps: u64,
     /// Most permissions one allocation may hold.
     pub max_permissions: u32,
@@ -83,10 +95,10 @@ impl Default for TurnConfig {
             default_lifetime: 600,
             max_lifetime: 3600,
             nonce_lifetime: 600,
-            user_quota: 0,
-            client_quota: 0,
-            total_quota: 0,
-            max_bps: 0,
+            user_quota: DEFAULT_QUOTA,
+            client_quota: DEFAULT_QUOTA,
+            total_quota: DEFAULT_TOTAL_QUOTA,
+            max_bps: DEFAULT_MAX_BPS,
             max_permissions: 256,
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),

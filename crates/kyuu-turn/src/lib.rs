@@ -19,7 +19,7 @@
 //! The server lives in `src/server/`, one file per piece of state it owns; `server/mod.rs`
 //! has the map. The per-packet path is `server/relay.rs`.
 //!
-//! [`client`] holds a small sans-IO TURN client for tests, benchmarks and RAWR.
+//! The TURN client is `kyuu_client::turn` (a dev-dependency here: the server core does not link it).
 //!
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
 //! [RFC 5780]: https://www.rfc-editor.org/rfc/rfc5780
@@ -27,7 +27,6 @@
 //! [RFC 6062]: https://www.rfc-editor.org/rfc/rfc6062
 
 mod auth;
-pub mod client;
 pub mod config;
 pub mod fxhash;
 pub mod policy;

@@ -4,38 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// A bucket refilled at `rate` per second up to `burst`. Plain numbers, no heap: the relay path
-/// takes from one per packet.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn full(burst: f64, now: Instant) -> Self {
-        TokenBucket {
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Refills for the time since the last call, then takes `amount` if that many are there.
-    pub fn take(&mut self, amount: f64, rate: f64, burst: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.last = now;
-        if self.tokens >= amount {
-            self.tokens -= amount;
-            true
-        } else {
-            false
-        }
-    }
-}
+pub(crate) use kyuu_stun::bucket::TokenBucket;
 
 /// Per-source buckets for unauthenticated answers, in a bounded table.
 #[derive(Debug)]
@@ -77,9 +48,8 @@ impl RateLimiter {
 
     /// Forgets sources whose bucket has refilled.
     pub fn expire(&mut self, now: Instant) {
-        let full_after = Duration::from_secs_f64((self.burst / self.rate.max(1e-9)).min(3600.0));
-        self.table
-            .retain(|_, b| now.saturating_duration_since(b.last) < full_after);
+        let (rate, burst) = (self.rate, self.burst);
+        self.table.retain(|_, b| b.level(rate, burst, now) < burst);
     }
 
     #[cfg(test)]
@@ -91,6 +61,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn bucket_refills_and_table_is_bounded() {

@@ -6,8 +6,8 @@ mod common;
 use std::time::Instant;
 
 use common::*;
+use kyuu_client::turn::{AllocateOptions, Client, Event};
 use kyuu_stun::ErrorCode;
-use kyuu_turn::client::{AllocateOptions, Client, Event};
 
 #[test]
 fn allocate_gives_a_relayed_address_on_the_relay_ip_and_the_mapped_address() {

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use kyuu_client::turn::{Client, Event};
 use kyuu_stun::{attr, method, ErrorCode, Message};
-use kyuu_turn::client::{Client, Event};
 use kyuu_turn::{rest_credentials, Transport};
 
 fn pair_as(user: &str, password: &str) -> Pair {
@@ -159,4 +159,62 @@ fn answers_to_authenticated_requests_are_signed_with_the_requests_key() {
     let m = Message::parse(&t.data).unwrap();
     assert!(m.verify_integrity(&alice_key()).is_ok());
     assert_eq!(m.error_code().map(|e| e.map(|e| e.code)), None);
+}
+
+/// A short-lived REST credential starts an allocation; after it expires, the allocation is still
+/// refreshed (with a stale-nonce round on the way), while a new Allocate with it is refused.
+#[test]
+fn refresh_outlives_a_short_rest_credential() {
+    let (u, pw) = rest_credentials("rest-secret", "bob", UNIX0, 60);
+    let mut p = pair_as(&u, &pw);
+    p.allocate();
+    p.advance(Duration::from_secs(300));
+    p.client.refresh(p.now, 600);
+    assert_eq!(p.run(), vec![Event::Refreshed { lifetime: 600 }]);
+    p.client
+        .create_permission(p.now, &["8.8.8.8:9".parse().unwrap()]);
+    assert_eq!(p.run(), vec![Event::PermissionCreated]);
+    // Past the nonce lifetime too: 438, then the retry with a fresh nonce is accepted.
+    p.advance(Duration::from_secs(550));
+    p.client.refresh(p.now, 600);
+    assert_eq!(p.run(), vec![Event::Refreshed { lifetime: 600 }]);
+    assert_eq!(p.server.allocation_count(), 1);
+
+    // The same expired credential cannot start anything new.
+    let mut q = pair_as(&u, &pw);
+    q.advance(Duration::from_secs(300));
+    q.client.allocate(q.now);
+    q.expect_error(ErrorCode::UNAUTHORIZED);
+}
+
+/// Without credentials only an Allocate that could succeed is challenged; other requests get a
+/// short error (no SOFTWARE, no reason phrase) no larger than a Binding answer per request byte.
+#[test]
+fn only_a_complete_allocate_is_challenged() {
+    let mut p = Pair::new(cfg());
+    for (m, code) in [
+        (method::REFRESH, 437),
+        (method::CREATE_PERMISSION, 437),
+        (method::CHANNEL_BIND, 437),
+        (method::CONNECT, 437),
+        (method::CONNECTION_BIND, 400),
+        (method::ALLOCATE, 400),
+    ] {
+        let req = raw_request(m, |_| {});
+        let t = p.exchange(&req).unwrap();
+        assert_eq!(error_code(&t.data), Some(code), "{}", method::name(m));
+        let msg = Message::parse(&t.data).unwrap();
+        assert!(msg.nonce().is_none() && !msg.has(attr::SOFTWARE));
+        assert!(t.data.len() <= 3 * req.len(), "{} bytes", t.data.len());
+    }
+    // A challenge is small too: a 28-byte Allocate gets at most 92 bytes.
+    let req = raw_request(method::ALLOCATE, |b| b.add_requested_transport(17).unwrap());
+    let t = p.exchange(&req).unwrap();
+    assert_eq!(error_code(&t.data), Some(401));
+    assert!(t.data.len() <= 92, "{} bytes", t.data.len());
+    // With an allocation on the five-tuple, a Refresh without credentials is challenged.
+    let mut p = Pair::new(cfg());
+    p.allocate();
+    let t = p.exchange(&raw_request(method::REFRESH, |_| {})).unwrap();
+    assert_eq!(error_code(&t.data), Some(401));
 }

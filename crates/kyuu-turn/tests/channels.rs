@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use kyuu_client::turn::Event;
 use kyuu_stun::ErrorCode;
-use kyuu_turn::client::Event;
 
 fn other_peer() -> SocketAddr {
     "8.8.4.4:1".parse().unwrap()

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use kyuu_client::turn::Event;
 use kyuu_stun::ErrorCode;
-use kyuu_turn::client::Event;
 
 /// Addresses the default policy refuses (RFC 8656 §21.1 and docs: loopback, private, CGNAT,
 /// benchmarking, unspecified, multicast, broadcast).

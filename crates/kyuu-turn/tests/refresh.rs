@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use kyuu_client::turn::Event;
 use kyuu_stun::ErrorCode;
-use kyuu_turn::client::Event;
 use kyuu_turn::Output;
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kyuu_turn::client::{Client, Event};
+use kyuu_client::turn::{Client, Event};
 use kyuu_turn::{AllocId, Family, PeerAddr, RelayKey, PEER_HEADROOM, PEER_TAILROOM};
 
 fn capped(max_bps: u64) -> Pair {

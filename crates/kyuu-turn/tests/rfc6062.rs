@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
+use kyuu_client::turn::{AllocateOptions, Client, Event};
 use kyuu_stun::ErrorCode;
-use kyuu_turn::client::{AllocateOptions, Client, Event};
 use kyuu_turn::{ClientSocket, ConnectionId, Family, Output, PeerAddr};
 
 /// alice over TCP with a TCP allocation.

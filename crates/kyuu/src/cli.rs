@@ -35,9 +35,9 @@ pub enum Command {
     /// Find out what NAT sits between this host and a STUN server (RFC 5780 tests).
     Nat(NatArgs),
     /// RAWR: find a path to another peer through RAWR nodes, or run a standalone node.
-    Rawr(kyuu_rawr::cli::RawrArgs),
+    Rawr(crate::rawr::RawrArgs),
     /// Build a small RAWR network on this machine (root), connect two peers, report, tear down.
-    Lab(kyuu_rawr::cli::LabArgs),
+    Lab(crate::rawr::LabArgs),
 }
 
 /// Options of `kyuu serve`. Flags override the configuration file, which overrides the
@@ -47,7 +47,10 @@ pub enum Command {
   STUN/TURN on UDP and TCP 0.0.0.0:3478 and [::]:3478, TLS on :5349 (self-signed certificate),
   HTTP on 0.0.0.0:8080 (HTTPS/wss off: --https or http.tls_listen), TURN authentication on
   with a REST secret generated at start.
-  Credentials come from GET /v1/ice-servers (printed at start).
+  Credentials come from GET /v1/ice-servers (printed at start): without signal.auth_secret
+  anyone who reaches the HTTP port may mint them, rate-limited per address and bounded by the
+  default quotas (see `--print-config`); --check and the start banner warn when that port is
+  public, and --production refuses to start so.
 
 Examples:
   kyuu serve
@@ -58,6 +61,7 @@ Examples:
   kyuu serve --https 0.0.0.0:8443 --config kyuu.toml                 wss:// (set http.tls_cert/tls_key)
   kyuu serve --config kyuu.toml --log debug
   kyuu serve --config kyuu.toml --check                              validate only
+  kyuu serve --config kyuu.toml --production                         refuse open credential minting
 
 Configuration errors name the key (e.g. `config error: turn.relay_ports: min 60000 > max 50000`)
 and exit with status 2.")]
@@ -140,9 +144,15 @@ pub struct ServeArgs {
     #[arg(long)]
     pub print_config: bool,
 
-    /// Validate the configuration and exit (status 0 when valid, 2 when not).
+    /// Validate the configuration and exit (status 0 when valid, 2 when not). Warnings (open
+    /// credential minting on a public address) go to standard error.
     #[arg(long)]
     pub check: bool,
+
+    /// The production profile (server.profile = "production"): refuse to start while anyone
+    /// who reaches the HTTP port can mint TURN credentials (no signal.auth_secret).
+    #[arg(long)]
+    pub production: bool,
 }
 
 /// Options of `kyuu nat`.

@@ -1,8 +1,9 @@
 //! The `kyuu` command: `kyuu serve` runs the server, `kyuu nat` discovers the NAT in front of
-//! this host, `kyuu rawr` and `kyuu lab` come from `kyuu_rawr::cli`.
+//! this host, `kyuu rawr` and `kyuu lab` are in [`rawr`].
 
 mod cli;
 mod nat;
+mod rawr;
 mod serve;
 
 use std::process::ExitCode;
@@ -14,8 +15,8 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Nat(args) => nat::run(args),
-        cli::Command::Rawr(args) => block_on(kyuu_rawr::cli::run(args)),
-        cli::Command::Lab(args) => block_on(kyuu_rawr::cli::run_lab(args)),
+        cli::Command::Rawr(args) => block_on(rawr::run(args)),
+        cli::Command::Lab(args) => block_on(rawr::run_lab(args)),
     }
 }
 

@@ -33,6 +33,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
         };
     }
     if args.check {
+        for w in config.exposure_warnings(kyuu_server::limits::host_public_address()) {
+            eprintln!("warning: {w}");
+        }
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -196,6 +199,9 @@ fn apply_flags(c: &mut Config, a: &ServeArgs) -> Result<(), kyuu_server::config:
     }
     if let Some(l) = &a.log {
         c.log.level.clone_from(l);
+    }
+    if a.production {
+        c.server.profile = kyuu_server::config::Profile::Production;
     }
     Ok(())
 }

@@ -208,6 +208,97 @@ fn print_config_round_trips_and_checks() {
     );
 }
 
+/// The safe defaults are visible in --print-config and liftable; --check warns about open
+/// credential minting on a public address; the production profile refuses it.
+#[test]
+fn safe_defaults_warnings_and_production_profile() {
+    let o = kyuu(&["serve", "--print-config"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let printed = text(&o.stdout);
+    for line in [
+        "profile = \"default\"",
+        "user_quota = 10",
+        "client_quota = 10",
+        "total_quota = 10000",
+        "max_bps = 625000",
+        "credential_ttl_secs = 1200",
+        "mint_rate_per_min = 10",
+        "mint_burst = 20",
+        "max_conns_per_ip = 64",
+        "first_message_timeout_secs = 10",
+        "tls_handshake_timeout_secs = 10",
+        "max_conns_per_ip = 1024",
+        "header_timeout_secs = 10",
+    ] {
+        assert!(
+            printed.contains(line),
+            "--print-config lacks {line}:\n{printed}"
+        );
+    }
+    // 0 lifts a limit, and the printed file says so.
+    let p = temp_file(
+        "unlimited.toml",
+        "[turn]\nuser_quota = 0\nclient_quota = 0\ntotal_quota = 0\nmax_bps = 0\n\
+         [signal]\nmint_rate_per_min = 0\n",
+    );
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--print-config"]);
+    let printed = text(&o.stdout);
+    assert!(printed.contains("user_quota = 0") && printed.contains("max_bps = 0"));
+    assert!(printed.contains("mint_rate_per_min = 0"), "{printed}");
+
+    // Open minting on a public HTTP address: --check passes with a warning.
+    let public = temp_file("public.toml", "[http]\nlisten = \"8.8.8.8:8080\"\n");
+    let o = kyuu(&["serve", "--config", public.to_str().unwrap(), "--check"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("warning: open credential minting on a public address (8.8.8.8:8080)"),
+        "{err}"
+    );
+    // On loopback, or with tokens, no warning.
+    let lo = temp_file("lo.toml", "[http]\nlisten = \"127.0.0.1:8080\"\n");
+    let o = kyuu(&["serve", "--config", lo.to_str().unwrap(), "--check"]);
+    assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
+    let tokens = temp_file(
+        "tokens.toml",
+        "[http]\nlisten = \"8.8.8.8:8080\"\n[signal]\nauth_secret = \"s\"\n",
+    );
+    let o = kyuu(&["serve", "--config", tokens.to_str().unwrap(), "--check"]);
+    assert!(o.status.success());
+    assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
+
+    // The production profile refuses open minting, by flag or by key, and names the fix.
+    for args in [
+        vec!["serve", "--production", "--check"],
+        vec![
+            "serve",
+            "--config",
+            public.to_str().unwrap(),
+            "--production",
+        ],
+    ] {
+        let o = kyuu(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("server.profile: \"production\" refuses to start")
+                && err.contains("signal.auth_secret"),
+            "{err}"
+        );
+    }
+    let prod = temp_file("prod.toml", "[server]\nprofile = \"production\"\n");
+    let o = kyuu(&["serve", "--config", prod.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = kyuu(&[
+        "serve",
+        "--config",
+        tokens.to_str().unwrap(),
+        "--production",
+        "--check",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
 #[test]
 fn config_errors_name_the_key_and_exit_2() {
     let p = temp_file("typo.toml", "[turn]\nrealm = \"x\"\nrelay_port = 5\n");
@@ -399,11 +490,11 @@ fn serve_with_rawr_answers_on_the_stun_port() {
 }
 
 /// Runs an Allocate with `user`/`pass` against `server` and returns the first event.
-fn allocate(server: SocketAddr, user: &str, pass: &str) -> kyuu_turn::client::Event {
+fn allocate(server: SocketAddr, user: &str, pass: &str) -> kyuu_client::turn::Event {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let mut c = kyuu_turn::client::Client::new(user, pass, false);
+    let mut c = kyuu_client::turn::Client::new(user, pass, false);
     let mut now = Instant::now();
     c.allocate(now);
     let deadline = now + Duration::from_secs(10);
@@ -446,7 +537,7 @@ fn default_auth_is_on_and_ice_servers_credentials_allocate() {
     assert!(
         matches!(
             ev,
-            kyuu_turn::client::Event::Error {
+            kyuu_client::turn::Event::Error {
                 code: 401 | 441,
                 ..
             }
@@ -466,7 +557,7 @@ fn default_auth_is_on_and_ice_servers_credentials_allocate() {
     let user = turn["username"].as_str().unwrap();
     let pass = turn["credential"].as_str().unwrap();
     match allocate(addr, user, pass) {
-        kyuu_turn::client::Event::Allocated { relayed, .. } => {
+        kyuu_client::turn::Event::Allocated { relayed, .. } => {
             assert!(relayed.iter().any(|r| r.ip() == addr.ip()), "{relayed:?}");
         }
         other => panic!("allocate with /v1/ice-servers credentials: {other:?}"),

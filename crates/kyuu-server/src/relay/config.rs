@@ -32,6 +32,14 @@ pub struct ListenConfig {
     pub threads: usize,
     /// SO_RCVBUF/SO_SNDBUF for UDP sockets in bytes (0: the system default).
     pub socket_buffer: usize,
+    /// Open TCP and TLS connections one client IP address may hold on the STUN/TURN listeners;
+    /// further ones are closed at once (0: unlimited).
+    pub max_conns_per_ip: u32,
+    /// A TCP or TLS connection that has not sent one complete STUN message (or ChannelData)
+    /// this long after it was accepted is closed, seconds (0: no limit).
+    pub first_message_timeout_secs: u64,
+    /// A TLS handshake that takes longer is dropped, seconds (at least 1).
+    pub tls_handshake_timeout_secs: u64,
 }
 
 impl Default for ListenConfig {
@@ -49,6 +57,9 @@ impl Default for ListenConfig {
             alt_port: None,
             threads: 0,
             socket_buffer: 4 << 20,
+            max_conns_per_ip: 64,
+            first_message_timeout_secs: 10,
+            tls_handshake_timeout_secs: 10,
         }
     }
 }
@@ -86,6 +97,9 @@ impl ListenConfig {
             }
         } else if self.alt_port.is_some() {
             return Err("listen.alt_port: needs listen.alt_ip".into());
+        }
+        if self.tls_handshake_timeout_secs == 0 {
+            return Err("listen.tls_handshake_timeout_secs: must be positive".into());
         }
         if self.threads > 256 {
             return Err("listen.threads: at most 256".into());

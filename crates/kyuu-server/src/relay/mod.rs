@@ -15,7 +15,7 @@ mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kyuu_turn::{PortRange, Rfc5780, ServerOptions, Shared, TurnConfig};
@@ -111,12 +111,7 @@ impl Drop for RelayHandle {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kyuu_stun::rest::unix_now;
 
 /// Bound sockets of one shard.
 #[derive(Debug, Default)]
@@ -343,6 +338,12 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let ranges = split_ports(turn.relay_ports, threads);
     let mut handles = Vec::new();
+    let limits = Arc::new(shard::StreamLimits {
+        conns: crate::limits::ConnLimiter::new("stun", listen.max_conns_per_ip),
+        first_message: (listen.first_message_timeout_secs > 0)
+            .then(|| Duration::from_secs(listen.first_message_timeout_secs)),
+        tls_handshake: Duration::from_secs(listen.tls_handshake_timeout_secs.max(1)),
+    });
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(threads);
     for (i, sockets) in shard_sockets.into_iter().enumerate() {
         let opts = ServerOptions {
@@ -359,9 +360,10 @@ pub async fn start(
         let stop_rx = stop_rx.clone();
         let buf = listen.socket_buffer;
         let ready = ready_tx.clone();
+        let limits = limits.clone();
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready))
+            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, limits))
             .context("spawning relay thread")?;
         handles.push(h);
     }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kyuu_stun::frame_len;
@@ -36,7 +37,6 @@ const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A stream connection without an allocation that sends nothing for this long is closed; one with
 /// an allocation lives as long as the allocation.
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches a socket may read before letting other tasks run.
 const READ_BUDGET: usize = 16;
@@ -171,6 +171,7 @@ pub(crate) fn run(
     mut stop: watch::Receiver<bool>,
     socket_buffer: usize,
     ready: mpsc::Sender<anyhow::Result<()>>,
+    limits: Arc<StreamLimits>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -251,6 +252,7 @@ pub(crate) fn run(
                 sh.clone(),
                 l,
                 None,
+                limits.clone(),
             ))));
         }
         if let Some(acc) = acceptor {
@@ -259,6 +261,7 @@ pub(crate) fn run(
                     sh.clone(),
                     l,
                     Some(acc.clone()),
+                    limits.clone(),
                 ))));
             }
         }
@@ -708,10 +711,29 @@ async fn relay_udp_loop(
     }
 }
 
-async fn accept_loop(sh: Sh, listener: TcpListener, tls: Option<TlsAcceptor>) {
+/// Pre-authentication limits of the STUN/TURN stream listeners (`[listen]`, see
+/// `crate::limits`), shared by every shard.
+#[derive(Debug)]
+pub(crate) struct StreamLimits {
+    pub conns: Arc<crate::limits::ConnLimiter>,
+    /// Until the first complete STUN message or ChannelData (`None`: no limit).
+    pub first_message: Option<Duration>,
+    pub tls_handshake: Duration,
+}
+
+async fn accept_loop(
+    sh: Sh,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: Arc<StreamLimits>,
+) {
     loop {
         let Ok((stream, remote)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // Over the per-IP cap: dropped (closed) before any buffer or task exists for it.
+        let Some(guard) = limits.conns.admit(remote.ip()) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -719,6 +741,7 @@ async fn accept_loop(sh: Sh, listener: TcpListener, tls: Option<TlsAcceptor>) {
             continue;
         };
         let sh = sh.clone();
+        let first = limits.first_message;
         match tls.clone() {
             None => {
                 let client = ClientSocket {
@@ -726,41 +749,87 @@ async fn accept_loop(sh: Sh, listener: TcpListener, tls: Option<TlsAcceptor>) {
                     local,
                     remote,
                 };
-                tokio::task::spawn_local(stream_task(sh, stream, client));
+                tokio::task::spawn_local(async move {
+                    let _guard = guard;
+                    stream_task(sh, stream, client, first).await;
+                });
             }
             Some(acc) => {
+                let handshake = limits.tls_handshake;
                 tokio::task::spawn_local(async move {
-                    let Ok(Ok(s)) =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(stream)).await
-                    else {
-                        metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
-                        return;
+                    let _guard = guard;
+                    let s = match tokio::time::timeout(handshake, acc.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(_)) => {
+                            metrics::counter!("kyuu_relay_tls_handshake_failures_total")
+                                .increment(1);
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::counter!("kyuu_relay_tls_handshake_failures_total")
+                                .increment(1);
+                            crate::limits::closed("stun_tls", "tls_handshake_timeout");
+                            return;
+                        }
                     };
                     let client = ClientSocket {
                         transport: Transport::Tls,
                         local,
                         remote,
                     };
-                    stream_task(sh, s, client).await;
+                    stream_task(sh, s, client, first).await;
                 });
             }
         }
     }
 }
 
+/// The metrics label of a STUN/TURN stream listener.
+fn stream_listener(t: Transport) -> &'static str {
+    match t {
+        Transport::Tls => "stun_tls",
+        Transport::Tcp | Transport::Udp => "stun_tcp",
+    }
+}
+
+/// Read buffer of a new stream connection; grown up to [`STREAM_BUF_MAX`] as messages need, so
+/// thousands of idle connections cost little.
+const STREAM_BUF_START: usize = 2048;
+/// The largest STUN message (64 KiB + header) or ChannelData frame, with room to spare.
+const STREAM_BUF_MAX: usize = 70_000;
+
 /// A client's TCP or TLS connection: RFC 8489 §6.2.2 framing in, queued messages out.
-async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(sh: Sh, mut s: S, client: ClientSocket) {
+/// `first_message`: the connection is closed unless one complete frame arrives in time.
+async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(
+    sh: Sh,
+    mut s: S,
+    client: ClientSocket,
+    first_message: Option<Duration>,
+) {
     let key = (client.local, client.remote);
     let (tx, mut rx) = mpsc::channel(STREAM_QUEUE);
     sh.borrow_mut().streams.insert(key, tx);
-    let mut buf = vec![0u8; 70_000];
+    let mut buf = vec![0u8; STREAM_BUF_START];
     let mut filled = 0usize;
     let mut splice_with = None;
+    let first_deadline = first_message.map(|d| tokio::time::Instant::now() + d);
+    let mut got_frame = false;
     'conn: loop {
+        if filled == buf.len() && buf.len() < STREAM_BUF_MAX {
+            buf.resize((buf.len() * 2).min(STREAM_BUF_MAX), 0);
+        }
+        let idle = match first_deadline {
+            Some(d) if !got_frame => d.saturating_duration_since(tokio::time::Instant::now()),
+            _ => STREAM_IDLE_TIMEOUT,
+        };
         tokio::select! {
-            r = tokio::time::timeout(STREAM_IDLE_TIMEOUT, s.read(buf.get_mut(filled..).unwrap_or(&mut []))) => {
+            r = tokio::time::timeout(idle, s.read(buf.get_mut(filled..).unwrap_or(&mut []))) => {
                 let n = match r {
                     Ok(Ok(n)) if n > 0 => n,
+                    Err(_) if !got_frame => {
+                        crate::limits::closed(stream_listener(client.transport), "first_message_timeout");
+                        break 'conn;
+                    }
                     Err(_) if sh.borrow().core.has_allocation(&client) => continue 'conn,
                     _ => break 'conn,
                 };
@@ -771,6 +840,7 @@ async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(sh: Sh, mut s: S, client
                     match frame_len(rest) {
                         Ok(Some(len)) if len <= rest.len() => {
                             let Some(frame) = rest.get(..len) else { break 'conn };
+                            got_frame = true;
                             let now = Instant::now();
                             let mut st = sh.borrow_mut();
                             if let Some(tp) = st.core.handle_client(now, client, frame) {

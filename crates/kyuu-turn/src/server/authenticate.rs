@@ -68,6 +68,9 @@ pub(crate) struct AuthContext<'a> {
     pub secs: u64,
     /// Wall-clock seconds, for TURN REST credential expiry.
     pub unix_now: u64,
+    /// The username of the allocation on this five-tuple, for requests other than Allocate:
+    /// its REST credential may have expired since (`crate::auth::Credentials::keys`).
+    pub live_user: Option<&'a str>,
 }
 
 /// Decides whether `msg` carries valid long-term credentials (RFC 8489 §9.2.4 steps in order:
@@ -143,7 +146,8 @@ pub(crate) fn authenticate(cx: &AuthContext<'_>, msg: &Message<'_>) -> Verdict {
             }
         }
     };
-    let keys = match cx.creds.keys(&username, cx.unix_now) {
+    let live = cx.live_user == Some(username.as_str());
+    let keys = match cx.creds.keys(&username, cx.unix_now, live) {
         Ok(k) => k,
         Err(f) => return refuse(Challenge(ErrorCode::UNAUTHORIZED), Some(f), false),
     };

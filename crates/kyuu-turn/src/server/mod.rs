@@ -38,7 +38,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kyuu_stun::{method, Class, ErrorCode, Message};
+use kyuu_stun::{attr, method, Class, ErrorCode, Message};
 
 use crate::auth::{Credentials, Nonces};
 use crate::config::{PortRange, TurnConfig};
@@ -309,6 +309,29 @@ impl Server {
             let data = resp.to_vec();
             return self.send(client, Some(data));
         }
+        if msg.integrity_kind().is_none() {
+            // Without credentials only an Allocate that could succeed is challenged (the 401 is
+            // several times the size of a bare request); anything else gets a small error,
+            // never more bytes than a Binding answer per request byte (amplification).
+            let code = match m {
+                method::ALLOCATE if !msg.has(attr::REQUESTED_TRANSPORT) => {
+                    Some(ErrorCode::BAD_REQUEST)
+                }
+                method::ALLOCATE => None,
+                method::CONNECTION_BIND if client.transport.is_stream() => None,
+                method::CONNECTION_BIND => Some(ErrorCode::BAD_REQUEST),
+                _ if self.allocs.id_of(&client).is_some() => None,
+                _ => Some(ErrorCode::ALLOCATION_MISMATCH),
+            };
+            if let Some(code) = code {
+                if self.limiter.allow(client.remote.ip(), now) {
+                    self.error(client, msg, code, None);
+                } else {
+                    self.counters.drop(Dropped::RateLimited);
+                }
+                return;
+            }
+        }
         let Some(auth) = self.authenticate(now, client, msg) else {
             return;
         };
@@ -348,12 +371,21 @@ impl Server {
         msg: &Message<'_>,
     ) -> Option<Authed> {
         let shared = &self.opts.shared;
+        let live_user = if msg.method() == method::ALLOCATE {
+            None
+        } else {
+            self.allocs
+                .id_of(&client)
+                .and_then(|id| self.allocs.get(id))
+                .map(|a| a.username.as_str())
+        };
         let cx = AuthContext {
             creds: &self.creds,
             nonces: &self.nonces,
             client: client.remote,
             secs: shared.secs(now),
             unix_now: shared.unix_now(now),
+            live_user,
         };
         let refusal = match authenticate(&cx, msg) {
             Verdict::Authed(a) => return Some(a),

@@ -1,6 +1,8 @@
 //! Writing answers: every response gets SOFTWARE, MESSAGE-INTEGRITY(-SHA256) with the request's
 //! key when it was authenticated, and FINGERPRINT (RFC 8489 §6.3.4, §14.7); answers to
-//! authenticated requests are remembered for retransmissions.
+//! authenticated requests are remembered for retransmissions. Errors to unauthenticated
+//! requests (unverified source addresses) carry neither SOFTWARE nor a reason phrase, so no
+//! answer outgrows a Binding answer relative to its request (`kyuu-server/tests/amplification.rs`).
 
 use std::time::Instant;
 
@@ -28,7 +30,10 @@ impl Server {
         let mut buf = vec![0u8; REPLY_MAX];
         let mut b = MessageBuilder::new(&mut buf, m, class, tid).ok()?;
         f(&mut b).ok()?;
-        if !self.cfg.software.is_empty() && class != Class::Indication {
+        // Not in errors to unauthenticated requests: they go to unverified addresses, and
+        // must stay no larger than a Binding answer relative to the request (amplification).
+        let unverified_error = class == Class::Error && auth.is_none();
+        if !self.cfg.software.is_empty() && class != Class::Indication && !unverified_error {
             b.add(attr::SOFTWARE, self.cfg.software.as_bytes()).ok()?;
         }
         match auth {
@@ -95,7 +100,11 @@ impl Server {
         auth: Option<&Authed>,
     ) {
         tracing::debug!(target: "kyuu::turn", method = method::name(msg.method()), code = code.code(), at = %std::panic::Location::caller(), "error response");
-        self.error_with(client, msg, auth, |b| b.add_error_code(code));
+        // No reason phrase to unverified addresses (amplification, as for SOFTWARE).
+        self.error_with(client, msg, auth, |b| match auth {
+            Some(_) => b.add_error_code(code),
+            None => b.add_error_bare(code.code()),
+        });
     }
 
     /// 420 with UNKNOWN-ATTRIBUTES (RFC 8489 §7.3.1).
@@ -149,7 +158,7 @@ impl Server {
             *msg.transaction_id(),
             None,
             |b| {
-                b.add_error_code(code)?;
+                b.add_error_bare(code.code())?;
                 b.add(attr::REALM, self.creds.realm().as_bytes())?;
                 b.add(attr::NONCE, &nonce)?;
                 b.add_password_algorithms(&PASSWORD_ALGORITHMS)

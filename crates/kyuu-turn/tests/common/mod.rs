@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use kyuu_client::turn::{Client, Event};
 use kyuu_stun::{attr, Class, ErrorCode, Message, MessageBuilder, TransactionId};
-use kyuu_turn::client::{Client, Event};
 use kyuu_turn::*;
 
 /// The wall clock at the test's start (for TURN REST expiry times).

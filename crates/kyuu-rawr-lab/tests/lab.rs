@@ -1,0 +1,303 @@
+//! RAWR in the network lab (root needed: SKIP otherwise, failure with KYUU_LAB_REQUIRED=1).
+//! Each test asserts where the relay landed and that data flowed.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use kyuu_rawr::peer::Route;
+use kyuu_rawr_lab::{ping_pong, LabSpec, RawrLab};
+
+fn session() -> Vec<u8> {
+    rand::random::<[u8; 16]>().to_vec()
+}
+
+async fn build(test: &str, spec: LabSpec) -> Option<RawrLab> {
+    RawrLab::build_or_skip(test, spec).await.unwrap()
+}
+
+/// Both peers fell back to the root (their gateway does not speak RAWR), the gateway error
+/// contains `why`, and data flows through the root.
+async fn assert_root_fallback(lab: &RawrLab, why: &str) {
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    assert_eq!(
+        b.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let err = a.outcome.gateway_error.clone().unwrap();
+    assert!(err.contains(why), "{err}");
+    println!("peer A fell back: {err}");
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symmetric_nat_homes_meet_at_the_isp_and_the_root_relays_nothing() {
+    let Some(lab) = build("rawr lab isp", LabSpec::default()).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(a.outcome.relay.as_ref().unwrap().path, vec!["homea", "isp"]);
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
+    let before = lab.root_udp_in().unwrap();
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    let after = lab.root_udp_in().unwrap();
+    assert!(rtt.samples.len() >= 18, "data did not flow: {rtt:?}");
+    assert_eq!(
+        after - before,
+        0,
+        "the root received datagrams during the session"
+    );
+    assert_eq!(lab.stats("root").await.unwrap().paired, 0);
+    assert_eq!(lab.stats("isp").await.unwrap().paired, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_subnet_peers_connect_directly() {
+    let spec = LabSpec {
+        same_lan: true,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build("rawr lab same subnet", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Direct);
+    assert_eq!(b.outcome.route, Route::Direct);
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    for (name, s) in lab.all_stats().await {
+        assert_eq!((s.paired, s.forwarded), (0, 0), "{name} relayed: {s:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_rawr_nodes_it_is_plain_turn_through_the_root() {
+    let spec = LabSpec {
+        isp_node: false,
+        home_nodes: false,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build("rawr lab no nodes", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    assert_eq!(
+        b.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    assert_eq!(rtt.relay.unwrap().ip().to_string(), "198.18.0.10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_turn_gateway_falls_back_to_the_root() {
+    let spec = LabSpec {
+        plain_gateway_a: true,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build("rawr lab plain gateway", spec).await else {
+        return;
+    };
+    assert_root_fallback(&lab, "gateway").await;
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_level_chain_meets_at_the_isp() {
+    let spec = LabSpec {
+        chain_a: true,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build("rawr lab chain", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(
+        a.outcome.relay.as_ref().unwrap().path,
+        vec!["homea", "d1", "d2", "isp"]
+    );
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_loop_is_detected_and_refused() {
+    let spec = LabSpec {
+        loop_a: true,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build("rawr lab loop", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let why = a.outcome.gateway_error.clone().unwrap();
+    assert!(
+        why.contains("482") && why.contains("homea -> d1 -> homea"),
+        "{why}"
+    );
+    // A fell back to the root; B's request climbed there through its chain: they meet there.
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    assert_eq!(
+        b.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_mid_request_falls_back_with_a_clear_error() {
+    let Some(mut lab) = build("rawr lab gateway killed", LabSpec::default()).await else {
+        return;
+    };
+    let s = session();
+    let root = lab.root_addr();
+    let (ga, gb) = (lab.gateway_a(), lab.gateway_b());
+    let (pa, pb) = (lab.pa.clone(), lab.pb.clone());
+    let sa = s.clone();
+    let ta = tokio::spawn(async move { kyuu_rawr_lab::lab_peer(&pa, &sa, root, ga).await });
+    // A has registered and is waiting at the root for B; its gateway dies now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lab.kill_node("homea");
+    let b = kyuu_rawr_lab::lab_peer(&pb, &s, root, gb).await.unwrap();
+    let a = ta.await.unwrap().unwrap();
+    let why = a.outcome.gateway_error.clone().unwrap();
+    assert!(why.contains("stopped answering"), "{why}");
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    assert_eq!(
+        b.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_restart_keeps_the_session_and_serves_new_ones() {
+    let Some(mut lab) = build("rawr lab restart", LabSpec::default()).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    // Restart the meeting node's control plane mid-session: the data plane keeps going.
+    lab.restart_node("isp").await.unwrap();
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+    // And the restarted node serves a new session.
+    let (a2, b2) = lab.connect_pair(&session(), lab.root_addr()).await;
+    assert_eq!(
+        a2.unwrap().outcome.route,
+        Route::Node { name: "isp".into() }
+    );
+    assert_eq!(
+        b2.unwrap().outcome.route,
+        Route::Node { name: "isp".into() }
+    );
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_unreachable_is_a_clear_error_and_leaves_no_state() {
+    let Some(mut lab) = build("rawr lab root down", LabSpec::default()).await else {
+        return;
+    };
+    lab.kill_node("root");
+    let t = std::time::Instant::now();
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    for r in [a, b] {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("198.18.0.10:3479") && e.contains("unreachable"),
+            "{e}"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+    lab.wait_clean(Duration::from_secs(1)).await.unwrap();
+}
+
+/// The `kyuu` binary for `kyuu serve` on every node: `KYUU_BIN`, else next to this test's
+/// target directory (built by `cargo test --workspace` / `cargo build -p kyuu`).
+async fn build_kyuu(test: &str, mut spec: LabSpec) -> Option<RawrLab> {
+    let bin = kyuu_rawr_lab::kyuu_bin_or_skip(test)?;
+    spec.server = kyuu_rawr_lab::LabServer::Kyuu(bin);
+    build(test, spec).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_nodes_meet_at_the_isp_and_relay_through_kyuu_turn() {
+    let Some(lab) = build_kyuu("rawr lab kyuu serve", LabSpec::default()).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = lab.root_udp_in().unwrap();
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    let after = lab.root_udp_in().unwrap();
+    assert!(rtt.samples.len() >= 18, "data did not flow: {rtt:?}");
+    assert_eq!(rtt.relay.unwrap().to_string(), "198.18.1.1:3478");
+    assert_eq!(
+        after - before,
+        0,
+        "the root received datagrams during the session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_without_rawr_as_gateway_falls_back_to_the_root() {
+    let spec = LabSpec {
+        plain_gateway_a: true,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab kyuu plain gateway", spec).await else {
+        return;
+    };
+    assert_root_fallback(&lab, "400").await;
+}
