@@ -448,6 +448,29 @@ mod tests {
     }
 
     #[test]
+    fn fleet_section_is_optional_and_validated() {
+        assert!(Config::from_toml("", "k").unwrap().fleet.is_none());
+        let ok = "[fleet]\nredis_url = \"redis://127.0.0.1:6379/\"\nnode = \"a\"\n";
+        let c = Config::from_toml(ok, "k").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.fleet.as_ref().map(|f| f.peer_ttl_secs), Some(10));
+        let bad = "[fleet]\nredis_url = \"http://x\"\nnode = \"a\"\n";
+        let e = Config::from_toml(bad, "k")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("fleet.redis_url"), "{e}");
+        let bad = "[fleet]\nredis_url = \"redis://x/\"\nnode = \"a b\"\n";
+        let e = Config::from_toml(bad, "k")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("fleet.node"), "{e}");
+    }
+
+    #[test]
     fn rawr_validation_names_key() {
         let c = Config::from_toml("[rawr]\nenabled = true\nname = \"Bad Name\"\n", "k").unwrap();
         let e = c.validate().unwrap_err().to_string();
