@@ -471,39 +471,20 @@ async fn route_task(
                 }
             }
             Cmd::Announce | Cmd::AskResync => {
-                let Some(mut c) = conn else { continue };
-                if matches!(cmd, Cmd::AskResync) {
-                    let ev = Event::Resync {
-                        node: cfg.node.clone(),
-                    };
-                    if !publish_event(&mut c, &ev, &status).await {
-                        last_fail = Some(tokio::time::Instant::now());
-                        continue;
+                // Resync must not be lost to the fail-fast window: retry for a few seconds.
+                let ask = matches!(cmd, Cmd::AskResync);
+                let mut conn = conn;
+                for attempt in 0..20 {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        conn = manager(&client, &mgr).await;
                     }
-                }
-                let pubs = port
-                    .local_publications()
-                    .into_iter()
-                    .map(|(key, peer)| Event::Dir {
-                        node: cfg.node.clone(),
-                        key,
-                        peer,
-                        on: true,
-                    });
-                let rooms = port
-                    .local_memberships()
-                    .into_iter()
-                    .map(|(room, peer)| Event::Room {
-                        node: cfg.node.clone(),
-                        room,
-                        peer,
-                        on: true,
-                    });
-                for ev in pubs.chain(rooms) {
-                    if !publish_event(&mut c, &ev, &status).await {
-                        last_fail = Some(tokio::time::Instant::now());
+                    let Some(c) = conn.as_mut() else { continue };
+                    if announce(c, &cfg, &*port, ask, &status).await {
+                        last_fail = None;
                         break;
                     }
+                    last_fail = Some(tokio::time::Instant::now());
                 }
             }
             Cmd::Route {
@@ -565,6 +546,48 @@ async fn route_task(
             }
         }
     }
+}
+
+/// Publishes a resync request (when `ask`) and every local publication and membership.
+async fn announce(
+    c: &mut ConnectionManager,
+    cfg: &FleetConfig,
+    port: &dyn HubPort,
+    ask: bool,
+    status: &FleetStatus,
+) -> bool {
+    if ask {
+        let ev = Event::Resync {
+            node: cfg.node.clone(),
+        };
+        if !publish_event(c, &ev, status).await {
+            return false;
+        }
+    }
+    let pubs = port
+        .local_publications()
+        .into_iter()
+        .map(|(key, peer)| Event::Dir {
+            node: cfg.node.clone(),
+            key,
+            peer,
+            on: true,
+        });
+    let rooms = port
+        .local_memberships()
+        .into_iter()
+        .map(|(room, peer)| Event::Room {
+            node: cfg.node.clone(),
+            room,
+            peer,
+            on: true,
+        });
+    for ev in pubs.chain(rooms) {
+        if !publish_event(c, &ev, status).await {
+            return false;
+        }
+    }
+    true
 }
 
 async fn publish_event(c: &mut ConnectionManager, ev: &Event, status: &FleetStatus) -> bool {
