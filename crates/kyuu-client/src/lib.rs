@@ -12,11 +12,15 @@
 
 pub mod binding;
 pub mod discover;
+pub mod lifetime;
 pub mod nat;
 pub mod transaction;
 pub mod turn;
 pub mod turn_udp;
 
 pub use discover::{discover, resolve_server, DiscoverError};
-pub use nat::{Filtering, Mapping, NatProbe, NatReport, NatType, ProbeConfig, ProbeError};
+pub use lifetime::{binding_lifetime, LifetimeReport};
+pub use nat::{
+    Filtering, Mapping, NatProbe, NatReport, NatType, ProbeConfig, ProbeError, WrongSource,
+};
 pub use transaction::RetransmitConfig;

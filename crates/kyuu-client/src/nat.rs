@@ -176,6 +176,22 @@ pub struct NatReport {
     pub mapped_addresses: MappedAddresses,
     /// Why some tests could not be run or concluded, in plain words.
     pub problems: Vec<String>,
+    /// RFC 5780 tests the server answered from another address than the test requires (a
+    /// misconfigured or non-conforming server): those tests are left unconcluded, not
+    /// misclassified.
+    pub wrong_source: Vec<WrongSource>,
+}
+
+/// An RFC 5780 answer that came from the wrong address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WrongSource {
+    /// Which test: "filtering: change IP and port", "filtering: change port",
+    /// "mapping: alternate IP", "mapping: alternate IP and port".
+    pub test: &'static str,
+    /// Where the answer had to come from.
+    pub expected: SocketAddr,
+    /// Where it came from.
+    pub from: SocketAddr,
 }
 
 /// The message printed when the server has no OTHER-ADDRESS.
@@ -282,6 +298,8 @@ pub struct NatProbe {
     transmits: Vec<Transmit>,
     report: Option<NatReport>,
     outcome: Option<Result<NatReport, ProbeError>>,
+    /// Where the step being concluded sent its request.
+    last_dst: SocketAddr,
 }
 
 impl NatProbe {
@@ -296,6 +314,7 @@ impl NatProbe {
             transmits: Vec::new(),
             report: None,
             outcome: None,
+            last_dst: server,
         };
         probe.start(Step::TestI, server, now);
         probe
@@ -417,6 +436,7 @@ impl NatProbe {
         let Some(p) = self.pending.take() else {
             return;
         };
+        self.last_dst = p.dst;
         match p.step {
             Step::TestI => self.after_test_i(now, answer),
             Step::FilterChangeIpPort => self.after_filter_ip_port(now, answer),
@@ -480,6 +500,7 @@ impl NatProbe {
                         ..MappedAddresses::default()
                     },
                     problems: Vec::new(),
+                    wrong_source: Vec::new(),
                 };
                 match other {
                     Some(other) if other.ip() == self.server.ip() => {
@@ -506,6 +527,16 @@ impl NatProbe {
 
     fn other(&self) -> Option<SocketAddr> {
         self.report.as_ref().and_then(|r| r.other_address)
+    }
+
+    fn wrong(&mut self, test: &'static str, expected: SocketAddr, from: SocketAddr) {
+        if let Some(r) = self.report.as_mut() {
+            r.wrong_source.push(WrongSource {
+                test,
+                expected,
+                from,
+            });
+        }
     }
 
     fn problem(&mut self, text: String) {
@@ -556,6 +587,7 @@ impl NatProbe {
                     "the answer to CHANGE-REQUEST (change IP and port) came from {from}, not from \
                      OTHER-ADDRESS {other}; the server ignores CHANGE-REQUEST, so filtering is unknown"
                 ));
+                self.wrong("filtering: change IP and port", other, from);
                 self.start_mapping(now);
             }
             Answer::Response {
@@ -585,10 +617,13 @@ impl NatProbe {
             Answer::Response {
                 from,
                 resp: BindingResponse::Success { .. },
-            } => self.problem(format!(
-                "the answer to CHANGE-REQUEST (change port) came from {from}, not from {expected}; \
-                 filtering is unknown"
-            )),
+            } => {
+                self.problem(format!(
+                    "the answer to CHANGE-REQUEST (change port) came from {from}, not from \
+                     {expected}; filtering is unknown"
+                ));
+                self.wrong("filtering: change port", expected, from);
+            }
             Answer::Response {
                 resp: BindingResponse::Error { code, reason },
                 ..
@@ -607,7 +642,19 @@ impl NatProbe {
             return self.after_mapping(now);
         };
         let primary = self.report.as_ref().map(|r| r.public);
+        let dst = self.last_dst;
         match answer {
+            Answer::Response {
+                from,
+                resp: BindingResponse::Success { .. },
+            } if from != dst => {
+                self.problem(format!(
+                    "the answer to the request sent to the alternate address {dst} came from \
+                     {from}; mapping is unknown"
+                ));
+                self.wrong("mapping: alternate IP", dst, from);
+                self.after_mapping(now);
+            }
             Answer::Response {
                 resp: BindingResponse::Success { mapped, .. },
                 ..
@@ -647,7 +694,18 @@ impl NatProbe {
             .report
             .as_ref()
             .and_then(|r| r.mapped_addresses.alternate_ip);
+        let dst = self.last_dst;
         match answer {
+            Answer::Response {
+                from,
+                resp: BindingResponse::Success { .. },
+            } if from != dst => {
+                self.problem(format!(
+                    "the answer to the request sent to {dst} came from {from}; mapping is only \
+                     known to be endpoint-dependent"
+                ));
+                self.wrong("mapping: alternate IP and port", dst, from);
+            }
             Answer::Response {
                 resp: BindingResponse::Success { mapped, .. },
                 ..
@@ -747,6 +805,8 @@ mod tests {
         filtering: Filtering,
         hairpin: bool,
         rfc5780: bool,
+        /// A misbehaving server: every answer comes from the primary address.
+        always_primary: bool,
         /// Destinations the client has sent to (the NAT's filter state).
         contacted: Vec<SocketAddr>,
     }
@@ -761,6 +821,7 @@ mod tests {
                 filtering,
                 hairpin: false,
                 rfc5780: true,
+                always_primary: false,
                 contacted: Vec::new(),
             }
         }
@@ -820,7 +881,11 @@ mod tests {
             } else {
                 dst.port()
             };
-            let from = SocketAddr::new(ip, port);
+            let from = if self.always_primary {
+                self.primary
+            } else {
+                SocketAddr::new(ip, port)
+            };
             let mut buf = vec![0u8; 200];
             let mut b = MessageBuilder::new(
                 &mut buf,
@@ -920,6 +985,39 @@ mod tests {
         w.hairpin = true;
         let r = w.run(ProbeConfig::default()).0.unwrap();
         assert_eq!(r.hairpinning, Some(true));
+    }
+
+    #[test]
+    fn a_server_answering_from_the_wrong_address_is_reported_not_misclassified() {
+        // Behind a symmetric NAT that filters nothing, a server that always answers from its
+        // primary address would make CHANGE-REQUEST look ignored and the alternate-address
+        // mapping tests look answered: without the check, mapping would be concluded from
+        // answers that did not come from the address the test is about.
+        let mut w = World::new(
+            Mapping::AddressAndPortDependent,
+            Filtering::EndpointIndependent,
+        );
+        w.always_primary = true;
+        let cfg = ProbeConfig {
+            hairpin: false,
+            ..ProbeConfig::default()
+        };
+        let r = w.run(cfg).0.unwrap();
+        assert_eq!(r.filtering, None, "{r:?}");
+        assert_eq!(r.mapping, None, "{r:?}");
+        assert_eq!(r.nat_type, NatType::Unknown);
+        let tests: Vec<_> = r.wrong_source.iter().map(|w| w.test).collect();
+        assert_eq!(
+            tests,
+            vec!["filtering: change IP and port", "mapping: alternate IP"],
+            "{r:?}"
+        );
+        assert_eq!(r.wrong_source[0].expected, w.other);
+        assert_eq!(r.wrong_source[0].from, w.primary);
+        assert_eq!(
+            r.wrong_source[1].expected,
+            SocketAddr::new(w.other.ip(), w.primary.port())
+        );
     }
 
     #[test]

@@ -99,6 +99,21 @@ async fn server_ignoring_change_request_is_reported() {
         "{:?}",
         r.problems
     );
+    // The same finding, for programs: which test, where the answer had to come from, and where
+    // it came from.
+    assert_eq!(
+        r.wrong_source,
+        vec![kyuu_client::WrongSource {
+            test: "filtering: change IP and port",
+            expected: SocketAddr::new("127.0.0.2".parse().unwrap(), f.addr.port() + 1),
+            from: f.addr,
+        }]
+    );
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(
+        json["wrong_source"][0]["from"],
+        serde_json::Value::String(f.addr.to_string())
+    );
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! [signal]   # kyuu_signal::SignalConfig
 //! [rawr]     # kyuu_rawr::RawrConfig: a RAWR node beside STUN/TURN (off by default)
 //! [log]      # LogConfig
+//! [admin]    # crate::admin::AdminConfig: the admin API and /status (off by default)
 //! [fleet]    # kyuu_signal::FleetConfig: many nodes as one service over Redis (absent: one node)
 //! ```
 //!
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::admin::AdminConfig;
 pub use crate::relay::ListenConfig;
 pub use kyuu_rawr::RawrConfig;
 pub use kyuu_signal::{FleetConfig, SignalConfig};
@@ -37,6 +39,7 @@ pub struct Config {
     pub signal: SignalConfig,
     pub rawr: RawrConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
     /// Absent: a single node, no Redis.
     pub fleet: Option<FleetConfig>,
 }
@@ -87,6 +90,17 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for HTTPS (with `tls_cert`).
     pub tls_key: Option<PathBuf>,
+    /// Serve TURN over TLS on `tls_listen` too (e.g. both on 443, for networks that let only
+    /// HTTPS out): a connection goes to TURN when it negotiates ALPN `stun.turn`, or offers no
+    /// ALPN and names one of `tls_turn_names` in SNI, or sends a STUN message first
+    /// (`crate::tls_mux`). `/v1/ice-servers` then adds a `turns:` URL on that port.
+    pub tls_turn: bool,
+    /// SNI names that mean TURN when the client offers no ALPN.
+    pub tls_turn_names: Vec<String>,
+    /// PROXY protocol v2 on `listen` (plain HTTP): every connection must start with a header
+    /// from one of these networks (the balancers'); empty: off. Signaling's per-address limits
+    /// then count real clients.
+    pub proxy_protocol_trusted: Vec<kyuu_turn::ipnet::IpNet>,
     /// Open HTTP and HTTPS connections (WebSocket signaling included) one client IP address
     /// may hold; further ones are closed at once (0: unlimited).
     pub max_conns_per_ip: u32,
@@ -111,6 +125,9 @@ impl Default for HttpConfig {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            tls_turn: false,
+            tls_turn_names: Vec::new(),
+            proxy_protocol_trusted: Vec::new(),
             max_conns_per_ip: 1024,
             header_timeout_secs: 10,
         }
@@ -251,6 +268,16 @@ impl Config {
                 "http.tls_cert: set http.tls_listen too (HTTPS is off without it)".into(),
             ));
         }
+        if self.http.tls_turn && (self.http.tls_listen.is_none() || !self.http.enabled) {
+            return Err(ConfigError::Invalid(
+                "http.tls_turn: needs http.tls_listen (TURN shares the HTTPS listener)".into(),
+            ));
+        }
+        if self.http.tls_turn && !self.turn.enabled {
+            return Err(ConfigError::Invalid(
+                "http.tls_turn: TURN is off (turn.enabled = false)".into(),
+            ));
+        }
         if self.rawr.enabled {
             // `kyuu serve` fills an empty rawr.secret and rawr.relay from [turn] and the ICE
             // URLs at start; validate as it will run.
@@ -263,6 +290,14 @@ impl Config {
             }
             rawr.validate()
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        self.admin.validate().map_err(ConfigError::Invalid)?;
+        if self.admin.token.is_some() && self.admin.listen.is_none() && !self.http.enabled {
+            return Err(ConfigError::Invalid(
+                "admin.token: without admin.listen the admin API is served on the HTTP \
+                 listener, which is off (http.enabled = false); set admin.listen"
+                    .into(),
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level: {:?}: {e}", self.log.level)))?;
@@ -316,6 +351,7 @@ impl Config {
         out.push_str(&section("signal", &self.signal)?);
         out.push_str(&section("rawr", &self.rawr)?);
         out.push_str(&section("log", &self.log)?);
+        out.push_str(&section("admin", &self.admin)?);
         if let Some(f) = &self.fleet {
             out.push_str(&section("fleet", f)?);
         }

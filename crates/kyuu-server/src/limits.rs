@@ -29,7 +29,7 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tower::Service as _;
@@ -178,11 +178,26 @@ pub async fn serve_http(
     limits: &HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_http_proxied(listener, app, limits, shutdown, Vec::new()).await
+}
+
+/// [`serve_http`]; with `proxy_trusted` non-empty every connection must start with a PROXY
+/// protocol v2 header from those networks ([`crate::proxy`], `http.proxy_protocol_trusted`),
+/// and the address it names is the client: for `ConnectInfo` and the per-IP cap.
+pub async fn serve_http_proxied(
+    listener: TcpListener,
+    app: Router,
+    limits: &HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    proxy_trusted: Vec<kyuu_turn::ipnet::IpNet>,
+) -> std::io::Result<()> {
     let limiter = ConnLimiter::new("http", limits.max_conns_per_ip);
     let (tx, rx) = mpsc::channel(64);
+    let proxy_trusted: Arc<[kyuu_turn::ipnet::IpNet]> = proxy_trusted.into();
     let accept = tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let (mut tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -191,6 +206,31 @@ pub async fn serve_http(
                     continue;
                 }
             };
+            if !proxy_trusted.is_empty() {
+                // Behind a balancer: read the header in its own task (bounded in number and
+                // time), then admit the client it names.
+                if !crate::proxy::trusted(&proxy_trusted, peer.ip()) {
+                    crate::proxy::refused("http", "untrusted");
+                    continue;
+                }
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tx, limiter) = (tx.clone(), limiter.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let Some(real) = crate::proxy::read_stream_header(&mut tcp, "http", peer).await
+                    else {
+                        return;
+                    };
+                    let Some(guard) = limiter.admit(real.ip()) else {
+                        return;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let _ = tx.send((tcp, real, guard)).await;
+                });
+                continue;
+            }
             let Some(guard) = limiter.admit(peer.ip()) else {
                 continue;
             };
@@ -214,6 +254,20 @@ pub async fn serve_https(
     limits: &HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_https_shared(listener, acceptor, app, limits, shutdown, None).await
+}
+
+/// [`serve_https`], with TURN over TLS on the same port when `turn` is given
+/// ([`crate::tls_mux`]; the acceptor must offer [`crate::tls_mux::SHARED_ALPN`]).
+pub async fn serve_https_shared(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    limits: &HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    turn: Option<crate::tls_mux::TurnOnTls>,
+) -> std::io::Result<()> {
+    let turn = turn.map(Arc::new);
     let limiter = ConnLimiter::new("https", limits.max_conns_per_ip);
     let (tx, rx) = mpsc::channel(64);
     let handshake = limits.header_timeout;
@@ -240,12 +294,20 @@ pub async fn serve_https(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let turn = turn.clone();
+            let Ok(local) = tcp.local_addr() else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send((tls, peer, guard)).await;
-                    }
+                    Ok(Ok(tls)) => match turn {
+                        None => {
+                            let tls = crate::tls_mux::Prefixed::new(Vec::new(), tls);
+                            let _ = tx.send((tls, peer, guard)).await;
+                        }
+                        Some(turn) => route_shared(tls, peer, local, guard, &turn, &tx).await,
+                    },
                     Ok(Err(e)) => tracing::debug!("https handshake from {peer}: {e}"),
                     Err(_) => {
                         closed("https", "tls_handshake_timeout");
@@ -258,6 +320,48 @@ pub async fn serve_https(
     let r = serve_conns("https", rx, app, limits.header_timeout, shutdown).await;
     accept.abort();
     r
+}
+
+/// A connection of the HTTPS listener, with any byte read while routing put back.
+type HttpsStream = crate::tls_mux::Prefixed<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Sends a connection of the shared HTTPS/TURN listener to HTTP or to the relay (with its
+/// per-IP slot either way).
+async fn route_shared(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    guard: ConnGuard,
+    turn: &crate::tls_mux::TurnOnTls,
+    http: &mpsc::Sender<(HttpsStream, SocketAddr, ConnGuard)>,
+) {
+    use crate::tls_mux::{classify, Route};
+    let conn = tls.get_ref().1;
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let sni = conn.server_name().map(str::to_owned);
+    let Some((stream, r)) = classify(tls, alpn.as_deref(), sni.as_deref(), &turn.names).await
+    else {
+        return;
+    };
+    match r {
+        Route::Http => {
+            metrics::counter!("kyuu_tls_shared_connections_total", "route" => "http").increment(1);
+            let _ = http.send((stream, peer, guard)).await;
+        }
+        Route::Turn => {
+            metrics::counter!("kyuu_tls_shared_connections_total", "route" => "turn").increment(1);
+            let client = kyuu_turn::ClientSocket {
+                transport: kyuu_turn::Transport::Tls,
+                local,
+                remote: peer,
+            };
+            let io = Guarded {
+                io: stream,
+                _guard: guard,
+            };
+            turn.relay.adopt_stream(Box::new(io), client);
+        }
+    }
 }
 
 /// Serves each admitted connection with hyper's HTTP/1.1 server and a header read timeout.

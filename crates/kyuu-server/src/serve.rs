@@ -11,6 +11,7 @@ use kyuu_signal::IceProvider;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::admin::{self, Admin, Hooks};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::relay::{self, RelayHandle};
@@ -52,17 +53,36 @@ pub struct Running {
     /// Exposure warnings (open credential minting on a public address), also in the summary.
     pub warnings: Vec<String>,
     rawr: Option<crate::rawr::runtime::NodeHandle>,
+    /// Where the separate admin listener (`admin.listen`) listens.
+    pub admin_addr: Option<SocketAddr>,
+    /// The admin API's state (also behind `SIGHUP` reloads); its routes are served only when
+    /// `[admin]` enables them.
+    pub admin: Arc<Admin>,
+    admin_enabled: bool,
+    /// TURN over TLS is served on the HTTPS port too (`http.tls_turn`).
+    pub https_turn: bool,
+    /// Notified when the server should end by itself (a finished drain).
+    exit: Arc<tokio::sync::Notify>,
 }
 
 /// Starts every service the configuration enables. The configuration must have been validated.
-pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, Hooks::default()).await
+}
+
+/// [`start`], with the binary's hooks for run-time log level changes and configuration reloads
+/// (used by the admin API and `SIGHUP`).
+pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let started = Instant::now();
+    let mut generated_secret = None;
     let warnings = config.exposure_warnings(crate::limits::host_public_address());
     for w in &warnings {
         tracing::warn!("{w}");
     }
     let auth = if config.turn.static_auth_secrets.is_empty() && config.turn.users.is_empty() {
-        config.turn.static_auth_secrets.push(random_secret());
+        let secret = random_secret();
+        generated_secret = Some(secret.clone());
+        config.turn.static_auth_secrets.push(secret);
         AuthMode::GeneratedSecret
     } else {
         AuthMode::Configured {
@@ -84,6 +104,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         (None, None)
     };
     let relay = relay::start(&config.listen, config.turn.clone(), ext).await?;
+    let exit = Arc::new(tokio::sync::Notify::new());
     let listeners = relay.listeners().to_vec();
     let alternate = relay.alternate();
 
@@ -114,6 +135,20 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let mut http_addr = None;
     let mut https_addr = None;
     let mut https_cert = None;
+    let mut admin_addr = None;
+    let mut signal_admin = None;
+    let admin_listener = match config.admin.listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("admin.listen: cannot bind {a}"))?;
+            admin_addr = Some(l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    let mut app = None;
+    let mut http_sockets = None;
     if config.http.enabled {
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -131,41 +166,83 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             }
             None => None,
         };
-        let (signal, fleet) = kyuu_signal::router_with_fleet(
+        let (signal, sig_admin, fleet) = kyuu_signal::router_with_fleet(
             config.signal.clone(),
             ice.clone(),
             config.fleet.clone(),
         )
         .map_err(anyhow::Error::msg)?;
+        signal_admin = Some(sig_admin);
         let health = Arc::new(Health {
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
             fleet,
         });
-        let mut app = http::router(signal, metrics, health);
+        let mut a = http::router(signal, metrics.clone(), health);
         if let Some(node) = &rawr {
-            app = app.nest("/rawr", crate::rawr::http::router(node.local_addr()));
+            a = a.nest("/rawr", crate::rawr::http::router(node.local_addr()));
         }
+        app = Some(a);
+        http_sockets = Some((listener, tls));
+    }
+    // The admin state exists even when its routes are off: SIGHUP reloads through it.
+    let admin = Admin::new(admin::AdminParts {
+        config: config.clone(),
+        generated_secret,
+        turn_urls: ice.turn_urls.clone(),
+        relay: Some(relay.control()),
+        signal: signal_admin,
+        hooks,
+        metrics: metrics.clone(),
+        exit: exit.clone(),
+    });
+    if config.admin.enabled() {
+        let a = &admin;
+        let sampler = a.clone();
+        tasks.spawn(async move {
+            admin::run_sampler(sampler).await;
+            Ok(())
+        });
+        if let Some(l) = admin_listener {
+            let router = admin::router(a.clone());
+            let mut rx = shutdown_rx.clone();
+            tasks.spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                http::serve(l, router, stop).await.context("admin server")
+            });
+        } else if let Some(a2) = app.take() {
+            // Token only: the admin routes ride on the HTTP listener(s), behind the token.
+            app = Some(admin::router(a.clone()).merge(a2));
+        }
+    }
+    if let (Some(app), Some((listener, tls))) = (app, http_sockets) {
         let limits = crate::limits::HttpLimits::from(&config.http);
         if let Some((l, acceptor)) = tls {
             let limits = limits.clone();
             let mut rx = shutdown_rx.clone();
             let app = app.clone();
+            let tls_turn = config.http.tls_turn.then(|| crate::tls_mux::TurnOnTls {
+                relay: relay.control(),
+                names: config.http.tls_turn_names.clone(),
+            });
             tasks.spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                crate::limits::serve_https(l, acceptor, app, &limits, stop)
+                crate::limits::serve_https_shared(l, acceptor, app, &limits, stop, tls_turn)
                     .await
                     .context("https server")
             });
         }
         let mut rx = shutdown_rx.clone();
+        let trusted = config.http.proxy_protocol_trusted.clone();
         tasks.spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            crate::limits::serve_http(listener, app, &limits, stop)
+            crate::limits::serve_http_proxied(listener, app, &limits, stop, trusted)
                 .await
                 .context("http server")
         });
@@ -186,6 +263,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         upkeep,
         rawr_node: rawr.as_ref().map(|n| n.local_addr()),
         rawr,
+        admin_addr,
+        admin,
+        admin_enabled: config.admin.enabled(),
+        https_turn: config.http.tls_turn && https_addr.is_some(),
+        exit,
         warnings,
     })
 }
@@ -193,7 +275,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
 impl Running {
     /// Waits until a service fails (or all end); returns the first error.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        while let Some(res) = self.tasks.join_next().await {
+        loop {
+            let res = tokio::select! {
+                r = self.tasks.join_next() => r,
+                () = self.exit.notified() => return Ok(()),
+            };
+            let Some(res) = res else { break };
             match res {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
@@ -271,6 +358,12 @@ impl Running {
                 s,
                 "  HTTPS       https://{a}  signaling wss://{a}/<id>, same routes as HTTP"
             );
+            if self.https_turn {
+                let _ = writeln!(
+                    s,
+                    "              and TURN over TLS on the same port (ALPN stun.turn, SNI, or STUN first)"
+                );
+            }
             match &self.https_cert {
                 Some(crate::tls::CertSource::SelfSigned(names)) => {
                     let _ = writeln!(
@@ -285,6 +378,21 @@ impl Running {
                 }
                 None => {}
             }
+        }
+        match (self.admin_addr, self.admin_enabled) {
+            (Some(a), _) => {
+                let _ = writeln!(
+                    s,
+                    "  admin       http://{a}/admin/v1/  status page http://{a}/status  (kyuu admin --url http://{a})"
+                );
+            }
+            (None, true) => {
+                let _ = writeln!(
+                    s,
+                    "  admin       /admin/v1/ and /status on the HTTP listener, with admin.token"
+                );
+            }
+            (None, false) => {}
         }
         match &self.auth {
             AuthMode::GeneratedSecret => {
@@ -433,7 +541,11 @@ fn https_acceptor(
         cert.map(|p| p.as_path()),
         key.map(|p| p.as_path()),
         names,
-        crate::tls::HTTP_ALPN,
+        if config.http.tls_turn {
+            crate::tls_mux::SHARED_ALPN
+        } else {
+            crate::tls::HTTP_ALPN
+        },
     )
 }
 
@@ -553,6 +665,17 @@ fn ice_provider(
     }
     if let Some(p) = tls {
         if config.turn.enabled {
+            turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
+        }
+    }
+    // TURN over TLS beside HTTPS (http.tls_turn), e.g. on 443.
+    if let Some(p) = config
+        .http
+        .tls_listen
+        .filter(|a| config.http.tls_turn && config.turn.enabled && a.port() != 0)
+        .map(|a| a.port())
+    {
+        if Some(p) != tls {
             turn_urls.push(format!("turns:{host}:{p}?transport=tcp"));
         }
     }

@@ -1266,3 +1266,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+// Operator views (listing connections and rooms) for the admin API.
+mod admin;
+pub use admin::{ConnInfo, RoomInfo};

@@ -23,4 +23,6 @@ pub mod token;
 pub use config::SignalConfig;
 pub use fleet::{FleetConfig, FleetStatus};
 pub use ice::{IceProvider, IceServer};
-pub use server::{router, router_with_fleet, serve, serve_listener};
+pub use server::{
+    router, router_with_admin, router_with_fleet, serve, serve_listener, SignalAdmin,
+};

@@ -50,7 +50,8 @@ struct State_ {
 
 struct Shared {
     cfg: SignalConfig,
-    ice: IceProvider,
+    /// Behind a lock so a configuration reload can change the REST secret it mints with.
+    ice: Mutex<IceProvider>,
     /// Open minting (no `auth_secret`) only.
     mint: Mutex<MintLimiter>,
     state: Mutex<State_>,
@@ -114,6 +115,11 @@ impl HubPort for Shared {
 }
 
 impl Shared {
+    fn ice_servers(&self, user: &str) -> Vec<crate::ice::IceServer> {
+        let ice = self.ice.lock().unwrap_or_else(|p| p.into_inner());
+        ice.ice_servers(user, now_unix())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State_> {
         // The hub never panics on input; should it ever, keep serving with its state as is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -241,7 +247,58 @@ impl Shared {
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the per-address
 /// connection cap sees real addresses (without it all clients count as one unknown address).
 pub fn router(cfg: SignalConfig, ice: IceProvider) -> Router {
-    build(cfg, ice).1
+    router_with_admin(cfg, ice).0
+}
+
+/// An operator's handle on a running signaling router: list connections and rooms, close a
+/// connection.
+#[derive(Clone)]
+pub struct SignalAdmin(Arc<Shared>);
+
+impl std::fmt::Debug for SignalAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalAdmin")
+    }
+}
+
+impl SignalAdmin {
+    /// Live connections, ordered by client id.
+    pub fn connections(&self) -> Vec<crate::hub::ConnInfo> {
+        self.0.lock().hub.connection_list()
+    }
+
+    /// Mints `/v1/ice-servers` credentials with `secret` from now on (a reloaded
+    /// configuration's first TURN REST secret).
+    pub fn set_rest_secret(&self, secret: Option<String>) {
+        let mut ice = self.0.ice.lock().unwrap_or_else(|p| p.into_inner());
+        ice.rest_secret = secret;
+    }
+
+    /// Rooms and their members.
+    pub fn rooms(&self) -> Vec<crate::hub::RoomInfo> {
+        self.0.lock().hub.room_list()
+    }
+
+    /// Closes the connection of client `id` (WebSocket close 1008 "closed by admin"); false when
+    /// no live connection has that id.
+    pub fn kill(&self, id: &str) -> bool {
+        self.0
+            .with_hub(|hub, _| hub.conn_of(id))
+            .is_some_and(|conn| {
+                let link = self.0.lock().links.remove(&conn);
+                if let Some(link) = link {
+                    let _ = link.kill.send((1008, "closed by admin"));
+                }
+                self.0.with_hub(|hub, now| hub.disconnect(now, conn));
+                true
+            })
+    }
+}
+
+/// [`router`] plus its [`SignalAdmin`] handle.
+pub fn router_with_admin(cfg: SignalConfig, ice: IceProvider) -> (Router, SignalAdmin) {
+    let (shared, router) = build(cfg, ice);
+    (router, SignalAdmin(shared))
 }
 
 /// [`router`] in fleet mode when `fleet` is given: clients on other nodes sharing the Redis
@@ -251,10 +308,10 @@ pub fn router_with_fleet(
     cfg: SignalConfig,
     ice: IceProvider,
     fleet: Option<FleetConfig>,
-) -> Result<(Router, Option<FleetStatus>), String> {
+) -> Result<(Router, SignalAdmin, Option<FleetStatus>), String> {
     let (shared, r) = build(cfg, ice);
     let Some(fc) = fleet else {
-        return Ok((r, None));
+        return Ok((r, SignalAdmin(shared), None));
     };
     shared.lock().hub.set_fleet(true);
     let weak: std::sync::Weak<Shared> = Arc::downgrade(&shared);
@@ -262,7 +319,7 @@ pub fn router_with_fleet(
     let f = Fleet::start(fc, port)?;
     let status = f.status();
     let _ = shared.fleet.set(f);
-    Ok((r, Some(status)))
+    Ok((r, SignalAdmin(shared), Some(status)))
 }
 
 fn build(cfg: SignalConfig, ice: IceProvider) -> (Arc<Shared>, Router) {
@@ -279,7 +336,7 @@ fn build(cfg: SignalConfig, ice: IceProvider) -> (Arc<Shared>, Router) {
             cfg.mint_table_size,
         )),
         cfg,
-        ice,
+        ice: Mutex::new(ice),
         wake: Notify::new(),
         timer: Once::new(),
         fleet: std::sync::OnceLock::new(),
@@ -453,7 +510,7 @@ async fn ice_servers(
             p.user.unwrap_or_else(anonymous_user)
         }
     };
-    let servers = s.ice.ice_servers(&user, now_unix());
+    let servers = s.ice_servers(&user);
     (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(servers),
@@ -513,9 +570,9 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
     let v2 = params.v == Some(2) || id.as_deref().is_none_or(str::is_empty);
     let ice = v2.then(|| {
         let mut servers = match (&claims, id.as_deref()) {
-            (Some(_), Some(user)) => s.ice.ice_servers(user, now_unix()),
-            (Some(_), None) => s.ice.ice_servers("kyuu", now_unix()),
-            (None, _) => s.ice.ice_servers(&anonymous_user(), now_unix()),
+            (Some(_), Some(user)) => s.ice_servers(user),
+            (Some(_), None) => s.ice_servers("kyuu"),
+            (None, _) => s.ice_servers(&anonymous_user()),
         };
         // Open minting past its limit: the welcome still carries the STUN servers.
         let minting = servers.iter().any(|i| i.username.is_some());

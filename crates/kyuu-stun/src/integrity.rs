@@ -1,7 +1,10 @@
 //! Credentials, MESSAGE-INTEGRITY(-SHA256) and FINGERPRINT (RFC 8489 §9, §14.5-14.7).
 //!
-//! Usernames, realms and passwords are used as given: OpaqueString/SASLprep preparation is the
-//! caller's job (kyuu's configured credentials are taken as already prepared).
+//! Long-term keys prepare the realm and password with [`saslprep`] (RFC 5389 §15.4 SASLprep,
+//! which RFC 8489 §9.2.2 replaced by RFC 8265 OpaqueString; the two agree on what clients send
+//! in practice: non-ASCII spaces become U+0020, soft hyphens and other "mapped to nothing"
+//! characters vanish, and the result is Unicode-normalised). The username is used as received
+//! (RFC 8489 §9.2.2: the client prepares it; it is matched byte for byte).
 
 use hmac::{Hmac, Mac};
 use md5::{Digest as _, Md5};
@@ -26,9 +29,20 @@ impl std::fmt::Debug for Key {
     }
 }
 
+/// SASLprep ([RFC 4013]) of a realm or password, as the long-term key uses it. A string the
+/// profile prohibits (control characters, unassigned code points, bad bidi) is used unchanged
+/// rather than refused, so a configured credential never becomes unusable.
+///
+/// [RFC 4013]: https://www.rfc-editor.org/rfc/rfc4013
+pub fn saslprep(s: &str) -> std::borrow::Cow<'_, str> {
+    stringprep::saslprep(s).unwrap_or(std::borrow::Cow::Borrowed(s))
+}
+
 impl Key {
-    /// Long-term key with MD5 (RFC 8489 §9.2.2): MD5(username ":" realm ":" password).
+    /// Long-term key with MD5 (RFC 8489 §9.2.2): MD5(username ":" SASLprep(realm) ":"
+    /// SASLprep(password)).
     pub fn long_term_md5(username: &str, realm: &str, password: &str) -> Self {
+        let (realm, password) = (saslprep(realm), saslprep(password));
         let mut h = Md5::new();
         h.update(username.as_bytes());
         h.update(b":");
@@ -40,8 +54,9 @@ impl Key {
         }
     }
 
-    /// Long-term key with SHA-256: SHA-256(username ":" realm ":" password).
+    /// Long-term key with SHA-256: SHA-256(username ":" SASLprep(realm) ":" SASLprep(password)).
     pub fn long_term_sha256(username: &str, realm: &str, password: &str) -> Self {
+        let (realm, password) = (saslprep(realm), saslprep(password));
         let mut h = Sha256::new();
         h.update(username.as_bytes());
         h.update(b":");
@@ -180,4 +195,42 @@ impl Message<'_> {
 pub enum IntegrityKind {
     Sha1,
     Sha256,
+}
+
+#[cfg(test)]
+mod saslprep_tests {
+    use super::*;
+
+    /// RFC 4013 §3 examples (and RFC 5769 §2.4's password).
+    #[test]
+    fn rfc4013_examples() {
+        assert_eq!(saslprep("I\u{00AD}X"), "IX"); // SOFT HYPHEN mapped to nothing
+        assert_eq!(saslprep("user"), "user"); // no transformation
+        assert_eq!(saslprep("USER"), "USER"); // case preserved
+        assert_eq!(saslprep("\u{00AA}"), "a"); // output is NFKC, input in ISO 8859-1
+        assert_eq!(saslprep("\u{2168}"), "IX"); // output is NFKC
+        assert_eq!(saslprep("pass\u{00A0}word"), "pass word"); // non-ASCII space
+        assert_eq!(saslprep("\u{FF21}\u{FF22}"), "AB"); // fullwidth letters
+        assert_eq!(
+            saslprep("The\u{00AD}M\u{00AA}tr\u{2168}"),
+            "TheMatrIX",
+            "RFC 5769 §2.4"
+        );
+        // Prohibited (U+0007 control, RFC 4013 §3 example 6): kept as configured.
+        assert_eq!(saslprep("\u{0007}"), "\u{0007}");
+    }
+
+    #[test]
+    fn long_term_keys_prepare_the_password_and_realm() {
+        let u = "alice";
+        assert!(
+            Key::long_term_md5(u, "kyuu", "pass\u{00A0}word")
+                == Key::long_term_md5(u, "kyuu", "pass word")
+        );
+        assert!(
+            Key::long_term_sha256(u, "\u{FF4B}yuu", "\u{FF21}\u{00AD}B")
+                == Key::long_term_sha256(u, "kyuu", "AB")
+        );
+        assert!(Key::long_term_md5(u, "kyuu", "pa") != Key::long_term_md5(u, "kyuu", "pb"));
+    }
 }

@@ -24,6 +24,7 @@ pub mod attr;
 pub mod bucket;
 mod builder;
 mod channel;
+pub mod classic;
 mod error;
 mod error_code;
 pub mod integrity;
@@ -35,8 +36,12 @@ pub use builder::MessageBuilder;
 pub use channel::{
     frame_len, ChannelData, ChannelNumber, CHANNEL_MAX, CHANNEL_MAX_RFC5766, CHANNEL_MIN,
 };
+pub use classic::{
+    build_classic_error, build_classic_success, ClassicRequest, ClassicTransactionId,
+};
 pub use error::Error;
 pub use error_code::ErrorCode;
+pub use integrity::saslprep;
 pub use message::{is_stun, AttrIter, Class, Message, RawAttr, TransactionId};
 
 /// The fixed magic cookie of RFC 8489 section 5.

@@ -138,6 +138,9 @@ fn rfc5769_long_term_parses_verifies_and_is_produced() {
     assert_eq!(m.nonce().unwrap(), b"f//499k954d6OL34oL9FSTvy64sA");
     let key = Key::long_term_md5(user, "example.org", "TheMatrIX");
     m.verify_integrity(&key).unwrap();
+    // RFC 5769 §2.4: the password as given there, before SASLprep, yields the same key.
+    let raw = Key::long_term_md5(user, "example.org", "The\u{00AD}M\u{00AA}tr\u{2168}");
+    m.verify_integrity(&raw).unwrap();
     assert!(!m.verify_fingerprint().unwrap());
 
     let mut out = [0u8; 256];

@@ -38,6 +38,7 @@ pub use auth::{rest_credentials, rest_password};
 pub use config::{PortRange, TurnConfig, UserConfig};
 /// The CIDR type of `allow_peers`/`deny_peers`.
 pub use ipnet;
+pub use server::admin::{check_credentials, AllocationInfo, CredentialCheck, NotApplied};
 pub use server::{Rfc5780, Server, ServerError, ServerOptions, Shared};
 pub use types::*;
 

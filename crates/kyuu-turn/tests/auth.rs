@@ -218,3 +218,28 @@ fn only_a_complete_allocate_is_challenged() {
     let t = p.exchange(&raw_request(method::REFRESH, |_| {})).unwrap();
     assert_eq!(error_code(&t.data), Some(401));
 }
+
+/// A configured password that needs SASLprep (a no-break space and a soft hyphen) authenticates
+/// a client that computed its key over the prepared password "pass word", as RFC 8489 §9.2.2
+/// clients do; the non-ASCII username is matched as sent.
+#[test]
+fn non_ascii_passwords_are_prepared_like_the_client_prepares_them() {
+    let user_name = "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}";
+    let mut config = cfg();
+    config.users = vec![user(user_name, "pass\u{00A0}w\u{00AD}ord")];
+    // The client sends the password already prepared, as a browser following RFC 8489 does.
+    let mut p = Pair::with(
+        config.clone(),
+        Client::new(user_name, "pass word", false),
+        Transport::Udp,
+    );
+    p.allocate();
+    // Without preparation the bytes differ: another password is still refused.
+    let mut p = Pair::with(
+        config,
+        Client::new(user_name, "pass\u{00A0}wor", false),
+        Transport::Udp,
+    );
+    p.client.allocate(p.now);
+    p.expect_error(ErrorCode::UNAUTHORIZED);
+}

@@ -107,6 +107,154 @@ fn without_rfc5780_change_request_gets_420_naming_it() {
 }
 
 #[test]
+fn without_rfc5780_a_change_request_without_flags_is_a_plain_binding() {
+    // Several clients always send CHANGE-REQUEST; with no flag set it asks for nothing.
+    let mut s = without_5780();
+    let t = binding(&mut s, change(0));
+    assert_eq!(error_code(&t.data), None);
+    let m = Message::parse(&t.data).unwrap();
+    assert_eq!(
+        m.xor_address(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+        addr(CLIENT)
+    );
+    assert_eq!(t.client.local, addr(PRIMARY));
+    assert_eq!(address(&t, attr::OTHER_ADDRESS), None);
+}
+
+#[test]
+fn without_rfc5780_change_port_alone_gets_420_naming_it() {
+    let mut s = without_5780();
+    let t = binding(&mut s, change(attr::CHANGE_PORT));
+    assert_eq!(error_code(&t.data), Some(420));
+    let m = Message::parse(&t.data).unwrap();
+    assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES).unwrap(), &[0x00, 0x03]);
+}
+
+/// An RFC 3489 Binding request from `CLIENT` to `local`, bytes written out by hand.
+fn classic_at(
+    s: &mut Server,
+    transport: Transport,
+    local: &str,
+    change: Option<u32>,
+) -> Option<Transmit> {
+    let mut req = vec![
+        0x00, 0x01, // Binding request
+        0x00, 0x00, // length, set below
+        0xde, 0xad, 0xbe, 0xef, // transaction id bytes 0..4, where RFC 8489 has its cookie
+        1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, // transaction id bytes 4..16
+    ];
+    if let Some(flags) = change {
+        req.extend_from_slice(&[0x00, 0x03, 0x00, 0x04]); // CHANGE-REQUEST, length 4
+        req.extend_from_slice(&flags.to_be_bytes());
+    }
+    req[3] = (req.len() - 20) as u8;
+    let sock = ClientSocket {
+        transport,
+        local: addr(local),
+        remote: addr(CLIENT),
+    };
+    assert!(s.handle_client(Instant::now(), sock, &req).is_none());
+    next_transmit(s)
+}
+
+/// A classic answer: (message type, copied transaction id ok, attributes by type).
+fn classic_answer(t: &Transmit) -> (u16, Vec<(u16, Vec<u8>)>) {
+    let d = &t.data;
+    assert_eq!(
+        &d[4..8],
+        &[0xde, 0xad, 0xbe, 0xef],
+        "cookie field copied back"
+    );
+    assert_eq!(&d[8..20], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    let mut attrs = Vec::new();
+    let mut pos = 20;
+    while pos + 4 <= d.len() {
+        let t = u16::from_be_bytes([d[pos], d[pos + 1]]);
+        let n = usize::from(u16::from_be_bytes([d[pos + 2], d[pos + 3]]));
+        attrs.push((t, d[pos + 4..pos + 4 + n].to_vec()));
+        pos += 4 + n.div_ceil(4) * 4;
+    }
+    (u16::from_be_bytes([d[0], d[1]]), attrs)
+}
+
+fn v4(value: &[u8]) -> SocketAddr {
+    kyuu_stun::attr::decode_address(attr::MAPPED_ADDRESS, value).unwrap()
+}
+
+#[test]
+fn rfc3489_binding_gets_mapped_address_and_its_transaction_id_back() {
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let mut s = without_5780();
+        let t = classic_at(&mut s, transport, PRIMARY, None).unwrap();
+        let (ty, attrs) = classic_answer(&t);
+        assert_eq!(ty, 0x0101);
+        assert_eq!(attrs.len(), 1, "{attrs:?}");
+        assert_eq!(attrs[0].0, attr::MAPPED_ADDRESS);
+        assert_eq!(v4(&attrs[0].1), addr(CLIENT), "not XOR'd");
+        assert_eq!(t.client.remote, addr(CLIENT));
+    }
+}
+
+#[test]
+fn rfc3489_binding_with_an_empty_change_request_is_answered_without_rfc5780() {
+    let mut s = without_5780();
+    let t = classic_at(&mut s, Transport::Udp, PRIMARY, Some(0)).unwrap();
+    let (ty, attrs) = classic_answer(&t);
+    assert_eq!(ty, 0x0101);
+    assert_eq!(v4(&attrs[0].1), addr(CLIENT));
+}
+
+#[test]
+fn rfc3489_change_request_with_flags_without_rfc5780_gets_420() {
+    let mut s = without_5780();
+    let t = classic_at(&mut s, Transport::Udp, PRIMARY, Some(attr::CHANGE_IP)).unwrap();
+    let (ty, attrs) = classic_answer(&t);
+    assert_eq!(ty, 0x0111);
+    assert_eq!(attrs[0], (attr::ERROR_CODE, vec![0, 0, 4, 20]));
+    assert_eq!(attrs[1], (attr::UNKNOWN_ATTRIBUTES, vec![0, 3, 0, 3]));
+}
+
+#[test]
+fn rfc3489_change_request_is_honoured_with_rfc5780() {
+    let mut s = with_5780();
+    let t = classic_at(
+        &mut s,
+        Transport::Udp,
+        PRIMARY,
+        Some(attr::CHANGE_IP | attr::CHANGE_PORT),
+    )
+    .unwrap();
+    assert_eq!(t.client.local, addr(OTHER));
+    let (ty, attrs) = classic_answer(&t);
+    assert_eq!(ty, 0x0101);
+    let get = |w: u16| v4(&attrs.iter().find(|a| a.0 == w).unwrap().1);
+    assert_eq!(get(attr::MAPPED_ADDRESS), addr(CLIENT));
+    assert_eq!(get(kyuu_stun::classic::SOURCE_ADDRESS), addr(OTHER));
+    assert_eq!(get(kyuu_stun::classic::CHANGED_ADDRESS), addr(OTHER));
+    // Over TCP a change cannot be honoured: 400.
+    let t = classic_at(&mut s, Transport::Tcp, PRIMARY, Some(attr::CHANGE_PORT)).unwrap();
+    assert_eq!(classic_answer(&t).0, 0x0111);
+}
+
+#[test]
+fn malformed_cookieless_traffic_is_still_dropped() {
+    let mut s = without_5780();
+    let sock = ClientSocket {
+        transport: Transport::Udp,
+        local: addr(PRIMARY),
+        remote: addr(CLIENT),
+    };
+    let mut bad = vec![0u8; 24];
+    bad[1] = 0x01; // Binding request
+    bad[3] = 0x08; // length 8, only 4 present
+    assert!(s.handle_client(Instant::now(), sock, &bad).is_none());
+    bad[1] = 0x03; // Allocate without the cookie: not answered either
+    bad[3] = 0x04;
+    assert!(s.handle_client(Instant::now(), sock, &bad).is_none());
+    assert!(next_transmit(&mut s).is_none());
+}
+
+#[test]
 fn with_rfc5780_the_answer_carries_response_origin_and_other_address() {
     let mut s = with_5780();
     let t = binding(&mut s, |_| {});

@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
   kyuu serve --config /etc/kyuu.toml          run with a configuration file
   kyuu serve --print-config > kyuu.toml       write the effective configuration as a starting point
   kyuu nat stun.example.org                   what kind of NAT is this host behind?
+  kyuu admin sessions                         allocations of a running server ([admin] listen)
   kyuu rawr session                           a fresh RAWR session id
   kyuu lab                                    RAWR demo in network namespaces (root)
 
@@ -34,6 +35,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Find out what NAT sits between this host and a STUN server (RFC 5780 tests).
     Nat(NatArgs),
+    /// Talk to a running server's admin API: sessions, kill, credentials, log level, reload,
+    /// drain.
+    Admin(crate::admin::AdminArgs),
     /// RAWR: find a path to another peer through RAWR nodes, or run a standalone node.
     Rawr(crate::rawr::RawrArgs),
     /// Build a small RAWR network on this machine (root), connect two peers, report, tear down.
@@ -191,9 +195,23 @@ pub struct NatArgs {
     #[arg(long)]
     pub no_hairpin: bool,
 
+    /// Run the binding-lifetime test (RFC 5780 §4.6) instead: how long the NAT keeps an idle
+    /// mapping, waiting 1 s, 2 s, 4 s... up to this bound (at most 10 min; the test takes about
+    /// twice the bound). Needs a server that honours RESPONSE-PORT. Examples: 60s, 5m.
+    #[arg(long, value_name = "MAX", value_parser = parse_lifetime)]
+    pub lifetime: Option<Duration>,
+
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(600) {
+        return Err(format!("--lifetime must be between 1ms and 10m, not {s}"));
+    }
+    Ok(d)
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {

@@ -1,9 +1,11 @@
 //! The `kyuu` command: `kyuu serve` runs the server, `kyuu nat` discovers the NAT in front of
 //! this host, `kyuu rawr` and `kyuu lab` are in [`rawr`].
 
+mod admin;
 mod cli;
 mod nat;
 mod rawr;
+mod sdnotify;
 mod serve;
 
 use std::process::ExitCode;
@@ -15,6 +17,7 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Nat(args) => nat::run(args),
+        cli::Command::Admin(args) => admin::run(args),
         cli::Command::Rawr(args) => block_on(rawr::run(args)),
         cli::Command::Lab(args) => block_on(rawr::run_lab(args)),
     }

@@ -22,6 +22,9 @@ pub fn run(args: NatArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(max) = args.lifetime {
+        return rt.block_on(lifetime(&args, max));
+    }
     match rt.block_on(probe(&args)) {
         Ok(report) => {
             if args.json {
@@ -52,6 +55,56 @@ pub fn run(args: NatArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `kyuu nat --lifetime MAX`: the RFC 5780 §4.6 binding-lifetime test.
+async fn lifetime(args: &NatArgs, max: std::time::Duration) -> ExitCode {
+    let server = match resolve_server(&args.server, args.local) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bind = args.local.unwrap_or_else(|| {
+        if server.is_ipv6() {
+            "[::]:0".parse().unwrap_or(server)
+        } else {
+            "0.0.0.0:0".parse().unwrap_or(server)
+        }
+    });
+    let bind = std::net::SocketAddr::new(bind.ip(), 0);
+    let report = match kyuu_client::binding_lifetime(server, bind, max).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let ms = |v: Option<u64>| {
+            v.map_or_else(|| "-".to_owned(), |v| format!("{} s", v as f64 / 1000.0))
+        };
+        println!("Server          {server}");
+        println!("Alive after     {}", ms(report.alive_after_ms));
+        println!("Expired after   {}", ms(report.expired_after_ms));
+        for p in &report.problems {
+            println!("note: {p}");
+        }
+    }
+    if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(PARTIAL)
     }
 }
 
@@ -109,6 +162,13 @@ pub fn render(r: &NatReport) -> String {
     };
     let _ = writeln!(s, "Hairpinning     {hairpin}");
     let _ = writeln!(s, "NAT type        {}", r.nat_type);
+    for w in &r.wrong_source {
+        let _ = writeln!(
+            s,
+            "Wrong source    {}: answered from {}, expected {}",
+            w.test, w.from, w.expected
+        );
+    }
     for p in &r.problems {
         let _ = writeln!(s, "note: {p}");
     }

@@ -39,7 +39,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
+    let log_hook = init_logging(&config);
+    let reload_args = std::sync::Arc::new(args);
+    let hooks = kyuu_server::admin::Hooks {
+        log_level: log_hook,
+        reload_config: Some(std::sync::Arc::new(move || {
+            load(&reload_args).map_err(|e| e.to_string())
+        })),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kyuu-http")
@@ -52,7 +59,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(config)) {
+    match rt.block_on(serve(config, hooks)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -61,22 +68,56 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let mut running = kyuu_server::start(config).await?;
+async fn serve(config: Config, hooks: kyuu_server::admin::Hooks) -> anyhow::Result<()> {
+    let mut running = kyuu_server::start_with(config, hooks).await?;
     print!("{}", running.summary());
     // Scripts (and the lab tests) read the summary through a pipe.
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     tracing::info!("started");
+    crate::sdnotify::notify("READY=1");
+    let admin = running.admin.clone();
+    let reloads = async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return std::future::pending().await;
+            };
+            while hup.recv().await.is_some() {
+                crate::sdnotify::reloading();
+                match admin.reload().await {
+                    Ok(r) => eprintln!(
+                        "SIGHUP: configuration reloaded (applied: {}; restart needed: {})",
+                        list_or_none(&r.applied),
+                        list_or_none(&r.restart_needed)
+                    ),
+                    Err(e) => eprintln!("SIGHUP: configuration not reloaded: {e}"),
+                }
+                crate::sdnotify::notify("READY=1");
+            }
+        }
+        std::future::pending::<()>().await;
+    };
     let result = tokio::select! {
         r = running.wait() => r,
         () = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }
+        () = reloads => Ok(()),
     };
+    crate::sdnotify::notify("STOPPING=1");
     running.shutdown(Duration::from_secs(2)).await;
     result
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 async fn shutdown_signal() {
@@ -206,15 +247,26 @@ fn apply_flags(c: &mut Config, a: &ServeArgs) -> Result<(), kyuu_server::config:
     Ok(())
 }
 
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
+/// Installs the logger; returns the hook that changes its filter at run time (admin API,
+/// reloads).
+fn init_logging(config: &Config) -> Option<kyuu_server::admin::LogHook> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = config.log.ansi && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let (filter, handle) = reload::Layer::new(filter);
+    let ok = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+        .try_init()
+        .is_ok();
+    ok.then(|| -> kyuu_server::admin::LogHook {
+        std::sync::Arc::new(move |level: &str| {
+            let f = EnvFilter::try_new(level).map_err(|e| format!("level: {level:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())
+        })
+    })
 }

@@ -149,7 +149,14 @@ fn help_is_complete() {
     }
     let o = kyuu(&["nat", "--help"]);
     let h = text(&o.stdout);
-    for flag in ["--json", "--timeout", "--local", "Exit status", "Examples"] {
+    for flag in [
+        "--json",
+        "--timeout",
+        "--local",
+        "--lifetime",
+        "Exit status",
+        "Examples",
+    ] {
         assert!(h.contains(flag), "nat --help lacks {flag}:\n{h}");
     }
 }
@@ -379,6 +386,26 @@ fn serve_and_nat_on_loopback() {
     assert!(o.status.success());
     let t = text(&o.stdout);
     assert!(t.contains("NAT type        open internet"), "{t}");
+    assert_eq!(v["wrong_source"], serde_json::json!([]));
+
+    // RFC 5780 §4.6 binding lifetime, bounded: kyuu honours RESPONSE-PORT, and on loopback the
+    // "mapping" (no NAT) lives through the whole bound.
+    let o = kyuu(&[
+        "nat",
+        &listen,
+        "--local",
+        "127.0.0.1",
+        "--lifetime",
+        "1s",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["alive_after_ms"], 1000, "{v}");
+    assert_eq!(v["expired_after_ms"], serde_json::Value::Null, "{v}");
+    let o = kyuu(&["nat", &listen, "--lifetime", "11m"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--lifetime"));
 
     // HTTP: health, metrics, ICE servers with TURN credentials.
     let http = server.http();

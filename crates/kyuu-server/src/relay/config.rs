@@ -32,6 +32,9 @@ pub struct ListenConfig {
     pub threads: usize,
     /// SO_RCVBUF/SO_SNDBUF for UDP sockets in bytes (0: the system default).
     pub socket_buffer: usize,
+    /// Listeners behind a load balancer that sends PROXY protocol v2 headers
+    /// (`[[listen.proxy_protocol]]`, see `crate::proxy`).
+    pub proxy_protocol: Vec<crate::proxy::ProxyListener>,
     /// Open TCP and TLS connections one client IP address may hold on the STUN/TURN listeners;
     /// further ones are closed at once (0: unlimited).
     pub max_conns_per_ip: u32,
@@ -57,6 +60,7 @@ impl Default for ListenConfig {
             alt_port: None,
             threads: 0,
             socket_buffer: 4 << 20,
+            proxy_protocol: Vec::new(),
             max_conns_per_ip: 64,
             first_message_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
@@ -98,6 +102,7 @@ impl ListenConfig {
         } else if self.alt_port.is_some() {
             return Err("listen.alt_port: needs listen.alt_ip".into());
         }
+        crate::proxy::validate(&self.proxy_protocol, &self.udp, &self.tcp, &self.tls)?;
         if self.tls_handshake_timeout_secs == 0 {
             return Err("listen.tls_handshake_timeout_secs: must be positive".into());
         }

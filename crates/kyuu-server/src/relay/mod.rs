@@ -10,6 +10,7 @@
 //! hands out relay ports from its own slice of `turn.relay_ports`.
 
 pub mod config;
+mod control;
 mod shard;
 mod tls;
 
@@ -23,6 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, watch};
 
 pub use config::ListenConfig;
+pub use control::{parse_alloc_id, AdoptableStream, AdoptedStream, RelayControl, ShardAllocation};
 pub use kyuu_turn::{ClientSocket, Transport};
 
 /// Hands STUN requests in [`kyuu_turn::EXTENSION_METHODS`] (RAWR control messages) to another
@@ -64,6 +66,7 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    control: RelayControl,
 }
 
 impl RelayHandle {
@@ -88,6 +91,11 @@ impl RelayHandle {
     /// Live allocations across all shards.
     pub fn allocations(&self) -> u32 {
         self.shared.allocations()
+    }
+
+    /// A handle for operator commands (list, kill, reconfigure, drain).
+    pub fn control(&self) -> RelayControl {
+        self.control.clone()
     }
 
     /// Stops every shard and waits for their threads (blocking; call from a blocking context or
@@ -276,10 +284,12 @@ pub async fn start(
     let mut p6 = None;
     let mut ptls4 = None;
     let mut ptls6 = None;
+    let mut proxy_rules = crate::proxy::Rules::new(&listen.proxy_protocol);
     let mut udp_final = Vec::new();
     for a in &udp_addrs {
         let g = if a.is_ipv4() { &mut p4 } else { &mut p6 };
         let got = resolve(*a, g, Type::DGRAM, Protocol::UDP)?;
+        proxy_rules.resolve("udp", *a, got);
         udp_final.push(got);
         listeners.push(("udp", got));
     }
@@ -287,6 +297,7 @@ pub async fn start(
     for a in &tcp_addrs {
         let g = if a.is_ipv4() { &mut p4 } else { &mut p6 };
         let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
+        proxy_rules.resolve("tcp", *a, got);
         tcp_final.push(got);
         listeners.push(("tcp", got));
     }
@@ -294,6 +305,7 @@ pub async fn start(
     for a in &listen.tls {
         let g = if a.is_ipv4() { &mut ptls4 } else { &mut ptls6 };
         let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
+        proxy_rules.resolve("tls", *a, got);
         tls_final.push(got);
         listeners.push(("tls", got));
     }
@@ -338,6 +350,7 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let ranges = split_ports(turn.relay_ports, threads);
     let mut handles = Vec::new();
+    let mut control = Vec::new();
     let limits = Arc::new(shard::StreamLimits {
         conns: crate::limits::ConnLimiter::new("stun", listen.max_conns_per_ip),
         first_message: (listen.first_message_timeout_secs > 0)
@@ -361,9 +374,19 @@ pub async fn start(
         let buf = listen.socket_buffer;
         let ready = ready_tx.clone();
         let limits = limits.clone();
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let io = shard::ShardIo {
+            control: ctl_rx,
+            proxy: proxy_rules.clone(),
+        };
+        control.push(ctl_tx);
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
-            .spawn(move || shard::run(i, sockets, core, acceptor, ext, stop_rx, buf, ready, limits))
+            .spawn(move || {
+                shard::run(
+                    i, sockets, core, acceptor, ext, stop_rx, buf, ready, limits, io,
+                )
+            })
             .context("spawning relay thread")?;
         handles.push(h);
     }
@@ -377,9 +400,13 @@ pub async fn start(
     Ok(RelayHandle {
         listeners,
         alternate,
-        shared,
+        shared: shared.clone(),
         stop,
         threads: handles,
+        control: RelayControl {
+            shards: control,
+            shared,
+        },
     })
 }
 

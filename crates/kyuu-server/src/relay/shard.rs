@@ -24,7 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use super::control::ShardCmd;
 use super::{ExtensionReply, ExtensionRequest, ShardSockets};
+use crate::proxy;
+use kyuu_turn::ipnet::IpNet;
 
 const BATCH: usize = quinn_udp::BATCH_SIZE;
 /// Relay sockets carry one peer flow each and mostly hold a datagram or two per wake-up;
@@ -59,7 +62,19 @@ struct Listener {
     addr: SocketAddr,
     sock: Rc<UdpSocket>,
     state: Rc<UdpSocketState>,
+    /// Balancers allowed to send PROXY v2 datagrams, when this listener expects them.
+    proxy: Option<Rc<[IpNet]>>,
 }
+
+/// What a shard gets besides its sockets: its operator control channel and the PROXY protocol
+/// rules of its listeners.
+pub(crate) struct ShardIo {
+    pub control: mpsc::UnboundedReceiver<ShardCmd>,
+    pub proxy: proxy::Rules,
+}
+
+/// Real clients behind UDP balancers remembered at once (a flood only forgets old entries).
+const MAX_PROXIED: usize = 65_536;
 
 struct Relay {
     udp: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
@@ -76,6 +91,9 @@ struct State {
     core: Server,
     udp: Vec<Listener>,
     relays: FxHashMap<RelayKey, Relay>,
+    /// PROXY protocol over UDP: the balancer address each real client came through (answers go
+    /// back through it).
+    udp_via: HashMap<SocketAddr, SocketAddr>,
     streams: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<StreamCmd>>,
     /// RFC 6062 peer connections waiting for ConnectionBind.
     peer_conns: HashMap<ConnectionId, TcpStream>,
@@ -172,7 +190,12 @@ pub(crate) fn run(
     socket_buffer: usize,
     ready: mpsc::Sender<anyhow::Result<()>>,
     limits: Arc<StreamLimits>,
+    io: ShardIo,
 ) {
+    let ShardIo {
+        mut control,
+        proxy: proxy_rules,
+    } = io;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,6 +220,7 @@ pub(crate) fn run(
                     addr,
                     sock: Rc::new(register(s)?),
                     state: Rc::new(state),
+                    proxy: proxy_rules.trusted("udp", addr).map(Rc::from),
                 });
             }
             for s in sockets.tcp {
@@ -216,6 +240,7 @@ pub(crate) fn run(
             core,
             udp: Vec::new(),
             relays: FxHashMap::default(),
+            udp_via: HashMap::new(),
             streams: HashMap::new(),
             peer_conns: HashMap::new(),
             splices: HashMap::new(),
@@ -247,21 +272,31 @@ pub(crate) fn run(
             ))));
         }
         sh.borrow_mut().udp = udp;
+        let trust = |t: &str, l: &TcpListener| -> Option<Rc<[IpNet]>> {
+            l.local_addr()
+                .ok()
+                .and_then(|a| proxy_rules.trusted(t, a))
+                .map(Rc::from)
+        };
         for l in tcp {
+            let t = trust("tcp", &l);
             tasks.push(AbortOnDrop(tokio::task::spawn_local(accept_loop(
                 sh.clone(),
                 l,
                 None,
                 limits.clone(),
+                t,
             ))));
         }
         if let Some(acc) = acceptor {
             for l in tls {
+                let t = trust("tls", &l);
                 tasks.push(AbortOnDrop(tokio::task::spawn_local(accept_loop(
                     sh.clone(),
                     l,
                     Some(acc.clone()),
                     limits.clone(),
+                    t,
                 ))));
             }
         }
@@ -288,6 +323,15 @@ pub(crate) fn run(
                 st.flush_udp();
             }
         })));
+        let control_sh = sh.clone();
+        let first_message = limits.first_message;
+        tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
+            while let Some(cmd) = control.recv().await {
+                control_sh
+                    .borrow_mut()
+                    .command(&control_sh, cmd, first_message);
+            }
+        })));
         let _ = ready.send(Ok(())).await;
         drop(ready);
         tracing::debug!(target: "kyuu::relay", shard = index, "relay shard running");
@@ -301,6 +345,27 @@ pub(crate) fn run(
 }
 
 impl State {
+    /// An operator command (`super::control`), between two inputs like any other.
+    fn command(&mut self, sh: &Sh, cmd: ShardCmd, first_message: Option<Duration>) {
+        let now = Instant::now();
+        match cmd {
+            ShardCmd::Allocations(reply) => {
+                let _ = reply.send(self.core.allocations(now));
+            }
+            ShardCmd::Kill { id, reply } => {
+                let _ = reply.send(self.core.kill_allocation(now, id));
+            }
+            ShardCmd::Reconfigure { turn, reply } => {
+                let _ = reply.send(self.core.reconfigure(*turn));
+            }
+            ShardCmd::Drain { alternate } => self.core.drain(alternate),
+            ShardCmd::Stream { stream, client } => {
+                tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
+            }
+        }
+        self.drain(sh);
+    }
+
     fn send_client(&mut self, client: ClientSocket, data: &[u8]) {
         match client.transport {
             Transport::Udp => {
@@ -316,7 +381,18 @@ impl State {
                 // A wildcard socket answers from the address the client wrote to.
                 let src_ip = l.addr.ip().is_unspecified().then(|| client.local.ip());
                 let (sock, state) = (l.sock.clone(), l.state.clone());
-                self.queue_udp(&sock, &state, client.remote, src_ip, data);
+                // Behind a PROXY protocol balancer the answer goes back through it.
+                let to = match &l.proxy {
+                    None => client.remote,
+                    Some(_) => match self.udp_via.get(&client.remote) {
+                        Some(via) => *via,
+                        None => {
+                            self.dropped_sends += 1;
+                            return;
+                        }
+                    },
+                };
+                self.queue_udp(&sock, &state, to, src_ip, data);
             }
             Transport::Tcp | Transport::Tls => {
                 let sent = self
@@ -328,6 +404,48 @@ impl State {
                 }
             }
         }
+    }
+
+    /// A datagram on a PROXY protocol listener: from a trusted balancer, with a v2 header naming
+    /// the real client. Returns the client and the payload after the header, or `None` (dropped
+    /// and counted).
+    fn proxied_datagram<'a>(
+        &mut self,
+        trusted: &[IpNet],
+        client: ClientSocket,
+        seg: &'a [u8],
+    ) -> Option<(ClientSocket, &'a [u8])> {
+        if !proxy::trusted(trusted, client.remote.ip()) {
+            proxy::refused("udp", "untrusted");
+            return None;
+        }
+        let header = match proxy::parse(seg) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                proxy::refused("udp", "bad_header");
+                return None;
+            }
+            Err(e) => {
+                proxy::refused("udp", e.label());
+                return None;
+            }
+        };
+        let payload = seg.get(header.len..)?;
+        // LOCAL (the balancer's own health check): it is the client.
+        let real = header.source().unwrap_or(client.remote);
+        if self.udp_via.get(&real) != Some(&client.remote) {
+            if self.udp_via.len() >= MAX_PROXIED {
+                self.udp_via.clear();
+            }
+            self.udp_via.insert(real, client.remote);
+        }
+        Some((
+            ClientSocket {
+                remote: real,
+                ..client
+            },
+            payload,
+        ))
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
@@ -576,7 +694,12 @@ async fn client_udp_loop(
     sock: Rc<UdpSocket>,
     state: Rc<UdpSocketState>,
 ) {
-    let Some(listen_addr) = sh.borrow().udp.get(index).map(|l| l.addr) else {
+    let Some((listen_addr, trust)) = sh
+        .borrow()
+        .udp
+        .get(index)
+        .map(|l| (l.addr, l.proxy.clone()))
+    else {
         return;
     };
     loop {
@@ -608,6 +731,13 @@ async fn client_udp_loop(
                 let data = buf.get(..meta.len).unwrap_or(&[]);
                 let stride = meta.stride.max(1);
                 for seg in data.chunks(stride) {
+                    let (client, seg) = match &trust {
+                        None => (client, seg),
+                        Some(nets) => match st.proxied_datagram(nets, client, seg) {
+                            Some(x) => x,
+                            None => continue,
+                        },
+                    };
                     if let Some(tp) = st.core.handle_client(now, client, seg) {
                         st.send_peer(&tp, seg);
                     }
@@ -726,61 +856,80 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Arc<StreamLimits>,
+    proxy_trust: Option<Rc<[IpNet]>>,
 ) {
+    let transport = if tls.is_some() { "tls" } else { "tcp" };
     loop {
-        let Ok((stream, remote)) = listener.accept().await else {
+        let Ok((mut stream, mut remote)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        // Over the per-IP cap: dropped (closed) before any buffer or task exists for it.
-        let Some(guard) = limits.conns.admit(remote.ip()) else {
-            continue;
-        };
+        // Behind a PROXY protocol balancer every connection comes from the balancer: the
+        // per-IP cap applies to the client its header names, once it is read.
+        let mut guard = None;
+        match &proxy_trust {
+            Some(nets) => {
+                if !proxy::trusted(nets, remote.ip()) {
+                    proxy::refused(transport, "untrusted");
+                    continue;
+                }
+            }
+            // Over the per-IP cap: dropped (closed) before any buffer or task exists for it.
+            None => match limits.conns.admit(remote.ip()) {
+                Some(g) => guard = Some(g),
+                None => continue,
+            },
+        }
         let _ = stream.set_nodelay(true);
         let Ok(local) = stream.local_addr() else {
             continue;
         };
         let sh = sh.clone();
+        let proxied = proxy_trust.is_some();
         let first = limits.first_message;
-        match tls.clone() {
-            None => {
+        let limits = limits.clone();
+        let tls = tls.clone();
+        tokio::task::spawn_local(async move {
+            let mut guard = guard;
+            if proxied {
+                match proxy::read_stream_header(&mut stream, transport, remote).await {
+                    Some(real) => remote = real,
+                    None => return,
+                }
+                match limits.conns.admit(remote.ip()) {
+                    Some(g) => guard = Some(g),
+                    None => return,
+                }
+            }
+            let _guard = guard;
+            let Some(acc) = tls else {
                 let client = ClientSocket {
                     transport: Transport::Tcp,
                     local,
                     remote,
                 };
-                tokio::task::spawn_local(async move {
-                    let _guard = guard;
-                    stream_task(sh, stream, client, first).await;
-                });
-            }
-            Some(acc) => {
-                let handshake = limits.tls_handshake;
-                tokio::task::spawn_local(async move {
-                    let _guard = guard;
-                    let s = match tokio::time::timeout(handshake, acc.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(_)) => {
-                            metrics::counter!("kyuu_relay_tls_handshake_failures_total")
-                                .increment(1);
-                            return;
-                        }
-                        Err(_) => {
-                            metrics::counter!("kyuu_relay_tls_handshake_failures_total")
-                                .increment(1);
-                            crate::limits::closed("stun_tls", "tls_handshake_timeout");
-                            return;
-                        }
-                    };
-                    let client = ClientSocket {
-                        transport: Transport::Tls,
-                        local,
-                        remote,
-                    };
-                    stream_task(sh, s, client, first).await;
-                });
-            }
-        }
+                stream_task(sh, stream, client, first).await;
+                return;
+            };
+            let s = match tokio::time::timeout(limits.tls_handshake, acc.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) => {
+                    metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("kyuu_relay_tls_handshake_failures_total").increment(1);
+                    crate::limits::closed("stun_tls", "tls_handshake_timeout");
+                    return;
+                }
+            };
+            let client = ClientSocket {
+                transport: Transport::Tls,
+                local,
+                remote,
+            };
+            stream_task(sh, s, client, first).await;
+        });
     }
 }
 
@@ -888,13 +1037,55 @@ async fn stream_task<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         }
+        let label = client.transport.label();
         if let Some(rest) = buf.get(off..filled) {
             if peer.write_all(rest).await.is_err() {
                 return;
             }
+            relayed(label, "to_peer", rest.len());
         }
-        let _ = tokio::io::copy_bidirectional(&mut s, &mut peer).await;
+        let (mut cr, mut cw) = tokio::io::split(s);
+        let (mut pr, mut pw) = peer.split();
+        let _ = tokio::join!(
+            counted_copy(&mut cr, &mut pw, label, "to_peer"),
+            counted_copy(&mut pr, &mut cw, label, "to_client"),
+        );
     }
+}
+
+/// RFC 6062 relayed bytes, counted in the same `kyuu_turn_relayed_*` series as UDP relaying
+/// (`transport` is the client's; a "packet" of a stream is one read).
+fn relayed(transport: &'static str, direction: &'static str, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => direction, "transport" => transport)
+        .increment(1);
+    metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => direction, "transport" => transport)
+        .increment(bytes as u64);
+}
+
+/// Copies one direction of a spliced RFC 6062 connection pair until EOF or an error, counting
+/// what it relays; shuts the writer down at the end so the other side sees EOF.
+async fn counted_copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    transport: &'static str,
+    direction: &'static str,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            _ => break,
+        };
+        let Some(chunk) = buf.get(..n) else { break };
+        if w.write_all(chunk).await.is_err() {
+            break;
+        }
+        relayed(transport, direction, n);
+    }
+    let _ = w.shutdown().await;
 }
 
 async fn connect_peer(sh: Sh, from: SocketAddr, peer: PeerAddr, connection_id: ConnectionId) {

@@ -94,6 +94,12 @@ impl Server {
             );
             return self.send_cached(client, *msg.transaction_id(), resp);
         }
+        if self.draining {
+            metrics::counter!("kyuu_turn_quota_refusals_total", "quota" => "draining").increment(1);
+            release_reserved(self);
+            let code = ErrorCode::ALLOCATION_QUOTA_REACHED;
+            return self.error(client, msg, code, Some(&auth));
+        }
         let quotas = &self.opts.shared.quotas;
         if let Err(which) = quotas.take(&self.cfg, &auth.username, client.remote.ip()) {
             metrics::counter!("kyuu_turn_quota_refusals_total", "quota" => which.label())

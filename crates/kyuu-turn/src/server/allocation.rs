@@ -218,6 +218,10 @@ impl Allocations {
         Some(a)
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Allocation> {
+        self.slots.iter().filter_map(|(_, a)| a.as_ref())
+    }
+
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Allocation> {
         self.slots.iter_mut().filter_map(|(_, a)| a.as_mut())
     }

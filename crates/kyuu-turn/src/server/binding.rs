@@ -3,10 +3,15 @@
 //! and/or port), RESPONSE-PORT (answer to another port of the client), RESPONSE-ORIGIN and
 //! OTHER-ADDRESS.
 //!
-//! Extensions of Binding go here: classic STUN ([RFC 3489], no magic cookie) would be recognised
-//! before [`Message::parse`] in `Server::handle_client` and answered by a sibling of
-//! [`Server::binding`]; CHANGE-REQUEST without RFC 5780 (answered 420 today, since the attribute
-//! is then unknown) is decided in [`known_binding`] and [`Server::binding`].
+//! Classic STUN ([RFC 3489], no magic cookie) is recognised in `Server::handle_client` when
+//! [`Message::parse`] refuses a packet, and answered by [`Server::classic_binding`] as RFC 8489
+//! §11 says: MAPPED-ADDRESS, the request's bytes 4..8 copied back.
+//!
+//! CHANGE-REQUEST is always understood. With no flags set it asks for nothing, so it is a plain
+//! Binding whether or not RFC 5780 is on (several clients always send it). With a flag set and
+//! RFC 5780 off the server has no alternate address: RFC 5780 §6.1 / §7.2 — a server without
+//! one treats the attribute as unsupported — so the answer is 420 with UNKNOWN-ATTRIBUTES
+//! listing CHANGE-REQUEST, exactly what an RFC 8489-only server answers.
 //!
 //! [RFC 8489 §6.3]: https://www.rfc-editor.org/rfc/rfc8489#section-6.3
 //! [RFC 5780 §6]: https://www.rfc-editor.org/rfc/rfc5780#section-6
@@ -55,8 +60,9 @@ impl Rfc5780 {
 }
 
 /// Attributes a Binding request may carry: those of RFC 8489, ICE's (RFC 8445 §16.1), and
-/// CHANGE-REQUEST when RFC 5780 is on. Unknown comprehension-required ones get 420.
-fn known_binding(rfc5780: bool, t: u16) -> bool {
+/// CHANGE-REQUEST (whose flags need RFC 5780: see [`change_unsupported`]). Unknown
+/// comprehension-required ones get 420.
+fn known_binding(t: u16) -> bool {
     matches!(
         t,
         attr::USERNAME
@@ -72,7 +78,13 @@ fn known_binding(rfc5780: bool, t: u16) -> bool {
             | attr::PASSWORD_ALGORITHM
             | attr::XOR_MAPPED_ADDRESS
             | attr::MAPPED_ADDRESS
-    ) || (rfc5780 && t == attr::CHANGE_REQUEST)
+            | attr::CHANGE_REQUEST
+    )
+}
+
+/// A CHANGE-REQUEST with a flag set cannot be honoured without RFC 5780's alternate address.
+fn change_unsupported(rfc5780: bool, change: u32) -> bool {
+    !rfc5780 && change & (attr::CHANGE_IP | attr::CHANGE_PORT) != 0
 }
 
 impl Server {
@@ -86,8 +98,7 @@ impl Server {
         metrics::counter!("kyuu_stun_binding_requests_total", "transport" => client.transport.label())
             .increment(1);
         let rfc5780 = self.opts.rfc5780;
-        let unknown =
-            super::request::unknown_required(msg, |t| known_binding(rfc5780.is_some(), t));
+        let unknown = super::request::unknown_required(msg, known_binding);
         if !unknown.is_empty() {
             self.unknown_attributes(client, msg, &unknown, None);
             return;
@@ -100,6 +111,10 @@ impl Server {
                 return;
             }
         };
+        if change_unsupported(rfc5780.is_some(), change) {
+            self.unknown_attributes(client, msg, &[attr::CHANGE_REQUEST], None);
+            return;
+        }
         let response_port = match msg.get(attr::RESPONSE_PORT).map(attr::decode_response_port) {
             None => None,
             Some(Ok(p)) => Some(p),
@@ -149,5 +164,92 @@ impl Server {
             remote: to,
         };
         self.send(answer_to, resp);
+    }
+
+    /// An RFC 3489 Binding request (RFC 8489 §11): MAPPED-ADDRESS with the client's 128-bit
+    /// transaction id; with RFC 5780 on also SOURCE-ADDRESS and CHANGED-ADDRESS, and
+    /// CHANGE-REQUEST honoured over UDP (RFC 3489 §8.2). RESPONSE-ADDRESS and other
+    /// comprehension-required attributes get 420 (RFC 8489 §11 allows it; it also refuses
+    /// reflection to third parties).
+    pub(super) fn classic_binding(
+        &mut self,
+        now: Instant,
+        client: ClientSocket,
+        req: &kyuu_stun::ClassicRequest<'_>,
+    ) {
+        if !self.limiter.allow(client.remote.ip(), now) {
+            self.counters.drop(Dropped::RateLimited);
+            return;
+        }
+        metrics::counter!("kyuu_stun_binding_requests_total", "transport" => client.transport.label())
+            .increment(1);
+        let tid = req.transaction_id();
+        let mut buf = vec![0u8; 128];
+        let unknown = req.unknown_required(|t| t == attr::CHANGE_REQUEST);
+        let change = match req.change_request() {
+            None => Ok(0),
+            Some(Ok(v)) => Ok(v),
+            Some(Err(_)) => Err(ErrorCode::BAD_REQUEST.code()),
+        };
+        let rfc5780 = self.opts.rfc5780;
+        let built = match change {
+            _ if !unknown.is_empty() => kyuu_stun::build_classic_error(
+                &mut buf,
+                tid,
+                ErrorCode::UNKNOWN_ATTRIBUTE.code(),
+                &unknown,
+            )
+            .map(|n| (n, client)),
+            Err(code) => {
+                kyuu_stun::build_classic_error(&mut buf, tid, code, &[]).map(|n| (n, client))
+            }
+            Ok(change) if change_unsupported(rfc5780.is_some(), change) => {
+                kyuu_stun::build_classic_error(
+                    &mut buf,
+                    tid,
+                    ErrorCode::UNKNOWN_ATTRIBUTE.code(),
+                    &[attr::CHANGE_REQUEST],
+                )
+                .map(|n| (n, client))
+            }
+            Ok(change)
+                if client.transport.is_stream()
+                    && change & (attr::CHANGE_IP | attr::CHANGE_PORT) != 0 =>
+            {
+                kyuu_stun::build_classic_error(&mut buf, tid, ErrorCode::BAD_REQUEST.code(), &[])
+                    .map(|n| (n, client))
+            }
+            Ok(change) => {
+                let mut from = client.local;
+                if let Some(r) = rfc5780 {
+                    if change & attr::CHANGE_IP != 0 {
+                        from.set_ip(r.swap_ip(from.ip()));
+                    }
+                    if change & attr::CHANGE_PORT != 0 {
+                        from.set_port(r.swap_port(from.port()));
+                    }
+                }
+                let (source, changed) = match rfc5780 {
+                    Some(r) => (Some(from), Some(r.other(client.local))),
+                    None => (None, None),
+                };
+                kyuu_stun::build_classic_success(&mut buf, tid, client.remote, source, changed).map(
+                    |n| {
+                        (
+                            n,
+                            ClientSocket {
+                                transport: client.transport,
+                                local: from,
+                                remote: client.remote,
+                            },
+                        )
+                    },
+                )
+            }
+        };
+        if let Ok((n, to)) = built {
+            buf.truncate(n);
+            self.send(to, Some(buf));
+        }
     }
 }

@@ -18,6 +18,8 @@
 //! This file holds the [`Server`] itself, the inputs that are not per packet and the request
 //! dispatch.
 
+// Operator views and commands (listing, killing, reconfiguring, draining).
+pub(crate) mod admin;
 mod allocate;
 mod allocation;
 mod authenticate;
@@ -144,6 +146,8 @@ pub struct Server {
     rng: Rng,
     out: VecDeque<Output>,
     next_tick: Option<Instant>,
+    /// Set by [`Server::drain`]: new allocations are refused (486, or 300 with an alternate).
+    draining: bool,
 }
 
 impl Server {
@@ -163,6 +167,7 @@ impl Server {
             rng: Rng::new(opts.seed),
             out: VecDeque::new(),
             next_tick: None,
+            draining: false,
             cfg,
             opts,
         })
@@ -199,7 +204,11 @@ impl Server {
             return self.channel_data(now, client, packet);
         }
         let Ok(msg) = Message::parse(packet) else {
-            self.counters.drop(Dropped::Malformed);
+            // RFC 8489 §11: a Binding request without the magic cookie is an RFC 3489 client.
+            match kyuu_stun::ClassicRequest::parse(packet) {
+                Ok(classic) => self.classic_binding(now, client, &classic),
+                Err(_) => self.counters.drop(Dropped::Malformed),
+            }
             return None;
         };
         if msg.verify_fingerprint().is_err() {

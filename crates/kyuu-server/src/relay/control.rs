@@ -1,0 +1,158 @@
+//! Operator commands for the relay shards. Each shard owns its `kyuu_turn::Server`, so a command
+//! travels to the shard as a message on its control channel and the answer comes back on a
+//! oneshot channel: the relay path never takes a lock for the admin API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kyuu_turn::{AllocId, AllocationInfo, ClientSocket, NotApplied, Shared, TurnConfig};
+use tokio::sync::{mpsc, oneshot};
+
+/// A command for one shard.
+#[derive(Debug)]
+pub(crate) enum ShardCmd {
+    /// Snapshot of the shard's allocations.
+    Allocations(oneshot::Sender<Vec<AllocationInfo>>),
+    /// End one allocation.
+    Kill {
+        id: AllocId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Apply a new (already validated) `[turn]` section.
+    Reconfigure {
+        turn: Box<TurnConfig>,
+        reply: oneshot::Sender<Result<NotApplied, String>>,
+    },
+    /// Refuse new allocations from now on.
+    Drain { alternate: Option<SocketAddr> },
+    /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
+    Stream {
+        stream: AdoptedStream,
+        client: ClientSocket,
+    },
+}
+
+/// A client byte stream (already past TLS) handed to the relay.
+pub type AdoptedStream = Box<dyn AdoptableStream>;
+
+/// What [`RelayControl::adopt_stream`] takes: any byte stream that can move to a shard thread.
+pub trait AdoptableStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> AdoptableStream
+    for T
+{
+}
+
+impl std::fmt::Debug for dyn AdoptableStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdoptedStream")
+    }
+}
+
+/// One allocation and the shard that holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardAllocation {
+    /// `"<shard>-<slot>-<generation>"`: what `kill` takes.
+    pub id: String,
+    pub shard: usize,
+    #[serde(flatten)]
+    pub info: AllocationInfo,
+}
+
+/// A cloneable handle that sends commands to every shard.
+#[derive(Debug, Clone)]
+pub struct RelayControl {
+    pub(crate) shards: Vec<mpsc::UnboundedSender<ShardCmd>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Parses an allocation id made by [`RelayControl::allocations`].
+pub fn parse_alloc_id(s: &str) -> Option<(usize, AllocId)> {
+    let mut it = s.split('-');
+    let shard = it.next()?.parse().ok()?;
+    let slot = it.next()?.parse().ok()?;
+    let generation = it.next()?.parse().ok()?;
+    it.next()
+        .is_none()
+        .then_some((shard, AllocId { slot, generation }))
+}
+
+impl RelayControl {
+    /// Live allocations across shards.
+    pub fn allocation_count(&self) -> u32 {
+        self.shared.allocations()
+    }
+
+    /// Every allocation of every shard (a shard that has stopped contributes none).
+    pub async fn allocations(&self) -> Vec<ShardAllocation> {
+        let mut out = Vec::new();
+        for (shard, tx) in self.shards.iter().enumerate() {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardCmd::Allocations(reply)).is_err() {
+                continue;
+            }
+            for info in rx.await.unwrap_or_default() {
+                out.push(ShardAllocation {
+                    id: format!("{shard}-{}-{}", info.id.slot, info.id.generation),
+                    shard,
+                    info,
+                });
+            }
+        }
+        out
+    }
+
+    /// Ends the allocation `id` (as listed by [`RelayControl::allocations`]); false when there
+    /// is no such allocation.
+    pub async fn kill(&self, id: &str) -> bool {
+        let Some((shard, id)) = parse_alloc_id(id) else {
+            return false;
+        };
+        let Some(tx) = self.shards.get(shard) else {
+            return false;
+        };
+        let (reply, rx) = oneshot::channel();
+        if tx.send(ShardCmd::Kill { id, reply }).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Validates `turn`, then applies it on every shard. Nothing changes when it is invalid.
+    pub async fn reconfigure(&self, turn: &TurnConfig) -> Result<NotApplied, String> {
+        turn.validate()?;
+        let mut not_applied = NotApplied::default();
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            let cmd = ShardCmd::Reconfigure {
+                turn: Box::new(turn.clone()),
+                reply,
+            };
+            if tx.send(cmd).is_err() {
+                continue;
+            }
+            if let Ok(r) = rx.await {
+                not_applied = r?;
+            }
+        }
+        Ok(not_applied)
+    }
+
+    /// Serves STUN/TURN on `stream` as if it had arrived on a TURN listener (stream clients all
+    /// live on the first shard, like the TCP/TLS listeners). False when the relay has stopped.
+    pub fn adopt_stream(&self, stream: AdoptedStream, client: ClientSocket) -> bool {
+        self.shards
+            .first()
+            .is_some_and(|tx| tx.send(ShardCmd::Stream { stream, client }).is_ok())
+    }
+
+    /// Every shard refuses new allocations from now on.
+    pub fn drain(&self, alternate: Option<SocketAddr>) {
+        for tx in &self.shards {
+            let _ = tx.send(ShardCmd::Drain { alternate });
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! A configuration reload re-reads the TLS certificate files (a renewed certificate) of the
+//! TURN-over-TLS and HTTPS listeners: new handshakes present the new certificate, open
+//! connections are untouched, and an unreadable or mismatched pair is refused with the key
+//! named, changing nothing. (Its own test binary: the certificate registry is process-wide.)
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use kyuu_server::admin::Hooks;
+use kyuu_server::config::Config;
+use rustls::pki_types::CertificateDer;
+
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The end-entity certificate a TLS server at `addr` presents now.
+async fn presented(addr: SocketAddr) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn write_pair(dir: &Path) -> Vec<u8> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    ck.cert.der().to_vec()
+}
+
+#[tokio::test]
+async fn reload_swaps_tls_certificates() {
+    let dir = std::env::temp_dir().join(format!("kyuu-tls-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = write_pair(&dir);
+    let text = format!(
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\ntls = [\"127.0.0.1:0\"]\nthreads = 1\n\
+         tls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         [turn]\nstatic_auth_secrets = [\"x\"]\n\
+         [http]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nmetrics = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display()
+    );
+    let file = dir.join("kyuu.toml");
+    std::fs::write(&file, &text).unwrap();
+    let path = file.clone();
+    let hooks = Hooks {
+        log_level: None,
+        reload_config: Some(Arc::new(move || {
+            let c = Config::from_file(&path).map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())?;
+            Ok(c)
+        })),
+    };
+    let c = Config::from_file(&file).unwrap();
+    c.validate().unwrap();
+    let running = kyuu_server::start_with(c, hooks).await.unwrap();
+    let turn_tls = running
+        .listeners
+        .iter()
+        .find(|(p, _)| *p == "tls")
+        .unwrap()
+        .1;
+    let https = running.https_addr.unwrap();
+    assert_eq!(presented(turn_tls).await, first);
+    assert_eq!(presented(https).await, first);
+
+    // A renewed certificate (certbot writes new files and signals a reload).
+    let second = write_pair(&dir);
+    assert_ne!(first, second);
+    let r = running.admin.reload().await.unwrap();
+    assert!(r.applied.contains(&"tls certificates".to_owned()), "{r:?}");
+    assert_eq!(presented(turn_tls).await, second);
+    assert_eq!(presented(https).await, second);
+
+    // A key that does not belong to the certificate: refused, the running certificate stays.
+    let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+    std::fs::write(dir.join("key.pem"), other.key_pair.serialize_pem()).unwrap();
+    let e = running.admin.reload().await.unwrap_err();
+    assert!(
+        e.contains("tls_cert: certificate and key do not match"),
+        "{e}"
+    );
+    assert_eq!(presented(turn_tls).await, second);
+
+    running
+        .shutdown(std::time::Duration::from_millis(100))
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

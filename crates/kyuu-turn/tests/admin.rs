@@ -1,0 +1,194 @@
+//! The operator commands of the core in virtual time: listing, killing, reconfiguring and
+//! draining.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use kyuu_client::turn::{Client, Event};
+use kyuu_turn::*;
+
+fn cfg() -> TurnConfig {
+    TurnConfig {
+        users: vec![UserConfig {
+            name: "alice".into(),
+            password: Some("secret".into()),
+            key: None,
+            key_sha256: None,
+        }],
+        relay_ipv4: Some("198.51.100.1".parse().unwrap()),
+        ..Default::default()
+    }
+}
+
+fn server(t0: Instant) -> Server {
+    let c = cfg();
+    let ports = c.relay_ports;
+    Server::new(
+        c,
+        ServerOptions {
+            rfc5780: None,
+            shared: Shared::new([7; 32], t0, 1_700_000_000),
+            ports,
+            extension: false,
+            seed: 7,
+            shard: 0,
+        },
+    )
+    .unwrap()
+}
+
+fn sock(port: u16, transport: Transport) -> ClientSocket {
+    ClientSocket {
+        transport,
+        local: "198.51.100.1:3478".parse().unwrap(),
+        remote: SocketAddr::from(([203, 0, 113, 5], port)),
+    }
+}
+
+/// Runs the client against the server until quiet; returns its events and the other outputs.
+fn run(
+    s: &mut Server,
+    c: &mut Client,
+    at: ClientSocket,
+    now: Instant,
+) -> (Vec<Event>, Vec<Output>) {
+    let mut other = Vec::new();
+    for _ in 0..20 {
+        let Some(b) = c.poll_transmit() else { break };
+        s.handle_client(now, at, &b);
+        while let Some(o) = s.poll_output() {
+            match o {
+                Output::Transmit(t) if t.client == at => c.handle_input(now, &t.data),
+                Output::BindRelay { key, addr, .. } => s.relay_bound(now, key, Ok(addr)),
+                o => other.push(o),
+            }
+        }
+    }
+    let mut ev = Vec::new();
+    while let Some(e) = c.poll_event() {
+        ev.push(e);
+    }
+    (ev, other)
+}
+
+#[test]
+fn list_and_kill() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let at = sock(1000, Transport::Tcp);
+    let mut c = Client::new("alice", "secret", true);
+    c.allocate(t0);
+    let (ev, _) = run(&mut s, &mut c, at, t0);
+    let [Event::Allocated { relayed, .. }] = ev.as_slice() else {
+        panic!("{ev:?}")
+    };
+    c.create_permission(t0, &["8.8.8.8:53".parse().unwrap()]);
+    run(&mut s, &mut c, at, t0);
+
+    let now = t0 + Duration::from_secs(5);
+    let list = s.allocations(now);
+    assert_eq!(list.len(), 1);
+    let a = &list[0];
+    assert_eq!(
+        (a.username.as_str(), a.client, a.transport),
+        ("alice", at.remote, "tcp")
+    );
+    assert_eq!(a.relayed, vec![relayed[0]]);
+    assert_eq!(
+        a.permissions,
+        vec!["8.8.8.8".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(a.age_secs, 5);
+
+    assert!(s.kill_allocation(now, a.id));
+    assert!(!s.kill_allocation(now, a.id), "a second kill finds nothing");
+    let mut outs = Vec::new();
+    while let Some(o) = s.poll_output() {
+        outs.push(o);
+    }
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::CloseRelay { .. })),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::CloseClient { client } if *client == at)),
+        "a stream client's connection is closed too: {outs:?}"
+    );
+    assert!(s.allocations(now).is_empty());
+    assert_eq!(s.allocation_count(), 0);
+}
+
+#[test]
+fn reconfigure_applies_credentials_and_keeps_relay_ports() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let mut new = cfg();
+    new.users.push(UserConfig {
+        name: "bob".into(),
+        password: Some("pw".into()),
+        key: None,
+        key_sha256: None,
+    });
+    new.relay_ports = PortRange {
+        min: 50000,
+        max: 50100,
+    };
+    let kept = s.reconfigure(new).unwrap();
+    assert_eq!(kept.0, vec!["turn.relay_ports"]);
+    assert_eq!(s.config().relay_ports, PortRange::default());
+    let mut bob = Client::new("bob", "pw", false);
+    bob.allocate(t0);
+    let (ev, _) = run(&mut s, &mut bob, sock(2000, Transport::Udp), t0);
+    assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
+
+    // Invalid: refused, nothing changes (bob still works, carol never appears).
+    let mut bad = cfg();
+    bad.relay_ports = PortRange { min: 9, max: 1 };
+    assert!(s
+        .reconfigure(bad)
+        .unwrap_err()
+        .starts_with("turn.relay_ports"));
+    let mut bob2 = Client::new("bob", "pw", false);
+    bob2.allocate(t0);
+    let (ev, _) = run(&mut s, &mut bob2, sock(2001, Transport::Udp), t0);
+    assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
+}
+
+#[test]
+fn drain_refuses_with_486_or_redirects_with_300() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let mut first = Client::new("alice", "secret", false);
+    first.allocate(t0);
+    assert!(matches!(
+        run(&mut s, &mut first, sock(3000, Transport::Udp), t0)
+            .0
+            .as_slice(),
+        [Event::Allocated { .. }]
+    ));
+    s.drain(None);
+    assert!(s.is_draining());
+    let mut late = Client::new("alice", "secret", false);
+    late.allocate(t0);
+    let (ev, _) = run(&mut s, &mut late, sock(3001, Transport::Udp), t0);
+    assert!(
+        matches!(ev.as_slice(), [Event::Error { code: 486, .. }]),
+        "{ev:?}"
+    );
+    // The existing allocation still refreshes.
+    first.refresh(t0, 600);
+    let (ev, _) = run(&mut s, &mut first, sock(3000, Transport::Udp), t0);
+    assert!(matches!(ev.as_slice(), [Event::Refreshed { .. }]), "{ev:?}");
+
+    let alt: SocketAddr = "192.0.2.20:3478".parse().unwrap();
+    s.drain(Some(alt));
+    let mut moved = Client::new("alice", "secret", false);
+    moved.allocate(t0);
+    let (ev, _) = run(&mut s, &mut moved, sock(3002, Transport::Udp), t0);
+    assert!(
+        matches!(ev.as_slice(), [Event::Error { code: 300, .. }]),
+        "{ev:?}"
+    );
+}
