@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Admin, Hooks};
 use crate::config::Config;
 use crate::http::{self, Health};
-use crate::relay::{self, RelayHandle};
+use crate::relay::{self, RelayHandle, Transport};
 
 /// How TURN clients authenticate, for the start-up summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +34,8 @@ pub struct Running {
     pub https_addr: Option<SocketAddr>,
     /// The HTTPS certificate's origin.
     pub https_cert: Option<crate::tls::CertSource>,
-    /// STUN/TURN listeners as (`"udp"`/`"tcp"`/`"tls"`, address).
-    pub listeners: Vec<(&'static str, SocketAddr)>,
+    /// STUN/TURN listeners as (transport, address).
+    pub listeners: Vec<(Transport, SocketAddr)>,
     /// RFC 5780 alternate address, when configured.
     pub alternate: Option<SocketAddr>,
     pub auth: AuthMode,
@@ -635,21 +635,17 @@ fn outbound_ipv4() -> Option<Ipv4Addr> {
     }
 }
 
-fn ice_provider(
-    config: &Config,
-    host: &str,
-    listeners: &[(&'static str, SocketAddr)],
-) -> IceProvider {
-    let port_of = |proto: &str| {
+fn ice_provider(config: &Config, host: &str, listeners: &[(Transport, SocketAddr)]) -> IceProvider {
+    let port_of = |proto: Transport| {
         listeners
             .iter()
             .find(|(p, _)| *p == proto)
             .map(|(_, a)| a.port())
     };
     // Before the relay reports its listeners, fall back to the configured ports.
-    let udp = port_of("udp").or(config.listen.udp.first().map(|a| a.port()));
-    let tcp = port_of("tcp").or(config.listen.tcp.first().map(|a| a.port()));
-    let tls = port_of("tls");
+    let udp = port_of(Transport::Udp).or(config.listen.udp.first().map(|a| a.port()));
+    let tcp = port_of(Transport::Tcp).or(config.listen.tcp.first().map(|a| a.port()));
+    let tls = port_of(Transport::Tls);
     let mut stun_urls = Vec::new();
     let mut turn_urls = Vec::new();
     if let Some(p) = udp {

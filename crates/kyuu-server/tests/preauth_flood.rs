@@ -17,6 +17,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use kyuu_client::turn::{Client, Event};
 use kyuu_server::config::Config;
 use kyuu_server::relay::ListenConfig;
+use kyuu_server::relay::Transport;
 use kyuu_turn::UserConfig;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
@@ -206,7 +207,7 @@ async fn legitimate_client_served_under_flood_and_limits_close_connections() {
     config.http.header_timeout_secs = HEADER_SECS;
     config.validate().unwrap();
     let running = kyuu_server::start(config).await.unwrap();
-    let addr = |p: &str| {
+    let addr = |p: Transport| {
         running
             .listeners
             .iter()
@@ -214,7 +215,7 @@ async fn legitimate_client_served_under_flood_and_limits_close_connections() {
             .unwrap()
             .1
     };
-    let (tcp, tls) = (addr("tcp"), addr("tls"));
+    let (tcp, tls) = (addr(Transport::Tcp), addr(Transport::Tls));
     let http = running.http_addr.unwrap();
 
     // The flood.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use kyuu_client::turn::{Client, Event};
 use kyuu_server::config::Config;
 use kyuu_server::proxy;
+use kyuu_server::relay::Transport;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -38,7 +39,11 @@ async fn start(trusted: &str) -> kyuu_server::Running {
 }
 
 fn udp_addr(r: &kyuu_server::Running) -> SocketAddr {
-    r.listeners.iter().find(|(p, _)| *p == "udp").unwrap().1
+    r.listeners
+        .iter()
+        .find(|(p, _)| *p == Transport::Udp)
+        .unwrap()
+        .1
 }
 
 async fn metrics(r: &kyuu_server::Running) -> String {
@@ -178,7 +183,7 @@ async fn untrusted_sources_are_refused() {
     let tcp_addr = running
         .listeners
         .iter()
-        .find(|(p, _)| *p == "tcp")
+        .find(|(p, _)| *p == Transport::Tcp)
         .unwrap()
         .1;
     let mut t = TcpStream::connect(tcp_addr).await.unwrap();
@@ -223,7 +228,7 @@ async fn tcp_stream_header_names_the_client() {
     let tcp_addr = running
         .listeners
         .iter()
-        .find(|(p, _)| *p == "tcp")
+        .find(|(p, _)| *p == Transport::Tcp)
         .unwrap()
         .1;
     let real: SocketAddr = "[2001:db8::9]:41000".parse().unwrap();
@@ -259,7 +264,7 @@ async fn haproxy_send_proxy_v2_in_front_of_tcp() {
     let kyuu_tcp = running
         .listeners
         .iter()
-        .find(|(p, _)| *p == "tcp")
+        .find(|(p, _)| *p == Transport::Tcp)
         .unwrap()
         .1;
     let front = std::net::TcpListener::bind("127.0.0.1:0")

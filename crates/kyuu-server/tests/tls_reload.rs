@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use kyuu_server::admin::Hooks;
 use kyuu_server::config::Config;
+use kyuu_server::relay::Transport;
 use rustls::pki_types::CertificateDer;
 
 #[derive(Debug)]
@@ -104,7 +105,7 @@ async fn reload_swaps_tls_certificates() {
     let turn_tls = running
         .listeners
         .iter()
-        .find(|(p, _)| *p == "tls")
+        .find(|(p, _)| *p == Transport::Tls)
         .unwrap()
         .1;
     let https = running.https_addr.unwrap();

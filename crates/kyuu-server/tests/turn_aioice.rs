@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_turn::{TurnConfig, UserConfig};
 
@@ -88,8 +89,8 @@ async fn aioice_client_relays_over_udp_and_tcp() {
     let script = dir.join("client.py");
     std::fs::write(&script, SCRIPT).unwrap();
     for (transport, addr) in [
-        ("udp", h.addr("udp").unwrap()),
-        ("tcp", h.addr("tcp").unwrap()),
+        ("udp", h.addr(Transport::Udp).unwrap()),
+        ("tcp", h.addr(Transport::Tcp).unwrap()),
     ] {
         let out = tokio::time::timeout(
             Duration::from_secs(30),

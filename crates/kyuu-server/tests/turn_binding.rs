@@ -8,6 +8,7 @@ use std::time::Duration;
 mod common;
 use common::free_port_pair;
 
+use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_stun::{attr, method, Class, Message, MessageBuilder, TransactionId};
 use kyuu_turn::TurnConfig;
@@ -81,7 +82,7 @@ async fn binding_over_udp_tcp_tls_v4_and_v6() {
     for a in h
         .listeners()
         .iter()
-        .filter(|(p, _)| *p == "udp")
+        .filter(|(p, _)| *p == Transport::Udp)
         .map(|(_, a)| *a)
     {
         let bind: SocketAddr = if a.is_ipv4() {
@@ -118,7 +119,7 @@ async fn binding_over_udp_tcp_tls_v4_and_v6() {
     for a in h
         .listeners()
         .iter()
-        .filter(|(p, _)| *p == "tcp")
+        .filter(|(p, _)| *p == Transport::Tcp)
         .map(|(_, a)| *a)
     {
         let mut c = TcpStream::connect(a).await.unwrap();
@@ -131,7 +132,7 @@ async fn binding_over_udp_tcp_tls_v4_and_v6() {
         }
     }
     // TLS with the generated self-signed certificate.
-    let a = h.addr("tls").unwrap();
+    let a = h.addr(Transport::Tls).unwrap();
     let tcp = TcpStream::connect(a).await.unwrap();
     let mine = tcp.local_addr().unwrap();
     let mut tls = tls_connect(tcp).await;
@@ -220,7 +221,13 @@ async fn rfc5780_change_request_other_address_response_port() {
     let h = relay::start(&cfg, TurnConfig::default(), None)
         .await
         .unwrap();
-    assert_eq!(h.listeners().iter().filter(|(p, _)| *p == "udp").count(), 4);
+    assert_eq!(
+        h.listeners()
+            .iter()
+            .filter(|(p, _)| *p == Transport::Udp)
+            .count(),
+        4
+    );
     let primary = SocketAddr::from(([127, 0, 0, 1], p));
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let me = s.local_addr().unwrap();

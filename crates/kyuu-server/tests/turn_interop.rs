@@ -10,6 +10,7 @@ use std::time::Duration;
 mod common;
 use common::free_port_pair;
 
+use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_turn::TurnConfig;
 
@@ -191,11 +192,11 @@ async fn uclient(h: &relay::RelayHandle, peer_port: u16, extra: &[&str]) -> Stri
     let secure = extra.contains(&"-S");
     let tcp = extra.contains(&"-t") || extra.contains(&"-T");
     let port = if secure {
-        h.addr("tls").unwrap().port()
+        h.addr(Transport::Tls).unwrap().port()
     } else if tcp {
-        h.addr("tcp").unwrap().port()
+        h.addr(Transport::Tcp).unwrap().port()
     } else {
-        h.addr("udp").unwrap().port()
+        h.addr(Transport::Udp).unwrap().port()
     };
     let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     if !extra.contains(&"-W") {

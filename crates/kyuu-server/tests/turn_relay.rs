@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use kyuu_client::turn::{AllocateOptions, Client, Event};
+use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
 use kyuu_stun::attr;
 use kyuu_turn::{TurnConfig, UserConfig};
@@ -141,7 +142,7 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
     for server_addr in h
         .listeners()
         .iter()
-        .filter(|(p, _)| *p == "udp")
+        .filter(|(p, _)| *p == Transport::Udp)
         .map(|(_, a)| *a)
     {
         let v4 = server_addr.is_ipv4();
@@ -225,7 +226,7 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
 #[tokio::test]
 async fn loopback_peer_refused_by_default() {
     let h = server(false).await;
-    let mut u = Udp::new(h.addr("udp").unwrap()).await;
+    let mut u = Udp::new(h.addr(Transport::Udp).unwrap()).await;
     u.c.allocate(Instant::now());
     assert!(matches!(u.event().await, Event::Allocated { .. }));
     for p in ["127.0.0.1:9", "127.1.2.3:9"] {
@@ -242,7 +243,9 @@ async fn tcp_relay_and_state_freed_on_disconnect() {
     let h = server(true).await;
     let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let tcp = TcpStream::connect(h.addr("tcp").unwrap()).await.unwrap();
+    let tcp = TcpStream::connect(h.addr(Transport::Tcp).unwrap())
+        .await
+        .unwrap();
     let mut c = Stream {
         c: Client::new("u", "p", true),
         s: tcp,
@@ -275,7 +278,9 @@ async fn tcp_relay_and_state_freed_on_disconnect() {
         "allocation freed when its TCP connection closed"
     );
     // Garbage on a stream closes it without harming the server.
-    let mut t = TcpStream::connect(h.addr("tcp").unwrap()).await.unwrap();
+    let mut t = TcpStream::connect(h.addr(Transport::Tcp).unwrap())
+        .await
+        .unwrap();
     t.write_all(&[0xFF; 64]).await.unwrap();
     let mut b = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(2), t.read(&mut b))
@@ -288,13 +293,17 @@ async fn tcp_relay_and_state_freed_on_disconnect() {
 #[tokio::test]
 async fn start_local_with_rest_secret() {
     let h = relay::start_local("test-secret").await.unwrap();
-    assert!(h.addr("udp").is_some() && h.addr("tcp").is_some() && h.addr("tls").is_some());
+    assert!(
+        h.addr(Transport::Udp).is_some()
+            && h.addr(Transport::Tcp).is_some()
+            && h.addr(Transport::Tls).is_some()
+    );
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let (user, pass) = kyuu_turn::rest_credentials("test-secret", "browser", unix, 600);
-    let mut u = Udp::new(h.addr("udp").unwrap()).await;
+    let mut u = Udp::new(h.addr(Transport::Udp).unwrap()).await;
     u.c = Client::new(&user, &pass, false);
     u.c.allocate(Instant::now());
     assert!(matches!(u.event().await, Event::Allocated { .. }));

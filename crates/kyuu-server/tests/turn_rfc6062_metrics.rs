@@ -8,6 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_turn::TurnConfig;
 
@@ -72,7 +73,7 @@ async fn rfc6062_relayed_bytes_are_counted() {
         ..ListenConfig::on(&["127.0.0.1:0".parse().unwrap()], &[])
     };
     let h = relay::start(&l, cfg, None).await.unwrap();
-    let port = h.addr("tcp").unwrap().port().to_string();
+    let port = h.addr(Transport::Tcp).unwrap().port().to_string();
     let peer = peer_port.to_string();
     let args = [
         "-T",

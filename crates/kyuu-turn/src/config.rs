@@ -24,6 +24,10 @@ pub struct TurnConfig {
     /// Serve TURN (Allocate and friends). When false only STUN Binding is answered and TURN
     /// requests get 400.
     pub enabled: bool,
+    /// ChannelBind accepts only RFC 8656 §12 channel numbers (0x4000..=0x4FFF; others get 400).
+    /// Off by default: RFC 5766 allowed up to 0x7FFF, and coturn 4.6.1's `turnutils_uclient`
+    /// still binds numbers above 0x4FFF (its channel binds fail with 400 when this is on).
+    pub strict_channel_numbers: bool,
     /// The long-term credential realm (RFC 8489 §9.2).
     pub realm: String,
     /// SOFTWARE attribute value; empty to send none.
@@ -83,6 +87,7 @@ impl Default for TurnConfig {
     fn default() -> Self {
         TurnConfig {
             enabled: true,
+            strict_channel_numbers: false,
             realm: "kyuu".into(),
             software: concat!("kyuu ", env!("CARGO_PKG_VERSION")).into(),
             users: Vec::new(),

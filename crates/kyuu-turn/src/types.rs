@@ -14,7 +14,14 @@ pub enum Transport {
     Tls,
 }
 
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 impl Transport {
+    /// `"udp"`, `"tcp"` or `"tls"`: metric labels, logs and the banner.
     pub fn label(self) -> &'static str {
         match self {
             Transport::Udp => "udp",

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use kyuu_client::turn::Event;
 use kyuu_stun::ErrorCode;
+use kyuu_turn::TurnConfig;
 
 fn other_peer() -> SocketAddr {
     "8.8.4.4:1".parse().unwrap()
@@ -80,6 +81,25 @@ fn rebinding_the_same_number_to_the_same_peer_refreshes_it() {
 }
 
 #[test]
+fn strict_channel_numbers_outside_0x4000_to_0x4fff_get_400() {
+    // RFC 8656 §12: 0x4000..=0x4FFF; RFC 5766's 0x5000..=0x7FFF are no longer channel numbers.
+    let mut p = Pair::new(TurnConfig {
+        strict_channel_numbers: true,
+        ..cfg()
+    });
+    p.allocate();
+    for n in [0x3FFF, 0x5000, 0x7FFF, 0x8000] {
+        p.client.channel_bind(p.now, n, peer());
+        p.expect_error(ErrorCode::BAD_REQUEST);
+    }
+    p.bind_channel(0x4FFF, peer());
+    assert_eq!(
+        p.channel_data(0x4FFF, b"edge"),
+        Some((peer(), b"edge".to_vec()))
+    );
+}
+
+#[test]
 fn channel_numbers_below_0x4000_or_above_0x7fff_get_400() {
     let mut p = Pair::new(cfg());
     p.allocate();
@@ -90,7 +110,7 @@ fn channel_numbers_below_0x4000_or_above_0x7fff_get_400() {
 }
 
 #[test]
-fn channel_numbers_of_the_rfc5766_range_are_accepted_for_older_clients() {
+fn channel_numbers_of_the_rfc5766_range_are_accepted_for_older_clients_by_default() {
     let mut p = Pair::new(cfg());
     p.allocate();
     p.bind_channel(0x7FFF, peer());

@@ -61,7 +61,7 @@ impl ExtensionReply {
 /// A running STUN/TURN service.
 #[derive(Debug)]
 pub struct RelayHandle {
-    listeners: Vec<(&'static str, SocketAddr)>,
+    listeners: Vec<(Transport, SocketAddr)>,
     alternate: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -70,13 +70,13 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// Bound listeners as (`"udp"`, `"tcp"` or `"tls"`, address), after port 0 was resolved.
-    pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
+    /// Bound listeners as (transport, address), after port 0 was resolved.
+    pub fn listeners(&self) -> &[(Transport, SocketAddr)] {
         &self.listeners
     }
 
     /// The first bound address of a transport.
-    pub fn addr(&self, proto: &str) -> Option<SocketAddr> {
+    pub fn addr(&self, proto: Transport) -> Option<SocketAddr> {
         self.listeners
             .iter()
             .find(|(p, _)| *p == proto)
@@ -291,7 +291,7 @@ pub async fn start(
         let got = resolve(*a, g, Type::DGRAM, Protocol::UDP)?;
         proxy_rules.resolve("udp", *a, got);
         udp_final.push(got);
-        listeners.push(("udp", got));
+        listeners.push((Transport::Udp, got));
     }
     let mut tcp_final = Vec::new();
     for a in &tcp_addrs {
@@ -299,7 +299,7 @@ pub async fn start(
         let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
         proxy_rules.resolve("tcp", *a, got);
         tcp_final.push(got);
-        listeners.push(("tcp", got));
+        listeners.push((Transport::Tcp, got));
     }
     let mut tls_final = Vec::new();
     for a in &listen.tls {
@@ -307,7 +307,7 @@ pub async fn start(
         let got = resolve(*a, g, Type::STREAM, Protocol::TCP)?;
         proxy_rules.resolve("tls", *a, got);
         tls_final.push(got);
-        listeners.push(("tls", got));
+        listeners.push((Transport::Tls, got));
     }
     let acceptor = if tls_final.is_empty() {
         None
@@ -413,7 +413,7 @@ pub async fn start(
 /// Starts STUN/TURN on 127.0.0.1 with free ports for UDP, TCP and TLS (self-signed), TURN REST
 /// API credentials under `rest_secret` (mint them with [`kyuu_turn::rest_credentials`]), and
 /// loopback peers allowed (127.0.0.0/8, ::1): for tests of other parts (the browser relay test,
-/// RAWR). `handle.addr("udp")`, `"tcp"`, `"tls"` give the ports.
+/// RAWR). `handle.addr(Transport::Udp)` (and `Tcp`, `Tls`) give the ports.
 pub async fn start_local(rest_secret: &str) -> anyhow::Result<RelayHandle> {
     let any = |p| SocketAddr::from(([127, 0, 0, 1], p));
     let listen = ListenConfig {

@@ -78,10 +78,11 @@ impl Server {
         id: AllocId,
         client: ClientSocket,
     ) {
-        let ChannelBindReq { number, peer } = match ChannelBindReq::decode(msg) {
-            Ok(r) => r,
-            Err(code) => return self.error(client, msg, code, Some(&auth)),
-        };
+        let ChannelBindReq { number, peer } =
+            match ChannelBindReq::decode(msg, self.cfg.strict_channel_numbers) {
+                Ok(r) => r,
+                Err(code) => return self.error(client, msg, code, Some(&auth)),
+            };
         if self
             .allocs
             .get(id)

@@ -179,8 +179,9 @@ impl CreatePermissionReq {
     }
 }
 
-/// ChannelBind (RFC 8656 §12.2). Numbers of RFC 5766's range (up to 0x7FFF) are accepted:
-/// coturn's clients still pick them.
+/// ChannelBind (RFC 8656 §12.2). With `strict` only numbers of RFC 8656 §12 (0x4000..=0x4FFF);
+/// otherwise RFC 5766's range (up to 0x7FFF) too, since coturn 4.6.1's `turnutils_uclient` still
+/// binds such numbers (verified with `tests/turn_interop.rs`: all its binds got 400 when strict).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChannelBindReq {
     pub number: ChannelNumber,
@@ -188,11 +189,15 @@ pub(crate) struct ChannelBindReq {
 }
 
 impl ChannelBindReq {
-    pub fn decode(msg: &Message<'_>) -> Result<Self, ErrorCode> {
+    pub fn decode(msg: &Message<'_>, strict: bool) -> Result<Self, ErrorCode> {
         let number = msg
             .get(attr::CHANNEL_NUMBER)
             .and_then(|v| attr::decode_channel_number(v).ok())
-            .and_then(ChannelNumber::new_rfc5766);
+            .and_then(if strict {
+                ChannelNumber::new
+            } else {
+                ChannelNumber::new_rfc5766
+            });
         let peer = msg.xor_address(attr::XOR_PEER_ADDRESS);
         let (Some(number), Some(Ok(peer))) = (number, peer) else {
             return Err(ErrorCode::BAD_REQUEST);
