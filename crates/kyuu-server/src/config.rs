@@ -9,6 +9,7 @@
 //! [rawr]     # kyuu_rawr::RawrConfig: a RAWR node beside STUN/TURN (off by default)
 //! [log]      # LogConfig
 //! [admin]    # crate::admin::AdminConfig: the admin API and /status (off by default)
+//! [fleet]    # kyuu_signal::FleetConfig: many nodes as one service over Redis (absent: one node)
 //! ```
 //!
 //! Unknown keys are refused (`deny_unknown_fields`) and [`Config::validate`] names the offending
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::admin::AdminConfig;
 pub use crate::relay::ListenConfig;
 pub use kyuu_rawr::RawrConfig;
-pub use kyuu_signal::SignalConfig;
+pub use kyuu_signal::{FleetConfig, SignalConfig};
 pub use kyuu_turn::TurnConfig;
 
 /// The whole configuration file.
@@ -39,6 +40,8 @@ pub struct Config {
     pub rawr: RawrConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    /// Absent: a single node, no Redis.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// The `[server]` section.
@@ -207,6 +210,9 @@ impl Config {
         self.turn
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(f) = &self.fleet {
+            f.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.http.enabled && self.http.credential_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "http.credential_ttl_secs: must be positive".into(),
@@ -348,6 +354,9 @@ impl Config {
         out.push_str(&section("rawr", &self.rawr)?);
         out.push_str(&section("log", &self.log)?);
         out.push_str(&section("admin", &self.admin)?);
+        if let Some(f) = &self.fleet {
+            out.push_str(&section("fleet", f)?);
+        }
         Ok(out)
     }
 }
@@ -474,6 +483,29 @@ mod tests {
         let c = Config::from_toml("[log]\nlevel = \"info,=x=y\"\n", "k").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("log.level: "), "{e}");
+    }
+
+    #[test]
+    fn fleet_section_is_optional_and_validated() {
+        assert!(Config::from_toml("", "k").unwrap().fleet.is_none());
+        let ok = "[fleet]\nredis_url = \"redis://127.0.0.1:6379/\"\nnode = \"a\"\n";
+        let c = Config::from_toml(ok, "k").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.fleet.as_ref().map(|f| f.peer_ttl_secs), Some(10));
+        let bad = "[fleet]\nredis_url = \"http://x\"\nnode = \"a\"\n";
+        let e = Config::from_toml(bad, "k")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("fleet.redis_url"), "{e}");
+        let bad = "[fleet]\nredis_url = \"redis://x/\"\nnode = \"a b\"\n";
+        let e = Config::from_toml(bad, "k")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("fleet.node"), "{e}");
     }
 
     #[test]

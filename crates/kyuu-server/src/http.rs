@@ -24,6 +24,8 @@ pub struct Health {
     pub started: Instant,
     /// STUN/TURN listener addresses, as `proto address`.
     pub listeners: Vec<String>,
+    /// Redis reachability in fleet mode (`"fleet": "ok"|"degraded"`); `None` for one node.
+    pub fleet: Option<kyuu_signal::FleetStatus>,
 }
 
 #[derive(Clone)]
@@ -55,8 +57,14 @@ async fn render_metrics(State(s): State<AppState>) -> Response {
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
+    let fleet = s
+        .health
+        .fleet
+        .as_ref()
+        .map(|f| format!(",\"fleet\":\"{}\"", f.as_str()))
+        .unwrap_or_default();
     let body = format!(
-        "{{\"status\":\"ok\",\"uptime_secs\":{},\"listeners\":{}}}\n",
+        "{{\"status\":\"ok\",\"uptime_secs\":{},\"listeners\":{}{fleet}}}\n",
         s.health.started.elapsed().as_secs(),
         json_strings(&s.health.listeners)
     );

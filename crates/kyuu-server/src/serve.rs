@@ -166,13 +166,18 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
             }
             None => None,
         };
+        let (signal, sig_admin, fleet) = kyuu_signal::router_with_fleet(
+            config.signal.clone(),
+            ice.clone(),
+            config.fleet.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        signal_admin = Some(sig_admin);
         let health = Arc::new(Health {
             started,
             listeners: listeners.iter().map(|(p, a)| format!("{p} {a}")).collect(),
+            fleet,
         });
-        let (signal, sig_admin) =
-            kyuu_signal::router_with_admin(config.signal.clone(), ice.clone());
-        signal_admin = Some(sig_admin);
         let mut a = http::router(signal, metrics.clone(), health);
         if let Some(node) = &rawr {
             a = a.nest("/rawr", crate::rawr::http::router(node.local_addr()));

@@ -126,6 +126,39 @@ pub enum Output {
         /// Close reason.
         reason: &'static str,
     },
+    /// Fleet mode only: `to` is not known on this node; the shell looks it up in the fleet
+    /// registry and forwards `text`, or calls [`Hub::remote_unknown`] when no node has it.
+    /// Routes are emitted in input order; the shell keeps that order per sender.
+    Route {
+        /// Sending connection (for an error if the peer is unknown fleet-wide).
+        from_conn: ConnId,
+        /// Sender id.
+        from: String,
+        /// Destination id.
+        to: String,
+        /// The rewritten frame, ready for the destination.
+        text: String,
+    },
+    /// Fleet mode only: a local client joined (`on`) or left `room`; the shell tells the other
+    /// nodes, which mirror it with [`Hub::remote_room`].
+    Room {
+        /// Room name.
+        room: String,
+        /// Member client id.
+        peer: String,
+        /// Joined (true) or left.
+        on: bool,
+    },
+    /// Fleet mode only: a local client published (`on`) or withdrew `key`; the shell tells
+    /// the other nodes, which mirror it with [`Hub::remote_dir`].
+    Dir {
+        /// The name or topic.
+        key: DirKey,
+        /// Publishing client id.
+        peer: String,
+        /// Published (true) or withdrawn.
+        on: bool,
+    },
 }
 
 /// Error codes sent to opt-in clients in `{"type":"error","code":..}`.
@@ -172,9 +205,12 @@ impl ErrorCode {
 }
 
 /// A directory key: a unique name or a shared topic.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum DirKey {
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirKey {
+    /// A unique name (one publisher).
     Name(String),
+    /// A shared topic (any number of publishers).
     Topic(String),
 }
 
@@ -264,6 +300,12 @@ pub struct Hub {
     /// (until, id) for `Gone` entries, in order.
     gone_order: VecDeque<(Instant, String)>,
     out: VecDeque<Output>,
+    /// Unknown destinations go out as [`Output::Route`] instead of being held or refused.
+    fleet: bool,
+    /// Fleet mode: publications mirrored from other nodes, by node.
+    remote_pubs: HashMap<String, Vec<(DirKey, String)>>,
+    /// Fleet mode: room memberships mirrored from other nodes, by node.
+    remote_rooms: HashMap<String, Vec<(String, String)>>,
 }
 
 impl Hub {
@@ -283,6 +325,230 @@ impl Hub {
             held_order: VecDeque::new(),
             gone_order: VecDeque::new(),
             out: VecDeque::new(),
+            fleet: false,
+            remote_pubs: HashMap::new(),
+            remote_rooms: HashMap::new(),
+        }
+    }
+
+    /// Fleet mode: the local publications, to announce to the fleet (resync).
+    pub fn local_publications(&self) -> Vec<(DirKey, String)> {
+        self.conns
+            .values()
+            .flat_map(|c| c.pubs.iter().map(|k| (k.clone(), c.id.clone())))
+            .collect()
+    }
+
+    /// Fleet mode: the local room memberships (room, id), to announce to the fleet.
+    pub fn local_memberships(&self) -> Vec<(String, String)> {
+        self.conns
+            .values()
+            .flat_map(|c| c.rooms.iter().map(|r| (r.clone(), c.id.clone())))
+            .collect()
+    }
+
+    /// Fleet mode: nodes whose publications or room members are mirrored here.
+    pub fn remote_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .remote_pubs
+            .keys()
+            .chain(self.remote_rooms.keys())
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Fleet mode: client `peer` on `node` joined (`on`) or left `room`. Mirrored into the
+    /// local room, so members lists include it and local members get `joined`/`left`.
+    pub fn remote_room(&mut self, node: &str, room: &str, peer: &str, on: bool) {
+        let list = self.remote_rooms.entry(node.to_owned()).or_default();
+        let had = list.iter().any(|(r, p)| r == room && p == peer);
+        if on == had {
+            return;
+        }
+        if on {
+            list.push((room.to_owned(), peer.to_owned()));
+        } else {
+            list.retain(|(r, p)| !(r == room && p == peer));
+        }
+        if list.is_empty() {
+            self.remote_rooms.remove(node);
+        }
+        let kind = if on { "joined" } else { "left" };
+        let event = json!({"type": kind, "room": room, "peer": peer}).to_string();
+        if on {
+            self.broadcast_room(room, None, &event);
+            self.rooms
+                .entry(room.to_owned())
+                .or_default()
+                .push(peer.to_owned());
+        } else {
+            if let Some(m) = self.rooms.get_mut(room) {
+                m.retain(|x| x != peer);
+                if m.is_empty() {
+                    self.rooms.remove(room);
+                }
+            }
+            self.broadcast_room(room, None, &event);
+        }
+    }
+
+    /// Fleet mode: client `peer` on `node` published (`on`) or withdrew `key`. Mirrored into
+    /// the local directory, so lookups answer and watchers are told as for a local client.
+    pub fn remote_dir(&mut self, node: &str, key: DirKey, peer: &str, on: bool) {
+        let list = self.remote_pubs.entry(node.to_owned()).or_default();
+        let had = list.iter().any(|(k, p)| *k == key && p == peer);
+        if on == had {
+            return;
+        }
+        if on {
+            list.push((key.clone(), peer.to_owned()));
+        } else {
+            list.retain(|(k, p)| !(*k == key && p == peer));
+        }
+        if list.is_empty() {
+            self.remote_pubs.remove(node);
+        }
+        let entry = self.dir.entry(key.clone()).or_default();
+        if on {
+            entry.publishers.push(peer.to_owned());
+        } else {
+            entry.publishers.retain(|p| p != peer);
+        }
+        let watchers = entry.watchers.clone();
+        if entry.publishers.is_empty() && entry.watchers.is_empty() {
+            self.dir.remove(&key);
+        }
+        let kind = if on { "published" } else { "unpublished" };
+        let mut ev = json!({"type": kind, "peer": peer});
+        key.put(&mut ev);
+        let ev = ev.to_string();
+        for w in watchers {
+            self.send_text(w, ev.clone());
+        }
+    }
+
+    fn node_gone_dir(&mut self, node: &str) {
+        let Some(list) = self.remote_pubs.get(node).cloned() else {
+            return;
+        };
+        info!(
+            "fleet: node {node} is gone, withdrawing its {} publications",
+            list.len()
+        );
+        for (k, p) in list {
+            self.remote_dir(node, k, &p, false);
+        }
+    }
+
+    /// Fleet mode: `node` died; everything mirrored from it is withdrawn (others told).
+    pub fn node_gone(&mut self, node: &str) {
+        self.node_gone_dir(node);
+        let rooms = self.remote_rooms.get(node).cloned().unwrap_or_default();
+        for (r, p) in rooms {
+            self.remote_room(node, &r, &p, false);
+        }
+    }
+
+    /// Fleet mode: destinations unknown here are routed to other nodes ([`Output::Route`]).
+    pub fn set_fleet(&mut self, on: bool) {
+        self.fleet = on;
+    }
+
+    /// Ids of live (connected) clients, for the fleet registry heartbeat.
+    pub fn live_ids(&self) -> impl Iterator<Item = &str> {
+        self.conns.values().map(|c| c.id.as_str())
+    }
+
+    /// The resume token of a live or reserved id (fleet mode registers its hash).
+    pub fn resume_token(&self, id: &str) -> Option<&str> {
+        self.ids.get(id).and_then(|e| e.resume.as_deref())
+    }
+
+    /// Fleet mode: `id` was taken over on another node (with its resume token, or by legacy
+    /// takeover). Closes the local connection holding it and forgets the id here, so frames
+    /// for it are routed to its new node.
+    pub fn evict(&mut self, now: Instant, id: &str) {
+        let Some(entry) = self.ids.remove(id) else {
+            return;
+        };
+        if let IdState::Live(conn) = entry.state {
+            info!("Client {id} resumed on another node");
+            self.drop_conn(now, conn);
+            metrics::gauge!("kyuu_signal_connections").set(self.conns.len() as f64);
+            self.out.push_back(Output::Close {
+                conn,
+                code: 4000,
+                reason: "replaced by a newer connection on another node",
+            });
+        }
+    }
+
+    /// Fleet mode: no node has `to`. Holds the message like a local unknown destination
+    /// (`buffer_unknown`) or answers the sender with `unknown-peer`.
+    pub fn remote_unknown(
+        &mut self,
+        now: Instant,
+        from_conn: ConnId,
+        from: &str,
+        to: &str,
+        text: String,
+    ) {
+        if !self.is_current(from_conn) {
+            return;
+        }
+        let here = self.ids.get(to).map(|e| &e.state);
+        if let Some(IdState::Live(dst)) = here {
+            // It connected here after the route was emitted.
+            let dst = *dst;
+            self.out.push_back(Output::Send { conn: dst, text });
+            return;
+        }
+        let gone_here = matches!(here, Some(IdState::Gone { .. }));
+        if gone_here || self.cfg.buffer_unknown {
+            self.hold_text(now, from_conn, from, to, text);
+        } else {
+            info!("Client {to} not found in the fleet");
+            metrics::counter!("kyuu_signal_dropped_total", "reason" => "unknown").increment(1);
+            self.error(from_conn, ErrorCode::UnknownPeer, "no such peer", Some(to));
+        }
+    }
+
+    /// Fleet mode: a frame routed here by another node for local client `to`. Returns `false`
+    /// when `to` is neither live nor recently gone here (the frame is dropped).
+    pub fn from_remote(&mut self, now: Instant, to: &str, text: String) -> bool {
+        match self.ids.get(to).map(|e| &e.state) {
+            Some(IdState::Live(dst)) => {
+                let dst = *dst;
+                debug!("Client {to} >> {text} (from fleet)");
+                metrics::counter!("kyuu_signal_messages_relayed_total").increment(1);
+                self.out.push_back(Output::Send { conn: dst, text });
+                true
+            }
+            Some(IdState::Gone { .. }) => {
+                let ttl = self.cfg.pending_ttl();
+                let per_peer = self.held.get(to).map_or(0, VecDeque::len);
+                if ttl.is_zero()
+                    || per_peer >= self.cfg.pending_max_per_peer
+                    || self.held_total >= self.cfg.pending_max_total
+                {
+                    return false;
+                }
+                let expires = now + ttl;
+                // No local sender to tell when it expires: ConnId(0) is never a live connection.
+                self.held.entry(to.to_owned()).or_default().push_back(Held {
+                    from_conn: ConnId(0),
+                    from_id: String::new(),
+                    text,
+                    expires,
+                });
+                self.held_total += 1;
+                self.held_order.push_back((expires, to.to_owned()));
+                true
+            }
+            None => false,
         }
     }
 
@@ -560,6 +826,15 @@ impl Hub {
                 metrics::counter!("kyuu_signal_messages_relayed_total").increment(1);
                 self.out.push_back(Output::Send { conn: dst, text });
             }
+            // In a fleet a client gone from here may have reconnected to another node.
+            Some(IdState::Gone { .. }) | None if self.fleet => {
+                self.out.push_back(Output::Route {
+                    from_conn: conn,
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    text: r.rewrite(from),
+                });
+            }
             Some(IdState::Gone { .. }) => self.hold(now, conn, from, to, r),
             None if self.cfg.buffer_unknown => self.hold(now, conn, from, to, r),
             None => {
@@ -578,6 +853,10 @@ impl Hub {
         to: &str,
         r: &frame::RelayFrame<'_>,
     ) {
+        self.hold_text(now, conn, from, to, r.rewrite(from));
+    }
+
+    fn hold_text(&mut self, now: Instant, conn: ConnId, from: &str, to: &str, text: String) {
         let per_peer = self.held.get(to).map_or(0, VecDeque::len);
         let ttl = self.cfg.pending_ttl();
         if ttl.is_zero()
@@ -598,7 +877,7 @@ impl Hub {
         self.held.entry(to.to_owned()).or_default().push_back(Held {
             from_conn: conn,
             from_id: from.to_owned(),
-            text: r.rewrite(from),
+            text,
             expires,
         });
         self.held_total += 1;
@@ -703,6 +982,13 @@ impl Hub {
             }
             let event = json!({"type": "joined", "room": room, "peer": me}).to_string();
             self.broadcast_room(&room, None, &event);
+            if self.fleet {
+                self.out.push_back(Output::Room {
+                    room: room.clone(),
+                    peer: me.to_owned(),
+                    on: true,
+                });
+            }
             self.rooms
                 .entry(room.clone())
                 .or_default()
@@ -732,6 +1018,13 @@ impl Hub {
         let event = json!({"type": "left", "room": room, "peer": me}).to_string();
         self.broadcast_room(room, None, &event);
         self.send_text(conn, event);
+        if self.fleet {
+            self.out.push_back(Output::Room {
+                room: room.to_owned(),
+                peer: me.to_owned(),
+                on: false,
+            });
+        }
         Some(())
     }
 
@@ -782,6 +1075,13 @@ impl Hub {
         if !already {
             entry.publishers.push(me.to_owned());
             let watchers = entry.watchers.clone();
+            if self.fleet {
+                self.out.push_back(Output::Dir {
+                    key: k.clone(),
+                    peer: me.to_owned(),
+                    on: true,
+                });
+            }
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.pubs.push(k);
             }
@@ -801,6 +1101,13 @@ impl Hub {
             return false;
         };
         c.pubs.swap_remove(pos);
+        if self.fleet {
+            self.out.push_back(Output::Dir {
+                key: k.clone(),
+                peer: me.to_owned(),
+                on: false,
+            });
+        }
         let mut ev = json!({"type": "unpublished", "peer": me});
         k.put(&mut ev);
         let ev = ev.to_string();
@@ -882,7 +1189,10 @@ impl Hub {
         // Anything already queued for it is moot.
         self.out.retain(|o| match o {
             Output::Send { conn: c, .. } => *c != conn,
-            Output::Close { .. } => true,
+            Output::Close { .. }
+            | Output::Route { .. }
+            | Output::Dir { .. }
+            | Output::Room { .. } => true,
         });
         Some(id)
     }

@@ -12,6 +12,7 @@
 //! The routing logic is the sans-IO [`hub::Hub`]; [`router`] is the thin axum/tokio shell.
 
 pub mod config;
+pub mod fleet;
 pub mod frame;
 pub mod hub;
 pub mod ice;
@@ -20,5 +21,8 @@ mod server;
 pub mod token;
 
 pub use config::SignalConfig;
+pub use fleet::{FleetConfig, FleetStatus};
 pub use ice::{IceProvider, IceServer};
-pub use server::{router, router_with_admin, serve, serve_listener, SignalAdmin};
+pub use server::{
+    router, router_with_admin, router_with_fleet, serve, serve_listener, SignalAdmin,
+};

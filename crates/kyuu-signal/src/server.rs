@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use crate::config::SignalConfig;
+use crate::fleet::{Cmd, Fleet, FleetConfig, FleetStatus, HubPort};
 use crate::hub::{ConnId, ConnectRequest, Hub, Output};
 use crate::ice::{IceProvider, IceServer};
 use crate::mint::MintLimiter;
@@ -56,6 +57,61 @@ struct Shared {
     state: Mutex<State_>,
     wake: Notify,
     timer: Once,
+    /// Fleet mode glue (set once, right after the router is built).
+    fleet: std::sync::OnceLock<Fleet>,
+}
+
+impl HubPort for Shared {
+    fn live_ids(&self) -> Vec<(String, Option<String>)> {
+        let st = self.lock();
+        st.hub
+            .live_ids()
+            .map(|id| {
+                let h = st.hub.resume_token(id).map(crate::fleet::token_hash);
+                (id.to_owned(), h)
+            })
+            .collect()
+    }
+
+    fn evict(&self, id: &str) {
+        self.with_hub(|h, now| h.evict(now, id));
+    }
+
+    fn local_publications(&self) -> Vec<(crate::hub::DirKey, String)> {
+        self.lock().hub.local_publications()
+    }
+
+    fn local_memberships(&self) -> Vec<(String, String)> {
+        self.lock().hub.local_memberships()
+    }
+
+    fn remote_room(&self, node: &str, room: &str, peer: &str, on: bool) {
+        self.with_hub(|h, _| h.remote_room(node, room, peer, on));
+    }
+
+    fn remote_nodes(&self) -> Vec<String> {
+        self.lock().hub.remote_nodes()
+    }
+
+    fn remote_dir(&self, node: &str, key: crate::hub::DirKey, peer: &str, on: bool) {
+        self.with_hub(|h, _| h.remote_dir(node, key, peer, on));
+    }
+
+    fn node_gone(&self, node: &str) {
+        self.with_hub(|h, _| h.node_gone(node));
+    }
+
+    fn deliver_remote(&self, to: &str, text: String) {
+        self.with_hub(|h, now| {
+            if !h.from_remote(now, to, text) {
+                debug!("fleet: frame for {to}, who is not here, dropped");
+            }
+        });
+    }
+
+    fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String) {
+        self.with_hub(|h, now| h.remote_unknown(now, from_conn, from, to, text));
+    }
 }
 
 impl Shared {
@@ -96,6 +152,38 @@ impl Shared {
                     Output::Close { conn, code, reason } => {
                         if let Some(link) = st.links.remove(&conn) {
                             let _ = link.kill.send((code, reason));
+                        }
+                    }
+                    Output::Route {
+                        from_conn,
+                        from,
+                        to,
+                        text,
+                    } => {
+                        let queued = self.fleet.get().is_some_and(|f| {
+                            f.send(Cmd::Route {
+                                from_conn,
+                                from: from.clone(),
+                                to: to.clone(),
+                                text: text.clone(),
+                            })
+                        });
+                        if !queued {
+                            st.hub.remote_unknown(now, from_conn, &from, &to, text);
+                        }
+                    }
+                    Output::Room { room, peer, on } => {
+                        if let Some(f) = self.fleet.get() {
+                            if !f.send(Cmd::Room { room, peer, on }) {
+                                warn!("fleet: queue full, a room change was not announced");
+                            }
+                        }
+                    }
+                    Output::Dir { key, peer, on } => {
+                        if let Some(f) = self.fleet.get() {
+                            if !f.send(Cmd::Dir { key, peer, on }) {
+                                warn!("fleet: queue full, a directory change was not announced");
+                            }
                         }
                     }
                 }
@@ -209,6 +297,32 @@ impl SignalAdmin {
 
 /// [`router`] plus its [`SignalAdmin`] handle.
 pub fn router_with_admin(cfg: SignalConfig, ice: IceProvider) -> (Router, SignalAdmin) {
+    let (shared, router) = build(cfg, ice);
+    (router, SignalAdmin(shared))
+}
+
+/// [`router`] in fleet mode when `fleet` is given: clients on other nodes sharing the Redis
+/// are reached by id (see [`crate::fleet`]). Returns the Redis status for `/healthz`. Must be
+/// called inside a tokio runtime when `fleet` is given.
+pub fn router_with_fleet(
+    cfg: SignalConfig,
+    ice: IceProvider,
+    fleet: Option<FleetConfig>,
+) -> Result<(Router, SignalAdmin, Option<FleetStatus>), String> {
+    let (shared, r) = build(cfg, ice);
+    let Some(fc) = fleet else {
+        return Ok((r, SignalAdmin(shared), None));
+    };
+    shared.lock().hub.set_fleet(true);
+    let weak: std::sync::Weak<Shared> = Arc::downgrade(&shared);
+    let port: std::sync::Weak<dyn HubPort> = weak;
+    let f = Fleet::start(fc, port)?;
+    let status = f.status();
+    let _ = shared.fleet.set(f);
+    Ok((r, SignalAdmin(shared), Some(status)))
+}
+
+fn build(cfg: SignalConfig, ice: IceProvider) -> (Arc<Shared>, Router) {
     let seed = rand::random();
     let shared = Arc::new(Shared {
         state: Mutex::new(State_ {
@@ -225,8 +339,9 @@ pub fn router_with_admin(cfg: SignalConfig, ice: IceProvider) -> (Router, Signal
         ice: Mutex::new(ice),
         wake: Notify::new(),
         timer: Once::new(),
+        fleet: std::sync::OnceLock::new(),
     });
-    let router = Router::new()
+    let r = Router::new()
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/v1/ice-servers", get(ice_servers))
@@ -234,7 +349,7 @@ pub fn router_with_admin(cfg: SignalConfig, ice: IceProvider) -> (Router, Signal
         .route("/{id}", get(by_id))
         .route("/{id}/{*rest}", get(by_id_rest))
         .with_state(shared.clone());
-    (router, SignalAdmin(shared))
+    (shared, r)
 }
 
 /// Binds `addr` and serves [`router`] until an error occurs.
@@ -366,7 +481,11 @@ async fn common_js() -> Response {
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Response {
     let n = s.lock().hub.connections();
-    Json(serde_json::json!({"status": "ok", "connections": n})).into_response()
+    let mut v = serde_json::json!({"status": "ok", "connections": n});
+    if let (Some(f), serde_json::Value::Object(m)) = (s.fleet.get(), &mut v) {
+        m.insert("fleet".into(), f.status().as_str().into());
+    }
+    Json(v).into_response()
 }
 
 async fn ice_servers(
@@ -470,6 +589,16 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
         claims,
         ice_servers: ice,
     };
+    if let (Some(f), Some(id)) = (s.fleet.get(), request.id.as_deref()) {
+        if !id.is_empty()
+            && f.admit(id, request.resume.as_deref(), s.cfg.legacy_takeover)
+                .await
+                .is_err()
+        {
+            let r = crate::hub::Refusal::IdTaken(id.to_owned());
+            return refuse(StatusCode::CONFLICT, &r.to_string());
+        }
+    }
     s.start_timer();
     let (tx, rx) = mpsc::channel(s.cfg.send_queue.max(1));
     let (kill_tx, kill_rx) = oneshot::channel();
@@ -479,6 +608,11 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
         match st.hub.connect(now, request) {
             Ok(a) => {
                 st.links.insert(a.conn, Link { tx, kill: kill_tx });
+                if let Some(f) = s.fleet.get() {
+                    // Same queue as routes, so the claim is ordered before this client's frames.
+                    let hash = st.hub.resume_token(&a.id).map(crate::fleet::token_hash);
+                    let _ = f.send(Cmd::Claim(a.id.clone(), hash));
+                }
                 s.deliver(&mut st, now);
                 a
             }

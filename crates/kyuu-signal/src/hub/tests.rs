@@ -39,7 +39,11 @@ fn to(outs: &[Output], conn: ConnId) -> Vec<Value> {
             Output::Send { conn: c, text } if *c == conn => {
                 Some(serde_json::from_str(text).unwrap())
             }
-            Output::Send { .. } | Output::Close { .. } => None,
+            Output::Send { .. }
+            | Output::Close { .. }
+            | Output::Route { .. }
+            | Output::Dir { .. }
+            | Output::Room { .. } => None,
         })
         .collect()
 }
@@ -48,7 +52,11 @@ fn texts(outs: &[Output], conn: ConnId) -> Vec<String> {
     outs.iter()
         .filter_map(|o| match o {
             Output::Send { conn: c, text } if *c == conn => Some(text.clone()),
-            Output::Send { .. } | Output::Close { .. } => None,
+            Output::Send { .. }
+            | Output::Close { .. }
+            | Output::Route { .. }
+            | Output::Dir { .. }
+            | Output::Room { .. } => None,
         })
         .collect()
 }
@@ -419,4 +427,104 @@ fn fuzzish_inputs_never_panic() {
     h.text(now, ConnId(999), "{}");
     h.disconnect(now, ConnId(999));
     drain(&mut h);
+}
+
+#[test]
+fn fleet_mode_routes_unknown_ids_out_and_takes_frames_in() {
+    let (mut h, now) = hub(SignalConfig::default());
+    h.set_fleet(true);
+    let a = h.connect(now, v2(Some("alice"))).unwrap().conn;
+    drain(&mut h);
+    h.text(now, a, r#"{"id":"bob","type":"offer","sdp":"x"}"#);
+    let outs = drain(&mut h);
+    let [Output::Route {
+        from_conn,
+        from,
+        to: dest,
+        text,
+    }] = outs.as_slice()
+    else {
+        panic!("expected one route: {outs:?}");
+    };
+    assert_eq!(
+        (*from_conn, from.as_str(), dest.as_str()),
+        (a, "alice", "bob")
+    );
+    let v: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(v, json!({"id":"alice","type":"offer","sdp":"x"}));
+
+    // No node has bob: unknown-peer to the sender (buffer_unknown is off).
+    h.remote_unknown(now, a, "alice", "bob", text.clone());
+    let errs = to(&drain(&mut h), a);
+    assert_eq!(errs[0]["code"], "unknown-peer");
+
+    // A frame from another node for alice is delivered as is; one for a stranger is dropped.
+    assert!(h.from_remote(now, "alice", r#"{"id":"bob","n":1}"#.into()));
+    assert_eq!(texts(&drain(&mut h), a), vec![r#"{"id":"bob","n":1}"#]);
+    assert!(!h.from_remote(now, "nobody", "{}".into()));
+    assert!(drain(&mut h).is_empty());
+}
+
+#[test]
+fn fleet_mode_routes_a_locally_gone_id_and_holds_when_no_node_has_it() {
+    let (mut h, now) = hub(SignalConfig::default());
+    h.set_fleet(true);
+    let a = h.connect(now, req(Some("alice"))).unwrap().conn;
+    let b = h.connect(now, req(Some("bob"))).unwrap().conn;
+    h.disconnect(now, b);
+    drain(&mut h);
+    // bob may have reconnected to another node: route, don't hold.
+    h.text(now, a, r#"{"id":"bob","n":1}"#);
+    let outs = drain(&mut h);
+    assert!(
+        matches!(outs.as_slice(), [Output::Route { .. }]),
+        "{outs:?}"
+    );
+    // Nobody has him: held here, delivered when he comes back.
+    h.remote_unknown(now, a, "alice", "bob", r#"{"id":"alice","n":1}"#.into());
+    assert!(drain(&mut h).is_empty());
+    let b2 = h.connect(now, req(Some("bob"))).unwrap().conn;
+    assert_eq!(texts(&drain(&mut h), b2), vec![r#"{"id":"alice","n":1}"#]);
+}
+
+#[test]
+fn without_fleet_mode_nothing_is_routed() {
+    let (mut h, now) = hub(SignalConfig::default());
+    let a = h.connect(now, v2(Some("alice"))).unwrap().conn;
+    drain(&mut h);
+    h.text(now, a, r#"{"id":"bob"}"#);
+    let outs = drain(&mut h);
+    assert!(!outs.iter().any(|o| matches!(o, Output::Route { .. })));
+    assert_eq!(to(&outs, a)[0]["code"], "unknown-peer");
+}
+
+#[test]
+fn fleet_directory_mirrors_remote_publications_and_drops_a_dead_nodes() {
+    let (mut h, now) = hub(SignalConfig::default());
+    h.set_fleet(true);
+    let w = h.connect(now, v2(Some("watcher"))).unwrap().conn;
+    let p = h.connect(now, v2(Some("local"))).unwrap().conn;
+    drain(&mut h);
+    h.text(now, w, r#"{"type":"watch","name":"arm-7"}"#);
+    drain(&mut h);
+    h.remote_dir("node-b", DirKey::Name("arm-7".into()), "far", true);
+    let ev = to(&drain(&mut h), w);
+    assert_eq!(ev[0]["type"], "published");
+    assert_eq!(ev[0]["peer"], "far");
+    // The name is held fleet-wide.
+    h.text(now, p, r#"{"type":"publish","name":"arm-7"}"#);
+    assert_eq!(to(&drain(&mut h), p)[0]["code"], "name-taken");
+    // A local publication is announced to the fleet.
+    h.text(now, p, r#"{"type":"publish","topic":"/cam"}"#);
+    let outs = drain(&mut h);
+    assert!(outs
+        .iter()
+        .any(|o| matches!(o, Output::Dir { on: true, peer, .. } if peer == "local")));
+    assert_eq!(h.remote_nodes(), vec!["node-b".to_owned()]);
+    h.node_gone("node-b");
+    let ev = to(&drain(&mut h), w);
+    assert_eq!(ev[0]["type"], "unpublished");
+    assert!(h.remote_nodes().is_empty());
+    h.text(now, w, r#"{"type":"lookup","name":"arm-7"}"#);
+    assert_eq!(to(&drain(&mut h), w)[0]["peers"], json!([]));
 }

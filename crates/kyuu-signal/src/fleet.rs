@@ -1,0 +1,774 @@
+//! Fleet mode: many signaling nodes as one service, over Redis.
+//!
+//! The hub stays sans-IO: a destination it does not know comes out as
+//! [`Output::Route`](crate::hub::Output::Route) and this module's glue looks the id up and
+//! forwards the frame; frames from other nodes go in through [`Hub::from_remote`].
+//!
+//! # Redis layout
+//!
+//! * `kyuu:peer:<id>` = owning node name, `EX peer_ttl_secs`. Set when a client connects and
+//!   refreshed for every live client by the heartbeat (every `heartbeat_secs`). A node that dies
+//!   stops refreshing, so its ids vanish fleet-wide within `peer_ttl_secs`.
+//! * `kyuu:node:<name>` (pub/sub channel): frames routed to that node, JSON
+//!   `{"to": <id>, "text": <frame>}`.
+//! * `kyuu:owner:<id>` = SHA-256 (hex) of the id's resume token, same expiry, for ids whose
+//!   client holds one: another node lets a handshake take the id only with that token
+//!   ([`Fleet::admit`]) and tells the old node to close its connection (`"evict"`).
+//! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat. A node whose
+//!   key is gone is dead: the others withdraw the directory entries they mirror from it.
+//! * `kyuu:events` (pub/sub channel): room joins/leaves and directory publications and
+//!   withdrawals of every node,
+//!   mirrored by every other node into its hub ([`Hub::remote_dir`]), and resync requests (a
+//!   node that (re)subscribes asks all others to announce their publications again).
+//!
+//! # Ordering
+//!
+//! Every route and registration of a node goes through one task, in hub output order, and each
+//! command is awaited before the next is sent on the one connection. Redis delivers the
+//! messages of one publishing connection to a subscriber in publish order, and the subscriber
+//! task feeds them to the hub in that order, so frames from one sender to one receiver arrive
+//! in the order sent.
+//!
+//! # Redis unreachable
+//!
+//! Local relaying never touches Redis. When Redis fails, the node marks itself degraded
+//! (`/healthz`), answers routes to unknown ids as if the id were unknown (held or
+//! `unknown-peer`), keeps retrying, and on reconnect re-subscribes and re-registers every live
+//! id at the next heartbeat.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use crate::hub::{ConnId, DirKey};
+
+/// The `[fleet]` configuration section. Absent: a single node, no Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    pub redis_url: String,
+    /// This node's name, unique in the fleet (letters, digits, `-`, `_`, `.`).
+    pub node: String,
+    /// Region of this node (informational for now).
+    #[serde(default)]
+    pub region: String,
+    /// Public HTTP(S) base URL of this node, e.g. `https://eu1.example.org` (informational).
+    #[serde(default)]
+    pub public_http: Option<String>,
+    /// Seconds a client id stays registered without a heartbeat; also the bound on how long
+    /// a dead node's clients still look present to the rest of the fleet.
+    #[serde(default = "default_peer_ttl")]
+    pub peer_ttl_secs: u64,
+    /// Interval of the registry heartbeat, seconds (must be below `peer_ttl_secs`).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+}
+
+fn default_peer_ttl() -> u64 {
+    10
+}
+
+fn default_heartbeat() -> u64 {
+    3
+}
+
+impl FleetConfig {
+    /// Checks the section; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {
+            return Err(format!(
+                "fleet.redis_url: {:?} is not a redis:// URL",
+                self.redis_url
+            ));
+        }
+        if redis::Client::open(self.redis_url.as_str()).is_err() {
+            return Err(format!(
+                "fleet.redis_url: {:?} is not valid",
+                self.redis_url
+            ));
+        }
+        if self.node.is_empty()
+            || self.node.len() > 64
+            || !self
+                .node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "fleet.node: {:?} must be 1..=64 of letters, digits, '-', '_', '.'",
+                self.node
+            ));
+        }
+        if self.peer_ttl_secs < 2 {
+            return Err("fleet.peer_ttl_secs: must be at least 2".into());
+        }
+        if self.heartbeat_secs == 0 || self.heartbeat_secs >= self.peer_ttl_secs {
+            return Err("fleet.heartbeat_secs: must be positive and below peer_ttl_secs".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether this node currently reaches Redis; shared with `/healthz`.
+#[derive(Debug, Clone)]
+pub struct FleetStatus {
+    ok: Arc<AtomicBool>,
+}
+
+impl FleetStatus {
+    fn new() -> FleetStatus {
+        FleetStatus {
+            ok: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// `"ok"` when Redis answered the last command, `"degraded"` otherwise.
+    pub fn as_str(&self) -> &'static str {
+        if self.ok.load(Ordering::Relaxed) {
+            "ok"
+        } else {
+            "degraded"
+        }
+    }
+
+    fn set(&self, ok: bool) {
+        let was = self.ok.swap(ok, Ordering::Relaxed);
+        if was && !ok {
+            warn!("fleet: Redis unreachable; serving local clients only until it is back");
+        } else if !was && ok {
+            info!("fleet: Redis reachable");
+        }
+    }
+}
+
+/// Work for the routing task, in hub output order.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// A local client took an id; with the SHA-256 (hex) of its resume token when it has one.
+    Claim(String, Option<String>),
+    /// A frame for an id that is not on this node.
+    Route {
+        from_conn: ConnId,
+        from: String,
+        to: String,
+        text: String,
+    },
+    /// A local client published or withdrew a directory key.
+    Dir { key: DirKey, peer: String, on: bool },
+    /// A local client joined or left a room.
+    Room {
+        room: String,
+        peer: String,
+        on: bool,
+    },
+    /// Announce every local publication (asked by another node, or after subscribing).
+    Announce,
+    /// Ask every node to announce its publications (after (re)subscribing).
+    AskResync,
+}
+
+/// Fleet-wide events on [`EVENTS`].
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum Event {
+    Dir {
+        node: String,
+        key: DirKey,
+        peer: String,
+        on: bool,
+    },
+    Room {
+        node: String,
+        room: String,
+        peer: String,
+        on: bool,
+    },
+    Resync {
+        node: String,
+    },
+}
+
+/// The fleet events channel: directory changes and resync requests.
+const EVENTS: &str = "kyuu:events";
+
+/// What the glue needs from the shell that owns the hub.
+pub(crate) trait HubPort: Send + Sync + 'static {
+    /// Ids of the live local clients, with the hash of their resume token ([`token_hash`]).
+    fn live_ids(&self) -> Vec<(String, Option<String>)>;
+    /// `id` was taken over on another node.
+    fn evict(&self, id: &str);
+    /// The local publications.
+    fn local_publications(&self) -> Vec<(DirKey, String)>;
+    /// The local room memberships (room, id).
+    fn local_memberships(&self) -> Vec<(String, String)>;
+    /// A room membership on another node changed.
+    fn remote_room(&self, node: &str, room: &str, peer: &str, on: bool);
+    /// Nodes whose publications or memberships are mirrored here.
+    fn remote_nodes(&self) -> Vec<String>;
+    /// A publication on another node changed.
+    fn remote_dir(&self, node: &str, key: DirKey, peer: &str, on: bool);
+    /// `node` no longer refreshes its liveness key.
+    fn node_gone(&self, node: &str);
+    /// A frame from another node for local client `to`.
+    fn deliver_remote(&self, to: &str, text: String);
+    /// No node has `to`.
+    fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String);
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    to: String,
+    #[serde(default)]
+    text: String,
+    /// `to` was taken over on another node: close it here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    evict: bool,
+}
+
+fn peer_key(id: &str) -> String {
+    format!("kyuu:peer:{id}")
+}
+
+fn owner_key(id: &str) -> String {
+    format!("kyuu:owner:{id}")
+}
+
+/// What the registry stores of a resume token: its SHA-256, hex.
+pub(crate) fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why [`Fleet::admit`] refused an id.
+#[derive(Debug)]
+pub(crate) struct HeldElsewhere;
+
+fn node_channel(node: &str) -> String {
+    format!("kyuu:node:{node}")
+}
+
+/// The running fleet glue of one node; dropping it stops its tasks.
+pub(crate) struct Fleet {
+    tx: mpsc::Sender<Cmd>,
+    status: FleetStatus,
+    tasks: Vec<AbortHandle>,
+    cfg: Arc<FleetConfig>,
+    client: redis::Client,
+    mgr: Mgr,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Queue depth of the routing task; beyond it routes are refused like an unknown peer.
+const QUEUE: usize = 65_536;
+
+impl Fleet {
+    /// Starts the routing, subscriber and heartbeat tasks (needs a tokio runtime).
+    pub(crate) fn start(
+        cfg: FleetConfig,
+        port: std::sync::Weak<dyn HubPort>,
+    ) -> Result<Fleet, String> {
+        cfg.validate()?;
+        let client = redis::Client::open(cfg.redis_url.as_str())
+            .map_err(|e| format!("fleet.redis_url: {e}"))?;
+        let status = FleetStatus::new();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let cfg = Arc::new(cfg);
+        let mgr = Arc::new(tokio::sync::OnceCell::new());
+        let route = tokio::spawn(route_task(
+            cfg.clone(),
+            client.clone(),
+            mgr.clone(),
+            status.clone(),
+            port.clone(),
+            rx,
+        ));
+        let heartbeat = tokio::spawn(heartbeat_task(
+            cfg.clone(),
+            client.clone(),
+            mgr.clone(),
+            status.clone(),
+            port.clone(),
+        ));
+        let subscribe = tokio::spawn(subscribe_task(
+            cfg.clone(),
+            client.clone(),
+            status.clone(),
+            port,
+            tx.clone(),
+        ));
+        let tasks = vec![
+            route.abort_handle(),
+            heartbeat.abort_handle(),
+            subscribe.abort_handle(),
+        ];
+        Ok(Fleet {
+            tx,
+            status,
+            tasks,
+            cfg,
+            client,
+            mgr,
+        })
+    }
+
+    /// Fleet-wide id ownership, checked before the local hub sees a handshake for `id`.
+    /// When another node holds `id`, the handshake may take it only with the id's resume
+    /// token (or, for an id claimed without one, when `legacy_takeover` is on); the other
+    /// node is then told to close its connection. Redis unreachable: admitted (the node
+    /// serves on local rules while degraded).
+    pub(crate) async fn admit(
+        &self,
+        id: &str,
+        resume: Option<&str>,
+        legacy_takeover: bool,
+    ) -> Result<(), HeldElsewhere> {
+        let Some(mut c) = manager(&self.client, &self.mgr).await else {
+            return Ok(());
+        };
+        let got: redis::RedisResult<(Option<String>, Option<String>)> = redis::pipe()
+            .cmd("GET")
+            .arg(peer_key(id))
+            .cmd("GET")
+            .arg(owner_key(id))
+            .query_async(&mut c)
+            .await;
+        let (node, owner) = match got {
+            Ok(v) => v,
+            Err(e) => {
+                debug!("fleet: admitting {id}: {e}");
+                self.status.set(false);
+                return Ok(());
+            }
+        };
+        let Some(node) = node.filter(|n| *n != self.cfg.node) else {
+            return Ok(());
+        };
+        let allowed = match (owner, resume) {
+            (Some(h), Some(t)) => ct_eq_str(&h, &token_hash(t)),
+            (Some(_), None) => false,
+            (None, _) => legacy_takeover,
+        };
+        if !allowed {
+            return Err(HeldElsewhere);
+        }
+        let payload = serde_json::to_string(&Wire {
+            to: id.to_owned(),
+            text: String::new(),
+            evict: true,
+        })
+        .unwrap_or_default();
+        let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(node_channel(&node))
+            .arg(payload)
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = r {
+            debug!("fleet: telling {node} to drop {id}: {e}");
+        }
+        info!("fleet: {id} taken over from node {node}");
+        Ok(())
+    }
+
+    pub(crate) fn status(&self) -> FleetStatus {
+        self.status.clone()
+    }
+
+    /// Queues `cmd`; `false` when the queue is full (the caller treats the route as unknown).
+    pub(crate) fn send(&self, cmd: Cmd) -> bool {
+        self.tx.try_send(cmd).is_ok()
+    }
+}
+
+type Mgr = Arc<tokio::sync::OnceCell<ConnectionManager>>;
+
+/// The shared auto-reconnecting connection, created on first success.
+async fn manager(client: &redis::Client, mgr: &Mgr) -> Option<ConnectionManager> {
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_millis(500))
+        .set_response_timeout(Duration::from_millis(1000))
+        .set_number_of_retries(1)
+        .set_max_delay(200);
+    mgr.get_or_try_init(|| ConnectionManager::new_with_config(client.clone(), cfg))
+        .await
+        .ok()
+        .cloned()
+}
+
+async fn route_task(
+    cfg: Arc<FleetConfig>,
+    client: redis::Client,
+    mgr: Mgr,
+    status: FleetStatus,
+    port: std::sync::Weak<dyn HubPort>,
+    mut rx: mpsc::Receiver<Cmd>,
+) {
+    let mut last_fail: Option<tokio::time::Instant> = None;
+    while let Some(cmd) = rx.recv().await {
+        let Some(port) = port.upgrade() else {
+            return;
+        };
+        // While Redis is down, fail fast instead of waiting for a timeout per frame.
+        let fresh_failure = last_fail.is_some_and(|t| t.elapsed() < Duration::from_millis(500));
+        let conn = if fresh_failure {
+            None
+        } else {
+            manager(&client, &mgr).await
+        };
+        match cmd {
+            Cmd::Claim(id, hash) => {
+                let Some(mut c) = conn else { continue };
+                let mut pipe = redis::pipe();
+                register(&mut pipe, &cfg, &id, hash.as_deref());
+                let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
+                if let Err(e) = r {
+                    debug!("fleet: registering {id}: {e}");
+                    status.set(false);
+                    last_fail = Some(tokio::time::Instant::now());
+                }
+            }
+            Cmd::Dir { key, peer, on } => {
+                let ev = Event::Dir {
+                    node: cfg.node.clone(),
+                    key,
+                    peer,
+                    on,
+                };
+                if let Some(mut c) = conn {
+                    if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            Cmd::Room { room, peer, on } => {
+                let ev = Event::Room {
+                    node: cfg.node.clone(),
+                    room,
+                    peer,
+                    on,
+                };
+                if let Some(mut c) = conn {
+                    if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            Cmd::Announce | Cmd::AskResync => {
+                // Resync must not be lost to the fail-fast window: retry for a few seconds.
+                let ask = matches!(cmd, Cmd::AskResync);
+                let mut conn = conn;
+                for attempt in 0..20 {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        conn = manager(&client, &mgr).await;
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    if announce(c, &cfg, &*port, ask, &status).await {
+                        last_fail = None;
+                        break;
+                    }
+                    last_fail = Some(tokio::time::Instant::now());
+                }
+            }
+            Cmd::Route {
+                from_conn,
+                from,
+                to,
+                text,
+            } => {
+                let Some(mut c) = conn else {
+                    port.remote_unknown(from_conn, &from, &to, text);
+                    continue;
+                };
+                let owner: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                    .arg(peer_key(&to))
+                    .query_async(&mut c)
+                    .await;
+                let node = match owner {
+                    Ok(Some(n)) => n,
+                    Ok(None) => {
+                        port.remote_unknown(from_conn, &from, &to, text);
+                        continue;
+                    }
+                    Err(e) => {
+                        debug!("fleet: looking up {to}: {e}");
+                        status.set(false);
+                        last_fail = Some(tokio::time::Instant::now());
+                        port.remote_unknown(from_conn, &from, &to, text);
+                        continue;
+                    }
+                };
+                if node == cfg.node {
+                    // It connected here after the hub emitted the route.
+                    port.deliver_remote(&to, text);
+                    continue;
+                }
+                let payload = match serde_json::to_string(&Wire {
+                    to,
+                    text,
+                    evict: false,
+                }) {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                };
+                let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(node_channel(&node))
+                    .arg(payload)
+                    .query_async(&mut c)
+                    .await;
+                match r {
+                    Ok(_) => {
+                        metrics::counter!("kyuu_signal_fleet_routed_total").increment(1);
+                    }
+                    Err(e) => {
+                        debug!("fleet: publishing to {node}: {e}");
+                        status.set(false);
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a resync request (when `ask`) and every local publication and membership.
+async fn announce(
+    c: &mut ConnectionManager,
+    cfg: &FleetConfig,
+    port: &dyn HubPort,
+    ask: bool,
+    status: &FleetStatus,
+) -> bool {
+    if ask {
+        let ev = Event::Resync {
+            node: cfg.node.clone(),
+        };
+        if !publish_event(c, &ev, status).await {
+            return false;
+        }
+    }
+    let pubs = port
+        .local_publications()
+        .into_iter()
+        .map(|(key, peer)| Event::Dir {
+            node: cfg.node.clone(),
+            key,
+            peer,
+            on: true,
+        });
+    let rooms = port
+        .local_memberships()
+        .into_iter()
+        .map(|(room, peer)| Event::Room {
+            node: cfg.node.clone(),
+            room,
+            peer,
+            on: true,
+        });
+    for ev in pubs.chain(rooms) {
+        if !publish_event(c, &ev, status).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn publish_event(c: &mut ConnectionManager, ev: &Event, status: &FleetStatus) -> bool {
+    let Ok(payload) = serde_json::to_string(ev) else {
+        return true;
+    };
+    let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(EVENTS)
+        .arg(payload)
+        .query_async(c)
+        .await;
+    match r {
+        Ok(_) => true,
+        Err(e) => {
+            debug!("fleet: publishing an event: {e}");
+            status.set(false);
+            false
+        }
+    }
+}
+
+/// Adds the registry writes for one live id to `pipe`.
+fn register(pipe: &mut redis::Pipeline, cfg: &FleetConfig, id: &str, hash: Option<&str>) {
+    pipe.cmd("SET")
+        .arg(peer_key(id))
+        .arg(&cfg.node)
+        .arg("EX")
+        .arg(cfg.peer_ttl_secs)
+        .ignore();
+    match hash {
+        Some(h) => pipe
+            .cmd("SET")
+            .arg(owner_key(id))
+            .arg(h)
+            .arg("EX")
+            .arg(cfg.peer_ttl_secs)
+            .ignore(),
+        None => pipe.cmd("DEL").arg(owner_key(id)).ignore(),
+    };
+}
+
+fn ct_eq_str(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+async fn heartbeat_task(
+    cfg: Arc<FleetConfig>,
+    client: redis::Client,
+    mgr: Mgr,
+    status: FleetStatus,
+    port: std::sync::Weak<dyn HubPort>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.heartbeat_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ids = match port.upgrade() {
+            Some(p) => p.live_ids(),
+            None => return,
+        };
+        let Some(mut c) = manager(&client, &mgr).await else {
+            status.set(false);
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(format!("kyuu:alive:{}", cfg.node))
+            .arg(1)
+            .arg("EX")
+            .arg(cfg.peer_ttl_secs)
+            .ignore();
+        for (id, hash) in &ids {
+            register(&mut pipe, &cfg, id, hash.as_deref());
+        }
+        let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
+        if r.is_ok() {
+            // Nodes whose publications we mirror and that stopped refreshing their key.
+            let nodes = port.upgrade().map(|p| p.remote_nodes()).unwrap_or_default();
+            for n in nodes {
+                let alive: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                    .arg(format!("kyuu:alive:{n}"))
+                    .query_async(&mut c)
+                    .await;
+                if let (Ok(false), Some(p)) = (alive, port.upgrade()) {
+                    p.node_gone(&n);
+                }
+            }
+        }
+        match r {
+            Ok(()) => status.set(true),
+            Err(e) => {
+                debug!("fleet: heartbeat: {e}");
+                status.set(false);
+            }
+        }
+    }
+}
+
+async fn subscribe_task(
+    cfg: Arc<FleetConfig>,
+    client: redis::Client,
+    status: FleetStatus,
+    port: std::sync::Weak<dyn HubPort>,
+    tx: mpsc::Sender<Cmd>,
+) {
+    let channel = node_channel(&cfg.node);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if port.strong_count() == 0 {
+            return;
+        }
+        let ps = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await;
+        let mut ps = match ps {
+            Ok(Ok(ps)) => ps,
+            Ok(Err(e)) => {
+                debug!("fleet: subscribing: {e}");
+                status.set(false);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Err(_) => {
+                status.set(false);
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        if let Err(e) = ps.subscribe(&[channel.as_str(), EVENTS]).await {
+            debug!("fleet: subscribing: {e}");
+            status.set(false);
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        info!("fleet: node {} subscribed to {channel}", cfg.node);
+        // Others may have changed their publications while we were not listening.
+        let _ = tx.try_send(Cmd::AskResync);
+        let mut stream = ps.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let Some(port) = port.upgrade() else {
+                return;
+            };
+            if msg.get_channel_name() == EVENTS {
+                match serde_json::from_slice::<Event>(msg.get_payload_bytes()) {
+                    Ok(Event::Dir {
+                        node,
+                        key,
+                        peer,
+                        on,
+                    }) if node != cfg.node => port.remote_dir(&node, key, &peer, on),
+                    Ok(Event::Room {
+                        node,
+                        room,
+                        peer,
+                        on,
+                    }) if node != cfg.node => port.remote_room(&node, &room, &peer, on),
+                    Ok(Event::Resync { node }) if node != cfg.node => {
+                        let _ = tx.try_send(Cmd::Announce);
+                    }
+                    Ok(_) => {}
+                    Err(_) => debug!("fleet: malformed event, dropped"),
+                }
+                continue;
+            }
+            let Ok(w) = serde_json::from_slice::<Wire>(msg.get_payload_bytes()) else {
+                debug!("fleet: malformed frame on {channel}, dropped");
+                continue;
+            };
+            if w.evict {
+                port.evict(&w.to);
+            } else {
+                port.deliver_remote(&w.to, w.text);
+            }
+        }
+        // The connection ended (Redis restarted or unreachable): subscribe again.
+        status.set(false);
+        warn!("fleet: lost the subscription to {channel}; reconnecting");
+        tokio::time::sleep(backoff).await;
+    }
+}
