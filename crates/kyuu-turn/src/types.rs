@@ -16,7 +16,8 @@ pub enum Transport {
 
 impl std::fmt::Display for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        // `pad`, not `write_str`, so `{:<4}` aligns the banner.
+        f.pad(self.label())
     }
 }
 
