@@ -334,6 +334,7 @@ impl Server {
         let Some(mut a) = self.allocs.remove(id) else {
             return;
         };
+        self.fast_path_sync(now, Some(id));
         for f in Family::BOTH {
             let Some(r) = a.relays[f.index()] else {
                 continue;
