@@ -101,6 +101,9 @@ struct C2pVal {
     peer_port: [u8; 2],
     slot: u32,
     expires_ns: u64,
+    /// Learned by the program; kept across updates.
+    peer_mac: [u8; 6],
+    pad: u16,
 }
 
 #[repr(C)]
@@ -125,6 +128,9 @@ struct P2cVal {
     slot: u32,
     pad2: u32,
     expires_ns: u64,
+    /// Learned by the program; kept across updates.
+    client_mac: [u8; 6],
+    pad3: u16,
 }
 
 #[repr(C)]
@@ -320,6 +326,17 @@ impl FastPath {
     /// Installs (or updates) entry `id`: the directions `channel` asks for go in, the others
     /// come out. Counters carry over an update.
     pub fn install(&mut self, id: u64, channel: Channel) -> Result<(), FastPathError> {
+        // Next hops the program learned stay across an update.
+        let peer_mac = self
+            .c2p
+            .get(&c2p_key(&channel), 0)
+            .map(|v| v.peer_mac)
+            .unwrap_or_default();
+        let client_mac = self
+            .p2c
+            .get(&p2c_key(&channel), 0)
+            .map(|v| v.client_mac)
+            .unwrap_or_default();
         if let Some(old) = self.installed.get(&id) {
             if old.channel == channel {
                 return Ok(());
@@ -364,6 +381,8 @@ impl FastPath {
                     peer_port: port(channel.peer),
                     slot: slots[0],
                     expires_ns: channel.expires_ns,
+                    peer_mac,
+                    pad: 0,
                 };
                 self.c2p.insert(key, val, 0).map_err(map_err("C2P"))?;
             }
@@ -377,6 +396,7 @@ impl FastPath {
                     channel: ch,
                     slot: slots[1],
                     expires_ns: channel.expires_ns,
+                    client_mac,
                     ..P2cVal::default()
                 };
                 self.p2c.insert(key, val, 0).map_err(map_err("P2C"))?;

@@ -120,12 +120,14 @@ fn kernel_bytes_spend_the_budget_and_the_direction_comes_back_when_it_refills() 
     };
     let (mut p, c) = bound(cfg);
     // The kernel relayed 5 s worth of the cap to the peer in one tick.
-    p.server
-        .fast_path_traffic(p.now, c.id, (50, 5000), (0, 0));
+    p.server.fast_path_traffic(p.now, c.id, (50, 5000), (0, 0));
     p.advance(Duration::from_secs(1));
     let now = installs(&mut p);
     assert_eq!(now.len(), 1);
-    assert!(!now[0].to_peer && now[0].to_client, "to-peer withdrawn: {now:?}");
+    assert!(
+        !now[0].to_peer && now[0].to_client,
+        "to-peer withdrawn: {now:?}"
+    );
     // Userspace refuses too until the debt is repaid.
     assert_eq!(p.channel_data(0x4001, b"x"), None);
     p.advance(Duration::from_secs(5));

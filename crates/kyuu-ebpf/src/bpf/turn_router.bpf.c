@@ -54,6 +54,8 @@ struct c2p_val {
     __be16 peer_port;
     __u32 slot; // index into `counters`
     __u64 expires_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
+    __u8 peer_mac[6]; // next hop toward the peer, learned from the peer's datagrams
+    __u16 _pad;
 };
 
 struct p2c_key {
@@ -74,6 +76,8 @@ struct p2c_val {
     __u32 slot;
     __u32 _pad2;
     __u64 expires_ns;
+    __u8 client_mac[6]; // next hop toward the client, learned from its ChannelData
+    __u16 _pad3;
 };
 
 struct counter {
@@ -206,10 +210,14 @@ static __always_inline void count(__u32 slot, __u64 bytes)
 }
 
 // Sets the MAC addresses for the rewritten packet: the FIB's next hop out of the interface the
-// packet came in on, or a swap in test mode. Anything else (no route, unresolved neighbour, other
-// interface, too big for the MTU) sends the original packet to userspace.
+// packet came in on; or, where the FIB helper refuses because the server does not forward IP
+// (the normal case for a relay), the next hop learned from the other side's packets (`learned`,
+// zero until one arrived: the neighbour a host's packets come from is the one that reaches it
+// back, as behind a default gateway or on the same LAN). In test mode the MACs are swapped.
+// Anything else (other interface, unresolved neighbour, too big for the MTU, nothing learned)
+// sends the original packet to userspace.
 static __always_inline int route(struct xdp_md *ctx, struct hdrs *h, int v6, __u32 ip_len,
-                                 const struct config *cfg)
+                                 const struct config *cfg, const __u8 learned[6])
 {
     __u32 max = cfg && cfg->max_ip_len ? cfg->max_ip_len : 1500;
     if (ip_len > max)
@@ -235,11 +243,25 @@ static __always_inline int route(struct xdp_md *ctx, struct hdrs *h, int v6, __u
         fib.ipv4_dst = h->ip4.daddr;
     }
     long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+        if (!(learned[0] | learned[1] | learned[2] | learned[3] | learned[4] | learned[5]))
+            return -1;
+        // Our MAC is the one the packet was sent to.
+        __builtin_memcpy(h->eth.h_source, h->eth.h_dest, ETH_ALEN);
+        __builtin_memcpy(h->eth.h_dest, learned, ETH_ALEN);
+        return 0;
+    }
     if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ctx->ingress_ifindex)
         return -1;
     __builtin_memcpy(h->eth.h_dest, fib.dmac, ETH_ALEN);
     __builtin_memcpy(h->eth.h_source, fib.smac, ETH_ALEN);
     return 0;
+}
+
+static __always_inline int mac_eq(const __u8 a[6], const __u8 b[6])
+{
+    return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+            (a[5] ^ b[5])) == 0;
 }
 
 // Rewrites addresses and ports in the stack copy, adjusting the UDP checksum sum `*s`.
@@ -406,9 +428,18 @@ int kyuu_turn(struct xdp_md *ctx)
                     s = sub16(s, w);
                 }
             }
+            // The client's next hop, for the other direction.
+            struct p2c_key back = {};
+            __builtin_memcpy(back.peer_ip, v->peer_ip, 16);
+            __builtin_memcpy(back.relay_ip, v->relay_ip, 16);
+            back.peer_port = v->peer_port;
+            back.relay_port = v->relay_port;
+            struct p2c_val *bv = bpf_map_lookup_elem(&P2C, &back);
+            if (bv && !mac_eq(bv->client_mac, h.eth.h_source))
+                __builtin_memcpy(bv->client_mac, h.eth.h_source, ETH_ALEN);
             rewrite(&h, v6, &s, v->relay_ip, v->peer_ip, v->relay_port, v->peer_port);
             set_len(&h, v6, &s, new_ulen);
-            if (route(ctx, &h, v6, ip_len, cfg))
+            if (route(ctx, &h, v6, ip_len, cfg, v->peer_mac))
                 return XDP_PASS;
             finish(&h, v6, s);
             __u32 slot = v->slot;
@@ -441,11 +472,21 @@ int kyuu_turn(struct xdp_md *ctx)
         return XDP_PASS;
     __u32 new_ulen = sizeof(struct udphdr) + 4 + plen;
     __u32 ip_len = v6 ? new_ulen + sizeof(struct ipv6hdr) : new_ulen + sizeof(struct iphdr);
+    // The peer's next hop, for the other direction.
+    struct c2p_key back = {};
+    __builtin_memcpy(back.client_ip, pv->client_ip, 16);
+    __builtin_memcpy(back.server_ip, pv->server_ip, 16);
+    back.client_port = pv->client_port;
+    back.server_port = pv->server_port;
+    back.channel = pv->channel;
+    struct c2p_val *bv = bpf_map_lookup_elem(&C2P, &back);
+    if (bv && !mac_eq(bv->peer_mac, h.eth.h_source))
+        __builtin_memcpy(bv->peer_mac, h.eth.h_source, ETH_ALEN);
     __be16 cd[2] = {pv->channel, bpf_htons(plen)};
     s = add_words(s, cd, 2);
     rewrite(&h, v6, &s, pv->server_ip, pv->client_ip, pv->server_port, pv->client_port);
     set_len(&h, v6, &s, new_ulen);
-    if (route(ctx, &h, v6, ip_len, cfg))
+    if (route(ctx, &h, v6, ip_len, cfg, pv->client_mac))
         return XDP_PASS;
     finish(&h, v6, s);
     __u32 slot = pv->slot;

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use kyuu_stun::frame_len;
 use kyuu_turn::fxhash::FxHashMap;
 use kyuu_turn::{
-    BindFailed, ClientSocket, ConnectionId, FastPathChannel, FastPathId, Output, PeerAddr, RelayKey,
-    RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
+    BindFailed, ClientSocket, ConnectionId, FastPathChannel, FastPathId, Output, PeerAddr,
+    RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
 };
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::unix::AsyncFd;

@@ -14,9 +14,7 @@ use std::time::Instant;
 
 use crate::server::allocation::{Allocation, Direction};
 use crate::server::Server;
-use crate::types::{
-    AllocId, Family, FastPathChannel, FastPathId, Output, RelayProto, Transport,
-};
+use crate::types::{AllocId, Family, FastPathChannel, FastPathId, Output, RelayProto, Transport};
 
 impl Server {
     /// From now on the core emits [`Output::FastPathInstall`] and [`Output::FastPathRemove`] (the
