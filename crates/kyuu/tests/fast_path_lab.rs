@@ -352,11 +352,6 @@ fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
     }
     // Let a tick pass so the kernel's counters are read, then look at /metrics.
     std::thread::sleep(Duration::from_millis(2200));
-    if fast_path != "off" {
-        if let Ok(s) = std::env::var("KYUU_DEBUG_PAUSE") {
-            std::thread::sleep(Duration::from_secs(s.parse().unwrap_or(0)));
-        }
-    }
     let m = metrics(&w.server)?;
 
     // The allocation ends: nothing is relayed any more, in either direction.

@@ -141,7 +141,11 @@ fn start(w: &World, args: &Args, target: &str, dir: &std::path::Path) -> anyhow:
             c
         }
         _ => {
-            let fast = if target == "kyuu-fastpath" { "required" } else { "off" };
+            let fast = if target == "kyuu-fastpath" {
+                "required"
+            } else {
+                "off"
+            };
             let conf = dir.join(format!("{target}.toml"));
             std::fs::write(
                 &conf,
@@ -161,7 +165,9 @@ fn start(w: &World, args: &Args, target: &str, dir: &std::path::Path) -> anyhow:
             c
         }
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     Ok(w.server.spawn(cmd)?)
 }
 
@@ -192,7 +198,10 @@ struct Row {
 }
 
 fn run_target(w: &World, args: &Args, target: &str, echo: SocketAddr) -> anyhow::Result<Row> {
-    let dir = std::env::temp_dir().join(format!("kyuu-fastpath-bench-{}-{target}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "kyuu-fastpath-bench-{}-{target}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir)?;
     let server = start(w, args, target, &dir)?;
     let pid = server.pid();
@@ -206,43 +215,50 @@ fn run_target(w: &World, args: &Args, target: &str, echo: SocketAddr) -> anyhow:
     let window = args.window;
     let duration = Duration::from_secs(args.duration);
     let rate = args.latency_rate;
-    let out = w.client.in_ns(move || -> anyhow::Result<(load::ThroughputReport, LatencyReport, f64, usize)> {
-        let source: IpAddr = CLIENT.parse()?;
-        // The server may take a moment to listen: retry the setup a few times.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut fleet = loop {
-            let mut fleet = Fleet::open_from(n, Via::Turn(server_addr), echo, &creds, source)?;
-            let rep = fleet.setup(
-                Plan {
-                    permission: true,
-                    channel: true,
-                },
-                64,
-                Duration::from_secs(60),
+    let out = w.client.in_ns(
+        move || -> anyhow::Result<(load::ThroughputReport, LatencyReport, f64, usize)> {
+            let source: IpAddr = CLIENT.parse()?;
+            // The server may take a moment to listen: retry the setup a few times.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut fleet = loop {
+                let mut fleet = Fleet::open_from(n, Via::Turn(server_addr), echo, &creds, source)?;
+                let rep = fleet.setup(
+                    Plan {
+                        permission: true,
+                        channel: true,
+                    },
+                    64,
+                    Duration::from_secs(60),
+                )?;
+                if rep.ok == n {
+                    break fleet;
+                }
+                if Instant::now() > deadline {
+                    bail!("only {} of {n} allocations: {:?}", rep.ok, rep.first_error);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            };
+            // One packet through every allocation: both sides have sent once (next hops learned).
+            let relaying = fleet.probe_all(3)?;
+            let m0 = machine_cpu();
+            let probe = move || (0u64, servers::cpu_ns(pid));
+            let tr = fleet.throughput(payload, window, Duration::from_secs(1), duration, &probe)?;
+            let m1 = machine_cpu();
+            let lat = fleet.latency(
+                payload,
+                rate,
+                Duration::from_millis(300),
+                Duration::from_secs(3),
             )?;
-            if rep.ok == n {
-                break fleet;
-            }
-            if Instant::now() > deadline {
-                bail!("only {} of {n} allocations: {:?}", rep.ok, rep.first_error);
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        };
-        // One packet through every allocation: both sides have sent once (next hops learned).
-        let relaying = fleet.probe_all(3)?;
-        let m0 = machine_cpu();
-        let probe = move || (0u64, servers::cpu_ns(pid));
-        let tr = fleet.throughput(payload, window, Duration::from_secs(1), duration, &probe)?;
-        let m1 = machine_cpu();
-        let lat = fleet.latency(payload, rate, Duration::from_millis(300), Duration::from_secs(3))?;
-        let lat = LatencyReport::from_run(n, rate, lat);
-        let _ = fleet.deallocate(64, Duration::from_secs(30));
-        // Jiffies (USER_HZ 100) of busy time over the measured window (+ warm-up share).
-        let busy_s = (m1.0 - m0.0) as f64 / 100.0;
-        let trips = tr.delivered_pps * (duration.as_secs_f64() + 1.0);
-        let machine_us = busy_s * 1e6 / trips.max(1.0);
-        Ok((tr, lat, machine_us, relaying))
-    })??;
+            let lat = LatencyReport::from_run(n, rate, lat);
+            let _ = fleet.deallocate(64, Duration::from_secs(30));
+            // Jiffies (USER_HZ 100) of busy time over the measured window (+ warm-up share).
+            let busy_s = (m1.0 - m0.0) as f64 / 100.0;
+            let trips = tr.delivered_pps * (duration.as_secs_f64() + 1.0);
+            let machine_us = busy_s * 1e6 / trips.max(1.0);
+            Ok((tr, lat, machine_us, relaying))
+        },
+    )??;
     drop(server);
     let (tr, lat, machine_us, relaying) = out;
     Ok(Row {
