@@ -187,8 +187,9 @@ impl Endpoint {
         data: &[u8],
         out: &mut DtlsInput,
     ) {
-        if data.len() > MAX_DATAGRAM {
-            dropped("oversized");
+        // An empty read would look like end of file to OpenSSL.
+        if data.is_empty() || data.len() > MAX_DATAGRAM {
+            dropped("bad_length");
             return;
         }
         let key = (local, remote);
@@ -561,5 +562,148 @@ mod tests {
                 let _ = hello_verify_request(&ch, &[0; COOKIE_LEN]);
             }
         }
+    }
+
+    fn endpoint(max_associations: usize, max_handshakes: usize) -> Endpoint {
+        let store = crate::tls::dtls_store("listen", None, None, vec!["localhost".into()]).unwrap();
+        let limits = DtlsLimits {
+            max_associations,
+            max_handshakes,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        };
+        Endpoint::new(store, limits, [7; 32])
+    }
+
+    fn client() -> SslStream<MemDgram> {
+        use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+        let mut b = SslConnector::builder(SslMethod::dtls()).unwrap();
+        b.set_verify(SslVerifyMode::NONE);
+        let ssl = b.build().configure().unwrap().into_ssl("localhost").unwrap();
+        SslStream::new(ssl, MemDgram::default()).unwrap()
+    }
+
+    const SERVER: &str = "127.0.0.1:5349";
+
+    /// Runs a handshake between `c` (at `from`) and `ep` in memory; true when both finished.
+    fn handshake(ep: &mut Endpoint, c: &mut SslStream<MemDgram>, from: &str) -> bool {
+        let now = Instant::now();
+        for _ in 0..20 {
+            let done = c.connect().is_ok();
+            let sent = std::mem::take(&mut c.get_mut().outbox);
+            if done && sent.is_empty() {
+                return ep.assocs.values().any(|a| a.established);
+            }
+            for d in sent {
+                let mut out = DtlsInput::default();
+                ep.handle(now, SERVER.parse().unwrap(), from.parse().unwrap(), &d, &mut out);
+                c.get_mut().inbox.extend(out.send);
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn stateless_until_a_valid_cookie_then_bounded() {
+        let mut ep = endpoint(2, 1);
+        let now = Instant::now();
+        let (local, spoofed): (SocketAddr, SocketAddr) =
+            (SERVER.parse().unwrap(), "192.0.2.1:1000".parse().unwrap());
+        // Garbage, truncations and cookie-less ClientHellos: no association, no session.
+        let hello = client_hello(&[], 0, 0);
+        let mut inputs: Vec<Vec<u8>> = vec![vec![], vec![22; 13], vec![23; 100], vec![0xff; 2000]];
+        inputs.extend((0..hello.len()).map(|n| hello[..n].to_vec()));
+        for d in &inputs {
+            let mut out = DtlsInput::default();
+            ep.handle(now, local, spoofed, d, &mut out);
+            assert!(out.send.is_empty() && out.records.is_empty(), "{d:?}");
+        }
+        let mut out = DtlsInput::default();
+        ep.handle(now, local, spoofed, &hello, &mut out);
+        assert_eq!(out.send.len(), 1, "a HelloVerifyRequest");
+        assert_eq!(out.send[0][13], HT_HELLO_VERIFY_REQUEST);
+        // A cookie for another source is no good.
+        let cookie = ep.cookie(ep.slot(now), local, "192.0.2.2:1000".parse().unwrap());
+        let mut out = DtlsInput::default();
+        ep.handle(now, local, spoofed, &client_hello(&cookie, 1, 1), &mut out);
+        assert_eq!(out.send.len(), 1, "again a HelloVerifyRequest");
+        assert_eq!((ep.len(), ep.handshakes()), (0, 0), "no state for spoofed sources");
+
+        // A real client gets through; garbage inside its association changes nothing.
+        let mut c = client();
+        assert!(handshake(&mut ep, &mut c, "127.0.0.1:4000"));
+        assert_eq!((ep.len(), ep.handshakes()), (1, 0));
+        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        for d in &inputs {
+            let mut out = DtlsInput::default();
+            ep.handle(now, local, from, d, &mut out);
+            assert!(out.records.is_empty() && !out.closed, "{d:?}");
+        }
+        // Records both ways.
+        c.ssl_write(b"\x00\x01\x00\x00stun").unwrap();
+        let mut out = DtlsInput::default();
+        for d in std::mem::take(&mut c.get_mut().outbox) {
+            ep.handle(now, local, from, &d, &mut out);
+        }
+        assert_eq!(out.records, vec![b"\x00\x01\x00\x00stun".to_vec()]);
+        let back = ep.write(local, from, b"answer").unwrap();
+        c.get_mut().inbox.extend(back);
+        let mut buf = [0u8; 64];
+        let n = c.ssl_read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"answer");
+
+        // One handshake at a time: a second one waits its turn (dropped, no state).
+        let mut c2 = client();
+        let _ = c2.connect();
+        let d = std::mem::take(&mut c2.get_mut().outbox);
+        let from2: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        let mut out = DtlsInput::default();
+        ep.handle(now, local, from2, &d[0], &mut out);
+        c2.get_mut().inbox.extend(out.send);
+        let _ = c2.connect();
+        let mut c3 = client();
+        assert!(handshake(&mut ep, &mut c3, "127.0.0.1:4002"), "a third one fits");
+        assert_eq!(ep.len(), 2);
+        // At the association cap: c2's valid-cookie ClientHello makes nothing.
+        let mut out = DtlsInput::default();
+        for d in std::mem::take(&mut c2.get_mut().outbox) {
+            ep.handle(now, local, from2, &d, &mut out);
+        }
+        assert!(out.send.is_empty());
+        assert_eq!(ep.len(), 2);
+
+        // Idle associations without an allocation are closed with a close_notify; the sweep
+        // keeps those with one.
+        let later = now + Duration::from_secs(121);
+        let swept = ep.sweep(later, |_, r| r == from);
+        assert_eq!(swept.len(), 1);
+        assert!(!swept[0].send.is_empty(), "close_notify");
+        assert_eq!(ep.len(), 1);
+        let swept = ep.sweep(later, |_, _| false);
+        assert_eq!((swept.len(), ep.len()), (1, 0));
+    }
+
+    #[test]
+    fn unfinished_handshakes_time_out() {
+        let mut ep = endpoint(10, 10);
+        let now = Instant::now();
+        let mut c = client();
+        let _ = c.connect();
+        let local: SocketAddr = SERVER.parse().unwrap();
+        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        // ClientHello, HelloVerifyRequest, ClientHello with the cookie: the server's flight goes
+        // out and the client never answers.
+        for _ in 0..2 {
+            let mut out = DtlsInput::default();
+            for d in std::mem::take(&mut c.get_mut().outbox) {
+                ep.handle(now, local, from, &d, &mut out);
+            }
+            c.get_mut().inbox.extend(out.send);
+            let _ = c.connect();
+        }
+        assert_eq!((ep.len(), ep.handshakes()), (1, 1));
+        assert!(ep.sweep(now + Duration::from_secs(9), |_, _| false).is_empty());
+        assert_eq!(ep.sweep(now + Duration::from_secs(10), |_, _| false).len(), 1);
+        assert_eq!((ep.len(), ep.handshakes()), (0, 0));
     }
 }
