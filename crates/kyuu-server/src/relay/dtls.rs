@@ -706,4 +706,36 @@ mod tests {
         assert_eq!(ep.sweep(now + Duration::from_secs(10), |_, _| false).len(), 1);
         assert_eq!((ep.len(), ep.handshakes()), (0, 0));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Arbitrary datagrams, alone or as a ClientHello's tail: no panic, no association, at
+        /// most one small HelloVerifyRequest; inside an established association, no record.
+        #[test]
+        fn arbitrary_datagrams_make_no_state(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1600),
+            cut in 0usize..200,
+        ) {
+            let mut ep = endpoint(4, 4);
+            let now = Instant::now();
+            let local: SocketAddr = SERVER.parse().unwrap();
+            let spoofed: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+            let mut hello = client_hello(&[1; 20], 1, 1);
+            hello.truncate(cut.min(hello.len()));
+            hello.extend_from_slice(&data);
+            for d in [&data, &hello] {
+                let mut out = DtlsInput::default();
+                ep.handle(now, local, spoofed, d, &mut out);
+                proptest::prop_assert!(out.send.len() <= 1);
+                proptest::prop_assert!(out.send.iter().all(|s| s.len() < 80));
+                proptest::prop_assert!(out.records.is_empty());
+                proptest::prop_assert_eq!(ep.len(), 0);
+            }
+            let mut c = client();
+            proptest::prop_assert!(handshake(&mut ep, &mut c, "127.0.0.1:4000"));
+            let mut out = DtlsInput::default();
+            ep.handle(now, local, "127.0.0.1:4000".parse().unwrap(), &data, &mut out);
+            proptest::prop_assert!(out.records.is_empty());
+        }
+    }
 }
