@@ -181,7 +181,9 @@ fn dtls_context(
         .with_context(|| format!("{section}.tls_key: unusable key"))?;
     b.check_private_key()
         .with_context(|| format!("{section}.tls_cert: certificate and key do not match"))?;
-    b.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
+    b.set_options(
+        SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION,
+    );
     b.set_mode(SslMode::ACCEPT_MOVING_WRITE_BUFFER);
     // The cookie was checked statelessly before the session was created; the session's own
     // HelloVerifyRequest is never sent.

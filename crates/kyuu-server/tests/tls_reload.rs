@@ -56,15 +56,20 @@ async fn presented_dtls(addr: SocketAddr) -> Vec<u8> {
             .unwrap();
         let mut b = SslConnector::builder(SslMethod::dtls()).unwrap();
         b.set_verify(SslVerifyMode::NONE);
-        let ssl = b.build().configure().unwrap().into_ssl("localhost").unwrap();
+        let ssl = b
+            .build()
+            .configure()
+            .unwrap()
+            .into_ssl("localhost")
+            .unwrap();
         let mut s = SslStream::new(ssl, Udp(sock)).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match s.connect() {
                 Ok(()) => break,
                 Err(e)
-                    if e.code() == ErrorCode::WANT_READ
-                        && std::time::Instant::now() < deadline => {}
+                    if e.code() == ErrorCode::WANT_READ && std::time::Instant::now() < deadline => {
+                }
                 Err(e) => panic!("DTLS handshake: {e}"),
             }
         }

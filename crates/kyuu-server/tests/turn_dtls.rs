@@ -40,7 +40,12 @@ fn dtls_connect(server: SocketAddr) -> SslStream<Udp> {
     let mut b = SslConnector::builder(SslMethod::dtls()).unwrap();
     // Self-signed server certificate; this test is about TURN over DTLS, not PKI.
     b.set_verify(SslVerifyMode::NONE);
-    let ssl = b.build().configure().unwrap().into_ssl("localhost").unwrap();
+    let ssl = b
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
     let mut s = SslStream::new(ssl, Udp(sock)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -162,7 +167,11 @@ fn turn_session(server: SocketAddr) -> Vec<u8> {
         }
     };
     assert_eq!(&record[..4], &[0x40, 0x01, 0, 12]);
-    assert_eq!(&record[4..], b"channel back", "one unpadded ChannelData per record");
+    assert_eq!(
+        &record[4..],
+        b"channel back",
+        "one unpadded ChannelData per record"
+    );
     let _ = s.shutdown();
     record
 }
@@ -200,7 +209,10 @@ async fn turn_over_dtls_relays_both_ways() {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while h.allocations() > 0 {
-        assert!(Instant::now() < deadline, "allocation outlived its association");
+        assert!(
+            Instant::now() < deadline,
+            "allocation outlived its association"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -225,7 +237,20 @@ async fn garbage_records_get_no_state_and_no_answer() {
         let mut body = vec![0xfe, 0xfd];
         body.extend_from_slice(&[1u8; 32]);
         body.extend_from_slice(&[0, 0, 0, 2, 0xc0, 0x2b, 1, 0]);
-        let mut hs = vec![1, 0, 0, body.len() as u8, 0, 0, 0, 0, 0, 0, 0, body.len() as u8];
+        let mut hs = vec![
+            1,
+            0,
+            0,
+            body.len() as u8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            body.len() as u8,
+        ];
         hs.extend_from_slice(&body);
         hello.extend_from_slice(&(hs.len() as u16).to_be_bytes());
         hello.extend_from_slice(&hs);

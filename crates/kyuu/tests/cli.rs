@@ -656,7 +656,11 @@ fn dtls_flag_and_validation() {
     );
     let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--check"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o.stderr).contains("listen.dtls:"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("listen.dtls:"),
+        "{}",
+        text(&o.stderr)
+    );
     let p = temp_file(
         "dtls-zero.toml",
         "[listen]\ndtls = [\"0.0.0.0:5349\"]\ndtls_max_associations = 0\n",

@@ -110,7 +110,10 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 
 /// "Total lost packets N" and "tot_send_msgs=S, tot_recv_msgs=R" from uclient's summary.
 fn totals(out: &str) -> Option<(u64, u64, u64)> {
-    let lost_line = out.lines().rev().find(|l| l.contains("Total lost packets"))?;
+    let lost_line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("Total lost packets"))?;
     let lost = lost_line
         .split("Total lost packets")
         .nth(1)?
@@ -158,8 +161,24 @@ fn uclient_over_dtls_zero_loss() {
         args.extend(case.iter().map(|s| s.to_string()));
         args.extend(
             [
-                "-u", "u", "-w", "p", "-p", &dtls_port.to_string(), "-e", "127.0.0.1", "-r",
-                &peer_port.to_string(), "-n", "50", "-m", "4", "-l", "120", "-z", "5",
+                "-u",
+                "u",
+                "-w",
+                "p",
+                "-p",
+                &dtls_port.to_string(),
+                "-e",
+                "127.0.0.1",
+                "-r",
+                &peer_port.to_string(),
+                "-n",
+                "50",
+                "-m",
+                "4",
+                "-l",
+                "120",
+                "-z",
+                "5",
                 "127.0.0.1",
             ]
             .iter()
@@ -181,7 +200,8 @@ fn uclient_over_dtls_zero_loss() {
         );
         let t = totals(&out);
         println!("uclient -S {case:?} over DTLS: (lost, sent, received) = {t:?}");
-        let ok = out.contains("method=DTLS") && t.is_some_and(|(l, s, r)| l == 0 && s > 0 && s == r);
+        let ok =
+            out.contains("method=DTLS") && t.is_some_and(|(l, s, r)| l == 0 && s > 0 && s == r);
         if !ok {
             failures.push(format!(
                 "{case:?}:\n{}",
@@ -192,7 +212,9 @@ fn uclient_over_dtls_zero_loss() {
     let metrics = http_get(http, "/metrics");
     let allocs: u64 = metrics
         .lines()
-        .filter(|l| l.starts_with("kyuu_turn_allocations_total") && l.contains("transport=\"dtls\""))
+        .filter(|l| {
+            l.starts_with("kyuu_turn_allocations_total") && l.contains("transport=\"dtls\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum();
@@ -200,5 +222,8 @@ fn uclient_over_dtls_zero_loss() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     // Three runs of at least four allocations each.
     println!("kyuu_turn_allocations_total{{transport=\"dtls\"}} = {allocs}");
-    assert!(allocs >= 12, "kyuu_turn_allocations_total{{transport=\"dtls\"}} = {allocs}");
+    assert!(
+        allocs >= 12,
+        "kyuu_turn_allocations_total{{transport=\"dtls\"}} = {allocs}"
+    );
 }

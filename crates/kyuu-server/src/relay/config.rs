@@ -102,7 +102,8 @@ impl ListenConfig {
             if self.dtls_max_associations == 0 {
                 return Err("listen.dtls_max_associations: must be positive".into());
             }
-            if self.dtls_max_handshakes == 0 || self.dtls_max_handshakes > self.dtls_max_associations
+            if self.dtls_max_handshakes == 0
+                || self.dtls_max_handshakes > self.dtls_max_associations
             {
                 return Err(
                     "listen.dtls_max_handshakes: must be positive and at most dtls_max_associations"
@@ -156,7 +157,9 @@ impl ListenConfig {
         super::dtls::DtlsLimits {
             max_associations: self.dtls_max_associations,
             max_handshakes: self.dtls_max_handshakes,
-            handshake_timeout: std::time::Duration::from_secs(self.tls_handshake_timeout_secs.max(1)),
+            handshake_timeout: std::time::Duration::from_secs(
+                self.tls_handshake_timeout_secs.max(1),
+            ),
             idle_timeout: std::time::Duration::from_secs(self.dtls_idle_timeout_secs.max(1)),
         }
     }
@@ -232,8 +235,14 @@ mod tests {
         for (key, bad) in [
             ("listen.dtls_max_associations", "dtls_max_associations = 0"),
             ("listen.dtls_max_handshakes", "dtls_max_handshakes = 0"),
-            ("listen.dtls_max_handshakes", "dtls_max_associations = 5\ndtls_max_handshakes = 6"),
-            ("listen.dtls_idle_timeout_secs", "dtls_idle_timeout_secs = 0"),
+            (
+                "listen.dtls_max_handshakes",
+                "dtls_max_associations = 5\ndtls_max_handshakes = 6",
+            ),
+            (
+                "listen.dtls_idle_timeout_secs",
+                "dtls_idle_timeout_secs = 0",
+            ),
         ] {
             let c: ListenConfig =
                 toml::from_str(&format!("dtls = [\"0.0.0.0:5349\"]\n{bad}")).unwrap();

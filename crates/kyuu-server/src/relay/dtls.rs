@@ -156,7 +156,11 @@ struct ClientHello {
 }
 
 impl Endpoint {
-    pub(crate) fn new(store: Arc<crate::tls::DtlsStore>, limits: DtlsLimits, secret: [u8; 32]) -> Self {
+    pub(crate) fn new(
+        store: Arc<crate::tls::DtlsStore>,
+        limits: DtlsLimits,
+        secret: [u8; 32],
+    ) -> Self {
         Endpoint {
             store,
             limits,
@@ -428,7 +432,9 @@ fn u16_at(d: &[u8], at: usize) -> Option<u16> {
 
 fn u24_at(d: &[u8], at: usize) -> Option<usize> {
     let b = d.get(at..at + 3)?;
-    Some((usize::from(*b.first()?) << 16) | (usize::from(*b.get(1)?) << 8) | usize::from(*b.get(2)?))
+    Some(
+        (usize::from(*b.first()?) << 16) | (usize::from(*b.get(1)?) << 8) | usize::from(*b.get(2)?),
+    )
 }
 
 /// The first record of `d` when it is an unfragmented epoch-0 ClientHello (RFC 6347 §4.1, §4.2.2,
@@ -476,7 +482,11 @@ fn hello_verify_request(ch: &ClientHello, cookie: &[u8]) -> Option<Vec<u8>> {
     v.extend_from_slice(&DTLS_1_0);
     v.extend_from_slice(&[0, 0]);
     v.extend_from_slice(ch.record_seq.to_be_bytes().get(2..)?);
-    v.extend_from_slice(&u16::try_from(HANDSHAKE_HEADER + body_len).ok()?.to_be_bytes());
+    v.extend_from_slice(
+        &u16::try_from(HANDSHAKE_HEADER + body_len)
+            .ok()?
+            .to_be_bytes(),
+    );
     v.push(HT_HELLO_VERIFY_REQUEST);
     let len24 = u32::try_from(body_len).ok()?.to_be_bytes();
     v.extend_from_slice(len24.get(1..)?);
@@ -579,7 +589,12 @@ mod tests {
         use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
         let mut b = SslConnector::builder(SslMethod::dtls()).unwrap();
         b.set_verify(SslVerifyMode::NONE);
-        let ssl = b.build().configure().unwrap().into_ssl("localhost").unwrap();
+        let ssl = b
+            .build()
+            .configure()
+            .unwrap()
+            .into_ssl("localhost")
+            .unwrap();
         SslStream::new(ssl, MemDgram::default()).unwrap()
     }
 
@@ -596,7 +611,13 @@ mod tests {
             }
             for d in sent {
                 let mut out = DtlsInput::default();
-                ep.handle(now, SERVER.parse().unwrap(), from.parse().unwrap(), &d, &mut out);
+                ep.handle(
+                    now,
+                    SERVER.parse().unwrap(),
+                    from.parse().unwrap(),
+                    &d,
+                    &mut out,
+                );
                 c.get_mut().inbox.extend(out.send);
             }
         }
@@ -627,7 +648,11 @@ mod tests {
         let mut out = DtlsInput::default();
         ep.handle(now, local, spoofed, &client_hello(&cookie, 1, 1), &mut out);
         assert_eq!(out.send.len(), 1, "again a HelloVerifyRequest");
-        assert_eq!((ep.len(), ep.handshakes()), (0, 0), "no state for spoofed sources");
+        assert_eq!(
+            (ep.len(), ep.handshakes()),
+            (0, 0),
+            "no state for spoofed sources"
+        );
 
         // A real client gets through; garbage inside its association changes nothing.
         let mut c = client();
@@ -662,7 +687,10 @@ mod tests {
         c2.get_mut().inbox.extend(out.send);
         let _ = c2.connect();
         let mut c3 = client();
-        assert!(handshake(&mut ep, &mut c3, "127.0.0.1:4002"), "a third one fits");
+        assert!(
+            handshake(&mut ep, &mut c3, "127.0.0.1:4002"),
+            "a third one fits"
+        );
         assert_eq!(ep.len(), 2);
         // At the association cap: c2's valid-cookie ClientHello makes nothing.
         let mut out = DtlsInput::default();
@@ -702,8 +730,13 @@ mod tests {
             let _ = c.connect();
         }
         assert_eq!((ep.len(), ep.handshakes()), (1, 1));
-        assert!(ep.sweep(now + Duration::from_secs(9), |_, _| false).is_empty());
-        assert_eq!(ep.sweep(now + Duration::from_secs(10), |_, _| false).len(), 1);
+        assert!(ep
+            .sweep(now + Duration::from_secs(9), |_, _| false)
+            .is_empty());
+        assert_eq!(
+            ep.sweep(now + Duration::from_secs(10), |_, _| false).len(),
+            1
+        );
         assert_eq!((ep.len(), ep.handshakes()), (0, 0));
     }
 

@@ -315,7 +315,11 @@ pub async fn start(
     let mut dtls_final = Vec::new();
     let (mut pdtls4, mut pdtls6) = (None, None);
     for a in &listen.dtls {
-        let g = if a.is_ipv4() { &mut pdtls4 } else { &mut pdtls6 };
+        let g = if a.is_ipv4() {
+            &mut pdtls4
+        } else {
+            &mut pdtls6
+        };
         let got = resolve(*a, g, Type::DGRAM, Protocol::UDP)?;
         dtls_final.push(got);
         listeners.push((Transport::Dtls, got));
