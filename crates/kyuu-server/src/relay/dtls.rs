@@ -271,6 +271,10 @@ impl Endpoint {
         let Some(a) = self.assocs.get_mut(&key) else {
             return;
         };
+        if !records_plausible(data, min_sealed_len(&a.ssl)) {
+            dropped("short_record");
+            return;
+        }
         a.last_rx = now;
         a.ssl.get_mut().inbox.push_back(data.to_vec());
         let mut remove = false;
@@ -415,6 +419,41 @@ impl Endpoint {
         }
         out
     }
+}
+
+/// The shortest protected record the negotiated cipher can produce: the AEAD tag, plus GCM's
+/// explicit nonce.
+fn min_sealed_len(ssl: &SslStream<MemDgram>) -> usize {
+    match ssl.ssl().current_cipher() {
+        Some(c) if c.name().contains("CHACHA20") => 16,
+        _ => 24,
+    }
+}
+
+/// Whether every record header in `d` fits the datagram, and no protected (epoch > 0) record is
+/// shorter than `min_sealed`. OpenSSL 3.0 discards a forged record silently, as RFC 6347
+/// §4.1.2.7 asks, unless it is too short to hold the AEAD overhead: such a record leaves the
+/// session unusable, so a spoofed datagram could end an association. Such datagrams never reach
+/// it.
+fn records_plausible(d: &[u8], min_sealed: usize) -> bool {
+    let mut at = 0usize;
+    for _ in 0..64 {
+        if at == d.len() {
+            return true;
+        }
+        let (Some(epoch), Some(len)) = (u16_at(d, at + 3), u16_at(d, at + 11)) else {
+            return false;
+        };
+        let len = usize::from(len);
+        if epoch > 0 && len < min_sealed {
+            return false;
+        }
+        at += RECORD_HEADER + len;
+        if at > d.len() {
+            return false;
+        }
+    }
+    false
 }
 
 fn dropped(reason: &'static str) {
@@ -634,7 +673,14 @@ mod tests {
         let hello = client_hello(&[], 0, 0);
         let mut inputs: Vec<Vec<u8>> = vec![vec![], vec![22; 13], vec![23; 100], vec![0xff; 2000]];
         inputs.extend((0..hello.len()).map(|n| hello[..n].to_vec()));
-        for d in &inputs {
+        // Forged fatal alerts: plaintext in epoch 0, and unauthenticated in epoch 1.
+        inputs.push(vec![21, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9, 0, 2, 2, 40]);
+        inputs.push(vec![21, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 2, 2, 40]);
+        let mut long = vec![23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 40];
+        long.extend_from_slice(&[0x33; 40]);
+        inputs.push(long);
+        inputs.push(hello.clone());
+        for d in &inputs[..inputs.len() - 1] {
             let mut out = DtlsInput::default();
             ep.handle(now, local, spoofed, d, &mut out);
             assert!(out.send.is_empty() && out.records.is_empty(), "{d:?}");
@@ -664,6 +710,7 @@ mod tests {
             ep.handle(now, local, from, d, &mut out);
             assert!(out.records.is_empty() && !out.closed, "{d:?}");
         }
+        assert_eq!(ep.len(), 1, "forged records ended the association");
         // Records both ways.
         c.ssl_write(b"\x00\x01\x00\x00stun").unwrap();
         let mut out = DtlsInput::default();
@@ -743,7 +790,8 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         /// Arbitrary datagrams, alone or as a ClientHello's tail: no panic, no association, at
-        /// most one small HelloVerifyRequest; inside an established association, no record.
+        /// most one small HelloVerifyRequest; inside an established association, no record and
+        /// the association survives.
         #[test]
         fn arbitrary_datagrams_make_no_state(
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1600),
@@ -769,6 +817,35 @@ mod tests {
             let mut out = DtlsInput::default();
             ep.handle(now, local, "127.0.0.1:4000".parse().unwrap(), &data, &mut out);
             proptest::prop_assert!(out.records.is_empty());
+            proptest::prop_assert!(!out.closed, "a forged datagram ended the association");
+            proptest::prop_assert_eq!(ep.len(), 1);
+        }
+    }
+
+    /// Forged protected records of every short length (OpenSSL 3.0 would give up on the session
+    /// for those shorter than the AEAD overhead) leave the association working.
+    #[test]
+    fn forged_short_records_do_not_end_an_association() {
+        let local: SocketAddr = SERVER.parse().unwrap();
+        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let mut ep = endpoint(4, 4);
+        let now = Instant::now();
+        let mut c = client();
+        assert!(handshake(&mut ep, &mut c, "127.0.0.1:4000"));
+        for len in 0..48u8 {
+            for ct in [21u8, 23] {
+                let mut forged = vec![ct, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 100 + len, 0, len];
+                forged.extend(std::iter::repeat_n(0x33, usize::from(len)));
+                let mut out = DtlsInput::default();
+                ep.handle(now, local, from, &forged, &mut out);
+                assert!(!out.closed && out.records.is_empty());
+                c.ssl_write(b"abc").unwrap();
+                let mut out = DtlsInput::default();
+                for d in std::mem::take(&mut c.get_mut().outbox) {
+                    ep.handle(now, local, from, &d, &mut out);
+                }
+                assert_eq!(out.records, vec![b"abc".to_vec()], "after {ct}/{len}");
+            }
         }
     }
 }
