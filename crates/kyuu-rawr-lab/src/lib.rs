@@ -855,6 +855,8 @@ pub struct DemoReport {
     /// STUN round trips from peer A to the root and to the meeting node, in ms.
     pub root_stun_rtt_ms: f64,
     pub meeting_stun_rtt_ms: f64,
+    /// `rawr_setup_ms <= root_stun_rtt_ms + meeting_stun_rtt_ms`.
+    pub setup_budget_met: bool,
     /// UDP datagrams the root received while the RAWR session carried data.
     pub root_datagrams_during_rawr_session: u64,
     pub rounds: usize,
@@ -997,10 +999,12 @@ pub async fn run_demo(
         } else {
             rawr.as_secs_f64() / root.as_secs_f64()
         },
-        rawr_setup_ms: median(rawr_setup).unwrap_or(0),
+        rawr_setup_ms: median(rawr_setup.clone()).unwrap_or(0),
         root_setup_ms: median(root_setup).unwrap_or(0),
         root_stun_rtt_ms: ms(root_stun),
         meeting_stun_rtt_ms: ms(isp_stun),
+        setup_budget_met: (median(rawr_setup.clone()).unwrap_or(u64::MAX) as f64)
+            <= ms(root_stun) + ms(isp_stun),
         root_datagrams_during_rawr_session: root_dgrams,
         rounds,
     };
@@ -1021,10 +1025,11 @@ impl DemoReport {
         println!("RTT through the root:   {:.1} ms", self.root_rtt_ms);
         println!("ratio:                  {:.3} (goal <= 0.333)", self.ratio);
         println!(
-            "setup (Exchange+Connect): {} ms via RAWR, {} ms root only; budget one root RTT + one meeting-node RTT = {:.1} ms",
+            "setup (Exchange+Connect): {} ms via RAWR, {} ms root only; budget one root RTT + one meeting-node RTT = {:.1} ms: {}",
             self.rawr_setup_ms,
             self.root_setup_ms,
-            self.root_stun_rtt_ms + self.meeting_stun_rtt_ms
+            self.root_stun_rtt_ms + self.meeting_stun_rtt_ms,
+            if self.setup_budget_met { "MET" } else { "NOT MET" }
         );
         println!(
             "root datagrams during the RAWR session: {}",

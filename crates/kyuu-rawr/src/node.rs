@@ -49,9 +49,12 @@ pub struct Stats {
     pub registrations: usize,
     pub paired: u64,
     pub forwarded: u64,
+    /// Pairings remembered to answer a late Connect of the same side (§4.3, re-pair).
+    pub recent: usize,
 }
 
-type DirKey = (Vec<u8>, Mac, Mac);
+/// (session, MAC, TARGET-MAC); `None` is the wildcard target.
+type DirKey = (Vec<u8>, Mac, Option<Mac>);
 
 #[derive(Debug, Clone)]
 struct Holder {
@@ -92,6 +95,23 @@ struct Upstream {
     key: Option<Key>,
 }
 
+/// A side that paired (§4.3 re-pair).
+#[derive(Debug, Clone)]
+struct Recent {
+    /// The other side's MAC, when known.
+    partner: Option<Mac>,
+    kind: RecentKind,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+enum RecentKind {
+    /// Paired at this node: mint fresh credentials.
+    Here { at_root: bool },
+    /// Paired at a node below, which told us in its Cancel: hand out that relay.
+    Below(Relay),
+}
+
 #[derive(Debug, Clone)]
 struct Side {
     mac: Mac,
@@ -126,6 +146,10 @@ pub struct Node {
     exchanges: HashMap<Vec<u8>, ExchangeState>,
     registrations: HashMap<Mac, (IpAddr, Instant)>,
     answered: HashMap<(SocketAddr, TransactionId), (Vec<u8>, Instant)>,
+    /// Sides paired here or below, by `(session, MAC)`: a Connect from that side arriving
+    /// later (its first answer was lost with a dead node below, or it fell back by another
+    /// route) is answered at once (§4.3, re-pair).
+    recent: HashMap<(Vec<u8>, Mac), Recent>,
     out: VecDeque<Output>,
     paired: u64,
     forwarded: u64,
@@ -169,6 +193,7 @@ impl Node {
             exchanges: HashMap::new(),
             registrations: HashMap::new(),
             answered: HashMap::new(),
+            recent: HashMap::new(),
             out: VecDeque::new(),
             paired: 0,
             forwarded: 0,
@@ -192,6 +217,7 @@ impl Node {
             registrations: self.registrations.len(),
             paired: self.paired,
             forwarded: self.forwarded,
+            recent: self.recent.len(),
         }
     }
 
@@ -218,11 +244,34 @@ impl Node {
         let Ok(Request::Connect(c)) = Request::decode(&m) else {
             return false;
         };
-        let key: DirKey = (c.session, c.mac, c.target);
-        let reverse: DirKey = (key.0.clone(), key.2, key.1);
+        let Some(target) = c.target else {
+            // A wildcard never takes rule 2.
+            return false;
+        };
+        let key: DirKey = (c.session.clone(), c.mac, c.target);
         !(self.pending.contains_key(&key)
-            || self.pending.contains_key(&reverse)
-            || self.is_local(c.target))
+            || self.find_partner(&c).is_some()
+            || self.is_local(target))
+    }
+
+    /// The pending direction that pairs with `c` (rule 1): same session, the other MAC, and
+    /// each side's TARGET-MAC either absent (wildcard) or naming the other.
+    fn find_partner(&self, c: &ConnectReq) -> Option<DirKey> {
+        if let Some(t) = c.target {
+            let exact: DirKey = (c.session.clone(), t, Some(c.mac));
+            if self.pending.contains_key(&exact) {
+                return Some(exact);
+            }
+        }
+        self.pending
+            .keys()
+            .find(|(s, m, t)| {
+                *s == c.session
+                    && *m != c.mac
+                    && c.target.is_none_or(|ct| ct == *m)
+                    && t.is_none_or(|pt| pt == c.mac)
+            })
+            .cloned()
     }
 
     /// The earliest time [`Node::handle_timeout`] has work.
@@ -251,6 +300,9 @@ impl Node {
         }
         for (_, exp) in self.answered.values() {
             at(*exp);
+        }
+        for r in self.recent.values() {
+            at(r.expires);
         }
         t
     }
@@ -428,12 +480,13 @@ impl Node {
                 session,
                 mac,
                 target,
+                relay,
             } => {
                 if self.require_links && link.is_none() {
                     self.answer_error(now, from, method::CANCEL, tid, None, code::FORBIDDEN, "");
                     return;
                 }
-                self.on_cancel(now, from, tid, (session, mac, target), link);
+                self.on_cancel(now, from, tid, (session, mac, target), relay, link);
             }
         }
     }
@@ -640,9 +693,23 @@ impl Node {
             return;
         }
 
+        // Re-pair: this side already paired here.
+        if let Some(r) = self.recent.get(&(c.session.clone(), c.mac)) {
+            if c.target.is_none_or(|t| r.partner.is_none_or(|p| p == t)) {
+                let relay = match &r.kind {
+                    RecentKind::Here { at_root } => {
+                        let at_root = *at_root;
+                        self.mint_relay(now, &c, c.mac, at_root)
+                    }
+                    RecentKind::Below(relay) => relay.clone(),
+                };
+                self.answer_relay(now, &holder, &relay);
+                return;
+            }
+        }
+
         // Rule 1: pair.
-        let reverse: DirKey = (c.session.clone(), c.target, c.mac);
-        if let Some(other) = self.pending.remove(&reverse) {
+        if let Some(other) = self.find_partner(&c).and_then(|k| self.pending.remove(&k)) {
             self.pair(now, c, holder, other);
             return;
         }
@@ -679,7 +746,7 @@ impl Node {
         }
 
         let expires = now + self.limits.pending_timeout();
-        let local = self.is_local(c.target);
+        let local = c.target.is_some_and(|t| self.is_local(t));
         self.pending.insert(
             key.clone(),
             Pending {
@@ -749,43 +816,57 @@ impl Node {
         }
     }
 
-    fn pair(&mut self, now: Instant, c: ConnectReq, holder: Holder, other: Pending) {
+    /// This node's relay and fresh credentials for `mac`, answering request `req`.
+    fn mint_relay(&self, now: Instant, req: &ConnectReq, mac: Mac, at_root: bool) -> Relay {
         let expiry = self.unix(now) + u64::from(self.limits.credential_lifetime_s);
+        let (username, password) = cred::mint(&self.secret, expiry, &req.session, mac);
+        let mut path = req.path.clone();
+        path.push(self.name.clone());
+        Relay {
+            uris: self.relay.clone(),
+            username,
+            password,
+            lifetime: self.limits.credential_lifetime_s,
+            path,
+            at_root,
+        }
+    }
+
+    fn pair(&mut self, now: Instant, c: ConnectReq, holder: Holder, other: Pending) {
         let at_root = self.is_self(c.root) || self.is_self(other.req.root);
-        let (user_a, pass_a) = cred::mint(&self.secret, expiry, &c.session, c.mac);
-        let (user_b, pass_b) = cred::mint(&self.secret, expiry, &c.session, c.target);
-        let mut path_a = c.path.clone();
-        path_a.push(self.name.clone());
-        let mut path_b = other.req.path.clone();
-        path_b.push(self.name.clone());
-        let relay_a = Relay {
-            uris: self.relay.clone(),
-            username: user_a.clone(),
-            password: pass_a,
-            lifetime: self.limits.credential_lifetime_s,
-            path: path_a,
-            at_root,
-        };
-        let relay_b = Relay {
-            uris: self.relay.clone(),
-            username: user_b.clone(),
-            password: pass_b,
-            lifetime: self.limits.credential_lifetime_s,
-            path: path_b,
-            at_root,
-        };
+        let relay_a = self.mint_relay(now, &c, c.mac, at_root);
+        let relay_b = self.mint_relay(now, &other.req, other.req.mac, at_root);
+        let (user_a, user_b) = (relay_a.username.clone(), relay_b.username.clone());
+        let expires = now + self.limits.pending_timeout();
+        for (mac, partner) in [(c.mac, other.req.mac), (other.req.mac, c.mac)] {
+            self.remember(
+                (c.session.clone(), mac),
+                Recent {
+                    partner: Some(partner),
+                    kind: RecentKind::Here { at_root },
+                    expires,
+                },
+            );
+        }
         self.answer_relay(now, &holder, &relay_a);
         for h in &other.holders {
             self.answer_relay(now, h, &relay_b);
         }
         if let Stage::Forwarded { tid } = other.stage {
-            self.cancel_upstream(now, tid, &other.req);
+            self.cancel_upstream(now, tid, &other.req, Some(&relay_b));
         }
         self.paired += 1;
         self.out.push_back(Output::Paired {
             tag: cred::session_tag(&c.session),
             usernames: [user_a, user_b],
         });
+    }
+
+    /// Records a paired side, within the pending cap.
+    fn remember(&mut self, key: (Vec<u8>, Mac), r: Recent) {
+        if self.recent.len() < self.limits.max_pending || self.recent.contains_key(&key) {
+            self.recent.insert(key, r);
+        }
     }
 
     fn answer_relay(&mut self, now: Instant, h: &Holder, r: &Relay) {
@@ -813,7 +894,13 @@ impl Node {
     }
 
     /// Stops the upstream transaction `tid` and sends Cancel where it went.
-    fn cancel_upstream(&mut self, now: Instant, tid: TransactionId, req: &ConnectReq) {
+    fn cancel_upstream(
+        &mut self,
+        now: Instant,
+        tid: TransactionId,
+        req: &ConnectReq,
+        relay: Option<&Relay>,
+    ) {
         let Some(u) = self.upstream.remove(&tid) else {
             return;
         };
@@ -822,7 +909,14 @@ impl Node {
             username: Some(&self.name),
             key,
         });
-        let data = wire::encode_cancel(ctid, &req.session, req.mac, req.target, auth.as_ref());
+        let data = wire::encode_cancel(
+            ctid,
+            &req.session,
+            req.mac,
+            req.target,
+            relay,
+            auth.as_ref(),
+        );
         self.send_up(u.txn.to, data.clone());
         self.upstream.insert(
             ctid,
@@ -842,6 +936,7 @@ impl Node {
         from: SocketAddr,
         tid: TransactionId,
         key: DirKey,
+        relay: Option<Relay>,
         link: Option<String>,
     ) {
         let mut emptied = None;
@@ -852,8 +947,20 @@ impl Node {
             }
         }
         if let Some(p) = emptied {
+            if let Some(r) = &relay {
+                // Paired below: remember where, for this side's possible return by another
+                // route (only for a direction that was really held here from `from`).
+                self.remember(
+                    (key.0.clone(), key.1),
+                    Recent {
+                        partner: key.2,
+                        kind: RecentKind::Below(r.clone()),
+                        expires: now + self.limits.pending_timeout(),
+                    },
+                );
+            }
             if let Stage::Forwarded { tid } = p.stage {
-                self.cancel_upstream(now, tid, &p.req);
+                self.cancel_upstream(now, tid, &p.req, relay.as_ref());
             }
         }
         let k = self.key_for(link.as_deref());
@@ -970,7 +1077,7 @@ impl Node {
             if let Some(p) = self.pending.remove(&k) {
                 self.fail_holders(now, &p, code::TIMEOUT, "no partner");
                 if let Stage::Forwarded { tid } = p.stage {
-                    self.cancel_upstream(now, tid, &p.req);
+                    self.cancel_upstream(now, tid, &p.req, None);
                 }
             }
         }
@@ -1005,5 +1112,6 @@ impl Node {
 
         self.registrations.retain(|_, (_, exp)| now < *exp);
         self.answered.retain(|_, (_, exp)| now < *exp);
+        self.recent.retain(|_, r| now < r.expires);
     }
 }

@@ -39,6 +39,8 @@ struct Sim {
     delay: HashMap<(SocketAddr, SocketAddr), Duration>,
     /// Every datagram delivered: (from, to, method, class).
     log: Vec<(SocketAddr, SocketAddr, u16, Class)>,
+    /// Peers added from now on send Connect in parallel with Exchange (the default) or after it.
+    overlap: bool,
 }
 
 fn node_cfg(name: &str, me: SocketAddr) -> RawrConfig {
@@ -63,6 +65,7 @@ impl Sim {
             seq: 0,
             delay: HashMap::new(),
             log: Vec::new(),
+            overlap: true,
         }
     }
 
@@ -100,6 +103,7 @@ impl Sim {
         let mut cfg = PeerConfig::new(vec![9; 16], Mac([2, 0, 0, 0, 0, mac]), addr(ROOT));
         cfg.gateway = gw.map(addr);
         cfg.hosts = vec![addr(a)];
+        cfg.overlap = self.overlap;
         let _ = other;
         let mut p = Peer::new(cfg, u64::from(a));
         p.start(self.now);
@@ -340,6 +344,7 @@ fn peers_under_one_isp_meet_at_the_isp_node() {
 #[test]
 fn same_link_peers_go_direct_and_no_node_relays() {
     let mut s = Sim::new();
+    s.overlap = false;
     s.node("root", ROOT, None, &[]);
     s.node("home", 3, None, &[]);
     s.peer(10, 0xa, 0xb, Some(3), true);
@@ -512,8 +517,67 @@ fn too_many_hops_is_refused() {
 }
 
 #[test]
+fn same_link_peers_go_direct_and_withdraw_their_parallel_connects() {
+    let mut s = Sim::new();
+    s.node("root", ROOT, None, &[]);
+    s.node("home", 3, None, &[]);
+    for a in [10, 11, 3] {
+        s.delay
+            .insert((addr(a), addr(ROOT)), Duration::from_millis(40));
+    }
+    s.peer(10, 0xa, 0xb, Some(3), true);
+    s.run_for(Duration::from_millis(30));
+    s.peer(11, 0xb, 0xa, Some(3), true);
+    s.run();
+    assert_eq!(s.outcome(10).route, Route::Direct);
+    assert_eq!(s.outcome(11).route, Route::Direct);
+    // The wildcard Connects went out with Exchange; direct peers cancel what is still held.
+    assert_eq!(s.sent_to(3, wire::method::CONNECT), 2);
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+#[test]
+fn parallel_connect_sets_up_within_one_root_rtt_plus_one_meeting_rtt() {
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    for a in [10, 11, 2, 3, 4] {
+        s.delay
+            .insert((addr(a), addr(ROOT)), Duration::from_millis(40));
+    }
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    for p in [10, 11] {
+        let o = s.outcome(p);
+        assert_eq!(o.route, Route::Node { name: "isp".into() });
+        // Sequential Exchange then Connect costs 80 ms plus the climb; in parallel it is the
+        // root round trip alone (+ a millisecond of sim delay per hop).
+        assert!(o.total_ms <= 80 + 5, "setup took {} ms", o.total_ms);
+    }
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+#[test]
+fn sequential_peers_still_pair_with_parallel_ones() {
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.overlap = false;
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    assert_eq!(s.outcome(10).route, Route::Node { name: "isp".into() });
+    assert_eq!(s.outcome(11).route, Route::Node { name: "isp".into() });
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+#[test]
 fn target_on_the_subnet_pairs_at_the_gateway_without_forwarding() {
     let mut s = Sim::new();
+    // Rule 2 needs TARGET-MAC: sequential peers.
+    s.overlap = false;
     s.node("root", ROOT, None, &[]);
     s.node("home", 3, None, &[]);
     s.node_mut(3).set_neighbours([Mac([2, 0, 0, 0, 0, 0xb])]);
@@ -536,6 +600,7 @@ fn target_on_the_subnet_pairs_at_the_gateway_without_forwarding() {
 #[test]
 fn local_hold_is_bounded_when_the_target_goes_elsewhere() {
     let mut s = Sim::new();
+    s.overlap = false;
     s.node("root", ROOT, None, &[]);
     s.node("home", 3, None, &[]);
     s.node_mut(3).set_neighbours([Mac([2, 0, 0, 0, 0, 0xb])]);
@@ -640,7 +705,7 @@ fn connect(sess: u8, from: u8, to: u8, path: &[&str]) -> wire::ConnectReq {
     wire::ConnectReq {
         session: vec![sess; 16],
         mac: Mac([2, 0, 0, 0, 0, from]),
-        target: Mac([2, 0, 0, 0, 0, to]),
+        target: Some(Mac([2, 0, 0, 0, 0, to])),
         root: addr(ROOT),
         hops: 16,
         path: path.iter().map(|s| s.to_string()).collect(),
@@ -955,4 +1020,30 @@ fn relay_uris_count_as_self_addresses() {
     let outs = outputs(&mut n);
     assert_eq!(outs.len(), 1, "held, not forwarded");
     assert_eq!(class_and_code(&outs[0].1), (Class::Indication, None));
+}
+
+#[test]
+fn side_whose_answer_died_below_is_redirected_by_the_root_to_where_it_paired() {
+    // A's parallel Connect climbs home-a → isp → root; home-a dies; B pairs with A's request at
+    // isp, whose answer to A is lost with home-a. A falls back to the root, which learnt from
+    // isp's Cancel where A's half paired, and hands A the isp relay.
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.run_for(Duration::from_millis(100));
+    assert_eq!(s.node_mut(2).stats().pending, 1);
+    s.ents.insert(addr(3), Entity::Dead);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    assert_eq!(s.outcome(11).route, Route::Node { name: "isp".into() });
+    let a = s.outcome(10);
+    assert_eq!(a.route, Route::Node { name: "isp".into() }, "{a:?}");
+    assert!(a
+        .gateway_error
+        .as_deref()
+        .unwrap()
+        .contains("stopped answering"));
+    assert_eq!(s.node_mut(ROOT).stats().paired, 0);
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
 }

@@ -228,7 +228,9 @@ async fn register(State(st): State<AppState>, Json(r): Json<RegisterIn>) -> Resp
 struct ConnectIn {
     session: String,
     mac: String,
-    target: String,
+    /// The other peer's MAC; absent: the wildcard Connect, sent in parallel with Exchange.
+    #[serde(default)]
+    target: Option<String>,
     root: SocketAddr,
     /// "gateway" (default: this node) or "root" (the fallback: Connect at the root directly).
     #[serde(default)]
@@ -247,7 +249,7 @@ async fn connect(State(st): State<AppState>, Json(r): Json<ConnectIn>) -> Respon
     let (session, mac, target) = match (
         parse_session(&r.session),
         parse_mac(&r.mac),
-        parse_mac(&r.target),
+        r.target.as_deref().map(parse_mac).transpose(),
     ) {
         (Ok(s), Ok(m), Ok(t)) => (s, m, t),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e),

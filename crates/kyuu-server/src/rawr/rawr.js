@@ -44,13 +44,16 @@
     const mac = opts.mac || stored || randomMac();
     try { sessionStorage.setItem(key, mac); } catch (_) { /* storage disabled */ }
     await post(gateway, "/register", { mac });
-    const ex = await post(gateway, "/exchange", { session, mac, root });
-    let ans;
+    // Exchange and Connect in parallel (docs/rawr.md §8): Connect without a target pairs with
+    // the other peer of the session, so setup costs one root round trip, not two.
     let gatewayError = null;
-    try {
-      ans = await post(gateway, "/connect", { session, mac, target: ex.mac, root });
-    } catch (e) {
+    const viaGateway = post(gateway, "/connect", { session, mac, root }).catch((e) => {
       gatewayError = String(e.message || e);
+      return null;
+    });
+    const ex = await post(gateway, "/exchange", { session, mac, root });
+    let ans = await viaGateway;
+    if (ans === null) {
       ans = await post(gateway, "/connect", { session, mac, target: ex.mac, root, at: "root" });
     }
     return {
