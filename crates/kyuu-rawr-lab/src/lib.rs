@@ -24,6 +24,8 @@ use kyuu_server::rawr::runtime::{run_peer, spawn_node_on, NodeHandle, PeerEnv};
 use kyuu_server::rawr::sys::HostNet;
 
 pub const RAWR_PORT: u16 = 3479;
+/// `kyuu serve` nodes serve `/metrics` here (inside their namespace).
+pub const METRICS_PORT: u16 = 9100;
 pub const TURN_PORT: u16 = 3478;
 const SECRET: &str = "lab-turn-secret";
 
@@ -58,6 +60,8 @@ pub struct LabSpec {
     pub loop_a: bool,
     /// Put peer B on A's LAN (pb2, 198.19.1.11) instead of behind home B.
     pub same_lan: bool,
+    /// `rawr.pair_in_process` on kyuu serve nodes (default true).
+    pub pair_in_process: bool,
 }
 
 impl Default for LabSpec {
@@ -72,6 +76,7 @@ impl Default for LabSpec {
             chain_a: false,
             loop_a: false,
             same_lan: false,
+            pair_in_process: true,
         }
     }
 }
@@ -422,6 +427,8 @@ impl RawrLab {
                 ("udp", strs(&[&format!("0.0.0.0:{TURN_PORT}")])),
                 ("tcp", strs(&[])),
                 ("tls", strs(&[])),
+                // One shard: in-process pairing links allocations of one shard only.
+                ("threads", toml::Value::Integer(1)),
             ]),
         );
         t.insert(
@@ -435,7 +442,14 @@ impl RawrLab {
         );
         t.insert(
             "http".into(),
-            table(vec![("enabled", toml::Value::Boolean(false))]),
+            table(vec![
+                ("enabled", toml::Value::Boolean(true)),
+                (
+                    "listen",
+                    toml::Value::String(format!("0.0.0.0:{METRICS_PORT}")),
+                ),
+                ("metrics", toml::Value::Boolean(true)),
+            ]),
         );
         t.insert("rawr".into(), rawr);
         let text = toml::to_string(&t).map_err(|e| RawrLabError::Other(e.to_string()))?;
@@ -450,6 +464,7 @@ impl RawrLab {
     }
 
     async fn start_node(&mut self, ns: LabNode, mut cfg: RawrConfig) -> Result<(), RawrLabError> {
+        cfg.pair_in_process = self.spec.pair_in_process;
         if let LabServer::Kyuu(bin) = self.spec.server.clone() {
             let child = self.spawn_kyuu(&bin, &ns, &cfg)?;
             self.nodes.insert(
@@ -517,6 +532,48 @@ impl RawrLab {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.start_node(n.ns, n.cfg).await
+    }
+
+    /// The process id of a `kyuu serve` node.
+    pub fn node_pid(&self, name: &str) -> Option<u32> {
+        match &self.nodes.get(name)?.run {
+            NodeRun::Process(c) => Some(c.pid()),
+            NodeRun::Task(_) => None,
+        }
+    }
+
+    /// The sum of a Prometheus counter over its label sets, read from a `kyuu serve` node's
+    /// `/metrics` (from inside its namespace). 0 when the series does not exist yet.
+    pub fn node_metric(&self, name: &str, metric: &str) -> Result<f64, RawrLabError> {
+        let n = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| RawrLabError::Other(format!("no node {name}")))?;
+        let ip = n
+            .cfg
+            .self_addrs
+            .first()
+            .map(|a| a.ip())
+            .ok_or_else(|| RawrLabError::Other("node without an address".into()))?;
+        let mut cmd = n.ns.command("curl");
+        cmd.args(["-sf", "--max-time", "2"])
+            .arg(format!("http://{ip}:{METRICS_PORT}/metrics"));
+        let out = n.ns.run(cmd, Duration::from_secs(3))?;
+        if !out.status.success() {
+            return Err(RawrLabError::Other(format!(
+                "/metrics of {name}: {}",
+                out.status
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     pub async fn stats(&self, name: &str) -> Option<kyuu_rawr::node::Stats> {
@@ -740,6 +797,17 @@ const ECHO_PORT: u16 = 40_000;
 /// Sends `n` pings from A to B over the chosen route and measures round trips; data flowing is
 /// the proof that the route works.
 pub async fn ping_pong(a: &LabPeer, b: &LabPeer, n: usize) -> Result<Rtt, RawrLabError> {
+    ping_pong_with(a, b, n, true).await
+}
+
+/// [`ping_pong`]; `permit: false` skips CreatePermission for the other side's relayed address
+/// (a paired meeting node installs it itself).
+pub async fn ping_pong_with(
+    a: &LabPeer,
+    b: &LabPeer,
+    n: usize,
+    permit: bool,
+) -> Result<Rtt, RawrLabError> {
     match (&a.outcome.relay, &b.outcome.relay) {
         (None, None) => {
             let sa_ = to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?;
@@ -792,8 +860,10 @@ pub async fn ping_pong(a: &LabPeer, b: &LabPeer, n: usize) -> Result<Rtt, RawrLa
                 &rb.password,
             )
             .await?;
-            xa.permit(xb.relayed.ip()).await?;
-            xb.permit(xa.relayed.ip()).await?;
+            if permit {
+                xa.permit(xb.relayed.ip()).await?;
+                xb.permit(xa.relayed.ip()).await?;
+            }
             let (ra_addr, rb_addr) = (xa.relayed, xb.relayed);
             let echo = tokio::spawn(async move {
                 for _ in 0..10_000 {

@@ -298,3 +298,65 @@ async fn kyuu_serve_without_rawr_as_gateway_falls_back_to_the_root() {
     };
     assert_root_fallback(&lab, "400").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_meeting_node_pairs_in_process_and_its_relay_sockets_carry_nothing() {
+    let Some(lab) = build_kyuu("rawr lab in-process pairing", LabSpec::default()).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    // Metrics are flushed once a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock0 = lab
+        .node_metric("isp", "kyuu_relay_socket_datagrams_total")
+        .unwrap();
+    let paired0 = lab
+        .node_metric("isp", "kyuu_relay_paired_packets_total")
+        .unwrap();
+    // No CreatePermission for each other: the meeting node installed the pairing.
+    let rtt = kyuu_rawr_lab::ping_pong_with(&a, &b, 20, false)
+        .await
+        .unwrap();
+    assert!(rtt.samples.len() >= 18, "data did not flow: {rtt:?}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let sock1 = lab
+        .node_metric("isp", "kyuu_relay_socket_datagrams_total")
+        .unwrap();
+    let paired1 = lab
+        .node_metric("isp", "kyuu_relay_paired_packets_total")
+        .unwrap();
+    assert_eq!(
+        sock1 - sock0,
+        0.0,
+        "datagrams went through the meeting node's relay sockets"
+    );
+    // Each round trip is two client packets handed over in-process (A→B and the echo).
+    assert!(paired1 - paired0 >= 36.0, "{paired0} -> {paired1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_without_in_process_pairing_relays_through_its_sockets() {
+    let spec = LabSpec {
+        pair_in_process: false,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab pairing off", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    // Without the pairing, peers that skip CreatePermission get nothing through.
+    let rtt = kyuu_rawr_lab::ping_pong_with(&a, &b, 5, false)
+        .await
+        .unwrap();
+    assert!(rtt.samples.is_empty(), "{rtt:?}");
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    assert!(rtt.samples.len() >= 18, "{rtt:?}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let sock = lab
+        .node_metric("isp", "kyuu_relay_socket_datagrams_total")
+        .unwrap();
+    assert!(sock >= 36.0, "{sock}");
+}

@@ -28,6 +28,10 @@ pub struct RawrConfig {
     pub children: Vec<ChildConfig>,
     /// Refuse PATH-bearing Connects and Cancels from nodes that are not linked children.
     pub require_links: bool,
+    /// Under `kyuu serve`: link the two allocations of a session that pairs here inside the TURN
+    /// server (no CreatePermission needed, packets between them never leave the process;
+    /// `docs/rawr.md` §6.1). Default true.
+    pub pair_in_process: bool,
     /// A separate UDP control listener, for running beside a TURN server that does not hand RAWR
     /// methods over (for example coturn). Unset: RAWR arrives through the STUN port.
     pub listen: Option<SocketAddr>,
@@ -48,6 +52,7 @@ impl Default for RawrConfig {
             gateway: None,
             children: Vec::new(),
             require_links: false,
+            pair_in_process: true,
             listen: None,
             netns: None,
             limits: Limits::default(),

@@ -112,7 +112,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
     let ice = ice_provider(&config, &host, &listeners);
 
     let rawr = match ext_rx {
-        Some(rx) => Some(start_rawr(&config, &ice, rx).await?),
+        Some(rx) => Some(start_rawr(&config, &ice, rx, relay.control()).await?),
         None => None,
     };
     let ice_needs_token = config.signal.auth_secret.is_some();
@@ -461,6 +461,7 @@ async fn start_rawr(
     config: &Config,
     ice: &IceProvider,
     mut requests: tokio::sync::mpsc::Receiver<relay::ExtensionRequest>,
+    control: relay::RelayControl,
 ) -> anyhow::Result<crate::rawr::runtime::NodeHandle> {
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -508,7 +509,13 @@ async fn start_rawr(
             let _ = reply.send(*client, data);
         }
     });
-    crate::rawr::runtime::start(cfg, Some((rx, reply)))
+    // A session that pairs here gets its two allocations linked in-process (docs/rawr.md §6.1),
+    // unless `rawr.pair_in_process = false`.
+    let on_paired: Option<crate::rawr::runtime::PairFn> = cfg.pair_in_process.then(|| {
+        Box::new(move |usernames: [String; 2], lifetime| control.pair(usernames, lifetime))
+            as crate::rawr::runtime::PairFn
+    });
+    crate::rawr::runtime::start_paired(cfg, Some((rx, reply)), on_paired)
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }

@@ -28,6 +28,10 @@ const SOCKET_CLIENTS_MAX: usize = 4096;
 /// own socket: `(client, bytes)`.
 pub type ReplyFn = Box<dyn Fn(SocketAddr, Vec<u8>) + Send + Sync>;
 
+/// Called when a session pairs at this node: the two TURN usernames and the credential
+/// lifetime, for the TURN server to link the allocations in-process (`docs/rawr.md` §6.1).
+pub type PairFn = Box<dyn Fn([String; 2], Duration) + Send + Sync>;
+
 /// Requests handed over by the STUN/TURN server: `(client, bytes)`.
 pub type Inbound = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
 
@@ -96,7 +100,19 @@ pub fn spawn_node_on(
     ext: Option<(Inbound, ReplyFn)>,
     host: HostNet,
 ) -> Result<NodeHandle, ConfigError> {
+    spawn_node_full(cfg, socket, ext, host, None)
+}
+
+/// [`spawn_node_on`] telling `on_paired` about every session that pairs here.
+pub fn spawn_node_full(
+    cfg: RawrConfig,
+    socket: UdpSocket,
+    ext: Option<(Inbound, ReplyFn)>,
+    host: HostNet,
+    on_paired: Option<PairFn>,
+) -> Result<NodeHandle, ConfigError> {
     cfg.validate()?;
+    let cred_lifetime = Duration::from_secs(u64::from(cfg.limits.credential_lifetime_s));
     let networks = cfg.parsed_networks()?;
     let local = socket
         .local_addr()
@@ -159,6 +175,9 @@ pub fn spawn_node_on(
                     Output::Paired { tag, usernames } => {
                         metrics::counter!("kyuu_rawr_paired_total").increment(1);
                         tracing::info!(node = node.name(), %tag, ?usernames, "rawr: paired");
+                        if let Some(f) = &on_paired {
+                            f(usernames, cred_lifetime);
+                        }
                     }
                 }
             }
@@ -357,6 +376,15 @@ pub async fn start(
     cfg: RawrConfig,
     ext: Option<(Inbound, ReplyFn)>,
 ) -> Result<NodeHandle, StartError> {
+    start_paired(cfg, ext, None).await
+}
+
+/// [`start`] with a [`PairFn`] (kyuu serve links paired allocations in its TURN shards).
+pub async fn start_paired(
+    cfg: RawrConfig,
+    ext: Option<(Inbound, ReplyFn)>,
+    on_paired: Option<PairFn>,
+) -> Result<NodeHandle, StartError> {
     let addr = match (cfg.listen, &ext) {
         (Some(a), _) => a,
         (None, Some(_)) => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -365,7 +393,8 @@ pub async fn start(
     let socket = UdpSocket::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
-    Ok(spawn_node_with(cfg, socket, ext)?)
+    let host = HostNet::new(cfg.netns.clone());
+    Ok(spawn_node_full(cfg, socket, ext, host, on_paired)?)
 }
 
 /// One RAWR request/answer exchange from a fresh socket, with retransmission and liveness

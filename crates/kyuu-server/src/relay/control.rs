@@ -25,6 +25,11 @@ pub(crate) enum ShardCmd {
     },
     /// Refuse new allocations from now on.
     Drain { alternate: Option<SocketAddr> },
+    /// RAWR paired the allocations made with these usernames (`docs/rawr.md` §6.1).
+    Pair {
+        usernames: [String; 2],
+        lifetime: std::time::Duration,
+    },
     /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
     Stream {
         stream: AdoptedStream,
@@ -147,6 +152,18 @@ impl RelayControl {
         self.shards
             .first()
             .is_some_and(|tx| tx.send(ShardCmd::Stream { stream, client }).is_ok())
+    }
+
+    /// Tells every shard that the allocations made with `usernames` belong together (RAWR
+    /// pairing); a shard holding both links them in-process. Pairs split across shards are not
+    /// linked and relay through the kernel as usual.
+    pub fn pair(&self, usernames: [String; 2], lifetime: std::time::Duration) {
+        for tx in &self.shards {
+            let _ = tx.send(ShardCmd::Pair {
+                usernames: usernames.clone(),
+                lifetime,
+            });
+        }
     }
 
     /// Every shard refuses new allocations from now on.

@@ -103,6 +103,10 @@ struct State {
     ext_reply: ExtensionReply,
     socket_buffer: usize,
     dropped_sends: u64,
+    /// Datagrams read from relay sockets, and client packets handed to a paired allocation
+    /// in-process, since the last flush.
+    relay_in: u64,
+    paired_pkts: u64,
     arena: Rc<RefCell<Arena>>,
     batch: Batch,
     /// quinn-udp state shared by every relay socket of the shard. `UdpSocketState::new` probes
@@ -248,6 +252,8 @@ pub(crate) fn run(
             ext_reply: ExtensionReply { tx: reply_tx },
             socket_buffer,
             dropped_sends: 0,
+            relay_in: 0,
+            paired_pkts: 0,
             arena: arena.clone(),
             batch: Batch {
                 buf: Vec::with_capacity(GSO_MAX_BYTES + GSO_MAX_SEGMENT),
@@ -312,6 +318,14 @@ pub(crate) fn run(
                     metrics::counter!("kyuu_relay_send_dropped_total").increment(st.dropped_sends);
                     st.dropped_sends = 0;
                 }
+                if st.relay_in > 0 {
+                    metrics::counter!("kyuu_relay_socket_datagrams_total").increment(st.relay_in);
+                    st.relay_in = 0;
+                }
+                if st.paired_pkts > 0 {
+                    metrics::counter!("kyuu_relay_paired_packets_total").increment(st.paired_pkts);
+                    st.paired_pkts = 0;
+                }
                 st.drain(&timer_sh);
             }
         })));
@@ -359,6 +373,13 @@ impl State {
                 let _ = reply.send(self.core.reconfigure(*turn));
             }
             ShardCmd::Drain { alternate } => self.core.drain(alternate),
+            ShardCmd::Pair {
+                usernames,
+                lifetime,
+            } => {
+                let [a, b] = &usernames;
+                self.core.pair_usernames(now, a, b, lifetime);
+            }
             ShardCmd::Stream { stream, client } => {
                 tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
             }
@@ -446,6 +467,32 @@ impl State {
             },
             payload,
         ))
+    }
+
+    /// A client packet for the allocation paired with the sender (`ToPeer::paired`): copied
+    /// behind headroom in `scratch` and handed to that allocation as if its relay socket had
+    /// read it, so it never touches the kernel. Without a target, [`State::send_peer`].
+    fn relay_packet(&mut self, now: Instant, tp: &ToPeer, packet: &[u8], scratch: &mut [u8]) {
+        let Some(target) = tp.paired else {
+            return self.send_peer(tp, packet);
+        };
+        let Some(data) = packet.get(tp.data.clone()) else {
+            return;
+        };
+        let Some(dst) = scratch.get_mut(PEER_HEADROOM..PEER_HEADROOM + data.len()) else {
+            return self.send_peer(tp, packet);
+        };
+        dst.copy_from_slice(data);
+        self.paired_pkts += 1;
+        let range = PEER_HEADROOM..PEER_HEADROOM + data.len();
+        if let Some(tc) = self
+            .core
+            .handle_peer(now, target.relay, target.from, scratch, range)
+        {
+            if let Some(out) = scratch.get(tc.data) {
+                self.send_client(tc.client, out);
+            }
+        }
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
@@ -721,7 +768,11 @@ async fn client_udp_loop(
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
-            let Arena { bufs, metas, .. } = &mut *ar;
+            let Arena {
+                bufs,
+                metas,
+                scratch,
+            } = &mut *ar;
             for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
                 let client = ClientSocket {
                     transport: Transport::Udp,
@@ -739,7 +790,7 @@ async fn client_udp_loop(
                         },
                     };
                     if let Some(tp) = st.core.handle_client(now, client, seg) {
-                        st.send_peer(&tp, seg);
+                        st.relay_packet(now, &tp, seg, scratch);
                     }
                 }
             }
@@ -783,6 +834,7 @@ async fn relay_udp_loop(
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
+            st.relay_in += n as u64;
             let Arena {
                 bufs,
                 metas,

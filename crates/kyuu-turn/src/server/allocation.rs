@@ -73,6 +73,8 @@ pub(crate) struct Allocation {
     pub flushed: Stats,
     /// Byte budget for `max_bps`, per [`Direction`].
     pub buckets: [TokenBucket; 2],
+    /// The allocation this one is paired with in-process (`pairing.rs`).
+    pub paired: Option<crate::server::pairing::PairLink>,
 }
 
 impl Allocation {
