@@ -1107,3 +1107,110 @@ impl DemoReport {
         );
     }
 }
+
+/// CPU time a process has used, in nanoseconds (sum over its threads' `schedstat`).
+pub fn process_cpu_ns(pid: u32) -> Result<u64, RawrLabError> {
+    let mut total = 0u64;
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let e = e?;
+        let s = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+        total += s
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// What [`relay_cost`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayCost {
+    /// Packets A sent and B received through the meeting node.
+    pub sent: usize,
+    pub received: usize,
+    /// The meeting node's CPU time per received packet, in microseconds.
+    pub cpu_us_per_packet: f64,
+    /// Datagrams the meeting node read from its relay sockets meanwhile (from `/metrics`).
+    pub relay_socket_datagrams: f64,
+}
+
+/// Connects the two peers through the ISP node (a `kyuu serve` lab), sends `n` datagrams from
+/// A to B through the relay (paced in bursts of 32), and measures the ISP process's CPU time per
+/// packet delivered. With `spec.pair_in_process` the packets are handed over inside the node;
+/// without, they go out of one relay socket and into the other.
+pub async fn relay_cost(lab: &RawrLab, n: usize) -> Result<RelayCost, RawrLabError> {
+    let s: [u8; 16] = rand::random();
+    let (a, b) = lab
+        .connect_pair_with(&s, lab.gateway_a(), lab.gateway_b())
+        .await?;
+    let (Some(ra), Some(rb)) = (&a.outcome.relay, &b.outcome.relay) else {
+        return Err(RawrLabError::Other("the peers did not get a relay".into()));
+    };
+    let server_a = parse_turn_uri(ra.uris.first().map(String::as_str).unwrap_or(""))?;
+    let server_b = parse_turn_uri(rb.uris.first().map(String::as_str).unwrap_or(""))?;
+    let mut xa = Allocation::new(
+        to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?,
+        server_a,
+        &ra.username,
+        &ra.password,
+    )
+    .await?;
+    let mut xb = Allocation::new(
+        to_tokio(b.ns.udp_bind("0.0.0.0:0")?)?,
+        server_b,
+        &rb.username,
+        &rb.password,
+    )
+    .await?;
+    xa.permit(xb.relayed.ip()).await?;
+    xb.permit(xa.relayed.ip()).await?;
+    let to = xb.relayed;
+    let pid = lab
+        .node_pid("isp")
+        .ok_or_else(|| RawrLabError::Other("relay_cost needs kyuu serve nodes".into()))?;
+    // Metrics flush once a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock0 = lab.node_metric("isp", "kyuu_relay_socket_datagrams_total")?;
+    let cpu0 = process_cpu_ns(pid)?;
+    // The receiver samples the node's CPU every 256 packets and at the last one, so the idle
+    // wait for stragglers is not counted: (packets, CPU ns) at the last sample.
+    let counter = tokio::spawn(async move {
+        let mut got = 0usize;
+        let mut sample = (0usize, cpu0);
+        for _ in 0..10_000_000u64 {
+            match tokio::time::timeout(Duration::from_millis(1500), xb.recv_from()).await {
+                Ok(Ok(_)) => {
+                    got += 1;
+                    if got % 256 == 0 || got == n {
+                        sample = (got, process_cpu_ns(pid).unwrap_or(sample.1));
+                    }
+                }
+                _ => break,
+            }
+        }
+        (got, sample)
+    });
+    let payload = [0x5au8; 160];
+    for i in 0..n {
+        xa.send_to(&payload, to).await?;
+        if i % 32 == 31 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let (received, (sampled, cpu1)) = counter
+        .await
+        .map_err(|e| RawrLabError::Other(e.to_string()))?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock1 = lab.node_metric("isp", "kyuu_relay_socket_datagrams_total")?;
+    Ok(RelayCost {
+        sent: n,
+        received,
+        cpu_us_per_packet: if sampled == 0 {
+            0.0
+        } else {
+            (cpu1.saturating_sub(cpu0)) as f64 / 1000.0 / sampled as f64
+        },
+        relay_socket_datagrams: sock1 - sock0,
+    })
+}
