@@ -62,6 +62,8 @@ pub struct LabSpec {
     pub same_lan: bool,
     /// `rawr.pair_in_process` on kyuu serve nodes (default true).
     pub pair_in_process: bool,
+    /// `rawr.limits.session_max_bytes` on the ISP node (0: unlimited).
+    pub isp_session_max_bytes: u64,
 }
 
 impl Default for LabSpec {
@@ -77,6 +79,7 @@ impl Default for LabSpec {
             loop_a: false,
             same_lan: false,
             pair_in_process: true,
+            isp_session_max_bytes: 0,
         }
     }
 }
@@ -317,8 +320,9 @@ impl RawrLab {
                 children.push("d2");
             }
             let ns = rl.isp.node().clone();
-            rl.start_node(ns, node_cfg("isp", ISP_IP, None, &children))
-                .await?;
+            let mut cfg = node_cfg("isp", ISP_IP, None, &children);
+            cfg.limits.session_max_bytes = spec.isp_session_max_bytes;
+            rl.start_node(ns, cfg).await?;
         }
         let isp_gw = spec.isp_node.then_some(ISP_IP);
         if spec.chain_a || spec.loop_a {

@@ -360,3 +360,43 @@ async fn kyuu_serve_without_in_process_pairing_relays_through_its_sockets() {
         .unwrap();
     assert!(sock >= 36.0, "{sock}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_session_over_its_byte_limit_falls_back_to_the_parent() {
+    // 8-byte pings: each side relays 16 bytes a round trip, so 250 bytes last ~15 of 20.
+    let spec = LabSpec {
+        isp_session_max_bytes: 250,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab session limit", spec).await else {
+        return;
+    };
+    let s = session();
+    let (a, b) = lab.connect_pair(&s, lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    assert!(
+        (5..20).contains(&rtt.samples.len()),
+        "the limit did not cut the session: {rtt:?}"
+    );
+    // The ISP's TURN server deletes the allocations on its next tick and tells its node.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The peers run RAWR again for the same session: the ISP refuses (470), they meet above it.
+    let (a, b) = lab.connect_pair(&s, lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    for p in [&a, &b] {
+        assert_eq!(
+            p.outcome.route,
+            Route::Root {
+                name: "root".into()
+            },
+            "{:?}",
+            p.outcome
+        );
+        let why = p.outcome.gateway_error.clone().unwrap();
+        assert!(why.contains("470"), "{why}");
+    }
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}

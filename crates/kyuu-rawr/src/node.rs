@@ -36,8 +36,15 @@ pub enum Output {
         upstream: bool,
     },
     /// A session paired here: the TURN server MAY install permissions between the allocations
-    /// made with these two usernames and forward between them in-process.
-    Paired { tag: String, usernames: [String; 2] },
+    /// made with these two usernames and forward between them in-process, and enforces the
+    /// session's limits (`max_bytes` per side, 0 unlimited; `max_secs`, 0 unlimited), telling
+    /// the node through [`Node::session_exhausted`] when one is reached.
+    Paired {
+        tag: String,
+        usernames: [String; 2],
+        max_bytes: u64,
+        max_secs: u64,
+    },
 }
 
 /// Counters and gauges, for tests ("no state left behind") and metrics.
@@ -95,6 +102,20 @@ struct Upstream {
     key: Option<Key>,
 }
 
+/// A session relayed here (§4.6).
+#[derive(Debug, Clone)]
+struct Reservation {
+    /// Per-peer (source IP) and per-link (child name) keys it counts against.
+    peers: Vec<IpAddr>,
+    links: Vec<String>,
+    expires: Instant,
+    session: Vec<u8>,
+    macs: [Mac; 2],
+    /// Where the requests would have gone above (gateway, or the root named), for withdrawing
+    /// the re-pair records there when the session is used up here.
+    up: Option<(SocketAddr, Option<Key>)>,
+}
+
 /// A side that paired (§4.3 re-pair).
 #[derive(Debug, Clone)]
 struct Recent {
@@ -108,8 +129,12 @@ struct Recent {
 enum RecentKind {
     /// Paired at this node: mint fresh credentials.
     Here { at_root: bool },
-    /// Paired at a node below, which told us in its Cancel: hand out that relay.
-    Below(Relay),
+    /// Paired at a node below, which told us in its Cancel: hand out that relay. `up` is where
+    /// this node had forwarded the request (to pass a withdrawal on).
+    Below {
+        relay: Relay,
+        up: Option<(SocketAddr, Option<Key>)>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +175,10 @@ pub struct Node {
     /// later (its first answer was lost with a dead node below, or it fell back by another
     /// route) is answered at once (§4.3, re-pair).
     recent: HashMap<(Vec<u8>, Mac), Recent>,
+    /// Sessions relayed here: tag → (per-peer key, per-link key, expiry) (§4.6).
+    reservations: HashMap<String, Reservation>,
+    /// Sessions whose limit was reached here: tag → expiry. Their Connects get 470.
+    exhausted: HashMap<String, Instant>,
     out: VecDeque<Output>,
     paired: u64,
     forwarded: u64,
@@ -194,6 +223,8 @@ impl Node {
             registrations: HashMap::new(),
             answered: HashMap::new(),
             recent: HashMap::new(),
+            reservations: HashMap::new(),
+            exhausted: HashMap::new(),
             out: VecDeque::new(),
             paired: 0,
             forwarded: 0,
@@ -303,6 +334,12 @@ impl Node {
         }
         for r in self.recent.values() {
             at(r.expires);
+        }
+        for r in self.reservations.values() {
+            at(r.expires);
+        }
+        for exp in self.exhausted.values() {
+            at(*exp);
         }
         t
     }
@@ -671,6 +708,21 @@ impl Node {
             );
             return;
         }
+        let tag = cred::session_tag(&c.session);
+        if self.exhausted.contains_key(&tag) {
+            // §4.6: the session used up its reservation here; the peer asks above.
+            let reason = format!("session limit reached at {}", self.name);
+            self.answer_error(
+                now,
+                from,
+                method::CONNECT,
+                tid,
+                link.as_deref(),
+                code::RELAY_LIMIT,
+                &reason,
+            );
+            return;
+        }
         let key: DirKey = (c.session.clone(), c.mac, c.target);
         let holder = Holder {
             src: from,
@@ -701,7 +753,7 @@ impl Node {
                         let at_root = *at_root;
                         self.mint_relay(now, &c, c.mac, at_root)
                     }
-                    RecentKind::Below(relay) => relay.clone(),
+                    RecentKind::Below { relay, .. } => relay.clone(),
                 };
                 self.answer_relay(now, &holder, &relay);
                 return;
@@ -832,7 +884,113 @@ impl Node {
         }
     }
 
+    /// The per-peer and per-link keys of a holder (§4.6): a linked child counts per link, a
+    /// direct peer per source IP.
+    fn reservation_keys(h: &Holder) -> (Option<IpAddr>, Option<String>) {
+        match &h.link {
+            Some(l) => (None, Some(l.clone())),
+            None => (Some(h.src.ip()), None),
+        }
+    }
+
+    /// Whether a new session with these holders fits the per-peer and per-link caps.
+    fn reservation_fits(&self, holders: &[&Holder]) -> Result<(Vec<IpAddr>, Vec<String>), String> {
+        let (mut peers, mut links) = (Vec::new(), Vec::new());
+        for h in holders {
+            match Self::reservation_keys(h) {
+                (Some(ip), _) => peers.push(ip),
+                (_, Some(l)) => links.push(l),
+                _ => {}
+            }
+        }
+        let lim = &self.limits;
+        for ip in &peers {
+            let n = self
+                .reservations
+                .values()
+                .filter(|r| r.peers.contains(ip))
+                .count();
+            if lim.sessions_per_peer > 0 && n >= lim.sessions_per_peer {
+                return Err(format!("{}: {n} sessions for peer {ip}", self.name));
+            }
+        }
+        for l in &links {
+            let n = self
+                .reservations
+                .values()
+                .filter(|r| r.links.contains(l))
+                .count();
+            if lim.sessions_per_link > 0 && n >= lim.sessions_per_link {
+                return Err(format!("{}: {n} sessions over link {l}", self.name));
+            }
+        }
+        Ok((peers, links))
+    }
+
+    /// The TURN server reports that a session relayed here reached its byte or duration limit
+    /// (`username` is one of the two it was given in [`Output::Paired`]). Its Connects are
+    /// answered 470 from now on, so the peers meet above this node.
+    pub fn session_exhausted(&mut self, now: Instant, username: &str) {
+        let Some(tag) = cred::tag_of_username(username) else {
+            return;
+        };
+        if let Some(r) = self.reservations.remove(tag) {
+            // Withdraw the re-pair records above (they would send a fallback straight back here).
+            if let Some((to, key)) = r.up {
+                for mac in r.macs {
+                    self.send_cancel(now, to, key.clone(), &r.session, mac, None, None);
+                }
+            }
+        }
+        if self.exhausted.len() < self.limits.max_pending || self.exhausted.contains_key(tag) {
+            let until = now + Duration::from_secs(u64::from(self.limits.credential_lifetime_s));
+            self.exhausted.insert(tag.to_owned(), until);
+        }
+        // No re-pair here for this session.
+        self.recent.retain(|(s, _), _| cred::session_tag(s) != tag);
+    }
+
     fn pair(&mut self, now: Instant, c: ConnectReq, holder: Holder, other: Pending) {
+        let tag = cred::session_tag(&c.session);
+        let mut holders: Vec<&Holder> = vec![&holder];
+        holders.extend(other.holders.iter());
+        let keys = match self.reservation_fits(&holders) {
+            Ok(k) => k,
+            Err(why) => {
+                // §4.6: reservation refused; both sides ask above.
+                let reason = format!("reservation refused: {why}");
+                self.answer_error(
+                    now,
+                    holder.src,
+                    method::CONNECT,
+                    holder.tid,
+                    holder.link.as_deref(),
+                    code::RELAY_LIMIT,
+                    &reason,
+                );
+                self.fail_holders(now, &other, code::RELAY_LIMIT, &reason);
+                if let Stage::Forwarded { tid } = other.stage {
+                    self.cancel_upstream(now, tid, &other.req, None);
+                }
+                return;
+            }
+        };
+        if self.reservations.len() < self.limits.max_pending {
+            let up = match &self.gateway {
+                Some((addr, key)) => Some((*addr, key.clone())),
+                None if !self.is_self(c.root) => Some((c.root, None)),
+                None => None,
+            };
+            let r = Reservation {
+                peers: keys.0,
+                links: keys.1,
+                expires: now + self.limits.reservation(),
+                session: c.session.clone(),
+                macs: [c.mac, other.req.mac],
+                up,
+            };
+            self.reservations.insert(tag.clone(), r);
+        }
         let at_root = self.is_self(c.root) || self.is_self(other.req.root);
         let relay_a = self.mint_relay(now, &c, c.mac, at_root);
         let relay_b = self.mint_relay(now, &other.req, other.req.mac, at_root);
@@ -857,8 +1015,10 @@ impl Node {
         }
         self.paired += 1;
         self.out.push_back(Output::Paired {
-            tag: cred::session_tag(&c.session),
+            tag,
             usernames: [user_a, user_b],
+            max_bytes: self.limits.session_max_bytes,
+            max_secs: self.limits.session_max_secs,
         });
     }
 
@@ -904,26 +1064,35 @@ impl Node {
         let Some(u) = self.upstream.remove(&tid) else {
             return;
         };
+        let session = req.session.clone();
+        self.send_cancel(now, u.txn.to, u.key, &session, req.mac, req.target, relay);
+    }
+
+    /// Sends a Cancel upstream as a transaction of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn send_cancel(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        key: Option<Key>,
+        session: &[u8],
+        mac: Mac,
+        target: Option<Mac>,
+        relay: Option<&Relay>,
+    ) {
         let ctid = self.new_tid();
-        let auth = u.key.as_ref().map(|key| Auth {
+        let auth = key.as_ref().map(|key| Auth {
             username: Some(&self.name),
             key,
         });
-        let data = wire::encode_cancel(
-            ctid,
-            &req.session,
-            req.mac,
-            req.target,
-            relay,
-            auth.as_ref(),
-        );
-        self.send_up(u.txn.to, data.clone());
+        let data = wire::encode_cancel(ctid, session, mac, target, relay, auth.as_ref());
+        self.send_up(to, data.clone());
         self.upstream.insert(
             ctid,
             Upstream {
-                txn: Txn::new(now, ctid, u.txn.to, data),
+                txn: Txn::new(now, ctid, to, data),
                 kind: UpKind::Cancel,
-                key: u.key,
+                key,
             },
         );
     }
@@ -946,15 +1115,48 @@ impl Node {
                 emptied = self.pending.remove(&key);
             }
         }
+        if relay.is_none() {
+            // A withdrawal (the session was used up where it paired, §4.6): forget the re-pair
+            // record and pass the withdrawal on to where this node had forwarded.
+            let rk = (key.0.clone(), key.1);
+            let below = matches!(
+                self.recent.get(&rk),
+                Some(Recent {
+                    kind: RecentKind::Below { .. },
+                    ..
+                })
+            );
+            if below {
+                if let Some(Recent {
+                    kind:
+                        RecentKind::Below {
+                            up: Some((to, k)), ..
+                        },
+                    ..
+                }) = self.recent.remove(&rk)
+                {
+                    self.send_cancel(now, to, k, &key.0, key.1, None, None);
+                }
+            }
+        }
         if let Some(p) = emptied {
             if let Some(r) = &relay {
                 // Paired below: remember where, for this side's possible return by another
                 // route (only for a direction that was really held here from `from`).
+                let up = match p.stage {
+                    Stage::Forwarded { tid } => {
+                        self.upstream.get(&tid).map(|u| (u.txn.to, u.key.clone()))
+                    }
+                    _ => None,
+                };
                 self.remember(
                     (key.0.clone(), key.1),
                     Recent {
                         partner: key.2,
-                        kind: RecentKind::Below(r.clone()),
+                        kind: RecentKind::Below {
+                            relay: r.clone(),
+                            up,
+                        },
                         expires: now + self.limits.pending_timeout(),
                     },
                 );
@@ -1113,5 +1315,7 @@ impl Node {
         self.registrations.retain(|_, (_, exp)| now < *exp);
         self.answered.retain(|_, (_, exp)| now < *exp);
         self.recent.retain(|_, r| now < r.expires);
+        self.reservations.retain(|_, r| now < r.expires);
+        self.exhausted.retain(|_, exp| now < *exp);
     }
 }

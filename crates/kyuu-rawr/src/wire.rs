@@ -67,6 +67,9 @@ pub mod code {
     pub const UNKNOWN_ATTRIBUTE: u16 = 420;
     pub const LOOP_DETECTED: u16 = 482;
     pub const TOO_MANY_HOPS: u16 = 483;
+    /// This node will not relay the session: its reservation was refused (per-peer or per-link
+    /// session cap) or used up (byte or duration limit reached). The peer asks above it.
+    pub const RELAY_LIMIT: u16 = 470;
     pub const QUOTA: u16 = 486;
     pub const UPSTREAM_UNREACHABLE: u16 = 504;
     pub const CAPACITY: u16 = 508;
@@ -77,6 +80,7 @@ pub mod code {
             SESSION_FULL => "Session Full",
             LOOP_DETECTED => "Loop Detected",
             TOO_MANY_HOPS => "Too Many Hops",
+            RELAY_LIMIT => "Relay Limit Reached",
             QUOTA => "Quota Reached",
             UPSTREAM_UNREACHABLE => "Upstream Unreachable",
             CAPACITY => "Insufficient Capacity",

@@ -41,6 +41,8 @@ struct Sim {
     log: Vec<(SocketAddr, SocketAddr, u16, Class)>,
     /// Peers added from now on send Connect in parallel with Exchange (the default) or after it.
     overlap: bool,
+    /// The session id peers added from now on use.
+    session: Vec<u8>,
 }
 
 fn node_cfg(name: &str, me: SocketAddr) -> RawrConfig {
@@ -66,6 +68,7 @@ impl Sim {
             delay: HashMap::new(),
             log: Vec::new(),
             overlap: true,
+            session: vec![9; 16],
         }
     }
 
@@ -84,6 +87,18 @@ impl Sim {
 
     /// A node `name` at `a`, with gateway `gw` (linked, key "k-<name>") and linked children.
     fn node(&mut self, name: &str, a: u8, gw: Option<u8>, children: &[&str]) {
+        self.node_with(name, a, gw, children, |_| {});
+    }
+
+    /// [`Sim::node`] with its config adjusted by `f`.
+    fn node_with(
+        &mut self,
+        name: &str,
+        a: u8,
+        gw: Option<u8>,
+        children: &[&str],
+        f: impl FnOnce(&mut RawrConfig),
+    ) {
         let mut c = node_cfg(name, addr(a));
         c.gateway = gw.map(|g| GatewayConfig {
             addr: addr(g),
@@ -96,11 +111,12 @@ impl Sim {
                 key: format!("k-{n}"),
             })
             .collect();
+        f(&mut c);
         self.add_node(c);
     }
 
     fn peer(&mut self, a: u8, mac: u8, other: u8, gw: Option<u8>, on_link: bool) {
-        let mut cfg = PeerConfig::new(vec![9; 16], Mac([2, 0, 0, 0, 0, mac]), addr(ROOT));
+        let mut cfg = PeerConfig::new(self.session.clone(), Mac([2, 0, 0, 0, 0, mac]), addr(ROOT));
         cfg.gateway = gw.map(addr);
         cfg.hosts = vec![addr(a)];
         cfg.overlap = self.overlap;
@@ -1046,4 +1062,64 @@ fn side_whose_answer_died_below_is_redirected_by_the_root_to_where_it_paired() {
     assert_eq!(s.node_mut(ROOT).stats().paired, 0);
     s.run_for(Duration::from_secs(60));
     s.assert_clean();
+}
+
+/// The ISP topology with the ISP node's config adjusted by `f`.
+fn isp_topology_with(s: &mut Sim, f: impl FnOnce(&mut RawrConfig)) {
+    isp_topology(s);
+    s.node_with("isp", 2, None, &["home-a", "home-b"], f);
+}
+
+#[test]
+fn reservation_refused_per_link_sends_the_session_above() {
+    let mut s = Sim::new();
+    isp_topology_with(&mut s, |c| c.limits.sessions_per_link = 1);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    assert_eq!(s.outcome(10).route, Route::Node { name: "isp".into() });
+    // A second session over the same links: home-a already holds its one reservation at isp.
+    s.session = vec![8; 16];
+    s.peer(12, 0xc, 0xd, Some(3), false);
+    s.peer(13, 0xd, 0xc, Some(4), false);
+    s.run();
+    for p in [12, 13] {
+        let o = s.outcome(p);
+        assert_eq!(
+            o.route,
+            Route::Root {
+                name: "root".into()
+            },
+            "{o:?}"
+        );
+        assert!(o.gateway_error.as_deref().unwrap().contains("470"), "{o:?}");
+    }
+}
+
+#[test]
+fn session_over_its_limit_meets_above_when_the_peers_come_back() {
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    let user = s.outcome(10).relay.as_ref().unwrap().username.clone();
+    assert_eq!(s.outcome(10).route, Route::Node { name: "isp".into() });
+    // The ISP's TURN server reports the byte or time limit reached; the peers run again.
+    let now = s.now;
+    s.node_mut(2).session_exhausted(now, &user);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    for p in [10, 11] {
+        let o = s.outcome(p);
+        assert_eq!(
+            o.route,
+            Route::Root {
+                name: "root".into()
+            },
+            "{o:?}"
+        );
+        assert!(o.gateway_error.as_deref().unwrap().contains("470"), "{o:?}");
+    }
 }

@@ -511,10 +511,20 @@ async fn start_rawr(
     });
     // A session that pairs here gets its two allocations linked in-process (docs/rawr.md §6.1),
     // unless `rawr.pair_in_process = false`.
-    let on_paired: Option<crate::rawr::runtime::PairFn> = cfg.pair_in_process.then(|| {
-        Box::new(move |usernames: [String; 2], lifetime| control.pair(usernames, lifetime))
-            as crate::rawr::runtime::PairFn
-    });
+    // Session limits (§4.6) are enforced by the TURN shards either way.
+    let in_process = cfg.pair_in_process;
+    let on_paired: crate::rawr::runtime::PairFn =
+        Box::new(move |p: crate::rawr::runtime::PairRequest| {
+            let limits = kyuu_turn::SessionLimits {
+                max_bytes: p.max_bytes,
+                max_duration: (p.max_secs > 0).then(|| Duration::from_secs(p.max_secs)),
+            };
+            if !in_process && limits == kyuu_turn::SessionLimits::default() {
+                return;
+            }
+            control.pair(p.usernames, p.lifetime, limits, Some(p.ended), in_process);
+        });
+    let on_paired = Some(on_paired);
     crate::rawr::runtime::start_paired(cfg, Some((rx, reply)), on_paired)
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))

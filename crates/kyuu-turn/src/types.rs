@@ -214,6 +214,9 @@ pub enum Output {
     ClosePeerConnection { connection_id: ConnectionId },
     /// A STUN request in the extension method range (RAWR), for the extension's handler.
     Extension { client: ClientSocket, data: Vec<u8> },
+    /// The allocation made with `username` reached the byte or duration limit a RAWR pairing
+    /// gave it ([`crate::SessionLimits`]) and was deleted; tell the RAWR node.
+    SessionLimit { username: String },
 }
 
 /// Relay a payload from a relay socket to a peer. `data` indexes the buffer the client packet was

@@ -94,7 +94,13 @@ fn unpaired_allocations_need_a_permission() {
 #[test]
 fn paired_allocations_reach_each_other_in_process_without_create_permission() {
     let (mut s, now, mut a, mut b) = two();
-    assert!(s.pair_usernames(now, "alice", "bob", Duration::from_secs(60)));
+    assert!(s.pair_usernames(
+        now,
+        "alice",
+        "bob",
+        Duration::from_secs(60),
+        SessionLimits::default()
+    ));
     assert_eq!(s.paired_allocations(), 2);
     let (tp, payload) = a_sends(&mut s, now, &mut a, b.relayed).unwrap();
     assert_eq!(payload, b"hello b");
@@ -122,7 +128,13 @@ fn pairing_learnt_before_the_allocations_links_them_when_they_complete() {
     c.users = vec![user("alice", "secret"), user("bob", "secret")];
     let now = Instant::now();
     let mut s = server(c, now);
-    assert!(!s.pair_usernames(now, "alice", "bob", Duration::from_secs(60)));
+    assert!(!s.pair_usernames(
+        now,
+        "alice",
+        "bob",
+        Duration::from_secs(60),
+        SessionLimits::default()
+    ));
     let mut a = side(&mut s, now, "alice", "203.0.113.5:40000");
     let b = side(&mut s, now, "bob", "203.0.113.6:40000");
     assert_eq!(s.paired_allocations(), 2);
@@ -136,11 +148,56 @@ fn pairing_learnt_before_the_allocations_links_them_when_they_complete() {
 #[test]
 fn other_peers_still_need_permissions_and_deleting_one_side_unlinks_the_other() {
     let (mut s, now, mut a, b) = two();
-    s.pair_usernames(now, "alice", "bob", Duration::from_secs(60));
+    s.pair_usernames(
+        now,
+        "alice",
+        "bob",
+        Duration::from_secs(60),
+        SessionLimits::default(),
+    );
     assert!(a_sends(&mut s, now, &mut a, peer()).is_none());
     let mut x = (b.sock, b.cl);
     x.1.refresh(now, 0);
     drive(&mut s, now, &mut x);
     assert_eq!(s.paired_allocations(), 0);
     assert!(a_sends(&mut s, now, &mut a, b.relayed).is_none());
+}
+
+#[test]
+fn a_session_over_its_byte_limit_is_cut_and_reported() {
+    let (mut s, now, mut a, b) = two();
+    let limits = SessionLimits {
+        max_bytes: 20,
+        max_duration: None,
+    };
+    s.pair_usernames(now, "alice", "bob", Duration::from_secs(60), limits);
+    // 7 bytes a packet: three pass (21 >= 20 after the third), the fourth is dropped.
+    let passed = (0..4)
+        .filter(|_| a_sends(&mut s, now, &mut a, b.relayed).is_some())
+        .count();
+    assert_eq!(passed, 3);
+    s.handle_timeout(now + Duration::from_secs(2));
+    let mut ended = Vec::new();
+    while let Some(o) = s.poll_output() {
+        if let Output::SessionLimit { username } = o {
+            ended.push(username);
+        }
+    }
+    assert_eq!(ended, vec!["alice".to_owned()]);
+    assert!(!s.has_allocation(&a.sock));
+    assert!(s.has_allocation(&b.sock));
+}
+
+#[test]
+fn a_session_past_its_time_limit_is_cut() {
+    let (mut s, now, a, b) = two();
+    let limits = SessionLimits {
+        max_bytes: 0,
+        max_duration: Some(Duration::from_secs(5)),
+    };
+    s.pair_usernames(now, "alice", "bob", Duration::from_secs(60), limits);
+    s.handle_timeout(now + Duration::from_secs(2));
+    assert!(s.has_allocation(&a.sock));
+    s.handle_timeout(now + Duration::from_secs(6));
+    assert!(!s.has_allocation(&a.sock) && !s.has_allocation(&b.sock));
 }

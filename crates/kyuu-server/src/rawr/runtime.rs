@@ -28,9 +28,21 @@ const SOCKET_CLIENTS_MAX: usize = 4096;
 /// own socket: `(client, bytes)`.
 pub type ReplyFn = Box<dyn Fn(SocketAddr, Vec<u8>) + Send + Sync>;
 
-/// Called when a session pairs at this node: the two TURN usernames and the credential
-/// lifetime, for the TURN server to link the allocations in-process (`docs/rawr.md` §6.1).
-pub type PairFn = Box<dyn Fn([String; 2], Duration) + Send + Sync>;
+/// A session paired at this node, for the TURN server (`docs/rawr.md` §6.1, §4.6): link the two
+/// allocations in-process, hold each side to the limits, and send the username of a side cut by
+/// them to `ended`.
+#[derive(Debug, Clone)]
+pub struct PairRequest {
+    pub usernames: [String; 2],
+    /// The credential lifetime.
+    pub lifetime: Duration,
+    pub max_bytes: u64,
+    pub max_secs: u64,
+    pub ended: mpsc::UnboundedSender<String>,
+}
+
+/// Called for every session that pairs at this node.
+pub type PairFn = Box<dyn Fn(PairRequest) + Send + Sync>;
 
 /// Requests handed over by the STUN/TURN server: `(client, bytes)`.
 pub type Inbound = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
@@ -113,6 +125,7 @@ pub fn spawn_node_full(
 ) -> Result<NodeHandle, ConfigError> {
     cfg.validate()?;
     let cred_lifetime = Duration::from_secs(u64::from(cfg.limits.credential_lifetime_s));
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
     let networks = cfg.parsed_networks()?;
     let local = socket
         .local_addr()
@@ -159,6 +172,10 @@ pub fn spawn_node_full(
                     node.handle_input(Instant::now(), from, &data);
                 }
                 _ = tokio::time::sleep_until(wake) => node.handle_timeout(Instant::now()),
+                Some(user) = ended_rx.recv() => {
+                    tracing::info!(node = node.name(), %user, "rawr: session limit reached");
+                    node.session_exhausted(Instant::now(), &user);
+                }
                 c = rx.recv() => match c {
                     Some(Cmd::Stats(tx)) => { let _ = tx.send(node.stats()); }
                     None => break,
@@ -172,11 +189,22 @@ pub fn spawn_node_full(
                             let _ = socket.send_to(&data, to).await;
                         }
                     },
-                    Output::Paired { tag, usernames } => {
+                    Output::Paired {
+                        tag,
+                        usernames,
+                        max_bytes,
+                        max_secs,
+                    } => {
                         metrics::counter!("kyuu_rawr_paired_total").increment(1);
                         tracing::info!(node = node.name(), %tag, ?usernames, "rawr: paired");
                         if let Some(f) = &on_paired {
-                            f(usernames, cred_lifetime);
+                            f(PairRequest {
+                                usernames,
+                                lifetime: cred_lifetime,
+                                max_bytes,
+                                max_secs,
+                                ended: ended_tx.clone(),
+                            });
                         }
                     }
                 }
@@ -420,6 +448,17 @@ pub async fn transact_on(
     build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
     deadline: Duration,
 ) -> Result<Vec<u8>, std::io::Error> {
+    transact_on_pending(sock, to, build, deadline, &|| {}).await
+}
+
+/// [`transact_on`], calling `pending` for every pending indication (the node holds the request).
+pub async fn transact_on_pending(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
+    deadline: Duration,
+    pending: &(dyn Fn() + Send + Sync),
+) -> Result<Vec<u8>, std::io::Error> {
     use kyuu_rawr::txn::{Txn, TxnPoll};
     let tid = kyuu_stun::TransactionId(rand::random());
     let data = build(tid);
@@ -439,6 +478,7 @@ pub async fn transact_on(
                 }
                 if m.class() == kyuu_stun::Class::Indication {
                     txn.heard(Instant::now());
+                    pending();
                     continue;
                 }
                 return Ok(d.to_vec());

@@ -29,6 +29,11 @@ pub(crate) enum ShardCmd {
     Pair {
         usernames: [String; 2],
         lifetime: std::time::Duration,
+        limits: kyuu_turn::SessionLimits,
+        /// Told the username of an allocation cut by `limits`.
+        ended: Option<mpsc::UnboundedSender<String>>,
+        /// Link the allocations in-process (else only hold them to `limits`).
+        link: bool,
     },
     /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
     Stream {
@@ -157,11 +162,23 @@ impl RelayControl {
     /// Tells every shard that the allocations made with `usernames` belong together (RAWR
     /// pairing); a shard holding both links them in-process. Pairs split across shards are not
     /// linked and relay through the kernel as usual.
-    pub fn pair(&self, usernames: [String; 2], lifetime: std::time::Duration) {
+    /// Each side is held to `limits` (bytes, time) on whichever shard it is; `ended` hears the
+    /// username of a side cut by them.
+    pub fn pair(
+        &self,
+        usernames: [String; 2],
+        lifetime: std::time::Duration,
+        limits: kyuu_turn::SessionLimits,
+        ended: Option<mpsc::UnboundedSender<String>>,
+        link: bool,
+    ) {
         for tx in &self.shards {
             let _ = tx.send(ShardCmd::Pair {
                 usernames: usernames.clone(),
                 lifetime,
+                limits,
+                ended: ended.clone(),
+                link,
             });
         }
     }

@@ -29,6 +29,8 @@ use super::{ExtensionReply, ExtensionRequest, ShardSockets};
 use crate::proxy;
 use kyuu_turn::ipnet::IpNet;
 
+/// RAWR usernames watched for session limits per shard (bounded; closed watchers go first).
+const LIMIT_WATCH_MAX: usize = 65_536;
 const BATCH: usize = quinn_udp::BATCH_SIZE;
 /// Relay sockets carry one peer flow each and mostly hold a datagram or two per wake-up;
 /// preparing fewer message headers per `recvmmsg` is cheaper there.
@@ -107,6 +109,8 @@ struct State {
     /// in-process, since the last flush.
     relay_in: u64,
     paired_pkts: u64,
+    /// Who to tell when the allocation of a RAWR username is cut by its session limits.
+    limit_watch: HashMap<String, mpsc::UnboundedSender<String>>,
     arena: Rc<RefCell<Arena>>,
     batch: Batch,
     /// quinn-udp state shared by every relay socket of the shard. `UdpSocketState::new` probes
@@ -254,6 +258,7 @@ pub(crate) fn run(
             dropped_sends: 0,
             relay_in: 0,
             paired_pkts: 0,
+            limit_watch: HashMap::new(),
             arena: arena.clone(),
             batch: Batch {
                 buf: Vec::with_capacity(GSO_MAX_BYTES + GSO_MAX_SEGMENT),
@@ -376,9 +381,26 @@ impl State {
             ShardCmd::Pair {
                 usernames,
                 lifetime,
+                limits,
+                ended,
+                link,
             } => {
                 let [a, b] = &usernames;
-                self.core.pair_usernames(now, a, b, lifetime);
+                if link {
+                    self.core.pair_usernames(now, a, b, lifetime, limits);
+                } else {
+                    self.core.limit_usernames(now, a, b, lifetime, limits);
+                }
+                if let Some(tx) = ended {
+                    if self.limit_watch.len() >= LIMIT_WATCH_MAX {
+                        self.limit_watch.retain(|_, t| !t.is_closed());
+                    }
+                    if self.limit_watch.len() < LIMIT_WATCH_MAX {
+                        for u in usernames {
+                            self.limit_watch.insert(u, tx.clone());
+                        }
+                    }
+                }
             }
             ShardCmd::Stream { stream, client } => {
                 tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
@@ -622,6 +644,12 @@ impl State {
                 }
                 Output::ClosePeerConnection { connection_id } => {
                     self.peer_conns.remove(&connection_id);
+                }
+                Output::SessionLimit { username } => {
+                    metrics::counter!("kyuu_relay_session_limit_total").increment(1);
+                    if let Some(tx) = self.limit_watch.remove(&username) {
+                        let _ = tx.send(username);
+                    }
                 }
                 Output::Extension { client, data } => {
                     if let Some(tx) = &self.ext {

@@ -185,6 +185,7 @@ impl Server {
             flushed: Stats::default(),
             buckets: [TokenBucket::full(max_bps, now); 2],
             paired: None,
+            limit: None,
         });
         for f in Family::BOTH {
             let Some(r) = relays[f.index()] else { continue };

@@ -50,6 +50,7 @@ use crate::ratelimit::RateLimiter;
 use crate::types::{ClientSocket, Output, ToPeer};
 
 pub use binding::Rfc5780;
+pub use pairing::SessionLimits;
 
 use allocation::Allocations;
 use authenticate::{authenticate, Answer, AuthContext, Authed, Verdict};
@@ -272,6 +273,7 @@ impl Server {
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
+        self.enforce_limits(now);
         for (f, p) in self
             .reservations
             .expire(&self.opts.shared.reservations, now)

@@ -49,15 +49,23 @@ impl PairLink {
     }
 }
 
-/// Username → (partner username, expiry).
+/// Limits a RAWR meeting node puts on each side of a session it relays (`docs/rawr.md` §4.6):
+/// bytes relayed (both directions, 0 unlimited) and time from when the limit applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub max_bytes: u64,
+    pub max_duration: Option<Duration>,
+}
+
+/// Username → (partner username, expiry, limits, link in-process).
 #[derive(Debug, Default)]
 pub(crate) struct Pairings {
-    by_user: HashMap<String, (String, Instant)>,
+    by_user: HashMap<String, (String, Instant, SessionLimits, bool)>,
 }
 
 impl Pairings {
     pub fn expire(&mut self, now: Instant) {
-        self.by_user.retain(|_, (_, exp)| *exp > now);
+        self.by_user.retain(|_, (_, exp, _, _)| *exp > now);
     }
 }
 
@@ -65,20 +73,53 @@ impl Server {
     /// Records that the allocations made with usernames `a` and `b` (TURN REST usernames a RAWR
     /// meeting node minted for one session) belong together for `lifetime`, and links them if
     /// both already exist on this shard. Returns whether they are linked now.
-    pub fn pair_usernames(&mut self, now: Instant, a: &str, b: &str, lifetime: Duration) -> bool {
+    pub fn pair_usernames(
+        &mut self,
+        now: Instant,
+        a: &str,
+        b: &str,
+        lifetime: Duration,
+        limits: SessionLimits,
+    ) -> bool {
+        self.record_pair(now, a, b, lifetime, limits, true)
+    }
+
+    /// Like [`Server::pair_usernames`] but only holds the two sides to `limits`, without linking
+    /// them (`rawr.pair_in_process = false`).
+    pub fn limit_usernames(
+        &mut self,
+        now: Instant,
+        a: &str,
+        b: &str,
+        lifetime: Duration,
+        limits: SessionLimits,
+    ) {
+        self.record_pair(now, a, b, lifetime, limits, false);
+    }
+
+    fn record_pair(
+        &mut self,
+        now: Instant,
+        a: &str,
+        b: &str,
+        lifetime: Duration,
+        limits: SessionLimits,
+        link: bool,
+    ) -> bool {
         if a == b {
             return false;
         }
         let p = &mut self.pairings.by_user;
         if p.len() + 2 > MAX_PAIRINGS {
-            p.retain(|_, (_, exp)| *exp > now);
+            p.retain(|_, (_, exp, _, _)| *exp > now);
             if p.len() + 2 > MAX_PAIRINGS {
                 return false;
             }
         }
         let exp = now + lifetime;
-        p.insert(a.to_owned(), (b.to_owned(), exp));
-        p.insert(b.to_owned(), (a.to_owned(), exp));
+        p.insert(a.to_owned(), (b.to_owned(), exp, limits, link));
+        p.insert(b.to_owned(), (a.to_owned(), exp, limits, link));
+        self.apply_limits(now, b);
         self.try_link(now, a)
     }
 
@@ -90,10 +131,11 @@ impl Server {
     /// Links `user`'s allocation with its partner's when both are here (called when a pairing
     /// is learnt and when an allocation completes).
     pub(super) fn try_link(&mut self, now: Instant, user: &str) -> bool {
-        let Some((other_user, exp)) = self.pairings.by_user.get(user) else {
+        self.apply_limits(now, user);
+        let Some((other_user, exp, _, link)) = self.pairings.by_user.get(user) else {
             return false;
         };
-        if *exp <= now {
+        if *exp <= now || !*link {
             return false;
         }
         let other_user = other_user.clone();
@@ -125,6 +167,39 @@ impl Server {
         }
         tracing::debug!(target: "kyuu::turn", a = user, b = %other_user, "allocations paired in-process");
         true
+    }
+
+    /// Puts the session limits of `user`'s pairing on its allocation here, if any (once: the
+    /// time limit runs from then). Both sides are limited even when they are on different
+    /// shards.
+    fn apply_limits(&mut self, now: Instant, user: &str) {
+        let Some((_, _, l, _)) = self.pairings.by_user.get(user) else {
+            return;
+        };
+        if l.max_bytes == 0 && l.max_duration.is_none() {
+            return;
+        }
+        let limit = (l.max_bytes, l.max_duration.map(|d| now + d));
+        for a in self.allocs.iter_mut() {
+            if a.username == user && a.limit.is_none() {
+                a.limit = Some(limit);
+            }
+        }
+    }
+
+    /// Deletes allocations over their session limit and reports them (once a tick).
+    pub(super) fn enforce_limits(&mut self, now: Instant) {
+        let over: Vec<_> = self
+            .allocs
+            .iter()
+            .filter(|a| a.over_limit(now))
+            .map(|a| (a.id, a.username.clone()))
+            .collect();
+        for (id, username) in over {
+            self.delete_allocation(now, id, "rawr session limit");
+            self.out
+                .push_back(crate::types::Output::SessionLimit { username });
+        }
     }
 
     /// Unlinks the partner of a deleted allocation.

@@ -51,6 +51,10 @@ impl Server {
             return None;
         };
         let len = payload.len();
+        if alloc.over_limit(now) {
+            self.counters.drop(Dropped::SessionLimit);
+            return None;
+        }
         // The paired allocation's relayed address is permitted by the pairing itself.
         let paired = alloc.paired.is_some_and(|l| l.is_other(peer.addr()));
         if !paired && !alloc.permitted(peer.addr().ip(), now) {
@@ -194,6 +198,10 @@ fn to_peer(
     });
     if paired.is_none() && !alloc.permitted(out.peer.ip(), now) {
         counters.drop(Dropped::NoPermission);
+        return None;
+    }
+    if alloc.over_limit(now) {
+        counters.drop(Dropped::SessionLimit);
         return None;
     }
     let len = out.data.len();
