@@ -756,6 +756,21 @@ pub struct LabPeer {
     pub ns: LabNode,
 }
 
+/// Runs the peer algorithm inside `ns` with no gateway configured: the gateway is discovered
+/// (`docs/rawr.md` §8.1: the default router probed on the STUN port, then DNS SRV).
+pub async fn lab_peer_discovering(
+    ns: &LabNode,
+    session: &[u8],
+    root: SocketAddr,
+) -> Result<(LabPeer, kyuu_server::rawr::discover::Discovery), RawrLabError> {
+    let host = lab_host(ns);
+    let sock = to_tokio(ns.udp_bind("0.0.0.0:0")?)?;
+    let d = kyuu_server::rawr::discover::discover_gateway(&host, &sock, None).await;
+    drop(sock);
+    let p = lab_peer(ns, session, root, d.gateway).await?;
+    Ok((p, d))
+}
+
 /// Runs the peer algorithm inside `ns` (MAC of the interface toward the gateway or root).
 pub async fn lab_peer(
     ns: &LabNode,
@@ -1186,7 +1201,7 @@ pub async fn relay_cost(lab: &RawrLab, n: usize) -> Result<RelayCost, RawrLabErr
             match tokio::time::timeout(Duration::from_millis(1500), xb.recv_from()).await {
                 Ok(Ok(_)) => {
                     got += 1;
-                    if got % 256 == 0 || got == n {
+                    if got.is_multiple_of(256) || got == n {
                         sample = (got, process_cpu_ns(pid).unwrap_or(sample.1));
                     }
                 }

@@ -400,3 +400,58 @@ async fn kyuu_serve_session_over_its_byte_limit_falls_back_to_the_parent() {
     let rtt = ping_pong(&a, &b, 10).await.unwrap();
     assert!(rtt.samples.len() >= 9, "{rtt:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_configured_gateway_find_their_router_and_meet_at_the_isp() {
+    let Some(lab) = build_kyuu("rawr lab gateway discovery", LabSpec::default()).await else {
+        return;
+    };
+    let s = session();
+    let root = lab.root_addr();
+    let (a, b) = tokio::join!(
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pa, &s, root),
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pb, &s, root),
+    );
+    let ((a, da), (b, db)) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        da.found,
+        Some(kyuu_server::rawr::discover::Found::Router),
+        "{da:?}"
+    );
+    assert_eq!(da.gateway.unwrap().to_string(), "198.19.1.1:3478");
+    assert_eq!(db.gateway.unwrap().to_string(), "198.19.2.1:3478");
+    // Without discovery these peers would have gone straight to the root.
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(a.outcome.relay.as_ref().unwrap().path, vec!["homea", "isp"]);
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_finds_nothing_behind_a_router_without_rawr() {
+    let spec = LabSpec {
+        home_nodes: false,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab discovery none", spec).await else {
+        return;
+    };
+    let s = session();
+    let root = lab.root_addr();
+    let (a, b) = tokio::join!(
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pa, &s, root),
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pb, &s, root),
+    );
+    let ((a, da), (b, _)) = (a.unwrap(), b.unwrap());
+    assert_eq!(da.gateway, None, "{da:?}");
+    assert!(da.tried.iter().any(|t| t.contains("no RAWR")), "{da:?}");
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let rtt = ping_pong(&a, &b, 5).await.unwrap();
+    assert!(rtt.samples.len() >= 4, "{rtt:?}");
+}

@@ -6,6 +6,14 @@
 (function (global) {
   "use strict";
 
+  // The gateway is the node that served this script (docs/rawr.md §8.1): a page learns its
+  // gateway from the node it loaded rawr.js from, with no configuration.
+  let scriptBase = "/rawr";
+  try {
+    const src = global.document && global.document.currentScript && global.document.currentScript.src;
+    if (src) scriptBase = src.replace(/\/rawr\.js(\?.*)?$/, "");
+  } catch (_) { /* not in a page */ }
+
   function randomMac() {
     const b = new Uint8Array(6);
     crypto.getRandomValues(b);
@@ -98,9 +106,10 @@
     return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
   }
 
+  // `gateway` defaults to the node that served rawr.js.
   // Returns { iceServers, route: "node" | "root", path, mac, gatewayError, transport, pending }.
   async function rawrIceServers(opts) {
-    const gateway = opts.gateway || "/rawr";
+    const gateway = opts.gateway || scriptBase;
     const root = opts.root;
     const session = opts.session;
     // One MAC per session, kept across reloads: the root refuses a third MAC for a session.
