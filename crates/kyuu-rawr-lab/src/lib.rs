@@ -1155,7 +1155,7 @@ pub struct RelayCost {
 }
 
 /// Connects the two peers through the ISP node (a `kyuu serve` lab), sends `n` datagrams from
-/// A to B through the relay (paced in bursts of 32), and measures the ISP process's CPU time per
+/// A to B through the relay (paced in bursts of 8 a millisecond), and measures the ISP process's CPU time per
 /// packet delivered. With `spec.pair_in_process` the packets are handed over inside the node;
 /// without, they go out of one relay socket and into the other.
 pub async fn relay_cost(lab: &RawrLab, n: usize) -> Result<RelayCost, RawrLabError> {
@@ -1213,7 +1213,7 @@ pub async fn relay_cost(lab: &RawrLab, n: usize) -> Result<RelayCost, RawrLabErr
     let payload = [0x5au8; 160];
     for i in 0..n {
         xa.send_to(&payload, to).await?;
-        if i % 32 == 31 {
+        if i % 8 == 7 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
