@@ -26,6 +26,7 @@ mod authenticate;
 mod binding;
 mod cache;
 mod metrics;
+mod pairing;
 mod permission;
 mod ports;
 mod quota;
@@ -49,11 +50,13 @@ use crate::ratelimit::RateLimiter;
 use crate::types::{ClientSocket, Output, ToPeer};
 
 pub use binding::Rfc5780;
+pub use pairing::SessionLimits;
 
 use allocation::Allocations;
 use authenticate::{authenticate, Answer, AuthContext, Authed, Verdict};
 use cache::ResponseCache;
 use metrics::{Counters, Dropped};
+use pairing::Pairings;
 use ports::PortPool;
 use quota::Quotas;
 use reservation::{Reservations, SharedReservations};
@@ -148,6 +151,8 @@ pub struct Server {
     next_tick: Option<Instant>,
     /// Set by [`Server::drain`]: new allocations are refused (486, or 300 with an alternate).
     draining: bool,
+    /// In-process pairs (`pairing.rs`).
+    pairings: Pairings,
 }
 
 impl Server {
@@ -168,6 +173,7 @@ impl Server {
             out: VecDeque::new(),
             next_tick: None,
             draining: false,
+            pairings: Pairings::default(),
             cfg,
             opts,
         })
@@ -267,6 +273,7 @@ impl Server {
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
+        self.enforce_limits(now);
         for (f, p) in self
             .reservations
             .expire(&self.opts.shared.reservations, now)
@@ -279,6 +286,7 @@ impl Server {
         }
         self.cache.expire(now);
         self.limiter.expire(now);
+        self.pairings.expire(now);
         metrics::gauges(self.opts.shard, self.allocs.len(), perms, channels);
         self.counters.flush();
     }
