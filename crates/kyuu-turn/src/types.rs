@@ -219,6 +219,9 @@ pub enum Output {
     ClosePeerConnection { connection_id: ConnectionId },
     /// A STUN request in the extension method range (RAWR), for the extension's handler.
     Extension { client: ClientSocket, data: Vec<u8> },
+    /// The allocation made with `username` reached the byte or duration limit a RAWR pairing
+    /// gave it ([`crate::SessionLimits`]) and was deleted; tell the RAWR node.
+    SessionLimit { username: String },
     /// The kernel fast path may relay this channel (installed or updated: expiry, directions).
     /// Only after [`crate::Server::enable_fast_path`].
     FastPathInstall(FastPathChannel),
@@ -259,6 +262,19 @@ pub struct ToPeer {
     pub peer: PeerAddr,
     pub data: Range<usize>,
     pub dont_fragment: bool,
+    /// Set when `peer` is the relayed address of an allocation paired with this one on the same
+    /// shard (RAWR, `docs/rawr.md` §6.1): the shell MAY skip the relay socket and hand the payload
+    /// to [`crate::Server::handle_peer`] with this target, as if it had arrived there. A shell
+    /// that ignores it sends the datagram as usual, which works too.
+    pub paired: Option<PairedTarget>,
+}
+
+/// Where a paired packet enters the other allocation: its relay key, and the peer address it
+/// comes from (the sending allocation's relayed address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairedTarget {
+    pub relay: RelayKey,
+    pub from: PeerAddr,
 }
 
 /// Send a ChannelData message or Data indication, written in place in the buffer the peer packet

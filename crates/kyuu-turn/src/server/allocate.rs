@@ -184,6 +184,8 @@ impl Server {
             stats: Stats::default(),
             flushed: Stats::default(),
             buckets: [TokenBucket::full(max_bps, now); 2],
+            paired: None,
+            limit: None,
         });
         for f in Family::BOTH {
             let Some(r) = relays[f.index()] else { continue };
@@ -307,6 +309,9 @@ impl Server {
             },
         );
         self.send_cached(client, p.tid, resp);
+        if let Some(user) = self.allocs.get(id).map(|a| a.username.clone()) {
+            self.try_link(now, &user);
+        }
     }
 
     fn fail_pending(&mut self, now: Instant, id: AllocId, code: ErrorCode) {
@@ -335,6 +340,7 @@ impl Server {
             return;
         };
         self.fast_path_sync(now, Some(id));
+        self.unlink(a.paired.take());
         for f in Family::BOTH {
             let Some(r) = a.relays[f.index()] else {
                 continue;

@@ -7,7 +7,8 @@
 //! expires, the peer becomes forbidden (reconfigure), the allocation ends, or a direction's
 //! `max_bps` budget is spent (the kernel's bytes are charged to the budget once per tick, so the
 //! budget may go into debt; the direction stays in userspace until it is repaid, which keeps the
-//! average under the cap). The entry also carries its expiry, so the kernel stops on time even
+//! average under the cap). Allocations with a RAWR session byte limit stay in userspace (that
+//! limit is enforced per packet). The entry also carries its expiry, so the kernel stops on time even
 //! between ticks.
 
 use std::time::Instant;
@@ -50,6 +51,11 @@ impl Server {
     fn fast_path_wanted(&self, a: &Allocation, now: Instant) -> Vec<FastPathChannel> {
         let mut out = Vec::new();
         if !self.fast_path || a.proto != RelayProto::Udp || a.client.transport != Transport::Udp {
+            return out;
+        }
+        // A RAWR session byte limit is enforced per packet; the kernel could only be stopped a
+        // tick late, so those allocations stay in userspace.
+        if a.limit.is_some_and(|(max_bytes, _)| max_bytes > 0) {
             return out;
         }
         let max_bps = self.cfg.max_bps;

@@ -28,6 +28,7 @@ mod binding;
 mod cache;
 mod fastpath;
 mod metrics;
+mod pairing;
 mod permission;
 mod ports;
 mod quota;
@@ -51,11 +52,13 @@ use crate::ratelimit::RateLimiter;
 use crate::types::{ClientSocket, Output, ToPeer};
 
 pub use binding::Rfc5780;
+pub use pairing::SessionLimits;
 
 use allocation::Allocations;
 use authenticate::{authenticate, Answer, AuthContext, Authed, Verdict};
 use cache::ResponseCache;
 use metrics::{Counters, Dropped};
+use pairing::Pairings;
 use ports::PortPool;
 use quota::Quotas;
 use reservation::{Reservations, SharedReservations};
@@ -154,6 +157,8 @@ pub struct Server {
     fast_path: bool,
     /// Channels the kernel may relay, as last announced to the shell.
     fp_installed: crate::fxhash::FxHashMap<crate::types::FastPathId, crate::types::FastPathChannel>,
+    /// In-process pairs (`pairing.rs`).
+    pairings: Pairings,
 }
 
 impl Server {
@@ -176,6 +181,7 @@ impl Server {
             draining: false,
             fast_path: false,
             fp_installed: Default::default(),
+            pairings: Pairings::default(),
             cfg,
             opts,
         })
@@ -275,6 +281,7 @@ impl Server {
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
+        self.enforce_limits(now);
         for (f, p) in self
             .reservations
             .expire(&self.opts.shared.reservations, now)
@@ -288,6 +295,7 @@ impl Server {
         self.fast_path_sync(now, None);
         self.cache.expire(now);
         self.limiter.expire(now);
+        self.pairings.expire(now);
         metrics::gauges(self.opts.shard, self.allocs.len(), perms, channels);
         self.counters.flush();
     }
