@@ -57,10 +57,11 @@ pub struct FleetConfig {
     pub redis_url: String,
     /// This node's name, unique in the fleet (letters, digits, `-`, `_`, `.`).
     pub node: String,
-    /// Region of this node (informational for now).
+    /// Region of this node: `/v1/ice-servers` prefers TURN nodes of the client's region.
     #[serde(default)]
     pub region: String,
-    /// Public HTTP(S) base URL of this node, e.g. `https://eu1.example.org` (informational).
+    /// Public HTTP(S) base URL of this node, e.g. `https://eu1.example.org`: where a draining
+    /// node sends its signaling clients.
     #[serde(default)]
     pub public_http: Option<String>,
     /// Seconds a client id stays registered without a heartbeat; also the bound on how long
@@ -70,6 +71,16 @@ pub struct FleetConfig {
     /// Interval of the registry heartbeat, seconds (must be below `peer_ttl_secs`).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
+    /// Secret shared by every node, from which the TURN nonce key is derived so that a nonce
+    /// issued by one node is accepted by all. Unset: derived from the first
+    /// `turn.static_auth_secrets` entry (which the nodes of a fleet share anyway, so that REST
+    /// credentials verify on every node); with neither, a random key per process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce_secret: Option<String>,
+    /// The TURN URLs other nodes hand out for this one (e.g.
+    /// `turn:eu1.example.org:3478?transport=udp`). Empty: the URLs this node hands out itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_turn: Vec<String>,
 }
 
 fn default_peer_ttl() -> u64 {
@@ -109,6 +120,16 @@ impl FleetConfig {
         }
         if self.peer_ttl_secs < 2 {
             return Err("fleet.peer_ttl_secs: must be at least 2".into());
+        }
+        if self.nonce_secret.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err("fleet.nonce_secret: must be at least 16 characters".into());
+        }
+        if let Some(u) = self.public_turn.iter().find(|u| {
+            !(u.starts_with("turn:") || u.starts_with("turns:"))
+        }) {
+            return Err(format!(
+                "fleet.public_turn: {u:?} is not a turn: or turns: URL"
+            ));
         }
         if self.heartbeat_secs == 0 || self.heartbeat_secs >= self.peer_ttl_secs {
             return Err("fleet.heartbeat_secs: must be positive and below peer_ttl_secs".into());
