@@ -87,6 +87,12 @@ impl Allocation {
         Err(TurnError::Malformed("too many 300 Try Alternate redirects"))
     }
 
+    /// Ends the allocation (Refresh with lifetime 0, RFC 8656 §7.3).
+    pub async fn delete(&mut self) -> Result<(), TurnError> {
+        self.client.refresh(Instant::now(), 0);
+        self.answer().await.map(|_| ())
+    }
+
     /// Installs a permission for `peer`.
     pub async fn permit(&mut self, peer: IpAddr) -> Result<(), TurnError> {
         self.client

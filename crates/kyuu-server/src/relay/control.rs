@@ -25,6 +25,8 @@ pub(crate) enum ShardCmd {
     },
     /// Refuse new allocations from now on.
     Drain { alternate: Option<SocketAddr> },
+    /// Refuse new allocations, sending clients to the alternate of their family.
+    DrainTo { alternates: Vec<SocketAddr> },
     /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
     Stream {
         stream: AdoptedStream,
@@ -147,6 +149,16 @@ impl RelayControl {
         self.shards
             .first()
             .is_some_and(|tx| tx.send(ShardCmd::Stream { stream, client }).is_ok())
+    }
+
+    /// Every shard refuses new allocations from now on, answering 300 with the address of
+    /// `alternates` of the client's family (other fleet nodes), or 486 without one.
+    pub fn drain_to(&self, alternates: &[SocketAddr]) {
+        for tx in &self.shards {
+            let _ = tx.send(ShardCmd::DrainTo {
+                alternates: alternates.to_vec(),
+            });
+        }
     }
 
     /// Every shard refuses new allocations from now on.

@@ -359,6 +359,7 @@ impl State {
                 let _ = reply.send(self.core.reconfigure(*turn));
             }
             ShardCmd::Drain { alternate } => self.core.drain(alternate),
+            ShardCmd::DrainTo { alternates } => self.core.drain_to(&alternates),
             ShardCmd::Stream { stream, client } => {
                 tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
             }
