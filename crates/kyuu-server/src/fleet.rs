@@ -236,14 +236,16 @@ impl Publisher {
         self.degraded = true;
         metrics::gauge!("kyuu_fleet_turn_degraded").set(1.0);
         self.view.clear();
-        self.src.relay.shared.set_remote_user_allocations(HashMap::new());
+        self.src
+            .relay
+            .shared
+            .set_remote_user_allocations(HashMap::new());
         self.published_generation = None;
     }
 
     fn my_load(&mut self) -> NodeLoad {
         if let Some(h) = &self.src.metrics {
-            let bytes =
-                crate::admin::metric_sum(&h.render(), "kyuu_turn_relayed_bytes_total");
+            let bytes = crate::admin::metric_sum(&h.render(), "kyuu_turn_relayed_bytes_total");
             let now = Instant::now();
             if let Some((t, b)) = self.last_bytes {
                 let dt = now.saturating_duration_since(t).as_secs_f64();
@@ -304,7 +306,11 @@ impl Publisher {
             }
         }
         if !gone.is_empty() {
-            let _: i64 = redis::cmd("SREM").arg(NODES).arg(&gone).query_async(c).await?;
+            let _: i64 = redis::cmd("SREM")
+                .arg(NODES)
+                .arg(&gone)
+                .query_async(c)
+                .await?;
         }
         metrics::gauge!("kyuu_fleet_nodes").set(nodes.len() as f64);
         self.view.update(nodes, Instant::now());
@@ -371,10 +377,8 @@ mod tests {
 
     #[test]
     fn nonce_key_is_shared_only_in_a_fleet_with_a_secret() {
-        let f: FleetConfig = toml::from_str(
-            "redis_url = \"redis://127.0.0.1:1/\"\nnode = \"a\"\n",
-        )
-        .unwrap();
+        let f: FleetConfig =
+            toml::from_str("redis_url = \"redis://127.0.0.1:1/\"\nnode = \"a\"\n").unwrap();
         assert!(nonce_key(None, Some("s")).is_none());
         assert!(nonce_key(Some(&f), None).is_none());
         let a = nonce_key(Some(&f), Some("rest")).unwrap();

@@ -124,9 +124,11 @@ impl FleetConfig {
         if self.nonce_secret.as_deref().is_some_and(|k| k.len() < 16) {
             return Err("fleet.nonce_secret: must be at least 16 characters".into());
         }
-        if let Some(u) = self.public_turn.iter().find(|u| {
-            !(u.starts_with("turn:") || u.starts_with("turns:"))
-        }) {
+        if let Some(u) = self
+            .public_turn
+            .iter()
+            .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:")))
+        {
             return Err(format!(
                 "fleet.public_turn: {u:?} is not a turn: or turns: URL"
             ));

@@ -173,10 +173,7 @@ mod tests {
         let t = Instant::now();
         assert!(v.pick(None, false, t, |_| true).is_none(), "no snapshot");
         let mut c = node("c", "eu", 1);
-        v.update(
-            vec![node("a", "eu", 5), node("b", "us", 0), c.clone()],
-            t,
-        );
+        v.update(vec![node("a", "eu", 5), node("b", "us", 0), c.clone()], t);
         assert_eq!(v.pick(None, false, t, |_| true).unwrap().node, "c");
         assert_eq!(v.pick(Some("us"), false, t, |_| true).unwrap().node, "b");
         assert_eq!(v.pick(Some("ap"), false, t, |_| true).unwrap().node, "b");

@@ -105,7 +105,7 @@ fn start_node(name: &str, redis_port: u16) -> Node {
              [turn]\nstatic_auth_secrets = [\"{SECRET}\"]\nuser_quota = 1\nclient_quota = 0\n\
              nonce_lifetime = 3\nallow_peers = [\"127.0.0.0/8\"]\nunauth_rate = 0\n\
              [http]\nlisten = \"127.0.0.1:{http}\"\n\
-             [admin]\ntoken = \"{TOKEN}\"\n\
+             [signal]\nmint_rate_per_min = 0\n[admin]\ntoken = \"{TOKEN}\"\n\
              [fleet]\nredis_url = \"redis://127.0.0.1:{redis_port}/\"\nnode = \"{name}\"\n\
              region = \"test\"\npeer_ttl_secs = 4\nheartbeat_secs = 1\n\
              public_http = \"http://127.0.0.1:{http}\"\n"
@@ -186,8 +186,11 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// REST credentials for `user`, the same username every time (the quota counts usernames).
 fn rest(user: &str) -> (String, String) {
-    kyuu_turn::rest_credentials(SECRET, user, kyuu_stun::rest::unix_now(), 600)
+    static NOW: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let now = *NOW.get_or_init(kyuu_stun::rest::unix_now);
+    kyuu_turn::rest_credentials(SECRET, user, now, 600)
 }
 
 async fn allocate(server: SocketAddr, user: &str) -> Result<Allocation, TurnError> {
@@ -211,7 +214,12 @@ async fn exchange(sock: &UdpSocket, c: &mut Client, to: SocketAddr) -> Vec<u8> {
 
 /// The authenticated Allocate a client builds from node `a`'s 401 challenge (so with `a`'s
 /// nonce), sent to node `b`: the error code of `b`'s answer, `None` for a success.
-async fn nonce_from_a_at_b(a: SocketAddr, b: SocketAddr, user: &str, wait: Duration) -> Option<u16> {
+async fn nonce_from_a_at_b(
+    a: SocketAddr,
+    b: SocketAddr,
+    user: &str,
+    wait: Duration,
+) -> Option<u16> {
     let (u, p) = rest(user);
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut c = Client::new(&u, &p, false);
@@ -309,9 +317,11 @@ async fn turn_across_two_nodes() {
     assert!(turn_urls(b.http).contains(&format!(":{b_port}?")));
     // Redis down: A falls back to itself (and to its local quota); back when Redis is.
     drop(redis.take());
-    wait_until("A hands out itself without Redis", Duration::from_secs(15), || {
-        turn_urls(a.http).contains(&format!(":{a_port}?"))
-    });
+    wait_until(
+        "A hands out itself without Redis",
+        Duration::from_secs(15),
+        || turn_urls(a.http).contains(&format!(":{a_port}?")),
+    );
     assert_eq!(metric(a.http, "kyuu_fleet_turn_degraded"), 1);
     redis = Some(start_redis(redis_port));
     wait_until("A hands out B again", Duration::from_secs(15), || {
@@ -337,11 +347,18 @@ async fn turn_across_two_nodes() {
             }
         }
     }
-    assert_eq!(told, Some(format!("ws://{}/", b.http)), "signaling not sent to B");
+    assert_eq!(
+        told,
+        Some(format!("ws://{}/", b.http)),
+        "signaling not sent to B"
+    );
 
     // kyuu's client follows the 300 to B.
     let moved = allocate(a.turn, "moved").await.unwrap();
-    assert_eq!(moved.server, b.turn, "kyuu's client did not follow 300 to B");
+    assert_eq!(
+        moved.server, b.turn,
+        "kyuu's client did not follow 300 to B"
+    );
     let extra = allocate(b.turn, "extra").await.unwrap();
 
     // Provisioning never hands out the draining node, though it is now the less loaded (1
@@ -396,7 +413,10 @@ async fn turn_across_two_nodes() {
         if a.proc.0.try_wait().unwrap().is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "A did not exit after its last allocation");
+        assert!(
+            Instant::now() < deadline,
+            "A did not exit after its last allocation"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(redis);
