@@ -383,8 +383,10 @@ mod tests {
         assert!(nonce_key(Some(&f), None).is_none());
         let a = nonce_key(Some(&f), Some("rest")).unwrap();
         assert_eq!(Some(a), nonce_key(Some(&f), Some("rest")));
-        let mut g = f.clone();
-        g.nonce_secret = Some("a nonce secret of some length".into());
+        let g = FleetConfig {
+            nonce_secret: Some("a nonce secret of some length".into()),
+            ..f
+        };
         assert_ne!(Some(a), nonce_key(Some(&g), Some("rest")));
     }
 }

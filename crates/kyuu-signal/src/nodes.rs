@@ -140,7 +140,7 @@ impl FleetView {
         let region = region.filter(|r| !r.is_empty()).unwrap_or(&own_region);
         self.nodes(now)
             .into_iter()
-            .filter(|n| !n.draining && !(others_only && n.node == me) && accept(n))
+            .filter(|n| !n.draining && (!others_only || n.node != me) && accept(n))
             .min_by(|a, b| {
                 (a.region != region, a.score(), a.node != me, &a.node).cmp(&(
                     b.region != region,
