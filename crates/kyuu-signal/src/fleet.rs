@@ -16,6 +16,10 @@
 //!   ([`Fleet::admit`]) and tells the old node to close its connection (`"evict"`).
 //! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat. A node whose
 //!   key is gone is dead: the others withdraw the directory entries they mirror from it.
+//! * `kyuu:name:<name>` = the id holding a directory name fleet-wide, `EX peer_ttl_secs`,
+//!   claimed atomically (a Lua `GET`/`SET`) before the publication is announced and refreshed by
+//!   the heartbeat. Of two clients on two nodes publishing one name at once, the later claim
+//!   is revoked: its client gets `unpublished` and a `name-taken` error.
 //! * `kyuu:events` (pub/sub channel): room joins/leaves and directory publications and
 //!   withdrawals of every node,
 //!   mirrored by every other node into its hub ([`Hub::remote_dir`]), and resync requests (a
@@ -244,6 +248,24 @@ pub(crate) trait HubPort: Send + Sync + 'static {
     fn deliver_remote(&self, to: &str, text: String);
     /// No node has `to`.
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String);
+    /// Local client `peer`'s name `key` is held by a client of another node.
+    fn name_taken(&self, peer: &str, key: &DirKey);
+}
+
+/// `kyuu:name:<name>` = the id holding the name fleet-wide. Claims it for ARGV[1] with expiry
+/// ARGV[2] when free, refreshes it when ARGV[1] holds it; 1 when ARGV[1] holds it after,
+/// 0 when another id does.
+const CLAIM_NAME: &str = "local v = redis.call('GET', KEYS[1]) \
+    if not v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end \
+    if v == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1 end \
+    return 0";
+
+/// Frees `kyuu:name:<name>` if ARGV[1] holds it.
+const RELEASE_NAME: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('DEL', KEYS[1]) end return 0";
+
+fn name_key(name: &str) -> String {
+    format!("kyuu:name:{name}")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -468,6 +490,33 @@ async fn route_task(
                 }
             }
             Cmd::Dir { key, peer, on } => {
+                // A name has one holder fleet-wide: claim it in Redis (atomically) before
+                // announcing it; the later of two concurrent claims is revoked.
+                if let (DirKey::Name(n), Some(c)) = (&key, conn.as_ref()) {
+                    let mut c = c.clone();
+                    let script = if on { CLAIM_NAME } else { RELEASE_NAME };
+                    let r: redis::RedisResult<i64> = redis::cmd("EVAL")
+                        .arg(script)
+                        .arg(1)
+                        .arg(name_key(n))
+                        .arg(&peer)
+                        .arg(cfg.peer_ttl_secs)
+                        .query_async(&mut c)
+                        .await;
+                    match r {
+                        Ok(0) if on => {
+                            info!("fleet: name {n} is held on another node; {peer}'s claim revoked");
+                            port.name_taken(&peer, &key);
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!("fleet: claiming name {n}: {e}");
+                            status.set(false);
+                            last_fail = Some(tokio::time::Instant::now());
+                        }
+                    }
+                }
                 let ev = Event::Dir {
                     node: cfg.node.clone(),
                     key,
@@ -688,6 +737,22 @@ async fn heartbeat_task(
             .ignore();
         for (id, hash) in &ids {
             register(&mut pipe, &cfg, id, hash.as_deref());
+        }
+        // Keep this node's name claims alive.
+        let names = port
+            .upgrade()
+            .map(|p| p.local_publications())
+            .unwrap_or_default();
+        for (key, peer) in &names {
+            if let DirKey::Name(n) = key {
+                pipe.cmd("EVAL")
+                    .arg(CLAIM_NAME)
+                    .arg(1)
+                    .arg(name_key(n))
+                    .arg(peer)
+                    .arg(cfg.peer_ttl_secs)
+                    .ignore();
+            }
         }
         let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
         if r.is_ok() {

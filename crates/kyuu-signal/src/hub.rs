@@ -395,6 +395,23 @@ impl Hub {
         }
     }
 
+    /// Fleet mode: local client `peer`'s publication of `key` lost the fleet-wide claim (another
+    /// node's client published the same name first, `SET NX` in Redis): it is withdrawn
+    /// (watchers and the client get `unpublished`) and the client gets a `name-taken` error.
+    pub fn revoke_publication(&mut self, peer: &str, key: &DirKey) {
+        let Some(conn) = self.conn_of(peer) else {
+            return;
+        };
+        if self.unpublish(conn, peer, key) {
+            self.error(
+                conn,
+                ErrorCode::NameTaken,
+                "name published by a client on another node",
+                None,
+            );
+        }
+    }
+
     /// Fleet mode: client `peer` on `node` published (`on`) or withdrew `key`. Mirrored into
     /// the local directory, so lookups answer and watchers are told as for a local client.
     pub fn remote_dir(&mut self, node: &str, key: DirKey, peer: &str, on: bool) {

@@ -113,6 +113,10 @@ impl HubPort for Shared {
         });
     }
 
+    fn name_taken(&self, peer: &str, key: &crate::hub::DirKey) {
+        self.with_hub(|h, _| h.revoke_publication(peer, key));
+    }
+
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String) {
         self.with_hub(|h, now| h.remote_unknown(now, from_conn, from, to, text));
     }

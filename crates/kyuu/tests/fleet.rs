@@ -422,3 +422,50 @@ async fn three_nodes_one_redis() {
     }
     drop((a, b, redis));
 }
+
+/// Two clients on two nodes publish the same name at the same moment, five times over: each
+/// time exactly one holds it afterwards, on both nodes' directories (the claim is a Redis
+/// `SET NX`; the later claim is revoked with `name-taken`). Without the atomic claim both
+/// local hubs accept before the other's announcement arrives and lookups list two holders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_claims_are_atomic_across_nodes() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        assert!(!required(), "redis-server required but not installed");
+        println!("SKIP name_claims_are_atomic_across_nodes: redis-server not installed");
+        return;
+    }
+    let rport = free_port();
+    let _redis = start_redis(rport);
+    let a = start_node("claim-a", rport);
+    let b = start_node("claim-b", rport);
+    for n in [&a, &b] {
+        wait_health(n.http, "\"fleet\":\"ok\"", Duration::from_secs(10));
+    }
+    for round in 0..5 {
+        let mut x = client(&a, &format!("x{round}?v=2")).await;
+        let mut y = client(&b, &format!("y{round}?v=2")).await;
+        let name = format!("race-{round}");
+        let p = json!({"type": "publish", "name": name});
+        tokio::join!(send(&mut x, p.clone()), send(&mut y, p));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut holders = Vec::new();
+        for ws in [&mut x, &mut y] {
+            while recv(ws, Duration::from_millis(100)).await.is_some() {}
+            send(ws, json!({"type": "lookup", "name": name})).await;
+            let m = recv(ws, Duration::from_secs(3)).await.unwrap();
+            assert_eq!(m["type"], "lookup", "{m}");
+            holders.push(m["peers"].clone());
+        }
+        assert_eq!(holders[0], holders[1], "nodes disagree on {name}: {holders:?}");
+        assert_eq!(
+            holders[0].as_array().map(Vec::len),
+            Some(1),
+            "{name} held by {holders:?}"
+        );
+    }
+}
