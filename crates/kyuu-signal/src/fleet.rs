@@ -200,6 +200,12 @@ pub(crate) enum Cmd {
     Announce,
     /// Ask every node to announce its publications (after (re)subscribing).
     AskResync,
+    /// A message held here for `to`, whose client resumed on `node`.
+    Forward {
+        node: String,
+        to: String,
+        text: String,
+    },
 }
 
 /// Fleet-wide events on [`EVENTS`].
@@ -230,8 +236,8 @@ const EVENTS: &str = "kyuu:events";
 pub(crate) trait HubPort: Send + Sync + 'static {
     /// Ids of the live local clients, with the hash of their resume token ([`token_hash`]).
     fn live_ids(&self) -> Vec<(String, Option<String>)>;
-    /// `id` was taken over on another node.
-    fn evict(&self, id: &str);
+    /// `id` was taken over on another node; returns the messages held here for it.
+    fn evict(&self, id: &str) -> Vec<String>;
     /// The local publications.
     fn local_publications(&self) -> Vec<(DirKey, String)>;
     /// The local room memberships (room, id).
@@ -246,6 +252,8 @@ pub(crate) trait HubPort: Send + Sync + 'static {
     fn node_gone(&self, node: &str);
     /// A frame from another node for local client `to`.
     fn deliver_remote(&self, to: &str, text: String);
+    /// A message held for `to` on another node, which `to` left for this one.
+    fn deliver_held(&self, to: &str, text: String);
     /// No node has `to`.
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String);
     /// Local client `peer`'s name `key` is held by a client of another node.
@@ -276,6 +284,12 @@ struct Wire {
     /// `to` was taken over on another node: close it here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     evict: bool,
+    /// With `evict`: the node that took `to` over, where messages held for it go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
+    /// A message held for `to` on its old node (hold it here if `to` is still connecting).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    held: bool,
 }
 
 fn peer_key(id: &str) -> String {
@@ -418,6 +432,8 @@ impl Fleet {
             to: id.to_owned(),
             text: String::new(),
             evict: true,
+            by: Some(self.cfg.node.clone()),
+            held: false,
         })
         .unwrap_or_default();
         let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
@@ -505,7 +521,9 @@ async fn route_task(
                         .await;
                     match r {
                         Ok(0) if on => {
-                            info!("fleet: name {n} is held on another node; {peer}'s claim revoked");
+                            info!(
+                                "fleet: name {n} is held on another node; {peer}'s claim revoked"
+                            );
                             port.name_taken(&peer, &key);
                             continue;
                         }
@@ -538,6 +556,35 @@ async fn route_task(
                 };
                 if let Some(mut c) = conn {
                     if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            Cmd::Forward { node, to, text } => {
+                let Some(mut c) = conn else {
+                    debug!("fleet: a message held for {to} lost (Redis unreachable)");
+                    continue;
+                };
+                let payload = serde_json::to_string(&Wire {
+                    to,
+                    text,
+                    evict: false,
+                    by: None,
+                    held: true,
+                })
+                .unwrap_or_default();
+                let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(node_channel(&node))
+                    .arg(payload)
+                    .query_async(&mut c)
+                    .await;
+                match r {
+                    Ok(_) => {
+                        metrics::counter!("kyuu_signal_fleet_held_forwarded_total").increment(1);
+                    }
+                    Err(e) => {
+                        debug!("fleet: forwarding to {node}: {e}");
+                        status.set(false);
                         last_fail = Some(tokio::time::Instant::now());
                     }
                 }
@@ -596,6 +643,8 @@ async fn route_task(
                     to,
                     text,
                     evict: false,
+                    by: None,
+                    held: false,
                 }) {
                     Ok(p) => p,
                     Err(_) => continue,
@@ -849,7 +898,31 @@ async fn subscribe_task(
                 continue;
             };
             if w.evict {
-                port.evict(&w.to);
+                let held = port.evict(&w.to);
+                if let Some(node) = w.by.filter(|n| *n != cfg.node) {
+                    if !held.is_empty() {
+                        info!(
+                            "fleet: {} held message(s) for {} follow it to {node}",
+                            held.len(),
+                            w.to
+                        );
+                    }
+                    for text in held {
+                        let to = w.to.clone();
+                        if tx
+                            .try_send(Cmd::Forward {
+                                node: node.clone(),
+                                to,
+                                text,
+                            })
+                            .is_err()
+                        {
+                            warn!("fleet: queue full, a held message was not forwarded");
+                        }
+                    }
+                }
+            } else if w.held {
+                port.deliver_held(&w.to, w.text);
             } else {
                 port.deliver_remote(&w.to, w.text);
             }

@@ -77,8 +77,11 @@ impl HubPort for Shared {
             .collect()
     }
 
-    fn evict(&self, id: &str) {
-        self.with_hub(|h, now| h.evict(now, id));
+    fn evict(&self, id: &str) -> Vec<String> {
+        self.with_hub(|h, now| {
+            h.evict(now, id);
+            h.take_held(id)
+        })
     }
 
     fn local_publications(&self) -> Vec<(crate::hub::DirKey, String)> {
@@ -115,6 +118,14 @@ impl HubPort for Shared {
 
     fn name_taken(&self, peer: &str, key: &crate::hub::DirKey) {
         self.with_hub(|h, _| h.revoke_publication(peer, key));
+    }
+
+    fn deliver_held(&self, to: &str, text: String) {
+        self.with_hub(|h, now| {
+            if !h.held_from_remote(now, to, text) {
+                debug!("fleet: held frame for {to} dropped (hold buffer full)");
+            }
+        });
     }
 
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String) {
