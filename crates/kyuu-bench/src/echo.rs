@@ -34,7 +34,12 @@ pub fn udp_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
 
 impl Echo {
     pub fn start() -> anyhow::Result<Echo> {
-        let std_sock = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// An echo peer on `addr` (the lab benchmark: a peer host's address in its namespace).
+    pub fn start_at(addr: SocketAddr) -> anyhow::Result<Echo> {
+        let std_sock = udp_socket(addr)?;
         std_sock.set_nonblocking(true)?;
         let addr = std_sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -4,7 +4,7 @@
 //! Every loop is bounded by a deadline.
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -123,13 +123,25 @@ impl Fleet {
         echo: SocketAddr,
         creds: &Credentials,
     ) -> anyhow::Result<Fleet> {
+        Self::open_from(n, via, echo, creds, IpAddr::V4(next_source_ip()))
+    }
+
+    /// [`Fleet::open`] with the sockets bound to `source` (the lab benchmark: a client host's
+    /// address inside its network namespace).
+    pub fn open_from(
+        n: usize,
+        via: Via,
+        echo: SocketAddr,
+        creds: &Credentials,
+        source: IpAddr,
+    ) -> anyhow::Result<Fleet> {
         let poll = Poll::new()?;
         let target = match via {
             Via::Turn(server) => server,
             Via::Direct => echo,
         };
         let now = Instant::now();
-        let src = SocketAddr::from((next_source_ip(), 0));
+        let src = SocketAddr::new(source, 0);
         let mut socks = Vec::with_capacity(n);
         let mut sessions = Vec::with_capacity(n);
         for i in 0..n {

@@ -27,6 +27,14 @@ impl TokenBucket {
         (self.tokens + elapsed * rate).min(burst)
     }
 
+    /// Refills for the time since the last call, then takes `amount` whether or not that many
+    /// are there (for use that already happened, e.g. bytes the kernel relayed): the level may go
+    /// below zero, and [`TokenBucket::take`] refuses until it is repaid.
+    pub fn charge(&mut self, amount: f64, rate: f64, burst: f64, now: Instant) {
+        self.tokens = self.level(rate, burst, now) - amount;
+        self.last = now;
+    }
+
     /// Refills for the time since the last call, then takes `amount` if that many are there.
     pub fn take(&mut self, amount: f64, rate: f64, burst: f64, now: Instant) -> bool {
         self.tokens = self.level(rate, burst, now);

@@ -81,6 +81,23 @@ pub struct TurnConfig {
     pub unauth_burst: u32,
     /// Number of source IPs the rate limiter tracks (bounded memory).
     pub rate_table_size: u32,
+    /// Kernel fast path (XDP) for channels of UDP clients: `"off"` (default), `"auto"` (attach
+    /// where the kernel and interface allow, else log why and relay in userspace) or
+    /// `"required"` (refuse to start without it). Read at start only.
+    pub fast_path: FastPathMode,
+    /// Interface to attach the fast path to (default: the one holding the first UDP listener's
+    /// address).
+    pub fast_path_interface: Option<String>,
+}
+
+/// `turn.fast_path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    #[default]
+    Off,
+    Auto,
+    Required,
 }
 
 impl Default for TurnConfig {
@@ -111,6 +128,8 @@ impl Default for TurnConfig {
             unauth_rate: 200,
             unauth_burst: 400,
             rate_table_size: 8192,
+            fast_path: FastPathMode::Off,
+            fast_path_interface: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::time::Instant;
 
 /// The transport a client reached the server over. A datagram transport added later (DTLS,
 /// RFC 7350) belongs here, with `is_stream` false: the core's rules depend only on whether
@@ -221,6 +222,36 @@ pub enum Output {
     /// The allocation made with `username` reached the byte or duration limit a RAWR pairing
     /// gave it ([`crate::SessionLimits`]) and was deleted; tell the RAWR node.
     SessionLimit { username: String },
+    /// The kernel fast path may relay this channel (installed or updated: expiry, directions).
+    /// Only after [`crate::Server::enable_fast_path`].
+    FastPathInstall(FastPathChannel),
+    /// The kernel fast path must stop relaying this channel; report what it relayed since the
+    /// last report with [`crate::Server::fast_path_traffic`].
+    FastPathRemove(FastPathId),
+}
+
+/// One channel of one allocation, as the kernel fast path knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FastPathId {
+    pub alloc: AllocId,
+    pub channel: u16,
+}
+
+/// A channel the kernel may relay: a UDP client of a UDP allocation, a live binding whose peer
+/// has a live permission and is not forbidden. Userspace keeps deciding everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastPathChannel {
+    pub id: FastPathId,
+    pub client: ClientSocket,
+    /// The allocation's relayed address of the peer's family.
+    pub relay: SocketAddr,
+    pub peer: SocketAddr,
+    /// The binding or the permission ends here, whichever is first; the kernel must not relay
+    /// past it.
+    pub expires: Instant,
+    /// Directions with `max_bps` budget left (both when there is no limit).
+    pub to_peer: bool,
+    pub to_client: bool,
 }
 
 /// Relay a payload from a relay socket to a peer. `data` indexes the buffer the client packet was

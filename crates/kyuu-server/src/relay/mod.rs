@@ -401,6 +401,7 @@ pub async fn start_keyed(
         shard_sockets.push(s);
     }
 
+    let fast_path = fast_path(&turn, &listeners)?;
     let shared = Shared::new(
         nonce_key.unwrap_or_else(rand::random),
         Instant::now(),
@@ -426,7 +427,10 @@ pub async fn start_keyed(
             seed: rand::random(),
             shard: i as u16,
         };
-        let core = kyuu_turn::Server::new(turn.clone(), opts).map_err(anyhow::Error::msg)?;
+        let mut core = kyuu_turn::Server::new(turn.clone(), opts).map_err(anyhow::Error::msg)?;
+        if fast_path.is_some() {
+            core.enable_fast_path();
+        }
         let acceptor = acceptor.clone();
         let ext = ext.as_ref().map(|e| e.requests.clone());
         let stop_rx = stop_rx.clone();
@@ -437,6 +441,7 @@ pub async fn start_keyed(
         let io = shard::ShardIo {
             control: ctl_rx,
             proxy: proxy_rules.clone(),
+            fast_path: fast_path.clone(),
             dtls: if i == 0 { dtls_endpoint.take() } else { None },
         };
         control.push(ctl_tx);
@@ -468,6 +473,54 @@ pub async fn start_keyed(
             shared,
         },
     })
+}
+
+/// Attaches the kernel fast path as `turn.fast_path` says: to `turn.fast_path_interface`, or the
+/// interface holding the first UDP listener's address (or `turn.relay_ipv4`/`relay_ipv6` for a
+/// wildcard listener). `"auto"` logs why it could not and goes on without; `"required"` fails.
+fn fast_path(
+    turn: &TurnConfig,
+    listeners: &[(Transport, SocketAddr)],
+) -> anyhow::Result<Option<shard::SharedFastPath>> {
+    use kyuu_turn::FastPathMode;
+    if turn.fast_path == FastPathMode::Off {
+        return Ok(None);
+    }
+    let attach = || -> Result<kyuu_ebpf::FastPath, String> {
+        if let Some(why) = kyuu_ebpf::unavailable() {
+            return Err(format!("unavailable: {why}"));
+        }
+        let name = match &turn.fast_path_interface {
+            Some(name) => name.clone(),
+            None => {
+                let ip = listeners
+                    .iter()
+                    .filter(|(t, _)| *t == Transport::Udp)
+                    .map(|(_, a)| a.ip())
+                    .chain(turn.relay_ipv4.map(IpAddr::V4))
+                    .chain(turn.relay_ipv6.map(IpAddr::V6))
+                    .find(|ip| !ip.is_unspecified())
+                    .ok_or("no UDP listener or relay address names an interface; set turn.fast_path_interface")?;
+                kyuu_ebpf::interface_of(ip).ok_or_else(|| {
+                    format!("no interface holds {ip}; set turn.fast_path_interface")
+                })?
+            }
+        };
+        kyuu_ebpf::FastPath::attach(&name).map_err(|e| e.to_string())
+    };
+    match attach() {
+        Ok(fp) => {
+            tracing::info!(target: "kyuu::relay", interface = fp.interface(), "kernel fast path attached (XDP, generic mode)");
+            Ok(Some(Arc::new(std::sync::Mutex::new(fp))))
+        }
+        Err(e) if turn.fast_path == FastPathMode::Required => {
+            anyhow::bail!("turn.fast_path = \"required\": {e}")
+        }
+        Err(e) => {
+            tracing::warn!(target: "kyuu::relay", "turn.fast_path = \"auto\": relaying in userspace only: {e}");
+            Ok(None)
+        }
+    }
 }
 
 /// Starts STUN/TURN on 127.0.0.1 with free ports for UDP, TCP and TLS (self-signed), TURN REST

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use kyuu_stun::frame_len;
 use kyuu_turn::fxhash::FxHashMap;
 use kyuu_turn::{
-    BindFailed, ClientSocket, ConnectionId, Output, PeerAddr, RelayKey, RelayProto, Server, ToPeer,
-    Transport, PEER_HEADROOM,
+    BindFailed, ClientSocket, ConnectionId, FastPathChannel, FastPathId, Output, PeerAddr,
+    RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
 };
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::unix::AsyncFd;
@@ -73,8 +73,20 @@ struct Listener {
 pub(crate) struct ShardIo {
     pub control: mpsc::UnboundedReceiver<ShardCmd>,
     pub proxy: proxy::Rules,
+    pub fast_path: Option<SharedFastPath>,
     /// The DTLS association table (first shard only, with `ShardSockets::dtls`).
     pub dtls: Option<super::dtls::Endpoint>,
+}
+
+/// The kernel fast path, shared by every shard: its maps are touched only when a channel comes,
+/// changes or goes and once per tick for the counters, never per packet.
+pub(crate) type SharedFastPath = Arc<std::sync::Mutex<kyuu_ebpf::FastPath>>;
+
+/// This shard's entries in the kernel fast path: the core's id to the map entry id.
+struct FastPathState {
+    shared: SharedFastPath,
+    ids: FxHashMap<FastPathId, u64>,
+    next: u64,
 }
 
 /// Real clients behind UDP balancers remembered at once (a flood only forgets old entries).
@@ -122,6 +134,7 @@ struct State {
     /// GSO/GRO with throwaway sockets (on this kernel the UDP_GRO probe flips a static key and
     /// IPIs every CPU), far too costly per allocation; the state holds nothing socket-specific.
     relay_state: Option<Rc<UdpSocketState>>,
+    fast_path: Option<FastPathState>,
 }
 
 /// Datagrams waiting to leave together (UDP GSO).
@@ -208,6 +221,7 @@ pub(crate) fn run(
     let ShardIo {
         mut control,
         proxy: proxy_rules,
+        fast_path,
         dtls,
     } = io;
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -290,6 +304,11 @@ pub(crate) fn run(
                 closed: false,
             },
             relay_state: udp.first().map(|l| l.state.clone()),
+            fast_path: fast_path.map(|shared| FastPathState {
+                shared,
+                ids: FxHashMap::default(),
+                next: (index as u64) << 48,
+            }),
         }));
         let mut tasks = Vec::new();
         for (i, l) in udp.iter().enumerate() {
@@ -352,6 +371,9 @@ pub(crate) fn run(
                 let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
                 tokio::time::sleep_until(at.into()).await;
                 let mut st = timer_sh.borrow_mut();
+                if st.core.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+                    st.fast_path_counters();
+                }
                 st.core.handle_timeout(Instant::now());
                 if st.dropped_sends > 0 {
                     metrics::counter!("kyuu_relay_send_dropped_total").increment(st.dropped_sends);
@@ -394,6 +416,7 @@ pub(crate) fn run(
         st.relays.clear();
         st.streams.clear();
         st.peer_conns.clear();
+        st.fast_path_clear();
     });
 }
 
@@ -731,6 +754,8 @@ impl State {
                 Output::ClosePeerConnection { connection_id } => {
                     self.peer_conns.remove(&connection_id);
                 }
+                Output::FastPathInstall(c) => self.fast_path_install(c),
+                Output::FastPathRemove(id) => self.fast_path_remove(id),
                 Output::SessionLimit { username } => {
                     metrics::counter!("kyuu_relay_session_limit_total").increment(1);
                     if let Some(tx) = self.limit_watch.remove(&username) {
@@ -746,6 +771,99 @@ impl State {
                         });
                     }
                 }
+            }
+        }
+    }
+
+    /// Puts a channel into the kernel's maps, unless the kernel cannot relay it as the core
+    /// would: a client behind a PROXY protocol balancer (answers go through the balancer), or
+    /// addresses of different families.
+    fn fast_path_install(&mut self, c: FastPathChannel) {
+        let Some(fp) = &mut self.fast_path else {
+            return;
+        };
+        let relayable = !self.udp_via.contains_key(&c.client.remote)
+            && kyuu_ebpf::relayable(c.client.remote, c.client.local, c.relay, c.peer);
+        if !relayable {
+            return;
+        }
+        let now = Instant::now();
+        let expires_ns = kyuu_ebpf::monotonic_ns()
+            .saturating_add(c.expires.saturating_duration_since(now).as_nanos() as u64);
+        let id = *fp.ids.entry(c.id).or_insert_with(|| {
+            fp.next += 1;
+            fp.next
+        });
+        let channel = kyuu_ebpf::Channel {
+            client: c.client.remote,
+            server: c.client.local,
+            number: c.id.channel,
+            relay: c.relay,
+            peer: c.peer,
+            expires_ns,
+            to_peer: c.to_peer,
+            to_client: c.to_client,
+        };
+        let result = match fp.shared.lock() {
+            Ok(mut k) => k.install(id, channel),
+            Err(_) => return,
+        };
+        if let Err(e) = result {
+            fp.ids.remove(&c.id);
+            tracing::debug!(target: "kyuu::relay", "fast path: channel stays in userspace: {e}");
+        }
+    }
+
+    fn fast_path_remove(&mut self, id: FastPathId) {
+        let Some(fp) = &mut self.fast_path else {
+            return;
+        };
+        let Some(entry) = fp.ids.remove(&id) else {
+            return;
+        };
+        let [to_peer, to_client] = match fp.shared.lock() {
+            Ok(mut k) => k.remove(entry),
+            Err(_) => return,
+        };
+        self.core.fast_path_traffic(
+            Instant::now(),
+            id,
+            (to_peer.packets, to_peer.bytes),
+            (to_client.packets, to_client.bytes),
+        );
+    }
+
+    /// Reads what the kernel relayed since the last tick into the core (metrics, accounting,
+    /// `max_bps`).
+    fn fast_path_counters(&mut self) {
+        let Some(fp) = &mut self.fast_path else {
+            return;
+        };
+        let Ok(mut k) = fp.shared.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        for (id, entry) in &fp.ids {
+            let [to_peer, to_client] = k.take_traffic(*entry);
+            if to_peer.packets + to_client.packets > 0 {
+                self.core.fast_path_traffic(
+                    now,
+                    *id,
+                    (to_peer.packets, to_peer.bytes),
+                    (to_client.packets, to_client.bytes),
+                );
+            }
+        }
+    }
+
+    /// The shard stops: its entries leave the kernel.
+    fn fast_path_clear(&mut self) {
+        let Some(fp) = &mut self.fast_path else {
+            return;
+        };
+        if let Ok(mut k) = fp.shared.lock() {
+            for (_, entry) in fp.ids.drain() {
+                k.remove(entry);
             }
         }
     }

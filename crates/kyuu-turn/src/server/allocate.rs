@@ -354,6 +354,7 @@ impl Server {
         let Some(mut a) = self.allocs.remove(id) else {
             return;
         };
+        self.fast_path_sync(now, Some(id));
         self.unlink(a.paired.take());
         for f in Family::BOTH {
             let Some(r) = a.relays[f.index()] else {

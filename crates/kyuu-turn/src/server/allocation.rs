@@ -156,6 +156,33 @@ impl Allocation {
         (self.perms.len(), live)
     }
 
+    /// When the permission for `ip` ends, if it is live.
+    pub fn permission_expiry(&self, ip: IpAddr, now: Instant) -> Option<Instant> {
+        self.perms
+            .iter()
+            .find(|(p, exp)| *p == ip && *exp > now)
+            .map(|(_, exp)| *exp)
+    }
+
+    /// Whether `dir` has `max_bps` budget left (always, without a limit).
+    pub fn has_budget(&self, dir: Direction, max_bps: u64, now: Instant) -> bool {
+        if max_bps == 0 {
+            return true;
+        }
+        let rate = max_bps as f64;
+        self.buckets[dir as usize].level(rate, rate, now) > 0.0
+    }
+
+    /// Charges bytes the kernel already relayed to the `max_bps` budget of `dir`; the budget may
+    /// go below zero.
+    pub fn charge_bytes(&mut self, dir: Direction, bytes: u64, max_bps: u64, now: Instant) {
+        if max_bps == 0 || bytes == 0 {
+            return;
+        }
+        let rate = max_bps as f64;
+        self.buckets[dir as usize].charge(bytes as f64, rate, rate, now);
+    }
+
     /// Takes `bytes` from the `max_bps` budget of `dir` (0 = unlimited).
     pub fn take_bytes(&mut self, dir: Direction, bytes: usize, max_bps: u64, now: Instant) -> bool {
         if max_bps == 0 {

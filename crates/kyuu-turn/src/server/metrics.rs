@@ -43,11 +43,20 @@ pub(crate) struct Counters {
     drops: [u64; DROPS.len()],
     flushed: [u64; DROPS.len()],
     auth_failures: HashMap<&'static str, u64>,
+    /// Kernel fast path (packets, bytes) to peers and to clients, since the last flush.
+    fast_path: [(u64, u64); 2],
 }
 
 impl Counters {
     pub fn drop(&mut self, why: Dropped) {
         self.drops[why as usize] += 1;
+    }
+
+    pub fn fast_path(&mut self, to_peer: (u64, u64), to_client: (u64, u64)) {
+        for (acc, add) in self.fast_path.iter_mut().zip([to_peer, to_client]) {
+            acc.0 += add.0;
+            acc.1 += add.1;
+        }
     }
 
     pub fn auth_failure(&mut self, f: AuthFailure) {
@@ -65,6 +74,15 @@ impl Counters {
                     .increment(cur - *old);
                 *old = *cur;
             }
+        }
+        for ((pkts, bytes), dir) in self.fast_path.iter_mut().zip(["to_peer", "to_client"]) {
+            if *pkts > 0 {
+                metrics::counter!("kyuu_turn_fast_path_packets_total", "direction" => dir)
+                    .increment(*pkts);
+                metrics::counter!("kyuu_turn_fast_path_bytes_total", "direction" => dir)
+                    .increment(*bytes);
+            }
+            (*pkts, *bytes) = (0, 0);
         }
         for (reason, n) in self.auth_failures.drain() {
             metrics::counter!("kyuu_turn_auth_failures_total", "reason" => reason).increment(n);

@@ -12,6 +12,7 @@
 //! | `tcp.rs` | RFC 6062 connections |
 //! | `binding.rs` | Binding and RFC 5780 |
 //! | `cache.rs` | answers kept for retransmitted requests |
+//! | `fastpath.rs` | which channels the kernel fast path may relay, and its traffic counted back |
 //! | `metrics.rs` | counters, flushed once per tick |
 //! | `reply.rs` | writing answers |
 //!
@@ -25,6 +26,7 @@ mod allocation;
 mod authenticate;
 mod binding;
 mod cache;
+mod fastpath;
 mod metrics;
 mod pairing;
 mod permission;
@@ -170,6 +172,10 @@ pub struct Server {
     next_tick: Option<Instant>,
     /// Set by [`Server::drain`]: new allocations are refused (486, or 300 with an alternate).
     draining: bool,
+    /// The shell attached the kernel fast path ([`Server::enable_fast_path`]).
+    fast_path: bool,
+    /// Channels the kernel may relay, as last announced to the shell.
+    fp_installed: crate::fxhash::FxHashMap<crate::types::FastPathId, crate::types::FastPathChannel>,
     /// In-process pairs (`pairing.rs`).
     pairings: Pairings,
     /// Where a draining server sends clients (IPv4, IPv6), when `turn.alternate_server` is
@@ -195,6 +201,8 @@ impl Server {
             out: VecDeque::new(),
             next_tick: None,
             draining: false,
+            fast_path: false,
+            fp_installed: Default::default(),
             pairings: Pairings::default(),
             drain_alternates: [None, None],
             cfg,
@@ -307,6 +315,7 @@ impl Server {
             self.out
                 .push_back(Output::ClosePeerConnection { connection_id });
         }
+        self.fast_path_sync(now, None);
         self.cache.expire(now);
         self.limiter.expire(now);
         self.pairings.expire(now);

@@ -66,6 +66,8 @@ impl Server {
         for p in &peers {
             a.add_permission(p.ip(), now + PERMISSION_LIFETIME);
         }
+        // A refreshed permission moves the expiry of the channels to that peer.
+        self.fast_path_sync(now, Some(id));
         self.reply_ok(client, msg, method::CREATE_PERMISSION, &auth);
     }
 
@@ -107,6 +109,7 @@ impl Server {
             return self.error(client, msg, ErrorCode::INSUFFICIENT_CAPACITY, Some(&auth));
         }
         a.bind_channel(number, peer, now);
+        self.fast_path_sync(now, Some(id));
         self.reply_ok(client, msg, method::CHANNEL_BIND, &auth);
     }
 }

@@ -1,0 +1,448 @@
+//! The kernel fast path (XDP, `turn.fast_path`) end to end in the network lab: the same TURN
+//! session against `kyuu serve` with the fast path required and with it off gives the same bytes
+//! to the peer and to the client, on every relay path (ChannelData both ways on two channels,
+//! Send and Data indications); a forbidden peer is refused, a deleted allocation relays nothing
+//! more, the kernel's counters reach `/metrics`, and the receiving kernels found every checksum
+//! right (`Udp InCsumErrors` stays 0 on client and peer).
+//!
+//! Topology: server 198.18.0.10 on the WAN switch behind a plain router (198.18.0.1); client
+//! 198.18.1.10 and peer 198.18.2.10 on two LANs of that router. Client and peer send with
+//! transmit checksum offload off (ethtool), so their datagrams carry full checksums, the XDP
+//! program updates them, and the receivers verify them in software.
+//!
+//! Needs root, `ip`, `ethtool` and an eBPF-capable build (SKIP otherwise, failure with
+//! `KYUU_LAB_REQUIRED=1`).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kyuu_client::turn::{Client, Event};
+use kyuu_lab::{lab_or_skip, Lab, LabChild, NatKind, Node};
+
+const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
+const SERVER: &str = "198.18.0.10";
+const CLIENT: &str = "198.18.1.10";
+const PEER: &str = "198.18.2.10";
+const HTTP_PORT: u16 = 8080;
+
+struct World {
+    _lab: Lab,
+    server: Node,
+    client: Node,
+    peer: Node,
+}
+
+fn build(lab: Lab) -> Result<World> {
+    let wan = lab.switch("wan")?;
+    let lan1 = lab.switch("lan1")?;
+    let lan2 = lab.switch("lan2")?;
+    let rt = lab.router("rt", NatKind::None)?;
+    rt.wan(&wan, "198.18.0.1/24")?;
+    rt.lan(&lan1, "198.18.1.1/24")?;
+    rt.lan(&lan2, "198.18.2.1/24")?;
+    let server = lab.host("srv")?;
+    server.attach(&wan, &format!("{SERVER}/24"))?;
+    server.route_default("198.18.0.1")?;
+    let client = lab.host("cli")?;
+    let ci = client.attach(&lan1, &format!("{CLIENT}/24"))?;
+    client.route_default("198.18.1.1")?;
+    let peer = lab.host("peer")?;
+    let pi = peer.attach(&lan2, &format!("{PEER}/24"))?;
+    peer.route_default("198.18.2.1")?;
+    for (node, iface) in [(&client, &ci), (&peer, &pi)] {
+        let mut cmd = node.command("ethtool");
+        cmd.args(["-K", &iface.name, "tx", "off"]);
+        let out = node.run(cmd, Duration::from_secs(10))?;
+        ensure!(
+            out.status.success(),
+            "ethtool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(World {
+        _lab: lab,
+        server,
+        client,
+        peer,
+    })
+}
+
+fn start_kyuu(w: &World, fast_path: &str) -> Result<LabChild> {
+    let dir =
+        std::env::temp_dir().join(format!("kyuu-fastpath-{}-{fast_path}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("kyuu.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+[listen]
+udp = ["{SERVER}:3478"]
+tcp = []
+tls = []
+threads = 1
+
+[http]
+listen = "{SERVER}:{HTTP_PORT}"
+
+[turn]
+users = [{{ name = "alice", password = "secret" }}]
+allow_peers = ["198.18.1.0/24", "198.18.2.0/24"]
+max_bps = 0
+fast_path = "{fast_path}"
+"#
+        ),
+    )?;
+    let mut cmd = w.server.command(KYUU);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&conf)
+        .args(["--log", "warn"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = w.server.spawn(cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if metrics(&w.server).is_ok() {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.take_stderr() {
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("kyuu serve exited ({status}): {err}");
+        }
+        ensure!(Instant::now() < deadline, "kyuu serve did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metrics(server: &Node) -> Result<String> {
+    server.in_ns(|| -> Result<String> {
+        let mut s = TcpStream::connect((SERVER, HTTP_PORT))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })?
+}
+
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn udp_csum_errors(node: &Node) -> Result<u64> {
+    let mut cmd = node.command("cat");
+    cmd.arg("/proc/net/snmp");
+    let out = node.run(cmd, Duration::from_secs(5))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
+        bail!("no Udp line in /proc/net/snmp");
+    };
+    let i = head
+        .split_whitespace()
+        .position(|h| h == "InCsumErrors")
+        .context("InCsumErrors")?;
+    Ok(vals.split_whitespace().nth(i).context("value")?.parse()?)
+}
+
+/// A blocking driver for the sans-IO TURN client.
+struct Turn {
+    c: Client,
+    sock: UdpSocket,
+    server: SocketAddr,
+}
+
+impl Turn {
+    fn pump(&mut self, wait: Duration, mut done: impl FnMut(&Event) -> bool) -> Result<Vec<Event>> {
+        let deadline = Instant::now() + wait;
+        let mut events = Vec::new();
+        let mut buf = vec![0u8; 2048];
+        while Instant::now() < deadline {
+            while let Some(t) = self.c.poll_transmit() {
+                self.sock.send_to(&t, self.server)?;
+            }
+            let mut finished = false;
+            while let Some(e) = self.c.poll_event() {
+                finished |= done(&e);
+                events.push(e);
+            }
+            if finished {
+                return Ok(events);
+            }
+            self.sock
+                .set_read_timeout(Some(Duration::from_millis(50)))?;
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, _)) => self.c.handle_input(Instant::now(), &buf[..n]),
+                Err(_) => self.c.handle_timeout(Instant::now()),
+            }
+        }
+        Ok(events)
+    }
+
+    fn expect(&mut self, what: &str, done: impl FnMut(&Event) -> bool) -> Result<Vec<Event>> {
+        let ev = self.pump(Duration::from_secs(5), done)?;
+        ensure!(!ev.is_empty(), "no answer for {what}");
+        Ok(ev)
+    }
+
+    fn channel_data(&mut self, ch: u16, data: &[u8]) -> Result<()> {
+        let mut out = vec![0u8; data.len() + 8];
+        let n = self.c.channel_data(ch, data, &mut out).context("encode")?;
+        self.sock.send_to(&out[..n], self.server)?;
+        Ok(())
+    }
+}
+
+fn payloads() -> Vec<Vec<u8>> {
+    (0..40)
+        .map(|i: usize| {
+            let len = [1, 2, 3, 5, 100, 333, 1000, 1200][i % 8] + i;
+            (0..len).map(|j| (i * 7 + j * 13) as u8).collect()
+        })
+        .collect()
+}
+
+/// What the peer and the client saw, with the relay port replaced by "relay".
+#[derive(Debug, PartialEq, Eq)]
+struct Transcript {
+    at_peer: Vec<(u16, String, Vec<u8>)>,
+    at_client: Vec<String>,
+}
+
+fn recv_all(sock: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+    while got.len() < n && Instant::now() < deadline {
+        if let Ok((len, from)) = sock.recv_from(&mut buf) {
+            got.push((from, buf[..len].to_vec()));
+        }
+    }
+    got
+}
+
+fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
+    let server = start_kyuu(w, fast_path)?;
+    let server_addr: SocketAddr = format!("{SERVER}:3478").parse()?;
+    let peer_a = w.peer.udp_bind(&format!("{PEER}:7000"))?;
+    let peer_b = w.peer.udp_bind(&format!("{PEER}:7001"))?;
+    let peer_c = w.peer.udp_bind(&format!("{PEER}:7002"))?;
+    let mut t = Turn {
+        c: Client::new("alice", "secret", false),
+        sock: w.client.udp_bind(&format!("{CLIENT}:0"))?,
+        server: server_addr,
+    };
+    t.c.allocate(Instant::now());
+    let ev = t.expect("Allocate", |e| matches!(e, Event::Allocated { .. }))?;
+    let relayed = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::Allocated { relayed, .. } => relayed.first().copied(),
+            _ => None,
+        })
+        .context(format!("not allocated: {ev:?}"))?;
+    let (a, b, c) = (
+        peer_a.local_addr()?,
+        peer_b.local_addr()?,
+        peer_c.local_addr()?,
+    );
+    for (ch, peer) in [(0x4001, a), (0x4002, b)] {
+        t.c.channel_bind(Instant::now(), ch, peer);
+        t.expect("ChannelBind", |e| matches!(e, Event::ChannelBound { .. }))?;
+    }
+    // A forbidden peer is refused whatever the fast path.
+    t.c.channel_bind(Instant::now(), 0x4003, "198.18.3.10:9".parse()?);
+    let ev = t.expect("forbidden ChannelBind", |e| {
+        matches!(e, Event::Error { .. })
+    })?;
+    ensure!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Error { code: 403, .. })),
+        "forbidden peer: {ev:?}"
+    );
+    t.c.create_permission(Instant::now(), &[c]);
+    t.expect("CreatePermission", |e| {
+        matches!(e, Event::PermissionCreated)
+    })?;
+    // One exchange per channel first, as ICE checks would: the kernel learns each side's next
+    // hop from the other side's packets (this server does not forward IP, so the FIB helper
+    // cannot be asked).
+    for (ch, sock) in [(0x4001, &peer_a), (0x4002, &peer_b)] {
+        t.channel_data(ch, b"hello")?;
+        ensure!(recv_all(sock, 1).len() == 1, "warm-up to the peer");
+        sock.send_to(b"hello", relayed)?;
+        let ev = t.pump(Duration::from_secs(3), |e| {
+            matches!(e, Event::ChannelData { .. })
+        })?;
+        ensure!(
+            ev.iter().any(|e| matches!(e, Event::ChannelData { .. })),
+            "warm-up to the client"
+        );
+    }
+
+    let data = payloads();
+    let mut at_peer = Vec::new();
+    let mut at_client = Vec::new();
+    let name = |port: u16| match port {
+        7000 => "a",
+        7001 => "b",
+        _ => "c",
+    };
+    // Client → peers: ChannelData on both channels, a Send indication to the third peer port.
+    for (i, d) in data.iter().enumerate() {
+        match i % 3 {
+            0 => t.channel_data(0x4001, d)?,
+            1 => t.channel_data(0x4002, d)?,
+            _ => {
+                t.c.send_indication(c, d);
+                t.pump(Duration::from_millis(1), |_| false)?;
+            }
+        }
+        // Pace a little so no socket buffer overflows.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for (sock, n) in [(&peer_a, 14), (&peer_b, 13), (&peer_c, 13)] {
+        for (from, d) in recv_all(sock, n) {
+            ensure!(
+                from == relayed,
+                "peer datagram from {from}, relay is {relayed}"
+            );
+            at_peer.push((sock.local_addr()?.port(), "relay".to_string(), d));
+        }
+    }
+    // Peers → client: ChannelData from a and b, a Data indication from c.
+    for (i, d) in data.iter().enumerate() {
+        let sock = [&peer_a, &peer_b, &peer_c][i % 3];
+        sock.send_to(d, relayed)?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ev = t.pump(Duration::from_secs(3), {
+        let mut n = 0;
+        move |e| {
+            if matches!(e, Event::ChannelData { .. } | Event::Data { .. }) {
+                n += 1;
+            }
+            n >= data.len()
+        }
+    })?;
+    for e in ev {
+        match e {
+            Event::ChannelData { channel, data } => {
+                at_client.push(format!("channel {channel:#x} {}", hex(&data)))
+            }
+            Event::Data { peer, data } => {
+                at_client.push(format!("data from {} {}", name(peer.port()), hex(&data)))
+            }
+            _ => {}
+        }
+    }
+    // Let a tick pass so the kernel's counters are read, then look at /metrics.
+    std::thread::sleep(Duration::from_millis(2200));
+    let m = metrics(&w.server)?;
+
+    // The allocation ends: nothing is relayed any more, in either direction.
+    t.c.refresh(Instant::now(), 0);
+    t.expect("Refresh 0", |e| matches!(e, Event::Refreshed { .. }))?;
+    t.channel_data(0x4001, b"after deletion")?;
+    peer_a.send_to(b"after deletion", relayed)?;
+    ensure!(
+        recv_all(&peer_a, 1).is_empty(),
+        "relayed after the allocation was deleted"
+    );
+    let late = t.pump(Duration::from_millis(500), |_| false)?;
+    ensure!(
+        !late.iter().any(|e| matches!(e, Event::ChannelData { .. })),
+        "client got data after deletion"
+    );
+    server.kill();
+    // Arrival order may differ (the kernel is faster than userspace); the bytes may not.
+    at_peer.sort();
+    at_client.sort();
+    Ok((Transcript { at_peer, at_client }, m))
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn fast_path_on_and_off_relay_the_same_bytes() {
+    if let Some(why) = kyuu_server_fast_path_unavailable() {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
+        }
+        eprintln!("SKIP: fast path unavailable: {why}");
+        return;
+    }
+    if std::process::Command::new("ethtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but ethtool is missing");
+        }
+        eprintln!("SKIP: ethtool missing");
+        return;
+    }
+    let Some(lab) = lab_or_skip("fast_path_on_and_off_relay_the_same_bytes") else {
+        return;
+    };
+    let w = build(lab).unwrap();
+    let csum_before = (
+        udp_csum_errors(&w.client).unwrap(),
+        udp_csum_errors(&w.peer).unwrap(),
+    );
+    let (off, m_off) = session(&w, "off").unwrap();
+    let (on, m_on) = session(&w, "required").unwrap();
+    let data = payloads();
+    assert_eq!(
+        off.at_peer.len(),
+        data.len(),
+        "userspace relayed everything to peers"
+    );
+    assert_eq!(
+        off.at_client.len(),
+        data.len(),
+        "userspace relayed everything to the client"
+    );
+    assert_eq!(on, off, "the fast path changes no byte");
+    let kernel_to_peer = metric(&m_on, "kyuu_turn_fast_path_packets_total", "to_peer");
+    let kernel_to_client = metric(&m_on, "kyuu_turn_fast_path_packets_total", "to_client");
+    println!("kernel relayed {kernel_to_peer} to peers, {kernel_to_client} to the client");
+    // The two channels' traffic (27 each way) went through the kernel; Send/Data did not. Of
+    // the warm-up, the client's first packet on each channel taught the kernel its next hop, so
+    // the peers' answers went through the kernel too.
+    assert_eq!(kernel_to_peer, 27, "{m_on}");
+    assert_eq!(kernel_to_client, 27 + 2, "{m_on}");
+    // Kernel traffic is counted with the rest.
+    assert_eq!(
+        metric(&m_on, "kyuu_turn_relayed_packets_total", "to_peer"),
+        metric(&m_off, "kyuu_turn_relayed_packets_total", "to_peer"),
+    );
+    assert_eq!(metric(&m_off, "kyuu_turn_fast_path_packets_total", ""), 0);
+    let csum_after = (
+        udp_csum_errors(&w.client).unwrap(),
+        udp_csum_errors(&w.peer).unwrap(),
+    );
+    assert_eq!(csum_after, csum_before, "receivers found bad UDP checksums");
+}
+
+/// `kyuu serve` links kyuu-ebpf through kyuu-server: this build's answer is the binary's.
+fn kyuu_server_fast_path_unavailable() -> Option<&'static str> {
+    kyuu_ebpf::unavailable()
+}
