@@ -125,10 +125,13 @@ pub struct Client {
 
 impl Client {
     /// A client with long-term credentials. `stream`: the transport is TCP/TLS (no
-    /// retransmissions; ChannelData padded).
+    /// retransmissions; ChannelData padded). The username is sent in its OpaqueString form
+    /// (RFC 8489 §14.3; a name without one is sent as given, and the server refuses it); the
+    /// password is prepared when the key is made (§9.2.2).
     pub fn new(username: &str, password: &str, stream: bool) -> Self {
+        let username = kyuu_stun::opaque_string(username).map_or_else(|_| username.into(), |u| u.into_owned());
         Client {
-            username: username.into(),
+            username,
             password: password.into(),
             realm: None,
             nonce: None,
@@ -451,11 +454,21 @@ impl Client {
                 self.nonce = Some(nonce.to_vec());
                 self.server_algs = msg.get(attr::PASSWORD_ALGORITHMS).map(<[u8]>::to_vec);
                 let sha = self.sha256 && self.server_algs.is_some();
-                self.key = Some(if sha {
+                let key = if sha {
                     Key::long_term_sha256(&self.username, realm, &self.password)
                 } else {
                     Key::long_term_md5(&self.username, realm, &self.password)
-                });
+                };
+                let Ok(key) = key else {
+                    // RFC 8489 §9.2.2: no key from a password (or realm) OpaqueString refuses.
+                    self.events.push_back(Event::Error {
+                        method: p.method,
+                        code,
+                        reason: "credential is not a valid OpaqueString (RFC 8265)".into(),
+                    });
+                    return;
+                };
+                self.key = Some(key);
                 let tid = self.request(now, p.method, p.attrs);
                 if let Some(np) = self.pending.get_mut(&tid) {
                     np.challenged = code == 401;

@@ -179,9 +179,9 @@ impl CreatePermissionReq {
     }
 }
 
-/// ChannelBind (RFC 8656 §12.2). With `strict` only numbers of RFC 8656 §12 (0x4000..=0x4FFF);
-/// otherwise RFC 5766's range (up to 0x7FFF) too, since coturn 4.6.1's `turnutils_uclient` still
-/// binds such numbers (verified with `tests/turn_interop.rs`: all its binds got 400 when strict).
+/// ChannelBind (RFC 8656 §12.2). With `strict` (the default) only numbers of RFC 8656 §12
+/// (0x4000..=0x4FFF); otherwise RFC 5766's range (up to 0x7FFF) too, since coturn 4.6.1's
+/// `turnutils_uclient` still binds such numbers (the interop tests opt out for it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChannelBindReq {
     pub number: ChannelNumber,
