@@ -65,6 +65,12 @@ pub enum Event {
         channel: u16,
         data: Vec<u8>,
     },
+    /// A Data indication carrying an ICMP attribute (RFC 8656 §11.5, §18.13): the relay got an
+    /// ICMP error for a datagram it sent to `peer` (the port is 0 when the server cannot tell).
+    Icmp {
+        peer: SocketAddr,
+        icmp: attr::Icmp,
+    },
     /// A STUN Binding answer.
     Mapped {
         mapped: SocketAddr,
@@ -408,13 +414,16 @@ impl Client {
     fn indication(&mut self, msg: &Message<'_>) {
         match msg.method() {
             method::DATA => {
-                if let (Some(Ok(peer)), Some(d)) =
-                    (msg.xor_address(attr::XOR_PEER_ADDRESS), msg.get(attr::DATA))
-                {
+                let Some(Ok(peer)) = msg.xor_address(attr::XOR_PEER_ADDRESS) else {
+                    return;
+                };
+                if let Some(d) = msg.get(attr::DATA) {
                     self.events.push_back(Event::Data {
                         peer,
                         data: d.to_vec(),
                     });
+                } else if let Some(Ok(icmp)) = msg.get(attr::ICMP).map(attr::decode_icmp) {
+                    self.events.push_back(Event::Icmp { peer, icmp });
                 }
             }
             method::CONNECTION_ATTEMPT => {

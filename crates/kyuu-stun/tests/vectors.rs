@@ -244,3 +244,20 @@ fn malformed_inputs_are_errors_not_panics() {
     extra[2..4].copy_from_slice(&l.to_be_bytes());
     assert!(Message::parse(&extra).is_err());
 }
+
+/// RFC 8656 §18.13: ICMP is Reserved (16 bits, 0), Type, Code, then 32 bits of Error Data.
+#[test]
+fn icmp_attribute_bytes() {
+    use kyuu_stun::attr::{decode_icmp, encode_icmp, Icmp};
+    let i = Icmp {
+        icmp_type: 3,
+        code: 4,
+        error_data: 1500,
+    };
+    assert_eq!(encode_icmp(i), [0, 0, 3, 4, 0, 0, 0x05, 0xDC]);
+    assert_eq!(decode_icmp(&[0xFF, 0xFF, 3, 4, 0, 0, 0x05, 0xDC]).unwrap(), i);
+    assert!(decode_icmp(&[0, 0, 3, 4, 0, 0, 0x05]).is_err());
+    assert!(decode_icmp(&[0; 9]).is_err());
+    assert_eq!(attr::name(attr::ICMP), "ICMP");
+    assert!(!attr::is_comprehension_required(attr::ICMP));
+}

@@ -41,6 +41,9 @@ pub(crate) struct Counters {
     drops: [u64; DROPS.len()],
     flushed: [u64; DROPS.len()],
     auth_failures: HashMap<&'static str, u64>,
+    /// ICMP errors passed on to clients (RFC 8656 §11.5).
+    pub icmp_forwarded: u64,
+    icmp_flushed: u64,
 }
 
 impl Counters {
@@ -63,6 +66,11 @@ impl Counters {
                     .increment(cur - *old);
                 *old = *cur;
             }
+        }
+        if self.icmp_forwarded > self.icmp_flushed {
+            metrics::counter!("kyuu_turn_icmp_forwarded_total")
+                .increment(self.icmp_forwarded - self.icmp_flushed);
+            self.icmp_flushed = self.icmp_forwarded;
         }
         for (reason, n) in self.auth_failures.drain() {
             metrics::counter!("kyuu_turn_auth_failures_total", "reason" => reason).increment(n);

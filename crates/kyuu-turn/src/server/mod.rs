@@ -3,6 +3,7 @@
 //! | file | owns |
 //! | --- | --- |
 //! | `relay.rs` | the per-packet path: ChannelData, Send, peer datagrams (no state of its own) |
+//! | `icmp.rs` | ICMP errors for relayed datagrams, to the client (RFC 8656 §11.5) |
 //! | `allocation.rs` | the allocation table: relays, permissions, channels per 5-tuple |
 //! | `ports.rs`, `reservation.rs`, `quota.rs` | relay ports, EVEN-PORT tokens, quotas |
 //! | `request.rs` | TURN requests decoded into typed structs or the error to answer |
@@ -25,6 +26,7 @@ mod allocation;
 mod authenticate;
 mod binding;
 mod cache;
+mod icmp;
 mod metrics;
 mod permission;
 mod ports;
@@ -49,6 +51,7 @@ use crate::ratelimit::RateLimiter;
 use crate::types::{ClientSocket, Output, ToPeer};
 
 pub use binding::Rfc5780;
+pub use icmp::{PeerIcmp, ICMP_INDICATION_MAX};
 
 use allocation::Allocations;
 use authenticate::{authenticate, Answer, AuthContext, Authed, Verdict};
