@@ -345,8 +345,17 @@ impl Client {
 
     /// A Send indication carrying `data` to `peer` (queued for transmission).
     pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        self.send_indication_with(peer, data, false);
+    }
+
+    /// A Send indication; `dont_fragment` adds DONT-FRAGMENT (RFC 8656 §11.2, §18.9): the
+    /// server sends this datagram with DF.
+    pub fn send_indication_with(&mut self, peer: SocketAddr, data: &[u8], dont_fragment: bool) {
         let tid = self.tid();
-        let a = [A::XorPeer(peer), A::Raw(attr::DATA, data.to_vec())];
+        let mut a = vec![A::XorPeer(peer), A::Raw(attr::DATA, data.to_vec())];
+        if dont_fragment {
+            a.push(A::Raw(attr::DONT_FRAGMENT, Vec::new()));
+        }
         if let Some(b) = self.build(method::SEND, Class::Indication, tid, &a) {
             self.out.push_back(b);
         }

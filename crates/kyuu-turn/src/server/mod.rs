@@ -151,6 +151,9 @@ pub struct Server {
     next_tick: Option<Instant>,
     /// Set by [`Server::drain`]: new allocations are refused (486, or 300 with an alternate).
     draining: bool,
+    /// Whether the shell can send with and without DF per allocation; see
+    /// [`Server::set_dont_fragment_supported`].
+    dont_fragment: bool,
 }
 
 impl Server {
@@ -171,9 +174,17 @@ impl Server {
             out: VecDeque::new(),
             next_tick: None,
             draining: false,
+            dont_fragment: true,
             cfg,
             opts,
         })
+    }
+
+    /// Tells the core whether its shell can honour DONT-FRAGMENT (RFC 8656 §7.2): send an
+    /// allocation's datagrams with DF, and the others without. On by default (kyuu's Linux shell
+    /// can); when off, an Allocate with DONT-FRAGMENT gets 420 with UNKNOWN-ATTRIBUTES naming it.
+    pub fn set_dont_fragment_supported(&mut self, supported: bool) {
+        self.dont_fragment = supported;
     }
 
     pub fn config(&self) -> &TurnConfig {
@@ -347,7 +358,11 @@ impl Server {
         let Some(auth) = self.authenticate(now, client, msg) else {
             return;
         };
-        let unknown = request::unknown_required(msg, request::known_turn);
+        let mut unknown = request::unknown_required(msg, request::known_turn);
+        // RFC 8656 §7.2: a server that cannot honour DONT-FRAGMENT treats it as unknown (420).
+        if m == method::ALLOCATE && !self.dont_fragment && msg.has(attr::DONT_FRAGMENT) {
+            unknown.push(attr::DONT_FRAGMENT);
+        }
         if !unknown.is_empty() {
             return self.unknown_attributes(client, msg, &unknown, Some(&auth));
         }

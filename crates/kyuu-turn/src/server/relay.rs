@@ -122,7 +122,7 @@ impl Server {
         let out = Outbound {
             peer,
             data,
-            dont_fragment: false,
+            dont_fragment: alloc.dont_fragment,
         };
         to_peer(alloc, &mut self.counters, now, out, self.cfg.max_bps)
     }

@@ -72,6 +72,8 @@ pub(crate) struct AllocateReq {
     /// ADDITIONAL-ADDRESS-FAMILY IPv6 (§14.8): relay both families.
     pub also_v6: bool,
     pub lifetime: Option<u32>,
+    /// DONT-FRAGMENT (§7.2, §18.9): datagrams relayed for this allocation carry DF.
+    pub dont_fragment: bool,
 }
 
 impl AllocateReq {
@@ -128,6 +130,7 @@ impl AllocateReq {
             family,
             also_v6,
             lifetime,
+            dont_fragment: msg.has(attr::DONT_FRAGMENT),
         })
     }
 }
