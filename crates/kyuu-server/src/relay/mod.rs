@@ -11,6 +11,7 @@
 
 pub mod config;
 mod control;
+mod icmp;
 mod shard;
 mod tls;
 

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use super::control::ShardCmd;
+use super::icmp;
 use super::{ExtensionReply, ExtensionRequest, ShardSockets};
 use crate::proxy;
 use kyuu_turn::ipnet::IpNet;
@@ -78,6 +79,8 @@ const MAX_PROXIED: usize = 65_536;
 
 struct Relay {
     udp: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
+    /// The socket's DF setting: its allocation's DONT-FRAGMENT (`icmp::set_dont_fragment`).
+    dont_fragment: bool,
     addr: SocketAddr,
     _task: AbortOnDrop,
 }
@@ -173,6 +176,13 @@ impl Arena {
 #[allow(deprecated)]
 fn register(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
     AsyncFd::new(s)
+}
+
+/// As [`register`], for a relay socket: also woken by `EPOLLERR`, which a queued ICMP error
+/// raises (`icmp.rs`).
+#[allow(deprecated)]
+fn register_relay(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
+    AsyncFd::with_interest(s, tokio::io::Interest::READABLE | tokio::io::Interest::ERROR)
 }
 
 fn is_would_block(e: &std::io::Error) -> bool {
@@ -449,13 +459,40 @@ impl State {
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
-        let Some((sock, state)) = self.relays.get(&tp.relay).and_then(|r| r.udp.clone()) else {
+        let Some(r) = self.relays.get(&tp.relay) else {
+            return;
+        };
+        let socket_df = r.dont_fragment;
+        let Some((sock, state)) = r.udp.clone() else {
             return;
         };
         let Some(data) = packet.get(tp.data.clone()) else {
             return;
         };
-        self.queue_udp(&sock, &state, tp.peer.addr(), None, data);
+        if tp.dont_fragment == socket_df {
+            self.queue_udp(&sock, &state, tp.peer.addr(), None, data);
+            return;
+        }
+        // A Send indication whose DONT-FRAGMENT differs from its allocation's: this datagram
+        // alone, with the socket's DF flipped around it (RFC 8656 §11.2).
+        self.flush_udp();
+        let v6 = tp.relay.family == kyuu_turn::Family::V6;
+        let fd = sock.get_ref();
+        if icmp::set_dont_fragment(fd, v6, tp.dont_fragment).is_err() {
+            self.dropped_sends += 1;
+            return;
+        }
+        let t = quinn_udp::Transmit {
+            destination: tp.peer.addr(),
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: None,
+        };
+        if state.try_send(UdpSockRef::from(fd), &t).is_err() {
+            self.dropped_sends += 1;
+        }
+        let _ = icmp::set_dont_fragment(fd, v6, socket_df);
     }
 
     /// Queues a datagram. Consecutive datagrams of one size from one socket to one destination
@@ -544,7 +581,12 @@ impl State {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit(t) => self.send_client(t.client, &t.data),
-                Output::BindRelay { key, addr, proto } => self.bind_relay(sh, key, addr, proto),
+                Output::BindRelay {
+                    key,
+                    addr,
+                    proto,
+                    dont_fragment,
+                } => self.bind_relay(sh, key, addr, proto, dont_fragment),
                 Output::CloseRelay { key } => {
                     self.relays.remove(&key);
                 }
@@ -589,25 +631,30 @@ impl State {
         }
     }
 
-    fn bind_relay(&mut self, sh: &Sh, key: RelayKey, addr: SocketAddr, proto: RelayProto) {
+    fn bind_relay(
+        &mut self,
+        sh: &Sh,
+        key: RelayKey,
+        addr: SocketAddr,
+        proto: RelayProto,
+        dont_fragment: bool,
+    ) {
         let now = Instant::now();
         match proto {
             RelayProto::Udp => {
                 let bound =
                     super::bind_udp(addr, false, self.socket_buffer.min(1 << 20)).and_then(|s| {
                         let state = match &self.relay_state {
-                            Some(state) => {
-                                relay_socket_options(&s, addr)?;
-                                state.clone()
-                            }
+                            Some(state) => state.clone(),
                             None => {
                                 let state = Rc::new(UdpSocketState::new(UdpSockRef::from(&s))?);
                                 self.relay_state = Some(state.clone());
                                 state
                             }
                         };
+                        relay_socket_options(&s, addr, dont_fragment)?;
                         let local = s.local_addr()?;
-                        Ok((Rc::new(register(s)?), state, local))
+                        Ok((Rc::new(register_relay(s)?), state, local))
                     });
                 match bound {
                     Ok((sock, state, local)) => {
@@ -622,6 +669,7 @@ impl State {
                             key,
                             Relay {
                                 udp: Some((sock, state)),
+                                dont_fragment,
                                 addr: local,
                                 _task: AbortOnDrop(task),
                             },
@@ -650,6 +698,7 @@ impl State {
                             key,
                             Relay {
                                 udp: None,
+                                dont_fragment,
                                 addr: local,
                                 _task: AbortOnDrop(task),
                             },
@@ -663,15 +712,17 @@ impl State {
     }
 }
 
-/// What `UdpSocketState::new` would set that matters on a relay socket: no fragmentation
-/// (`IP_PMTUDISC_PROBE`, as quinn-udp does). The socket is already non-blocking (`bind_udp`).
-fn relay_socket_options(s: &std::net::UdpSocket, addr: SocketAddr) -> std::io::Result<()> {
-    use rustix::net::sockopt;
-    let _ = sockopt::set_ip_mtu_discover(s, sockopt::Ipv4PathMtuDiscovery::PROBE);
-    if addr.is_ipv6() {
-        let _ = sockopt::set_ipv6_mtu_discover(s, sockopt::Ipv6PathMtuDiscovery::PROBE);
-    }
-    Ok(())
+/// A relay socket's IP options (`icmp.rs`): DF as its allocation asked (RFC 8656 §7.2;
+/// overriding what `UdpSocketState::new` set on the first one) and the ICMP error queue
+/// (§11.5). The socket is already non-blocking (`bind_udp`). Both are required: without them
+/// the relay would not do what the allocation was promised, so the bind fails instead.
+fn relay_socket_options(
+    s: &std::net::UdpSocket,
+    addr: SocketAddr,
+    dont_fragment: bool,
+) -> std::io::Result<()> {
+    icmp::set_dont_fragment(s, addr.is_ipv6(), dont_fragment)?;
+    icmp::enable_recverr(s, addr.is_ipv6())
 }
 
 fn local_addr(l: SocketAddr, dst_ip: Option<IpAddr>) -> SocketAddr {
@@ -765,10 +816,50 @@ async fn relay_udp_loop(
     state: Rc<UdpSocketState>,
 ) {
     loop {
-        let Ok(mut guard) = sock.readable().await else {
+        let Ok(mut guard) = sock
+            .ready(tokio::io::Interest::READABLE | tokio::io::Interest::ERROR)
+            .await
+        else {
             return;
         };
         let mut exhausted = true;
+        if guard.ready().is_error() {
+            // ICMP errors (RFC 8656 §11.5), a bounded number per wake-up. Readiness for errors
+            // is cleared only once the queue is empty; a longer queue waits for the next turn.
+            let mut st = sh.borrow_mut();
+            let mut emptied = false;
+            for _ in 0..icmp::ERRQUEUE_BUDGET {
+                match icmp::read_error(sock.get_ref()) {
+                    Ok(Some(e)) => {
+                        let mut out = [0u8; kyuu_turn::ICMP_INDICATION_MAX];
+                        if let Some(tc) = st.core.handle_icmp(Instant::now(), key, e, &mut out) {
+                            if let Some(b) = out.get(tc.data) {
+                                st.send_client(tc.client, b);
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        emptied = icmp::is_empty(&e);
+                        if !emptied {
+                            tracing::debug!(target: "kyuu::relay", "error queue: {e}");
+                            emptied = true;
+                        }
+                        break;
+                    }
+                }
+            }
+            st.drain(&sh);
+            drop(st);
+            if emptied {
+                guard.clear_ready_matching(tokio::io::Ready::ERROR);
+            }
+        }
+        if !guard.ready().is_readable() {
+            drop(guard);
+            tokio::task::yield_now().await;
+            continue;
+        }
         for _ in 0..READ_BUDGET {
             let mut ar = arena.borrow_mut();
             let n = match ar.recv(&state, &sock, PEER_HEADROOM, RELAY_BATCH) {
