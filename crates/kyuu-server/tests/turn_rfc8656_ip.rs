@@ -242,3 +242,146 @@ async fn opaque_string_prepared_credentials_authenticate() {
     }
     h.shutdown().await;
 }
+
+/// The DF bit of the next unfragmented IPv4 UDP datagram to `port` that the raw socket sees.
+async fn df_of_next(raw: &UdpSocket, port: u16) -> bool {
+    let mut buf = vec![0u8; 70_000];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, raw.recv(&mut buf))
+            .await
+            .expect("no datagram to the peer on the wire")
+            .unwrap();
+        let p = &buf[..n];
+        if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 {
+            continue;
+        }
+        // Fragments after the first carry no UDP header.
+        if u16::from_be_bytes([p[6], p[7]]) & 0x1FFF != 0 {
+            continue;
+        }
+        let ihl = usize::from(p[0] & 0x0F) * 4;
+        if p.get(ihl + 2..ihl + 4) != Some(&port.to_be_bytes()[..]) {
+            continue;
+        }
+        return p[6] & 0x40 != 0;
+    }
+}
+
+/// What the peer receives within `wait`.
+async fn peer_gets(peer: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 70_000];
+    match tokio::time::timeout(wait, peer.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// Runs inside a private network namespace whose loopback has an MTU of 1300.
+async fn df_scenario() {
+    let h = server(&["127.0.0.1:0"], vec![user("u", "p")]).await;
+    let a = h.addr(Transport::Udp).unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )
+    .unwrap();
+    raw.set_nonblocking(true).unwrap();
+    let raw = UdpSocket::from_std(std::net::UdpSocket::from(raw)).unwrap();
+    let small = b"small datagram".as_slice();
+    let big = vec![0x5Au8; 2000];
+    let short = Duration::from_millis(500);
+
+    // Without DONT-FRAGMENT in the Allocate.
+    let mut plain = Udp::new(a, "u", "p").await;
+    plain.allocate(AllocateOptions::default()).await;
+    plain.c.channel_bind(Instant::now(), 0x4000, peer_addr);
+    assert!(matches!(plain.event().await, Event::ChannelBound { .. }));
+    // With it.
+    let mut df = Udp::new(a, "u", "p").await;
+    df.allocate(AllocateOptions {
+        dont_fragment: true,
+        ..Default::default()
+    })
+    .await;
+    df.c.channel_bind(Instant::now(), 0x4000, peer_addr);
+    assert!(matches!(df.event().await, Event::ChannelBound { .. }));
+
+    let port = peer_addr.port();
+    // (client, how, DF wanted on the wire)
+    for (label, want) in [
+        ("plain channel", false),
+        ("plain send+DF", true),
+        ("plain send", false),
+        ("df channel", true),
+        ("df send", false),
+        ("df send+DF", true),
+        ("df channel again", true),
+    ] {
+        let u = if label.starts_with("df") {
+            &mut df
+        } else {
+            &mut plain
+        };
+        if label.contains("channel") {
+            u.channel_data(0x4000, small).await;
+        } else {
+            u.c.send_indication_with(peer_addr, small, label.ends_with("+DF"));
+            u.flush().await;
+        }
+        assert_eq!(df_of_next(&raw, port).await, want, "{label}: DF on the wire");
+        assert_eq!(peer_gets(&peer, short).await.as_deref(), Some(small), "{label}");
+    }
+
+    // 2000 bytes over a 1300-byte MTU: fragmented when DF is clear, not sent when it is set.
+    plain.channel_data(0x4000, &big).await;
+    assert_eq!(peer_gets(&peer, short).await, Some(big.clone()), "plain channel, big");
+    plain.c.send_indication_with(peer_addr, &big, true);
+    plain.flush().await;
+    assert_eq!(peer_gets(&peer, short).await, None, "plain send+DF, big");
+    df.channel_data(0x4000, &big).await;
+    assert_eq!(peer_gets(&peer, short).await, None, "df channel, big");
+    df.c.send_indication_with(peer_addr, &big, false);
+    df.flush().await;
+    assert_eq!(peer_gets(&peer, short).await, Some(big.clone()), "df send, big");
+    h.shutdown().await;
+}
+
+/// RFC 8656 §7.2 / §11.2 / §14: DF on the wire follows DONT-FRAGMENT. Read with a raw socket
+/// (the IPv4 header's DF bit) and by sending 2000 bytes over a 1300-byte MTU, in a private
+/// network namespace (needs root; skipped otherwise unless KYUU_LAB_REQUIRED=1).
+#[test]
+fn df_on_the_wire_follows_dont_fragment() {
+    let required = std::env::var("KYUU_LAB_REQUIRED").is_ok_and(|v| v == "1");
+    let outcome = std::thread::spawn(|| {
+        // Only this thread (and the threads and processes it starts) enters the namespace,
+        // which disappears with them.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up", "mtu", "1300"])
+            .status();
+        if !st.as_ref().is_ok_and(|s| s.success()) {
+            return Err(format!("ip link set lo up mtu 1300: {st:?}"));
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(df_scenario());
+        Ok(())
+    })
+    .join();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) if !required => {
+            println!("SKIP df_on_the_wire_follows_dont_fragment: {why} (set KYUU_LAB_REQUIRED=1 to make this a failure)");
+        }
+        Ok(Err(why)) => panic!("{why}"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
