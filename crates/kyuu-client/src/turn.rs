@@ -135,7 +135,8 @@ impl Client {
     /// (RFC 8489 §14.3; a name without one is sent as given, and the server refuses it); the
     /// password is prepared when the key is made (§9.2.2).
     pub fn new(username: &str, password: &str, stream: bool) -> Self {
-        let username = kyuu_stun::opaque_string(username).map_or_else(|_| username.into(), |u| u.into_owned());
+        let username =
+            kyuu_stun::opaque_string(username).map_or_else(|_| username.into(), |u| u.into_owned());
         Client {
             username,
             password: password.into(),

@@ -205,7 +205,13 @@ async fn channel_numbers_above_0x4fff_get_400() {
     u.c.channel_bind(Instant::now(), 0x5000, peer);
     assert!(matches!(u.event().await, Event::Error { code: 400, .. }));
     u.c.channel_bind(Instant::now(), 0x4FFF, peer);
-    assert!(matches!(u.event().await, Event::ChannelBound { channel: 0x4FFF, .. }));
+    assert!(matches!(
+        u.event().await,
+        Event::ChannelBound {
+            channel: 0x4FFF,
+            ..
+        }
+    ));
     h.shutdown().await;
 }
 
@@ -217,7 +223,10 @@ async fn channel_numbers_above_0x4fff_get_400() {
 async fn opaque_string_prepared_credentials_authenticate() {
     let h = server(
         &["127.0.0.1:0"],
-        vec![user("ju\u{0308}rgen", "p\u{00A0}ss"), user("ascii", "Pa ss")],
+        vec![
+            user("ju\u{0308}rgen", "p\u{00A0}ss"),
+            user("ascii", "Pa ss"),
+        ],
     )
     .await;
     let a = h.addr(Transport::Udp).unwrap();
@@ -333,13 +342,25 @@ async fn df_scenario() {
             u.c.send_indication_with(peer_addr, small, label.ends_with("+DF"));
             u.flush().await;
         }
-        assert_eq!(df_of_next(&raw, port).await, want, "{label}: DF on the wire");
-        assert_eq!(peer_gets(&peer, short).await.as_deref(), Some(small), "{label}");
+        assert_eq!(
+            df_of_next(&raw, port).await,
+            want,
+            "{label}: DF on the wire"
+        );
+        assert_eq!(
+            peer_gets(&peer, short).await.as_deref(),
+            Some(small),
+            "{label}"
+        );
     }
 
     // 2000 bytes over a 1300-byte MTU: fragmented when DF is clear, not sent when it is set.
     plain.channel_data(0x4000, &big).await;
-    assert_eq!(peer_gets(&peer, short).await, Some(big.clone()), "plain channel, big");
+    assert_eq!(
+        peer_gets(&peer, short).await,
+        Some(big.clone()),
+        "plain channel, big"
+    );
     plain.c.send_indication_with(peer_addr, &big, true);
     plain.flush().await;
     assert_eq!(peer_gets(&peer, short).await, None, "plain send+DF, big");
@@ -347,7 +368,11 @@ async fn df_scenario() {
     assert_eq!(peer_gets(&peer, short).await, None, "df channel, big");
     df.c.send_indication_with(peer_addr, &big, false);
     df.flush().await;
-    assert_eq!(peer_gets(&peer, short).await, Some(big.clone()), "df send, big");
+    assert_eq!(
+        peer_gets(&peer, short).await,
+        Some(big.clone()),
+        "df send, big"
+    );
     h.shutdown().await;
 }
 

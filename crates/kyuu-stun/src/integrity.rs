@@ -229,7 +229,13 @@ mod opaque_string_tests {
 
     #[test]
     fn ascii_is_unchanged_and_borrowed() {
-        for s in ["secret", "Secret With Spaces", "1700000000:alice", "a+b/c=", " x "] {
+        for s in [
+            "secret",
+            "Secret With Spaces",
+            "1700000000:alice",
+            "a+b/c=",
+            " x ",
+        ] {
             assert!(matches!(opaque_string(s), Ok(Cow::Borrowed(b)) if b == s));
         }
     }
@@ -262,7 +268,15 @@ mod opaque_string_tests {
     /// code points; the empty string is refused (RFC 8265 §4.2.2).
     #[test]
     fn controls_ignorables_and_empty_are_refused() {
-        for s in ["a\u{0007}b", "tab\there", "nl\n", "\u{007F}", "I\u{00AD}X", "", "x\u{200B}"] {
+        for s in [
+            "a\u{0007}b",
+            "tab\there",
+            "nl\n",
+            "\u{007F}",
+            "I\u{00AD}X",
+            "",
+            "x\u{200B}",
+        ] {
             assert!(opaque_string(s).is_err(), "{s:?}");
         }
     }

@@ -255,7 +255,10 @@ fn icmp_attribute_bytes() {
         error_data: 1500,
     };
     assert_eq!(encode_icmp(i), [0, 0, 3, 4, 0, 0, 0x05, 0xDC]);
-    assert_eq!(decode_icmp(&[0xFF, 0xFF, 3, 4, 0, 0, 0x05, 0xDC]).unwrap(), i);
+    assert_eq!(
+        decode_icmp(&[0xFF, 0xFF, 3, 4, 0, 0, 0x05, 0xDC]).unwrap(),
+        i
+    );
     assert!(decode_icmp(&[0, 0, 3, 4, 0, 0, 0x05]).is_err());
     assert!(decode_icmp(&[0; 9]).is_err());
     assert_eq!(attr::name(attr::ICMP), "ICMP");

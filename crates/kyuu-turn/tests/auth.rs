@@ -246,7 +246,11 @@ fn non_ascii_credentials_are_prepared_with_opaque_string() {
 /// REST usernames are checked the same way.
 #[test]
 fn usernames_that_fail_opaque_string_get_401() {
-    for name in ["ali\u{0007}ce", "9999999999:b\u{00AD}ob", "9999999999:\u{0000}"] {
+    for name in [
+        "ali\u{0007}ce",
+        "9999999999:b\u{00AD}ob",
+        "9999999999:\u{0000}",
+    ] {
         let mut p = Pair::with(cfg(), Client::new(name, "secret", false), Transport::Udp);
         p.client.allocate(p.now);
         p.expect_error(ErrorCode::UNAUTHORIZED);

@@ -111,7 +111,10 @@ fn without_shell_support_dont_fragment_in_allocate_gets_420_naming_it() {
     assert_eq!(m.error_code().unwrap().unwrap().code, 420);
     // UNKNOWN-ATTRIBUTES lists DONT-FRAGMENT (0x001A).
     assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES).unwrap(), &[0x00, 0x1A]);
-    assert!(matches!(p.client.poll_event(), Some(Event::Error { code: 420, .. })));
+    assert!(matches!(
+        p.client.poll_event(),
+        Some(Event::Error { code: 420, .. })
+    ));
     // Without the attribute the same server allocates.
     p.allocate();
 }

@@ -105,7 +105,10 @@ fn icmp_types_section_11_5_does_not_name_are_dropped() {
     p.permit(peer());
     // ICMPv4: echo reply 0, redirect 5, echo 8, parameter problem 12 are not errors §11.5 keeps.
     for t in [0u8, 5, 8, 12] {
-        assert!(indication(&mut p, Family::V4, icmp(peer(), t, 0, 0)).is_none(), "{t}");
+        assert!(
+            indication(&mut p, Family::V4, icmp(peer(), t, 0, 0)).is_none(),
+            "{t}"
+        );
     }
 }
 
@@ -128,7 +131,10 @@ fn icmpv6_types_1_2_3_pass_and_packet_too_big_carries_the_mtu() {
     let out = indication(&mut p, Family::V6, icmp(peer6, 1, 4, 0)).unwrap();
     // XOR-PEER-ADDRESS of an IPv6 peer is 20 bytes: 20 header + 24 + 12 ICMP.
     assert_eq!(out.len(), 20 + 24 + 12);
-    assert_eq!(&out[out.len() - 12..], &[0x80, 0x04, 0, 8, 0, 0, 1, 4, 0, 0, 0, 0]);
+    assert_eq!(
+        &out[out.len() - 12..],
+        &[0x80, 0x04, 0, 8, 0, 0, 1, 4, 0, 0, 0, 0]
+    );
     let out = indication(&mut p, Family::V6, icmp(peer6, 2, 0, 1400)).unwrap();
     assert_eq!(
         attr::decode_icmp(&out[out.len() - 8..]).unwrap(),
@@ -141,7 +147,10 @@ fn icmpv6_types_1_2_3_pass_and_packet_too_big_carries_the_mtu() {
     assert!(indication(&mut p, Family::V6, icmp(peer6, 3, 0, 0)).is_some());
     // Echo request/reply (128/129) and ICMPv4-only numbers are dropped on IPv6.
     for t in [128u8, 129, 11, 4] {
-        assert!(indication(&mut p, Family::V6, icmp(peer6, t, 0, 0)).is_none(), "{t}");
+        assert!(
+            indication(&mut p, Family::V6, icmp(peer6, t, 0, 0)).is_none(),
+            "{t}"
+        );
     }
 }
 

@@ -88,9 +88,7 @@ pub(crate) fn read_error(s: &std::net::UdpSocket) -> io::Result<Option<PeerIcmp>
             ControlMessageOwned::Ipv4RecvErr(ee, _) if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP => {
                 ee
             }
-            ControlMessageOwned::Ipv6RecvErr(ee, _)
-                if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6 =>
-            {
+            ControlMessageOwned::Ipv6RecvErr(ee, _) if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6 => {
                 ee
             }
             _ => continue,

@@ -182,7 +182,10 @@ fn register(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
 /// raises (`icmp.rs`).
 #[allow(deprecated)]
 fn register_relay(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
-    AsyncFd::with_interest(s, tokio::io::Interest::READABLE | tokio::io::Interest::ERROR)
+    AsyncFd::with_interest(
+        s,
+        tokio::io::Interest::READABLE | tokio::io::Interest::ERROR,
+    )
 }
 
 fn is_would_block(e: &std::io::Error) -> bool {
