@@ -234,7 +234,7 @@ fn non_ascii_credentials_are_prepared_with_opaque_string() {
     );
     p.allocate();
     let mut p = Pair::with(
-        config.clone(),
+        config,
         Client::new("j\u{00FC}rgen", "\u{FF50} ss", false),
         Transport::Udp,
     );

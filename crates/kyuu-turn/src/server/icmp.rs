@@ -62,10 +62,8 @@ impl Server {
         icmp: PeerIcmp,
         buf: &mut [u8],
     ) -> Option<ToClient> {
-        let Some(error_data) = error_data(relay.family, icmp.icmp_type, icmp.code, icmp.info)
-        else {
-            return None;
-        };
+        // Types §11.5 does not name are dropped silently (they are not errors about a datagram).
+        let error_data = error_data(relay.family, icmp.icmp_type, icmp.code, icmp.info)?;
         let Some(alloc) = self.allocs.get_mut(relay.alloc) else {
             self.counters.drop(Dropped::NoAllocation);
             return None;
