@@ -195,6 +195,61 @@ async fn icmp_goes_only_to_the_allocation_that_sent() {
     h.shutdown().await;
 }
 
+/// A burst of ICMP errors (more than one wake-up's budget of 8) is read out over several turns
+/// without holding up the data path: the errors reach the client, and a live peer's traffic on
+/// the same allocation keeps flowing both ways.
+#[tokio::test]
+async fn an_icmp_burst_is_passed_on_and_relaying_goes_on() {
+    let h = server(&["127.0.0.1:0"], vec![user("u", "p")]).await;
+    let mut u = Udp::new(h.addr(Transport::Udp).unwrap(), "u", "p").await;
+    let relayed = u.allocate(AllocateOptions::default()).await;
+    let closed = closed_port("127.0.0.1");
+    let live = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let live_addr = live.local_addr().unwrap();
+    u.c.create_permission(Instant::now(), &[closed]);
+    assert_eq!(u.event().await, Event::PermissionCreated);
+    u.c.channel_bind(Instant::now(), 0x4000, live_addr);
+    assert!(matches!(u.event().await, Event::ChannelBound { .. }));
+    // 30 stays under the kernel's global ICMP burst (net.ipv4.icmp_msgs_burst = 50). Each
+    // datagram is longer than the one before, so none share a GSO send: over loopback a GSO
+    // batch reaches the closed port as one packet and draws one ICMP. Each send after the first
+    // also meets the previous datagram's ICMP pending on the socket (IP_RECVERR) and must still
+    // go out.
+    const BURST: usize = 30;
+    for i in 0..BURST {
+        u.c.send_indication(closed, &vec![b'b'; 10 + i]);
+    }
+    u.flush().await;
+    u.channel_data(0x4000, b"still relaying").await;
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), live.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"still relaying");
+    live.send_to(b"and back", relayed).await.unwrap();
+    let (mut icmp, mut back) = (0, false);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buf = vec![0u8; 2048];
+    while (icmp < BURST || !back) && Instant::now() < deadline {
+        while let Some(e) = u.c.poll_event() {
+            match e {
+                Event::Icmp { peer, .. } if peer == closed => icmp += 1,
+                Event::ChannelData { data, .. } if data == b"and back" => back = true,
+                e => panic!("{e:?}"),
+            }
+        }
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(100), u.s.recv_from(&mut buf)).await
+        {
+            u.c.handle_input(Instant::now(), &buf[..n]);
+        }
+    }
+    assert!(back, "peer data did not reach the client");
+    assert_eq!(icmp, BURST, "ICMP errors passed on");
+    h.shutdown().await;
+}
+
 /// RFC 8656 §12.2: a ChannelBind outside 0x4000-0x4FFF gets 400 over a real socket by default.
 #[tokio::test]
 async fn channel_numbers_above_0x4fff_get_400() {

@@ -188,6 +188,22 @@ fn register_relay(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
     )
 }
 
+/// One `sendmsg`, tried a second time after a failure other than a full buffer. With
+/// `IP_RECVERR` (relay sockets, `icmp.rs`) an ICMP error for an earlier datagram is also left
+/// pending on the socket, and the kernel reports it, once, as the result of the next send (which
+/// then sends nothing): that datagram must not be lost to another datagram's ICMP. A real error
+/// fails again; the ICMP itself stays on the error queue for the relay task.
+fn send_udp(
+    state: &UdpSocketState,
+    sock: &std::net::UdpSocket,
+    t: &quinn_udp::Transmit<'_>,
+) -> std::io::Result<()> {
+    match state.try_send(UdpSockRef::from(sock), t) {
+        Err(e) if !is_would_block(&e) => state.try_send(UdpSockRef::from(sock), t),
+        r => r,
+    }
+}
+
 fn is_would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
@@ -492,7 +508,7 @@ impl State {
             segment_size: None,
             src_ip: None,
         };
-        if state.try_send(UdpSockRef::from(fd), &t).is_err() {
+        if send_udp(&state, fd, &t).is_err() {
             self.dropped_sends += 1;
         }
         let _ = icmp::set_dont_fragment(fd, v6, socket_df);
@@ -527,10 +543,7 @@ impl State {
                     segment_size: None,
                     src_ip,
                 };
-                if state
-                    .try_send(UdpSockRef::from((**sock).get_ref()), &t)
-                    .is_err()
-                {
+                if send_udp(state, (**sock).get_ref(), &t).is_err() {
                     self.dropped_sends += 1;
                 }
                 return;
@@ -562,10 +575,7 @@ impl State {
                 segment_size: (b.n > 1).then_some(b.seg),
                 src_ip: b.src_ip,
             };
-            if state
-                .try_send(UdpSockRef::from(sock.get_ref()), &t)
-                .is_err()
-            {
+            if send_udp(&state, sock.get_ref(), &t).is_err() {
                 self.dropped_sends += b.n as u64;
             }
         }
@@ -811,6 +821,36 @@ async fn client_udp_loop(
     }
 }
 
+/// Reads up to [`icmp::ERRQUEUE_BUDGET`] entries of a relay socket's error queue and passes the
+/// ICMP errors among them to the core (RFC 8656 §11.5). Returns whether the queue is now empty
+/// (or unreadable, which no retry would change).
+fn relay_errors(sh: &Sh, key: RelayKey, sock: &UdpSocket) -> bool {
+    let mut st = sh.borrow_mut();
+    let mut emptied = false;
+    for _ in 0..icmp::ERRQUEUE_BUDGET {
+        match icmp::read_error(sock.get_ref()) {
+            Ok(Some(e)) => {
+                let mut out = [0u8; kyuu_turn::ICMP_INDICATION_MAX];
+                if let Some(tc) = st.core.handle_icmp(Instant::now(), key, e, &mut out) {
+                    if let Some(b) = out.get(tc.data) {
+                        st.send_client(tc.client, b);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if !icmp::is_empty(&e) {
+                    tracing::debug!(target: "kyuu::relay", "error queue: {e}");
+                }
+                emptied = true;
+                break;
+            }
+        }
+    }
+    st.drain(sh);
+    emptied
+}
+
 async fn relay_udp_loop(
     sh: Sh,
     arena: Rc<RefCell<Arena>>,
@@ -826,38 +866,22 @@ async fn relay_udp_loop(
             return;
         };
         let mut exhausted = true;
+        // ICMP errors (RFC 8656 §11.5), a bounded number per wake-up. Error readiness is
+        // cleared only once the queue is empty; a longer queue is read on the next turn, after
+        // the datagrams, so neither side can starve the other.
+        let mut errors_left = false;
         if guard.ready().is_error() {
-            // ICMP errors (RFC 8656 §11.5), a bounded number per wake-up. Readiness for errors
-            // is cleared only once the queue is empty; a longer queue waits for the next turn.
-            let mut st = sh.borrow_mut();
-            let mut emptied = false;
-            for _ in 0..icmp::ERRQUEUE_BUDGET {
-                match icmp::read_error(sock.get_ref()) {
-                    Ok(Some(e)) => {
-                        let mut out = [0u8; kyuu_turn::ICMP_INDICATION_MAX];
-                        if let Some(tc) = st.core.handle_icmp(Instant::now(), key, e, &mut out) {
-                            if let Some(b) = out.get(tc.data) {
-                                st.send_client(tc.client, b);
-                            }
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        emptied = icmp::is_empty(&e);
-                        if !emptied {
-                            tracing::debug!(target: "kyuu::relay", "error queue: {e}");
-                            emptied = true;
-                        }
-                        break;
-                    }
-                }
-            }
-            st.drain(&sh);
-            drop(st);
-            if emptied {
+            errors_left = !relay_errors(&sh, key, &sock);
+            if !errors_left {
                 guard.clear_ready_matching(tokio::io::Ready::ERROR);
             }
         }
+        // What the datagram loop may clear when the socket has no more datagrams.
+        let drained = if errors_left {
+            tokio::io::Ready::READABLE
+        } else {
+            tokio::io::Ready::ALL
+        };
         if !guard.ready().is_readable() {
             drop(guard);
             tokio::task::yield_now().await;
@@ -868,7 +892,7 @@ async fn relay_udp_loop(
             let n = match ar.recv(&state, &sock, PEER_HEADROOM, RELAY_BATCH) {
                 Ok(n) => n,
                 Err(e) if is_would_block(&e) => {
-                    guard.clear_ready();
+                    guard.clear_ready_matching(drained);
                     exhausted = false;
                     break;
                 }
@@ -923,13 +947,13 @@ async fn relay_udp_loop(
             }
             st.drain(&sh);
             if n < RELAY_BATCH {
-                guard.clear_ready();
+                guard.clear_ready_matching(drained);
                 exhausted = false;
                 break;
             }
         }
         drop(guard);
-        if exhausted {
+        if exhausted || errors_left {
             tokio::task::yield_now().await;
         }
     }
