@@ -593,6 +593,7 @@ fn fill_relay_addresses(config: &mut Config) {
             .iter()
             .chain(config.listen.tcp.iter())
             .chain(config.listen.tls.iter())
+            .chain(config.listen.dtls.iter())
     };
     let specific_v4 = all().any(|a| a.is_ipv4() && !a.ip().is_unspecified());
     let any_v4 = all().any(|a| a.is_ipv4());

@@ -65,22 +65,26 @@ impl ResolvesServerCert for CertStore {
 /// File-backed certificate stores of every TLS listener in the process.
 static STORES: Mutex<Vec<Weak<CertStore>>> = Mutex::new(Vec::new());
 
-/// Certificates read by [`prepare_reload`], applied by [`apply_reload`].
-pub struct PreparedCerts(Vec<(Arc<CertStore>, Arc<CertifiedKey>)>);
+/// Certificates read by [`prepare_reload`], applied by [`apply_reload`] (TLS listeners, then
+/// DTLS listeners).
+pub struct PreparedCerts(
+    Vec<(Arc<CertStore>, Arc<CertifiedKey>)>,
+    Vec<(Arc<DtlsStore>, openssl::ssl::SslContext)>,
+);
 
 impl std::fmt::Debug for PreparedCerts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PreparedCerts({})", self.0.len())
+        write!(f, "PreparedCerts({})", self.len())
     }
 }
 
 impl PreparedCerts {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.len() + self.1.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 }
 
@@ -99,7 +103,19 @@ pub fn prepare_reload() -> anyhow::Result<PreparedCerts> {
             out.push((s.clone(), Arc::new(k)));
         }
     }
-    Ok(PreparedCerts(out))
+    let dtls: Vec<Arc<DtlsStore>> = {
+        let mut list = DTLS_STORES.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(Weak::upgrade).collect()
+    };
+    let mut out_dtls = Vec::new();
+    for s in dtls {
+        if let Some((section, cert, key)) = &s.files {
+            let (chain, pkey) = read_pem_pair(section, cert, key)?;
+            out_dtls.push((s.clone(), dtls_context(section, &chain, &pkey)?));
+        }
+    }
+    Ok(PreparedCerts(out, out_dtls))
 }
 
 /// New handshakes use the certificates [`prepare_reload`] read.
@@ -107,6 +123,121 @@ pub fn apply_reload(p: PreparedCerts) {
     for (store, key) in p.0 {
         *store.current.write().unwrap_or_else(|p| p.into_inner()) = key;
     }
+    for (store, ctx) in p.1 {
+        *store.ctx.current.write().unwrap_or_else(|p| p.into_inner()) = ctx;
+    }
+}
+
+/// The certificate of a DTLS listener (RFC 7350) and where it came from, for reloads.
+#[derive(Debug)]
+pub struct DtlsStore {
+    pub(crate) ctx: crate::relay::dtls::DtlsContext,
+    files: Option<(String, PathBuf, PathBuf)>,
+}
+
+static DTLS_STORES: Mutex<Vec<Weak<DtlsStore>>> = Mutex::new(Vec::new());
+
+fn read_pem_pair(section: &str, cert: &Path, key: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let chain = std::fs::read(cert)
+        .with_context(|| format!("{section}.tls_cert: cannot read {}", cert.display()))?;
+    let pkey = std::fs::read(key)
+        .with_context(|| format!("{section}.tls_key: cannot read {}", key.display()))?;
+    Ok((chain, pkey))
+}
+
+/// An OpenSSL DTLS 1.2 server context for a PEM chain and key: RFC 7350 §4's mandatory ECDHE
+/// AES-128-GCM suites first, HelloVerifyRequest cookies on (checked before a session exists, see
+/// `relay::dtls`), no renegotiation.
+fn dtls_context(
+    section: &str,
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> anyhow::Result<openssl::ssl::SslContext> {
+    use openssl::ssl::{SslContextBuilder, SslMethod, SslMode, SslOptions, SslVersion};
+    let mut chain = openssl::x509::X509::stack_from_pem(chain_pem)
+        .with_context(|| format!("{section}.tls_cert: bad PEM"))?
+        .into_iter();
+    let leaf = chain
+        .next()
+        .with_context(|| format!("{section}.tls_cert: no certificate"))?;
+    let key = openssl::pkey::PKey::private_key_from_pem(key_pem)
+        .with_context(|| format!("{section}.tls_key: bad PEM"))?;
+    let mut b = SslContextBuilder::new(SslMethod::dtls()).context("DTLS context")?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))
+        .context("DTLS context")?;
+    b.set_cipher_list(
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
+         ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
+         ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+    )
+    .context("DTLS cipher list")?;
+    b.set_certificate(&leaf)
+        .with_context(|| format!("{section}.tls_cert: unusable certificate"))?;
+    for c in chain {
+        b.add_extra_chain_cert(c)
+            .with_context(|| format!("{section}.tls_cert: unusable chain certificate"))?;
+    }
+    b.set_private_key(&key)
+        .with_context(|| format!("{section}.tls_key: unusable key"))?;
+    b.check_private_key()
+        .with_context(|| format!("{section}.tls_cert: certificate and key do not match"))?;
+    b.set_options(
+        SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION,
+    );
+    b.set_mode(SslMode::ACCEPT_MOVING_WRITE_BUFFER);
+    // The cookie was checked statelessly before the session was created; the session's own
+    // HelloVerifyRequest is never sent.
+    b.set_cookie_generate_cb(|_, out| {
+        let n = out.len().min(16);
+        if let Some(o) = out.get_mut(..n) {
+            o.fill(0x5a);
+        }
+        Ok(n)
+    });
+    b.set_cookie_verify_cb(|_, _| true);
+    Ok(b.build())
+}
+
+/// The DTLS certificate store: the PEM pair when both paths are given, else a self-signed
+/// certificate for `names`. A file-backed one is re-read by [`prepare_reload`]/[`apply_reload`].
+pub fn dtls_store(
+    section: &str,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    names: Vec<String>,
+) -> anyhow::Result<Arc<DtlsStore>> {
+    let (ctx, files) = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let (chain, pkey) = read_pem_pair(section, cert, key)?;
+            (
+                dtls_context(section, &chain, &pkey)?,
+                Some((section.to_owned(), cert.to_path_buf(), key.to_path_buf())),
+            )
+        }
+        _ => {
+            let ck = rcgen::generate_simple_self_signed(names)
+                .context("generating a self-signed certificate for DTLS")?;
+            let ctx = dtls_context(
+                section,
+                ck.cert.pem().as_bytes(),
+                ck.key_pair.serialize_pem().as_bytes(),
+            )?;
+            (ctx, None)
+        }
+    };
+    let store = Arc::new(DtlsStore {
+        ctx: crate::relay::dtls::DtlsContext {
+            current: RwLock::new(ctx),
+        },
+        files,
+    });
+    if store.files.is_some() {
+        DTLS_STORES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&store));
+    }
+    Ok(store)
 }
 
 /// A TLS acceptor: the PEM pair when both paths are given, else a self-signed certificate for

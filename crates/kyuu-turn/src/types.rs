@@ -12,6 +12,9 @@ pub enum Transport {
     Udp,
     Tcp,
     Tls,
+    /// DTLS over UDP (RFC 7350): datagram semantics like UDP (no ChannelData padding, no RFC 6062
+    /// TCP allocations), but the five-tuple is a DTLS association.
+    Dtls,
 }
 
 impl std::fmt::Display for Transport {
@@ -22,18 +25,19 @@ impl std::fmt::Display for Transport {
 }
 
 impl Transport {
-    /// `"udp"`, `"tcp"` or `"tls"`: metric labels, logs and the banner.
+    /// `"udp"`, `"tcp"`, `"tls"` or `"dtls"`: metric labels, logs and the banner.
     pub fn label(self) -> &'static str {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Dtls => "dtls",
         }
     }
 
     /// Stream transports carry ChannelData padded to four bytes (RFC 8656 §12.5).
     pub fn is_stream(self) -> bool {
-        !matches!(self, Transport::Udp)
+        matches!(self, Transport::Tcp | Transport::Tls)
     }
 }
 

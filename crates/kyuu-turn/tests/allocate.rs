@@ -50,6 +50,22 @@ fn tcp_relaying_requested_over_udp_gets_442() {
 }
 
 #[test]
+fn tcp_relaying_requested_over_dtls_gets_442() {
+    // RFC 7350: a DTLS association runs over UDP, so no RFC 6062 TCP allocation through it.
+    let mut p = Pair::with(
+        cfg(),
+        Client::new("alice", "secret", false),
+        kyuu_turn::Transport::Dtls,
+    );
+    let o = AllocateOptions {
+        transport: Some(6),
+        ..Default::default()
+    };
+    p.client.allocate_with(p.now, &o);
+    p.expect_error(ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL);
+}
+
+#[test]
 fn ipv6_without_an_ipv6_relay_address_gets_440() {
     let mut p = Pair::new(cfg());
     let o = AllocateOptions {

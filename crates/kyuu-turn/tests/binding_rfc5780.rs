@@ -327,20 +327,25 @@ fn response_port_sends_the_answer_to_that_port_of_the_client() {
 
 #[test]
 fn change_request_over_tcp_gets_400() {
-    let mut s = with_5780();
-    let t = binding_at(&mut s, Transport::Tcp, PRIMARY, change(attr::CHANGE_IP));
-    assert_eq!(error_code(&t.data), Some(400));
-    assert_eq!(t.client.local, addr(PRIMARY));
+    // DTLS too: an answer from another address or port has no association to travel in.
+    for transport in [Transport::Tcp, Transport::Dtls] {
+        let mut s = with_5780();
+        let t = binding_at(&mut s, transport, PRIMARY, change(attr::CHANGE_IP));
+        assert_eq!(error_code(&t.data), Some(400), "{transport}");
+        assert_eq!(t.client.local, addr(PRIMARY));
+    }
 }
 
 #[test]
 fn response_port_over_tcp_gets_400() {
-    let mut s = with_5780();
-    let t = binding_at(&mut s, Transport::Tcp, PRIMARY, |b| {
-        b.add_response_port(5555).unwrap()
-    });
-    assert_eq!(error_code(&t.data), Some(400));
-    assert_eq!(t.client.remote, addr(CLIENT));
+    for transport in [Transport::Tcp, Transport::Dtls] {
+        let mut s = with_5780();
+        let t = binding_at(&mut s, transport, PRIMARY, |b| {
+            b.add_response_port(5555).unwrap()
+        });
+        assert_eq!(error_code(&t.data), Some(400), "{transport}");
+        assert_eq!(t.client.remote, addr(CLIENT));
+    }
 }
 
 #[test]

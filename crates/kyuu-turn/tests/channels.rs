@@ -137,6 +137,21 @@ fn channel_data_to_a_stream_client_is_padded_to_four_bytes() {
 }
 
 #[test]
+fn channel_data_to_a_dtls_client_is_not_padded() {
+    // DTLS carries datagrams (RFC 7350): one ChannelData per record, padding only on streams.
+    let mut p = Pair::with(
+        cfg(),
+        kyuu_client::turn::Client::new("alice", "secret", false),
+        kyuu_turn::Transport::Dtls,
+    );
+    p.allocate();
+    p.bind_channel(0x4000, peer());
+    let out = p.peer_sends(peer(), b"abcde").unwrap();
+    assert_eq!(out.len(), 9);
+    assert_eq!(&out[..4], &[0x40, 0, 0, 5]);
+}
+
+#[test]
 fn an_expired_channel_relays_nothing() {
     let mut c = cfg();
     c.default_lifetime = 3600;

@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the server: STUN/TURN over UDP, TCP and TLS, plus signaling, ICE provisioning,
+    /// Run the server: STUN/TURN over UDP, TCP and TLS (DTLS with --dtls), plus signaling, ICE provisioning,
     /// metrics and health over HTTP.
     Serve(Box<ServeArgs>),
     /// Find out what NAT sits between this host and a STUN server (RFC 5780 tests).
@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// TURN over TLS address (repeatable; replaces listen.tls). "off" disables TLS.
     #[arg(long, value_name = "ADDR|off")]
     pub tls: Vec<String>,
+
+    /// TURN over DTLS address, UDP (RFC 7350; repeatable; replaces listen.dtls; off by default).
+    /// An IP alone means port 5349. Uses the TLS certificate.
+    #[arg(long, value_name = "ADDR|off")]
+    pub dtls: Vec<String>,
 
     /// HTTP address for signaling, /v1/ice-servers, /metrics and /healthz (http.listen).
     /// "off" disables HTTP.

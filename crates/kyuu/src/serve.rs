@@ -181,6 +181,19 @@ fn apply_flags(c: &mut Config, a: &ServeArgs) -> Result<(), kyuu_server::config:
             c.listen.tls.push(addr);
         }
     }
+    if !a.dtls.is_empty() {
+        c.listen.dtls.clear();
+        for t in &a.dtls {
+            if t == "off" {
+                continue;
+            }
+            let addr = t
+                .parse::<SocketAddr>()
+                .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 5349)))
+                .map_err(|_| Invalid(format!("--dtls: {t:?} is not IP, IP:PORT or off")))?;
+            c.listen.dtls.push(addr);
+        }
+    }
     if let Some(h) = &a.http {
         if h == "off" {
             c.http.enabled = false;

@@ -633,3 +633,43 @@ fn serve_https_prints_wss_and_answers() {
         text(&o.stdout)
     );
 }
+
+/// `--dtls` sets `listen.dtls` (RFC 7350's port 5349 for a lone IP); DTLS is off by default; a
+/// DTLS address on a UDP listener's port and a bad flag value are refused, naming the key.
+#[test]
+fn dtls_flag_and_validation() {
+    let o = kyuu(&["serve", "--print-config"]);
+    assert!(text(&o.stdout).contains("dtls = []"), "{}", text(&o.stdout));
+    let o = kyuu(&["serve", "--dtls", "127.0.0.1", "--print-config"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("dtls = [\"127.0.0.1:5349\"]"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = kyuu(&["serve", "--dtls", "nonsense", "--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--dtls"), "{}", text(&o.stderr));
+    let p = temp_file(
+        "dtls-clash.toml",
+        "[listen]\nudp = [\"0.0.0.0:3478\"]\ndtls = [\"127.0.0.1:3478\"]\n",
+    );
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("listen.dtls:"),
+        "{}",
+        text(&o.stderr)
+    );
+    let p = temp_file(
+        "dtls-zero.toml",
+        "[listen]\ndtls = [\"0.0.0.0:5349\"]\ndtls_max_associations = 0\n",
+    );
+    let o = kyuu(&["serve", "--config", p.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("listen.dtls_max_associations"),
+        "{}",
+        text(&o.stderr)
+    );
+}

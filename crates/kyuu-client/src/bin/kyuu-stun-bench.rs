@@ -668,6 +668,22 @@ fn real_main(args: &Args) -> io::Result<()> {
             f64::from(k.p50_us) / f64::from(c.p50_us.max(1)),
             f64::from(k.p99_us) / f64::from(c.p99_us.max(1)),
         );
+        let mark = |ok: bool| if ok { "MET" } else { "NOT MET" };
+        println!(
+            "goal: >= 2x coturn's Binding requests/s: {ratio:.2}x, {}",
+            mark(ratio >= 2.0)
+        );
+        match (k.per_cpu_s, c.per_cpu_s) {
+            (Some(kc), Some(cc)) if kc > 0.0 => {
+                // CPU per request is the inverse of requests per CPU-second.
+                let cpu = cc / kc;
+                println!(
+                    "goal: server CPU per request <= 0.5x coturn's: {cpu:.2}x, {}",
+                    mark(cpu <= 0.5)
+                );
+            }
+            _ => println!("goal: server CPU per request <= 0.5x coturn's: n/a (no CPU figures)"),
+        }
     }
     Ok(())
 }

@@ -16,6 +16,18 @@ pub struct ListenConfig {
     pub tcp: Vec<SocketAddr>,
     /// TLS listen addresses (default `0.0.0.0:5349` and `[::]:5349`).
     pub tls: Vec<SocketAddr>,
+    /// DTLS listen addresses: STUN/TURN over DTLS 1.2 on UDP (RFC 7350; its default port is
+    /// 5349, e.g. `["0.0.0.0:5349"]`). Empty (the default): off. Uses the TLS certificate
+    /// (`tls_cert`/`tls_key`, or a self-signed one) and `tls_handshake_timeout_secs`.
+    pub dtls: Vec<SocketAddr>,
+    /// DTLS associations held at once, handshaking or established; further ClientHellos are
+    /// dropped.
+    pub dtls_max_associations: usize,
+    /// DTLS handshakes in progress at once (each past the cookie exchange).
+    pub dtls_max_handshakes: usize,
+    /// A DTLS association that has received nothing for this long and has no allocation is
+    /// closed, seconds.
+    pub dtls_idle_timeout_secs: u64,
     /// PEM certificate chain for TLS. Without `tls_cert`/`tls_key` a self-signed certificate is
     /// generated at start for `tls_names`.
     pub tls_cert: Option<PathBuf>,
@@ -53,6 +65,10 @@ impl Default for ListenConfig {
             udp: vec![SocketAddr::new(v4, 3478), SocketAddr::new(v6, 3478)],
             tcp: vec![SocketAddr::new(v4, 3478), SocketAddr::new(v6, 3478)],
             tls: vec![SocketAddr::new(v4, 5349), SocketAddr::new(v6, 5349)],
+            dtls: Vec::new(),
+            dtls_max_associations: 10_000,
+            dtls_max_handshakes: 1_000,
+            dtls_idle_timeout_secs: 120,
             tls_cert: None,
             tls_key: None,
             tls_names: vec!["localhost".into()],
@@ -71,8 +87,32 @@ impl Default for ListenConfig {
 impl ListenConfig {
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<(), String> {
-        if self.udp.is_empty() && self.tcp.is_empty() && self.tls.is_empty() {
-            return Err("listen: no udp, tcp or tls address".into());
+        if self.udp.is_empty() && self.tcp.is_empty() && self.tls.is_empty() && self.dtls.is_empty()
+        {
+            return Err("listen: no udp, tcp, tls or dtls address".into());
+        }
+        for d in &self.dtls {
+            if let Some(u) = self.udp.iter().find(|u| same_port(**u, *d)) {
+                return Err(format!(
+                    "listen.dtls: {d} overlaps listen.udp {u}; DTLS needs its own UDP port (5349)"
+                ));
+            }
+        }
+        if !self.dtls.is_empty() {
+            if self.dtls_max_associations == 0 {
+                return Err("listen.dtls_max_associations: must be positive".into());
+            }
+            if self.dtls_max_handshakes == 0
+                || self.dtls_max_handshakes > self.dtls_max_associations
+            {
+                return Err(
+                    "listen.dtls_max_handshakes: must be positive and at most dtls_max_associations"
+                        .into(),
+                );
+            }
+            if self.dtls_idle_timeout_secs == 0 {
+                return Err("listen.dtls_idle_timeout_secs: must be positive".into());
+            }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("listen.tls_cert: tls_cert and tls_key go together".into());
@@ -112,6 +152,18 @@ impl ListenConfig {
         Ok(())
     }
 
+    /// The DTLS limits (`dtls_*`, `tls_handshake_timeout_secs`).
+    pub(crate) fn dtls_limits(&self) -> super::dtls::DtlsLimits {
+        super::dtls::DtlsLimits {
+            max_associations: self.dtls_max_associations,
+            max_handshakes: self.dtls_max_handshakes,
+            handshake_timeout: std::time::Duration::from_secs(
+                self.tls_handshake_timeout_secs.max(1),
+            ),
+            idle_timeout: std::time::Duration::from_secs(self.dtls_idle_timeout_secs.max(1)),
+        }
+    }
+
     /// The RFC 5780 alternate port, when an alternate IP is set.
     pub fn alternate_port(&self) -> Option<u16> {
         self.alt_ip?;
@@ -139,6 +191,15 @@ impl ListenConfig {
     }
 }
 
+/// Whether two listeners of one protocol would share a port (same port, and the same IP or a
+/// wildcard of the same family).
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -161,5 +222,34 @@ mod tests {
         assert_eq!(c.alternate_port(), Some(3479));
         let e: Result<ListenConfig, _> = toml::from_str("udpp = []");
         assert!(e.unwrap_err().to_string().contains("udpp"));
+    }
+
+    #[test]
+    fn dtls_validation_names_keys() {
+        let off = ListenConfig::default();
+        assert!(off.dtls.is_empty(), "DTLS is off by default");
+        let on: ListenConfig = toml::from_str("dtls = [\"0.0.0.0:5349\"]").unwrap();
+        on.validate().unwrap();
+        let clash: ListenConfig = toml::from_str("dtls = [\"127.0.0.1:3478\"]").unwrap();
+        assert!(clash.validate().unwrap_err().starts_with("listen.dtls:"));
+        for (key, bad) in [
+            ("listen.dtls_max_associations", "dtls_max_associations = 0"),
+            ("listen.dtls_max_handshakes", "dtls_max_handshakes = 0"),
+            (
+                "listen.dtls_max_handshakes",
+                "dtls_max_associations = 5\ndtls_max_handshakes = 6",
+            ),
+            (
+                "listen.dtls_idle_timeout_secs",
+                "dtls_idle_timeout_secs = 0",
+            ),
+        ] {
+            let c: ListenConfig =
+                toml::from_str(&format!("dtls = [\"0.0.0.0:5349\"]\n{bad}")).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.starts_with(key), "{bad}: {e}");
+        }
+        let e: Result<ListenConfig, _> = toml::from_str("dtls_port = 5349");
+        assert!(e.unwrap_err().to_string().contains("dtls_port"));
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod config;
 mod control;
+pub(crate) mod dtls;
 mod icmp;
 mod shard;
 mod tls;
@@ -128,6 +129,7 @@ pub(crate) struct ShardSockets {
     pub udp: Vec<std::net::UdpSocket>,
     pub tcp: Vec<std::net::TcpListener>,
     pub tls: Vec<std::net::TcpListener>,
+    pub dtls: Vec<std::net::UdpSocket>,
 }
 
 fn new_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
@@ -230,6 +232,7 @@ pub async fn start(
             .iter()
             .chain(listen.tcp.iter())
             .chain(listen.tls.iter())
+            .chain(listen.dtls.iter())
     };
     if turn.relay_ipv4.is_none() {
         turn.relay_ipv4 = all().find_map(|a| match a.ip() {
@@ -310,6 +313,40 @@ pub async fn start(
         tls_final.push(got);
         listeners.push((Transport::Tls, got));
     }
+    let mut dtls_final = Vec::new();
+    let (mut pdtls4, mut pdtls6) = (None, None);
+    for a in &listen.dtls {
+        let g = if a.is_ipv4() {
+            &mut pdtls4
+        } else {
+            &mut pdtls6
+        };
+        let got = resolve(*a, g, Type::DGRAM, Protocol::UDP)?;
+        dtls_final.push(got);
+        listeners.push((Transport::Dtls, got));
+    }
+    let mut dtls_endpoint = if dtls_final.is_empty() {
+        None
+    } else {
+        let mut names = listen.tls_names.clone();
+        names.extend(
+            dtls_final
+                .iter()
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| a.ip().to_string()),
+        );
+        let store = crate::tls::dtls_store(
+            "listen",
+            listen.tls_cert.as_deref(),
+            listen.tls_key.as_deref(),
+            names,
+        )?;
+        Some(dtls::Endpoint::new(
+            store,
+            listen.dtls_limits(),
+            rand::random(),
+        ))
+    };
     let acceptor = if tls_final.is_empty() {
         None
     } else {
@@ -341,6 +378,13 @@ pub async fn start(
             for a in &tls_final {
                 s.tls.push(
                     bind_tcp(*a, true).with_context(|| format!("listen: cannot bind tls {a}"))?,
+                );
+            }
+            // DTLS associations live in the first shard too (one table, one set of limits).
+            for a in &dtls_final {
+                s.dtls.push(
+                    bind_udp(*a, true, listen.socket_buffer)
+                        .with_context(|| format!("listen: cannot bind dtls {a}"))?,
                 );
             }
         }
@@ -379,6 +423,7 @@ pub async fn start(
         let io = shard::ShardIo {
             control: ctl_rx,
             proxy: proxy_rules.clone(),
+            dtls: if i == 0 { dtls_endpoint.take() } else { None },
         };
         control.push(ctl_tx);
         let h = std::thread::Builder::new()

@@ -72,6 +72,8 @@ struct Listener {
 pub(crate) struct ShardIo {
     pub control: mpsc::UnboundedReceiver<ShardCmd>,
     pub proxy: proxy::Rules,
+    /// The DTLS association table (first shard only, with `ShardSockets::dtls`).
+    pub dtls: Option<super::dtls::Endpoint>,
 }
 
 /// Real clients behind UDP balancers remembered at once (a flood only forgets old entries).
@@ -93,6 +95,9 @@ enum StreamCmd {
 struct State {
     core: Server,
     udp: Vec<Listener>,
+    /// DTLS listeners (RFC 7350) and their associations.
+    dtls_socks: Vec<Listener>,
+    dtls: Option<super::dtls::Endpoint>,
     relays: FxHashMap<RelayKey, Relay>,
     /// PROXY protocol over UDP: the balancer address each real client came through (answers go
     /// back through it).
@@ -224,6 +229,7 @@ pub(crate) fn run(
     let ShardIo {
         mut control,
         proxy: proxy_rules,
+        dtls,
     } = io;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,7 +247,18 @@ pub(crate) fn run(
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut tls = Vec::new();
+        let mut dtls_socks = Vec::new();
         let setup = (|| -> anyhow::Result<()> {
+            for s in sockets.dtls {
+                let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+                let addr = s.local_addr()?;
+                dtls_socks.push(Listener {
+                    addr,
+                    sock: Rc::new(register(s)?),
+                    state: Rc::new(state),
+                    proxy: None,
+                });
+            }
             for s in sockets.udp {
                 let state = UdpSocketState::new(UdpSockRef::from(&s))?;
                 let addr = s.local_addr()?;
@@ -268,6 +285,8 @@ pub(crate) fn run(
         let sh: Sh = Rc::new(RefCell::new(State {
             core,
             udp: Vec::new(),
+            dtls_socks: Vec::new(),
+            dtls,
             relays: FxHashMap::default(),
             udp_via: HashMap::new(),
             streams: HashMap::new(),
@@ -301,6 +320,21 @@ pub(crate) fn run(
             ))));
         }
         sh.borrow_mut().udp = udp;
+        for (i, l) in dtls_socks.iter().enumerate() {
+            tasks.push(AbortOnDrop(tokio::task::spawn_local(dtls_udp_loop(
+                sh.clone(),
+                arena.clone(),
+                i,
+                l.sock.clone(),
+                l.state.clone(),
+            ))));
+        }
+        if !dtls_socks.is_empty() {
+            tasks.push(AbortOnDrop(tokio::task::spawn_local(dtls_sweep_loop(
+                sh.clone(),
+            ))));
+        }
+        sh.borrow_mut().dtls_socks = dtls_socks;
         let trust = |t: &str, l: &TcpListener| -> Option<Rc<[IpNet]>> {
             l.local_addr()
                 .ok()
@@ -423,6 +457,16 @@ impl State {
                 };
                 self.queue_udp(&sock, &state, to, src_ip, data);
             }
+            Transport::Dtls => {
+                let sent = self
+                    .dtls
+                    .as_mut()
+                    .and_then(|ep| ep.write(client.local, client.remote, data));
+                match sent {
+                    Some(datagrams) => self.send_dtls(client.local, client.remote, &datagrams),
+                    None => self.dropped_sends += 1,
+                }
+            }
             Transport::Tcp | Transport::Tls => {
                 let sent = self
                     .streams
@@ -432,6 +476,37 @@ impl State {
                     self.dropped_sends += 1;
                 }
             }
+        }
+    }
+
+    /// Sends DTLS datagrams to a client from the DTLS listener it wrote to.
+    fn send_dtls(&mut self, local: SocketAddr, remote: SocketAddr, datagrams: &[Vec<u8>]) {
+        let Some(l) = find_listener(&self.dtls_socks, local) else {
+            self.dropped_sends += datagrams.len() as u64;
+            return;
+        };
+        let src_ip = l.addr.ip().is_unspecified().then(|| local.ip());
+        let (sock, state) = (l.sock.clone(), l.state.clone());
+        for d in datagrams {
+            self.queue_udp(&sock, &state, remote, src_ip, d);
+        }
+    }
+
+    /// One datagram on a DTLS listener: handshake progress, or records for the core.
+    fn dtls_datagram(&mut self, now: Instant, client: ClientSocket, data: &[u8]) {
+        let mut input = super::dtls::DtlsInput::default();
+        let Some(ep) = self.dtls.as_mut() else {
+            return;
+        };
+        ep.handle(now, client.local, client.remote, data, &mut input);
+        self.send_dtls(client.local, client.remote, &input.send);
+        for rec in &input.records {
+            if let Some(tp) = self.core.handle_client(now, client, rec) {
+                self.send_peer(&tp, rec);
+            }
+        }
+        if input.closed {
+            self.core.client_closed(now, client);
         }
     }
 
@@ -602,6 +677,16 @@ impl State {
                 } => self.bind_relay(sh, key, addr, proto, dont_fragment),
                 Output::CloseRelay { key } => {
                     self.relays.remove(&key);
+                }
+                Output::CloseClient { client } if client.transport == Transport::Dtls => {
+                    let closed = self
+                        .dtls
+                        .as_mut()
+                        .and_then(|ep| ep.close(client.local, client.remote));
+                    if let Some(c) = closed {
+                        self.send_dtls(c.local, c.remote, &c.send);
+                        self.core.client_closed(Instant::now(), client);
+                    }
                 }
                 Output::CloseClient { client } => {
                     if let Some(tx) = self.streams.get(&(client.local, client.remote)) {
@@ -851,6 +936,112 @@ fn relay_errors(sh: &Sh, key: RelayKey, sock: &UdpSocket) -> bool {
     emptied
 }
 
+/// The listener of `list` that answers for `local` (itself, or a wildcard on its port).
+fn find_listener(list: &[Listener], local: SocketAddr) -> Option<&Listener> {
+    list.iter().find(|l| {
+        l.addr == local
+            || (l.addr.ip().is_unspecified()
+                && l.addr.port() == local.port()
+                && l.addr.is_ipv4() == local.is_ipv4())
+    })
+}
+
+/// A DTLS listener (RFC 7350): datagrams go through the association table, whose decrypted
+/// records reach the core like UDP datagrams from a `Transport::Dtls` client.
+async fn dtls_udp_loop(
+    sh: Sh,
+    arena: Rc<RefCell<Arena>>,
+    index: usize,
+    sock: Rc<UdpSocket>,
+    state: Rc<UdpSocketState>,
+) {
+    let Some(listen_addr) = sh.borrow().dtls_socks.get(index).map(|l| l.addr) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = sock.readable().await else {
+            return;
+        };
+        let mut exhausted = true;
+        for _ in 0..READ_BUDGET {
+            let mut ar = arena.borrow_mut();
+            let n = match ar.recv(&state, &sock, 0, BATCH) {
+                Ok(n) => n,
+                Err(e) if is_would_block(&e) => {
+                    guard.clear_ready();
+                    exhausted = false;
+                    break;
+                }
+                Err(_) => continue,
+            };
+            let now = Instant::now();
+            let mut st = sh.borrow_mut();
+            let Arena { bufs, metas, .. } = &mut *ar;
+            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                let client = ClientSocket {
+                    transport: Transport::Dtls,
+                    local: local_addr(listen_addr, meta.dst_ip),
+                    remote: meta.addr,
+                };
+                let data = buf.get(..meta.len).unwrap_or(&[]);
+                for seg in data.chunks(meta.stride.max(1)) {
+                    st.dtls_datagram(now, client, seg);
+                }
+            }
+            st.drain(&sh);
+            if n < BATCH {
+                guard.clear_ready();
+                exhausted = false;
+                break;
+            }
+        }
+        drop(guard);
+        if exhausted {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Once a second: drops DTLS handshakes past their deadline and idle associations without an
+/// allocation, and publishes the association gauges.
+async fn dtls_sweep_loop(sh: Sh) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut st = sh.borrow_mut();
+        let st = &mut *st;
+        let Some(ep) = st.dtls.as_mut() else {
+            return;
+        };
+        let core = &st.core;
+        let swept = ep.sweep(now, |local, remote| {
+            core.has_allocation(&ClientSocket {
+                transport: Transport::Dtls,
+                local,
+                remote,
+            })
+        });
+        metrics::gauge!("kyuu_relay_dtls_associations").set(ep.len() as f64);
+        metrics::gauge!("kyuu_relay_dtls_handshakes").set(ep.handshakes() as f64);
+        for c in swept {
+            st.send_dtls(c.local, c.remote, &c.send);
+            if c.established {
+                st.core.client_closed(
+                    now,
+                    ClientSocket {
+                        transport: Transport::Dtls,
+                        local: c.local,
+                        remote: c.remote,
+                    },
+                );
+            }
+        }
+        st.drain(&sh);
+    }
+}
+
 async fn relay_udp_loop(
     sh: Sh,
     arena: Rc<RefCell<Arena>>,
@@ -1055,7 +1246,7 @@ async fn accept_loop(
 fn stream_listener(t: Transport) -> &'static str {
     match t {
         Transport::Tls => "stun_tls",
-        Transport::Tcp | Transport::Udp => "stun_tcp",
+        Transport::Tcp | Transport::Udp | Transport::Dtls => "stun_tcp",
     }
 }
 

@@ -1,8 +1,9 @@
 //! Benchmark for kyuu-signal, and a standalone server for tests.
 //!
 //! ```text
-//! kyuu-signal-bench                      # both benchmarks with defaults
-//! kyuu-signal-bench relay  [clients] [seconds]
+//! kyuu-signal-bench                      # compare + memory with defaults
+//! kyuu-signal-bench compare [clients] [seconds]  # kyuu against libdatachannel-style peers
+//! kyuu-signal-bench relay  [clients] [seconds]   # kyuu alone
 //! kyuu-signal-bench memory [connections]
 //! kyuu-signal-bench serve  [listen-addr] # prints "LISTENING <addr>", serves until killed
 //! ```
@@ -36,12 +37,13 @@ fn main() -> anyhow::Result<()> {
             serve(&listen)
         }
         "relay" => run_client(|| relay_phases(num(1, 1000) as usize, num(2, 10))),
+        "compare" => run_client(|| compare(num(1, 1000) as usize, num(2, 10))),
         "memory" => run_client(|| memory_bench(num(1, 10_000) as usize)),
         "all" => {
-            run_client(|| relay_phases(1000, 10))?;
+            run_client(|| compare(1000, 10))?;
             run_client(|| memory_bench(10_000))
         }
-        other => bail!("unknown mode {other:?}; use relay, memory, serve or all"),
+        other => bail!("unknown mode {other:?}; use compare, relay, memory, serve or all"),
     }
 }
 
@@ -108,22 +110,42 @@ struct Server {
 }
 
 impl Server {
-    fn spawn() -> anyhow::Result<Server> {
+    /// kyuu's signaling server: this binary re-executed with `serve` and `threads` runtime
+    /// worker threads.
+    fn spawn_threads(threads: usize) -> anyhow::Result<Server> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .arg("serve")
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
+            .env("KYUU_BENCH_SERVER_THREADS", threads.to_string());
+        Server::spawn_cmd(cmd)
+    }
+
+    fn spawn() -> anyhow::Result<Server> {
+        Server::spawn_threads(1)
+    }
+
+    /// Any server that prints `LISTENING <addr>` as its first stdout line.
+    fn spawn_cmd(mut cmd: Command) -> anyhow::Result<Server> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
         let out = child.stdout.take().context("no stdout")?;
         let mut line = String::new();
-        BufReader::new(out).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .context("server did not start")?
-            .parse()?;
-        Ok(Server { child, addr })
+        let read = BufReader::new(out).read_line(&mut line);
+        let addr = read.ok().and_then(|_| {
+            line.trim()
+                .strip_prefix("LISTENING ")
+                .and_then(|a| a.parse().ok())
+        });
+        match addr {
+            Some(addr) => Ok(Server { child, addr }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("server did not start (first line {line:?})")
+            }
+        }
     }
 
     fn rss_kib(&self) -> anyhow::Result<u64> {
@@ -157,31 +179,99 @@ where
     rt.block_on(f())
 }
 
-/// Latency at a moderate load, then throughput at saturation.
+/// Latency at a moderate load, then throughput at saturation (kyuu alone).
 async fn relay_phases(clients: usize, seconds: u64) -> anyhow::Result<()> {
-    // 1,000 clients x 10 msg/s: a busy signaling server, far from saturation.
-    relay_bench(clients, seconds, 100).await?;
-    // 1,000 clients x 100 msg/s offered: more than 2 shared cores can relay; measures the cap.
-    relay_bench(clients, seconds, 10).await
+    for interval_ms in [100, 10] {
+        let server = Server::spawn()?;
+        let r = relay_load(&server, clients, seconds, interval_ms).await?;
+        println!("relay: {}", r.line());
+        println!(
+            "relay: server RSS with {clients} clients connected: {} KiB",
+            r.rss_connected_kib
+        );
+    }
+    Ok(())
 }
 
-/// N clients in pairs; every client sends to its partner every `interval_ms`: throughput is
-/// messages delivered per second, latency is send→receive (client and server on one host).
-async fn relay_bench(clients: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<()> {
-    let server = Server::spawn()?;
+/// What one load run measured.
+struct LoadResult {
+    offered: u64,
+    delivered: u64,
+    elapsed: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    server_cpu_s: f64,
+    rss_connected_kib: u64,
+}
+
+impl LoadResult {
+    fn rate(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.max(1e-9)
+    }
+    /// Messages relayed per second of server CPU (user + system).
+    fn per_cpu_s(&self) -> f64 {
+        self.delivered as f64 / self.server_cpu_s.max(1e-9)
+    }
+    fn line(&self) -> String {
+        format!(
+            "{} msg/s offered: {:.0} msg/s relayed, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
+             {:.0} msg per server CPU-second",
+            self.offered,
+            self.rate(),
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.per_cpu_s()
+        )
+    }
+}
+
+/// Server CPU time (user + system) in seconds, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime field 15.
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(f.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// N clients in pairs; every client sends to its partner every `interval_ms`, each client's
+/// first send offset by `i * interval / N` so the offered load is steady (clients that tick in
+/// the same instant measure the generator's bursts, not the server). Throughput is messages
+/// delivered per second, latency is send→receive (client and server on one host).
+async fn relay_load(
+    server: &Server,
+    clients: usize,
+    seconds: u64,
+    interval_ms: u64,
+) -> anyhow::Result<LoadResult> {
     let addr = server.addr;
     let clients = clients.max(2) & !1;
-    println!(
-        "relay: {clients} clients on {addr}, {seconds} s, each sending every {interval_ms} ms \
-         ({} msg/s offered), messages of ~150 bytes",
-        clients as u64 * 1000 / interval_ms.max(1)
-    );
+    let interval = Duration::from_millis(interval_ms.max(1));
     let mut sockets = Vec::with_capacity(clients);
     for i in 0..clients {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/c{i}")).await?;
+        // tungstenite zero-fills its whole read buffer before every read (128 KiB by
+        // default): that memset was a quarter of the generator's CPU. Small messages need 4 KiB.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096);
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(
+            format!("ws://{addr}/c{i}"),
+            Some(config),
+            false,
+        )
+        .await?;
         sockets.push(ws);
     }
-    let rss_connected = server.rss_kib()?;
+    // Let every server finish registering before the first send (the peers register
+    // asynchronously after the handshake).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_connected_kib = server.rss_kib()?;
+    let cpu0 = cpu_seconds(server.child.id())?;
     let delivered = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
@@ -190,11 +280,11 @@ async fn relay_bench(clients: usize, seconds: u64, interval_ms: u64) -> anyhow::
     for (i, ws) in sockets.into_iter().enumerate() {
         let partner = i ^ 1;
         let delivered = delivered.clone();
+        let phase = interval.mul_f64(i as f64 / clients as f64);
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = ws.split();
             let sender = async move {
-                // A steady rate per client rather than bursts.
-                let mut tick = tokio::time::interval(Duration::from_millis(interval_ms.max(1)));
+                let mut tick = tokio::time::interval_at((start + phase).into(), interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 while Instant::now() < deadline {
                     tick.tick().await;
@@ -232,6 +322,7 @@ async fn relay_bench(clients: usize, seconds: u64, interval_ms: u64) -> anyhow::
     for t in tasks {
         all.extend(t.await?);
     }
+    let server_cpu_s = cpu_seconds(server.child.id())? - cpu0;
     let elapsed = start
         .elapsed()
         .min(Duration::from_secs(seconds))
@@ -244,17 +335,223 @@ async fn relay_bench(clients: usize, seconds: u64, interval_ms: u64) -> anyhow::
         let i = ((all.len() as f64 - 1.0) * p).round() as usize;
         all.get(i).copied().unwrap_or(0) as f64 / 1000.0
     };
-    let n = delivered.load(Ordering::Relaxed);
+    Ok(LoadResult {
+        offered: clients as u64 * 1000 / interval_ms.max(1),
+        delivered: delivered.load(Ordering::Relaxed),
+        elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        server_cpu_s,
+        rss_connected_kib,
+    })
+}
+
+/// A signaling server of libdatachannel's example wire format (`/<id>` path, JSON with `"id"`
+/// rewritten from destination to source) written in Python with the `websockets` package, the
+/// way libdatachannel's `examples/signaling-server-python` is, minus its per-message prints
+/// (they would only slow it down).
+const PEER_PY: &str = r#"import asyncio, json, sys
+import websockets
+
+clients = {}
+
+async def handler(ws, path=None):
+    if path is None:
+        path = ws.request.path
+    cid = path.split('/')[1]
+    clients[cid] = ws
+    try:
+        async for data in ws:
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                continue
+            dest = clients.get(msg.get('id'))
+            if dest is not None:
+                msg['id'] = cid
+                try:
+                    await dest.send(json.dumps(msg))
+                except websockets.ConnectionClosed:
+                    pass
+    except websockets.ConnectionClosed:
+        pass
+    finally:
+        if clients.get(cid) is ws:
+            del clients[cid]
+
+async def main():
+    async with websockets.serve(handler, '127.0.0.1', 0, max_queue=None) as srv:
+        port = list(srv.sockets)[0].getsockname()[1]
+        print(f'LISTENING 127.0.0.1:{port}', flush=True)
+        await asyncio.Future()
+
+asyncio.run(main())
+"#;
+
+/// The same server in Node.js with the `ws` package (libdatachannel's
+/// `examples/signaling-server-nodejs` is a Node.js server of this format).
+const PEER_JS: &str = r#"const { WebSocketServer } = require('ws');
+const clients = new Map();
+const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+wss.on('listening', () => console.log(`LISTENING 127.0.0.1:${wss.address().port}`));
+wss.on('connection', (ws, req) => {
+  const id = req.url.split('/')[1];
+  clients.set(id, ws);
+  ws.on('message', (data) => {
+    let msg;
+    try { msg = JSON.parse(data); } catch (e) { return; }
+    const dest = clients.get(msg.id);
+    if (dest) { msg.id = id; dest.send(JSON.stringify(msg)); }
+  });
+  ws.on('close', () => { if (clients.get(id) === ws) clients.delete(id); });
+});
+"#;
+
+/// Installs (once) and starts a peer server; `None` with the reason printed when the
+/// package manager or interpreter is missing.
+fn spawn_peer(kind: &str) -> Option<Server> {
+    let run = || -> anyhow::Result<Server> {
+        let exe = std::env::current_exe()?;
+        let base = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .context("no target dir")?
+            .join("bench-peers")
+            .join(kind);
+        std::fs::create_dir_all(&base)?;
+        let quiet = |c: &mut Command| -> anyhow::Result<()> {
+            let out = c.output()?;
+            if !out.status.success() {
+                bail!("{:?}: {}", c, String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        match kind {
+            "python" => {
+                let lib = base.join("lib");
+                if !lib.join("websockets").exists() {
+                    quiet(
+                        Command::new("python3")
+                            .args(["-m", "pip", "install", "--quiet", "--target"])
+                            .arg(&lib)
+                            .arg("websockets"),
+                    )?;
+                }
+                let script = base.join("server.py");
+                std::fs::write(&script, PEER_PY)?;
+                let mut cmd = Command::new("python3");
+                cmd.arg(&script).env("PYTHONPATH", &lib);
+                Server::spawn_cmd(cmd)
+            }
+            _ => {
+                if !base.join("node_modules").join("ws").exists() {
+                    quiet(
+                        Command::new("npm")
+                            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                            .arg(&base)
+                            .arg("ws"),
+                    )?;
+                }
+                let script = base.join("server.js");
+                std::fs::write(&script, PEER_JS)?;
+                let mut cmd = Command::new("node");
+                cmd.arg(&script);
+                Server::spawn_cmd(cmd)
+            }
+        }
+    };
+    match run() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            println!("compare: peer {kind} unavailable: {e:#}");
+            None
+        }
+    }
+}
+
+/// kyuu against single-threaded peers of the same wire format, measured in this run under the
+/// same load: a moderate load (`clients` x 10 msg/s) for latency, a saturating one
+/// (`clients` x 100 msg/s) for throughput. The peers are one thread each; kyuu runs with one
+/// runtime thread (per core) and with two.
+async fn compare(clients: usize, seconds: u64) -> anyhow::Result<()> {
     println!(
-        "relay: {n} messages relayed in {elapsed:.1} s = {:.0} msg/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        n as f64 / elapsed,
-        pct(0.50),
-        pct(0.99),
-        pct(1.0)
+        "compare: {clients} clients in pairs on 127.0.0.1, {seconds} s per run, ~150-byte \
+         candidate messages, sends spread evenly over each interval; load generator: this \
+         process, one runtime thread; {} cores on this host",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let mut rows: Vec<(String, u64, LoadResult)> = Vec::new();
+    for interval_ms in [100u64, 10] {
+        let kinds: [(&str, Option<usize>); 4] = [
+            ("kyuu (1 thread)", Some(1)),
+            ("kyuu (2 threads)", Some(2)),
+            ("node ws", None),
+            ("python websockets", None),
+        ];
+        for (name, threads) in kinds {
+            let server = match threads {
+                Some(t) => Server::spawn_threads(t)?,
+                None => {
+                    let kind = if name.starts_with("node") {
+                        "node"
+                    } else {
+                        "python"
+                    };
+                    match spawn_peer(kind) {
+                        Some(s) => s,
+                        None => continue,
+                    }
+                }
+            };
+            let r = relay_load(&server, clients, seconds, interval_ms).await?;
+            println!("compare: {name:<18} {}", r.line());
+            rows.push((name.to_owned(), interval_ms, r));
+            drop(server);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    println!();
+    println!("| server | offered msg/s | relayed msg/s | p50 ms | p99 ms | msg per CPU-s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, _, r) in &rows {
+        println!(
+            "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.0} |",
+            r.offered,
+            r.rate(),
+            r.p50_ms,
+            r.p99_ms,
+            r.per_cpu_s()
+        );
+    }
+    let find = |name: &str, iv: u64| rows.iter().find(|(n, i, _)| n == name && *i == iv);
+    println!();
+    for kyuu in ["kyuu (1 thread)", "kyuu (2 threads)"] {
+        for peer in ["node ws", "python websockets"] {
+            if let (Some((_, _, k)), Some((_, _, p))) = (find(kyuu, 10), find(peer, 10)) {
+                let ratio = k.rate() / p.rate().max(1e-9);
+                println!(
+                    "goal: {kyuu} relays >= 3x {peer}'s msg/s at {} msg/s offered: {ratio:.2}x, {}; \
+                     msg per CPU-second {:.2}x",
+                    k.offered,
+                    if ratio >= 3.0 { "MET" } else { "NOT MET" },
+                    k.per_cpu_s() / p.per_cpu_s().max(1e-9)
+                );
+            }
+        }
+        if let Some((_, _, k)) = find(kyuu, 100) {
+            println!(
+                "goal: {kyuu} p99 < 10 ms at {} msg/s offered with {clients} clients: p99 {:.2} ms, {}",
+                k.offered,
+                k.p99_ms,
+                if k.p99_ms < 10.0 { "MET" } else { "NOT MET" }
+            );
+        }
+    }
     println!(
-        "relay: server RSS with {clients} clients connected: {} KiB",
-        rss_connected
+        "note: `kyuu serve` runs one runtime worker per core (the 2-thread row on this host); \
+         the peers are single-threaded by design. A server that relays all it is offered is not \
+         saturated: compare msg per CPU-second then."
     );
     Ok(())
 }
@@ -328,5 +625,6 @@ async fn handshake(addr: SocketAddr, i: usize, id: &str) -> anyhow::Result<tokio
 /// The `"t"` member the sender put last, without a full JSON parse (keeps the client cheap).
 fn sent_at(text: &str) -> Option<u64> {
     let (_, rest) = text.rsplit_once(r#""t":"#)?;
-    rest.trim_end_matches('}').parse().ok()
+    // Python's json.dumps writes `"t": 123` (a space after the colon).
+    rest.trim_end_matches('}').trim().parse().ok()
 }

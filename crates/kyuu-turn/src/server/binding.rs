@@ -24,7 +24,7 @@ use kyuu_stun::{attr, method, Class, ErrorCode, Message};
 
 use crate::server::metrics::Dropped;
 use crate::server::Server;
-use crate::types::ClientSocket;
+use crate::types::{ClientSocket, Transport};
 
 /// RFC 5780 addresses: with both an alternate IP and an alternate port the server answers
 /// CHANGE-REQUEST and includes OTHER-ADDRESS and RESPONSE-ORIGIN.
@@ -123,8 +123,9 @@ impl Server {
                 return;
             }
         };
-        // CHANGE-REQUEST and RESPONSE-PORT only make sense over UDP (RFC 5780 §7.2, §7.5).
-        if client.transport.is_stream()
+        // CHANGE-REQUEST and RESPONSE-PORT only make sense over plain UDP (RFC 5780 §7.2, §7.5;
+        // over DTLS an answer from another address or port has no association to travel in).
+        if client.transport != Transport::Udp
             && (change & (attr::CHANGE_IP | attr::CHANGE_PORT) != 0 || response_port.is_some())
         {
             self.error(client, msg, ErrorCode::BAD_REQUEST, None);
@@ -213,7 +214,7 @@ impl Server {
                 .map(|n| (n, client))
             }
             Ok(change)
-                if client.transport.is_stream()
+                if client.transport != Transport::Udp
                     && change & (attr::CHANGE_IP | attr::CHANGE_PORT) != 0 =>
             {
                 kyuu_stun::build_classic_error(&mut buf, tid, ErrorCode::BAD_REQUEST.code(), &[])
