@@ -71,7 +71,8 @@ fn valid(sel: u8, a: u8, b: u8, session: u8) -> Vec<u8> {
     let c = ConnectReq {
         session: vec![session; 16],
         mac: Mac([2, 0, 0, 0, 0, a]),
-        target: Mac([2, 0, 0, 0, 0, b]),
+        // Wildcard Connects (no TARGET-MAC) too.
+        target: (b & 4 == 0).then_some(Mac([2, 0, 0, 0, 0, b])),
         root: addr(9),
         hops: a % 8,
         path: vec!["x".into()],
@@ -98,7 +99,11 @@ fn valid(sel: u8, a: u8, b: u8, session: u8) -> Vec<u8> {
         1 => wire::encode_connect(t, &c, Some(&auth)),
         2 => wire::encode_exchange(t, &c.session, c.mac, &[addr(3), addr(b)]),
         3 => wire::encode_register(t, c.mac, Some(u32::from(b))),
-        4 => wire::encode_cancel(t, &c.session, c.mac, c.target, Some(&auth)),
+        // Cancels with and without the relay a pairing below handed out.
+        4 => {
+            let r = (a & 1 == 0).then_some(&relay);
+            wire::encode_cancel(t, &c.session, c.mac, c.target, r, Some(&auth))
+        }
         5 => wire::encode_error(wire::method::CONNECT, t, 482, "x", &[], Some(&auth)),
         6 => wire::encode_connect_answer(t, &relay, Some(&auth)),
         7 => wire::encode_pending(wire::method::CONNECT, t),

@@ -24,6 +24,8 @@ use kyuu_server::rawr::runtime::{run_peer, spawn_node_on, NodeHandle, PeerEnv};
 use kyuu_server::rawr::sys::HostNet;
 
 pub const RAWR_PORT: u16 = 3479;
+/// `kyuu serve` nodes serve `/metrics` here (inside their namespace).
+pub const METRICS_PORT: u16 = 9100;
 pub const TURN_PORT: u16 = 3478;
 const SECRET: &str = "lab-turn-secret";
 
@@ -58,6 +60,10 @@ pub struct LabSpec {
     pub loop_a: bool,
     /// Put peer B on A's LAN (pb2, 198.19.1.11) instead of behind home B.
     pub same_lan: bool,
+    /// `rawr.pair_in_process` on kyuu serve nodes (default true).
+    pub pair_in_process: bool,
+    /// `rawr.limits.session_max_bytes` on the ISP node (0: unlimited).
+    pub isp_session_max_bytes: u64,
 }
 
 impl Default for LabSpec {
@@ -72,6 +78,8 @@ impl Default for LabSpec {
             chain_a: false,
             loop_a: false,
             same_lan: false,
+            pair_in_process: true,
+            isp_session_max_bytes: 0,
         }
     }
 }
@@ -312,8 +320,9 @@ impl RawrLab {
                 children.push("d2");
             }
             let ns = rl.isp.node().clone();
-            rl.start_node(ns, node_cfg("isp", ISP_IP, None, &children))
-                .await?;
+            let mut cfg = node_cfg("isp", ISP_IP, None, &children);
+            cfg.limits.session_max_bytes = spec.isp_session_max_bytes;
+            rl.start_node(ns, cfg).await?;
         }
         let isp_gw = spec.isp_node.then_some(ISP_IP);
         if spec.chain_a || spec.loop_a {
@@ -422,6 +431,8 @@ impl RawrLab {
                 ("udp", strs(&[&format!("0.0.0.0:{TURN_PORT}")])),
                 ("tcp", strs(&[])),
                 ("tls", strs(&[])),
+                // One shard: in-process pairing links allocations of one shard only.
+                ("threads", toml::Value::Integer(1)),
             ]),
         );
         t.insert(
@@ -435,7 +446,14 @@ impl RawrLab {
         );
         t.insert(
             "http".into(),
-            table(vec![("enabled", toml::Value::Boolean(false))]),
+            table(vec![
+                ("enabled", toml::Value::Boolean(true)),
+                (
+                    "listen",
+                    toml::Value::String(format!("0.0.0.0:{METRICS_PORT}")),
+                ),
+                ("metrics", toml::Value::Boolean(true)),
+            ]),
         );
         t.insert("rawr".into(), rawr);
         let text = toml::to_string(&t).map_err(|e| RawrLabError::Other(e.to_string()))?;
@@ -450,6 +468,7 @@ impl RawrLab {
     }
 
     async fn start_node(&mut self, ns: LabNode, mut cfg: RawrConfig) -> Result<(), RawrLabError> {
+        cfg.pair_in_process = self.spec.pair_in_process;
         if let LabServer::Kyuu(bin) = self.spec.server.clone() {
             let child = self.spawn_kyuu(&bin, &ns, &cfg)?;
             self.nodes.insert(
@@ -517,6 +536,48 @@ impl RawrLab {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.start_node(n.ns, n.cfg).await
+    }
+
+    /// The process id of a `kyuu serve` node.
+    pub fn node_pid(&self, name: &str) -> Option<u32> {
+        match &self.nodes.get(name)?.run {
+            NodeRun::Process(c) => Some(c.pid()),
+            NodeRun::Task(_) => None,
+        }
+    }
+
+    /// The sum of a Prometheus counter over its label sets, read from a `kyuu serve` node's
+    /// `/metrics` (from inside its namespace). 0 when the series does not exist yet.
+    pub fn node_metric(&self, name: &str, metric: &str) -> Result<f64, RawrLabError> {
+        let n = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| RawrLabError::Other(format!("no node {name}")))?;
+        let ip = n
+            .cfg
+            .self_addrs
+            .first()
+            .map(|a| a.ip())
+            .ok_or_else(|| RawrLabError::Other("node without an address".into()))?;
+        let mut cmd = n.ns.command("curl");
+        cmd.args(["-sf", "--max-time", "2"])
+            .arg(format!("http://{ip}:{METRICS_PORT}/metrics"));
+        let out = n.ns.run(cmd, Duration::from_secs(3))?;
+        if !out.status.success() {
+            return Err(RawrLabError::Other(format!(
+                "/metrics of {name}: {}",
+                out.status
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     pub async fn stats(&self, name: &str) -> Option<kyuu_rawr::node::Stats> {
@@ -695,6 +756,21 @@ pub struct LabPeer {
     pub ns: LabNode,
 }
 
+/// Runs the peer algorithm inside `ns` with no gateway configured: the gateway is discovered
+/// (`docs/rawr.md` §8.1: the default router probed on the STUN port, then DNS SRV).
+pub async fn lab_peer_discovering(
+    ns: &LabNode,
+    session: &[u8],
+    root: SocketAddr,
+) -> Result<(LabPeer, kyuu_server::rawr::discover::Discovery), RawrLabError> {
+    let host = lab_host(ns);
+    let sock = to_tokio(ns.udp_bind("0.0.0.0:0")?)?;
+    let d = kyuu_server::rawr::discover::discover_gateway(&host, &sock, None).await;
+    drop(sock);
+    let p = lab_peer(ns, session, root, d.gateway).await?;
+    Ok((p, d))
+}
+
 /// Runs the peer algorithm inside `ns` (MAC of the interface toward the gateway or root).
 pub async fn lab_peer(
     ns: &LabNode,
@@ -740,6 +816,17 @@ const ECHO_PORT: u16 = 40_000;
 /// Sends `n` pings from A to B over the chosen route and measures round trips; data flowing is
 /// the proof that the route works.
 pub async fn ping_pong(a: &LabPeer, b: &LabPeer, n: usize) -> Result<Rtt, RawrLabError> {
+    ping_pong_with(a, b, n, true).await
+}
+
+/// [`ping_pong`]; `permit: false` skips CreatePermission for the other side's relayed address
+/// (a paired meeting node installs it itself).
+pub async fn ping_pong_with(
+    a: &LabPeer,
+    b: &LabPeer,
+    n: usize,
+    permit: bool,
+) -> Result<Rtt, RawrLabError> {
     match (&a.outcome.relay, &b.outcome.relay) {
         (None, None) => {
             let sa_ = to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?;
@@ -792,8 +879,10 @@ pub async fn ping_pong(a: &LabPeer, b: &LabPeer, n: usize) -> Result<Rtt, RawrLa
                 &rb.password,
             )
             .await?;
-            xa.permit(xb.relayed.ip()).await?;
-            xb.permit(xa.relayed.ip()).await?;
+            if permit {
+                xa.permit(xb.relayed.ip()).await?;
+                xb.permit(xa.relayed.ip()).await?;
+            }
             let (ra_addr, rb_addr) = (xa.relayed, xb.relayed);
             let echo = tokio::spawn(async move {
                 for _ in 0..10_000 {
@@ -855,6 +944,8 @@ pub struct DemoReport {
     /// STUN round trips from peer A to the root and to the meeting node, in ms.
     pub root_stun_rtt_ms: f64,
     pub meeting_stun_rtt_ms: f64,
+    /// `rawr_setup_ms <= root_stun_rtt_ms + meeting_stun_rtt_ms`.
+    pub setup_budget_met: bool,
     /// UDP datagrams the root received while the RAWR session carried data.
     pub root_datagrams_during_rawr_session: u64,
     pub rounds: usize,
@@ -997,10 +1088,12 @@ pub async fn run_demo(
         } else {
             rawr.as_secs_f64() / root.as_secs_f64()
         },
-        rawr_setup_ms: median(rawr_setup).unwrap_or(0),
+        rawr_setup_ms: median(rawr_setup.clone()).unwrap_or(0),
         root_setup_ms: median(root_setup).unwrap_or(0),
         root_stun_rtt_ms: ms(root_stun),
         meeting_stun_rtt_ms: ms(isp_stun),
+        setup_budget_met: (median(rawr_setup.clone()).unwrap_or(u64::MAX) as f64)
+            <= ms(root_stun) + ms(isp_stun),
         root_datagrams_during_rawr_session: root_dgrams,
         rounds,
     };
@@ -1021,14 +1114,122 @@ impl DemoReport {
         println!("RTT through the root:   {:.1} ms", self.root_rtt_ms);
         println!("ratio:                  {:.3} (goal <= 0.333)", self.ratio);
         println!(
-            "setup (Exchange+Connect): {} ms via RAWR, {} ms root only; budget one root RTT + one meeting-node RTT = {:.1} ms",
+            "setup (Exchange+Connect): {} ms via RAWR, {} ms root only; budget one root RTT + one meeting-node RTT = {:.1} ms: {}",
             self.rawr_setup_ms,
             self.root_setup_ms,
-            self.root_stun_rtt_ms + self.meeting_stun_rtt_ms
+            self.root_stun_rtt_ms + self.meeting_stun_rtt_ms,
+            if self.setup_budget_met { "MET" } else { "NOT MET" }
         );
         println!(
             "root datagrams during the RAWR session: {}",
             self.root_datagrams_during_rawr_session
         );
     }
+}
+
+/// CPU time a process has used, in nanoseconds (sum over its threads' `schedstat`).
+pub fn process_cpu_ns(pid: u32) -> Result<u64, RawrLabError> {
+    let mut total = 0u64;
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let e = e?;
+        let s = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+        total += s
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// What [`relay_cost`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayCost {
+    /// Packets A sent and B received through the meeting node.
+    pub sent: usize,
+    pub received: usize,
+    /// The meeting node's CPU time per received packet, in microseconds.
+    pub cpu_us_per_packet: f64,
+    /// Datagrams the meeting node read from its relay sockets meanwhile (from `/metrics`).
+    pub relay_socket_datagrams: f64,
+}
+
+/// Connects the two peers through the ISP node (a `kyuu serve` lab), sends `n` datagrams from
+/// A to B through the relay (paced in bursts of 8 a millisecond), and measures the ISP process's CPU time per
+/// packet delivered. With `spec.pair_in_process` the packets are handed over inside the node;
+/// without, they go out of one relay socket and into the other.
+pub async fn relay_cost(lab: &RawrLab, n: usize) -> Result<RelayCost, RawrLabError> {
+    let s: [u8; 16] = rand::random();
+    let (a, b) = lab
+        .connect_pair_with(&s, lab.gateway_a(), lab.gateway_b())
+        .await?;
+    let (Some(ra), Some(rb)) = (&a.outcome.relay, &b.outcome.relay) else {
+        return Err(RawrLabError::Other("the peers did not get a relay".into()));
+    };
+    let server_a = parse_turn_uri(ra.uris.first().map(String::as_str).unwrap_or(""))?;
+    let server_b = parse_turn_uri(rb.uris.first().map(String::as_str).unwrap_or(""))?;
+    let mut xa = Allocation::new(
+        to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?,
+        server_a,
+        &ra.username,
+        &ra.password,
+    )
+    .await?;
+    let mut xb = Allocation::new(
+        to_tokio(b.ns.udp_bind("0.0.0.0:0")?)?,
+        server_b,
+        &rb.username,
+        &rb.password,
+    )
+    .await?;
+    xa.permit(xb.relayed.ip()).await?;
+    xb.permit(xa.relayed.ip()).await?;
+    let to = xb.relayed;
+    let pid = lab
+        .node_pid("isp")
+        .ok_or_else(|| RawrLabError::Other("relay_cost needs kyuu serve nodes".into()))?;
+    // Metrics flush once a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock0 = lab.node_metric("isp", "kyuu_relay_socket_datagrams_total")?;
+    let cpu0 = process_cpu_ns(pid)?;
+    // The receiver samples the node's CPU every 256 packets and at the last one, so the idle
+    // wait for stragglers is not counted: (packets, CPU ns) at the last sample.
+    let counter = tokio::spawn(async move {
+        let mut got = 0usize;
+        let mut sample = (0usize, cpu0);
+        for _ in 0..10_000_000u64 {
+            match tokio::time::timeout(Duration::from_millis(1500), xb.recv_from()).await {
+                Ok(Ok(_)) => {
+                    got += 1;
+                    if got.is_multiple_of(256) || got == n {
+                        sample = (got, process_cpu_ns(pid).unwrap_or(sample.1));
+                    }
+                }
+                _ => break,
+            }
+        }
+        (got, sample)
+    });
+    let payload = [0x5au8; 160];
+    for i in 0..n {
+        xa.send_to(&payload, to).await?;
+        if i % 8 == 7 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let (received, (sampled, cpu1)) = counter
+        .await
+        .map_err(|e| RawrLabError::Other(e.to_string()))?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock1 = lab.node_metric("isp", "kyuu_relay_socket_datagrams_total")?;
+    Ok(RelayCost {
+        sent: n,
+        received,
+        cpu_us_per_packet: if sampled == 0 {
+            0.0
+        } else {
+            (cpu1.saturating_sub(cpu0)) as f64 / 1000.0 / sampled as f64
+        },
+        relay_socket_datagrams: sock1 - sock0,
+    })
 }

@@ -93,9 +93,10 @@ fn run_browser(child: kyuu_lab::LabChild) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
+/// rawr.js over the plain HTTP form.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_chromiums_behind_nat_open_a_data_channel_through_the_isp_node() {
-    browsers_through_rawr("rawr browser", LabSpec::default()).await;
+    browsers_through_rawr("rawr browser", LabSpec::default(), "http").await;
 }
 
 /// The same with `kyuu serve` (STUN/TURN + RAWR on one port) on every node.
@@ -108,10 +109,12 @@ async fn two_chromiums_through_kyuu_serve_nodes() {
         server: kyuu_rawr_lab::LabServer::Kyuu(bin),
         ..LabSpec::default()
     };
-    browsers_through_rawr("rawr browser kyuu serve", spec).await;
+    browsers_through_rawr("rawr browser kyuu serve", spec, "ws").await;
 }
 
-async fn browsers_through_rawr(test: &str, spec: LabSpec) {
+/// `transport`: "ws" (one WebSocket carries Register, Exchange, Connect and the pending
+/// indications) or "http" (one POST each).
+async fn browsers_through_rawr(test: &str, spec: LabSpec, transport: &str) {
     if let Err(why) = prerequisites() {
         skip(&why);
         return;
@@ -153,7 +156,7 @@ async fn browsers_through_rawr(test: &str, spec: LabSpec) {
         let mut cmd = peer.command("node");
         cmd.arg(&script)
             .arg(format!(
-                "http://{gw}:8080/?role={role}&session={session}&root={root}"
+                "http://{gw}:8080/?role={role}&session={session}&root={root}&transport={transport}"
             ))
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -170,6 +173,7 @@ async fn browsers_through_rawr(test: &str, spec: LabSpec) {
     for (r, home) in results.iter().zip(["homea", "homeb"]) {
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["route"], "node", "{r}");
+        assert_eq!(r["transport"], transport, "{r}");
         assert_eq!(r["path"], serde_json::json!([home, "isp"]), "{r}");
         assert_eq!(r["pair"]["local"]["type"], "relay", "{r}");
         assert_eq!(r["pair"]["local"]["address"], "198.18.1.1", "{r}");

@@ -76,11 +76,14 @@ async fn same_subnet_peers_connect_directly() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.outcome.route, Route::Direct);
     assert_eq!(b.outcome.route, Route::Direct);
+    assert!(a.outcome.relay.is_none() && b.outcome.relay.is_none());
     let rtt = ping_pong(&a, &b, 10).await.unwrap();
     assert!(rtt.samples.len() >= 9, "{rtt:?}");
-    for (name, s) in lab.all_stats().await {
-        assert_eq!((s.paired, s.forwarded), (0, 0), "{name} relayed: {s:?}");
-    }
+    assert_eq!(rtt.relay, None, "data went through a relay");
+    // The parallel Connects (sent with Exchange) may have paired at the shared gateway before
+    // the peers saw each other on the link; they never reach the root, and nothing is held.
+    assert_eq!(lab.stats("root").await.unwrap().paired, 0);
+    lab.wait_clean(Duration::from_secs(3)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,18 +202,12 @@ async fn gateway_killed_mid_request_falls_back_with_a_clear_error() {
     let a = ta.await.unwrap().unwrap();
     let why = a.outcome.gateway_error.clone().unwrap();
     assert!(why.contains("stopped answering"), "{why}");
-    assert_eq!(
-        a.outcome.route,
-        Route::Root {
-            name: "root".into()
-        }
-    );
-    assert_eq!(
-        b.outcome.route,
-        Route::Root {
-            name: "root".into()
-        }
-    );
+    // A's parallel Connect had reached the ISP before its gateway died, so B paired with it
+    // there; A's answer died with homea, and the root, told by the ISP's Cancel, sends A's
+    // fallback to the ISP relay as well.
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(a.outcome.relay.as_ref().unwrap().path, vec!["homea", "isp"]);
     let rtt = ping_pong(&a, &b, 10).await.unwrap();
     assert!(rtt.samples.len() >= 9, "{rtt:?}");
     lab.wait_clean(Duration::from_secs(3)).await.unwrap();
@@ -300,4 +297,161 @@ async fn kyuu_serve_without_rawr_as_gateway_falls_back_to_the_root() {
         return;
     };
     assert_root_fallback(&lab, "400").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_meeting_node_pairs_in_process_and_its_relay_sockets_carry_nothing() {
+    let Some(lab) = build_kyuu("rawr lab in-process pairing", LabSpec::default()).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    // Metrics are flushed once a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock0 = lab
+        .node_metric("isp", "kyuu_relay_socket_datagrams_total")
+        .unwrap();
+    let paired0 = lab
+        .node_metric("isp", "kyuu_relay_paired_packets_total")
+        .unwrap();
+    // No CreatePermission for each other: the meeting node installed the pairing.
+    let rtt = kyuu_rawr_lab::ping_pong_with(&a, &b, 20, false)
+        .await
+        .unwrap();
+    assert!(rtt.samples.len() >= 18, "data did not flow: {rtt:?}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let sock1 = lab
+        .node_metric("isp", "kyuu_relay_socket_datagrams_total")
+        .unwrap();
+    let paired1 = lab
+        .node_metric("isp", "kyuu_relay_paired_packets_total")
+        .unwrap();
+    assert_eq!(
+        sock1 - sock0,
+        0.0,
+        "datagrams went through the meeting node's relay sockets"
+    );
+    // Each round trip is two client packets handed over in-process (A→B and the echo).
+    assert!(paired1 - paired0 >= 36.0, "{paired0} -> {paired1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_without_in_process_pairing_relays_through_its_sockets() {
+    let spec = LabSpec {
+        pair_in_process: false,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab pairing off", spec).await else {
+        return;
+    };
+    let (a, b) = lab.connect_pair(&session(), lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    // Without the pairing, peers that skip CreatePermission get nothing through.
+    let rtt = kyuu_rawr_lab::ping_pong_with(&a, &b, 5, false)
+        .await
+        .unwrap();
+    assert!(rtt.samples.is_empty(), "{rtt:?}");
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    assert!(rtt.samples.len() >= 18, "{rtt:?}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let sock = lab
+        .node_metric("isp", "kyuu_relay_socket_datagrams_total")
+        .unwrap();
+    assert!(sock >= 36.0, "{sock}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_session_over_its_byte_limit_falls_back_to_the_parent() {
+    // 8-byte pings: each side relays 16 bytes a round trip, so 250 bytes last ~15 of 20.
+    let spec = LabSpec {
+        isp_session_max_bytes: 250,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab session limit", spec).await else {
+        return;
+    };
+    let s = session();
+    let (a, b) = lab.connect_pair(&s, lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    assert!(
+        (5..20).contains(&rtt.samples.len()),
+        "the limit did not cut the session: {rtt:?}"
+    );
+    // The ISP's TURN server deletes the allocations on its next tick and tells its node.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The peers run RAWR again for the same session: the ISP refuses (470), they meet above it.
+    let (a, b) = lab.connect_pair(&s, lab.root_addr()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    for p in [&a, &b] {
+        assert_eq!(
+            p.outcome.route,
+            Route::Root {
+                name: "root".into()
+            },
+            "{:?}",
+            p.outcome
+        );
+        let why = p.outcome.gateway_error.clone().unwrap();
+        assert!(why.contains("470"), "{why}");
+    }
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_configured_gateway_find_their_router_and_meet_at_the_isp() {
+    let Some(lab) = build_kyuu("rawr lab gateway discovery", LabSpec::default()).await else {
+        return;
+    };
+    let s = session();
+    let root = lab.root_addr();
+    let (a, b) = tokio::join!(
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pa, &s, root),
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pb, &s, root),
+    );
+    let ((a, da), (b, db)) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        da.found,
+        Some(kyuu_server::rawr::discover::Found::Router),
+        "{da:?}"
+    );
+    assert_eq!(da.gateway.unwrap().to_string(), "198.19.1.1:3478");
+    assert_eq!(db.gateway.unwrap().to_string(), "198.19.2.1:3478");
+    // Without discovery these peers would have gone straight to the root.
+    assert_eq!(a.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(b.outcome.route, Route::Node { name: "isp".into() });
+    assert_eq!(a.outcome.relay.as_ref().unwrap().path, vec!["homea", "isp"]);
+    let rtt = ping_pong(&a, &b, 10).await.unwrap();
+    assert!(rtt.samples.len() >= 9, "{rtt:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_finds_nothing_behind_a_router_without_rawr() {
+    let spec = LabSpec {
+        home_nodes: false,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab discovery none", spec).await else {
+        return;
+    };
+    let s = session();
+    let root = lab.root_addr();
+    let (a, b) = tokio::join!(
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pa, &s, root),
+        kyuu_rawr_lab::lab_peer_discovering(&lab.pb, &s, root),
+    );
+    let ((a, da), (b, _)) = (a.unwrap(), b.unwrap());
+    assert_eq!(da.gateway, None, "{da:?}");
+    assert!(da.tried.iter().any(|t| t.contains("no RAWR")), "{da:?}");
+    assert_eq!(
+        a.outcome.route,
+        Route::Root {
+            name: "root".into()
+        }
+    );
+    let rtt = ping_pong(&a, &b, 5).await.unwrap();
+    assert!(rtt.samples.len() >= 4, "{rtt:?}");
 }

@@ -28,6 +28,10 @@ pub struct RawrConfig {
     pub children: Vec<ChildConfig>,
     /// Refuse PATH-bearing Connects and Cancels from nodes that are not linked children.
     pub require_links: bool,
+    /// Under `kyuu serve`: link the two allocations of a session that pairs here inside the TURN
+    /// server (no CreatePermission needed, packets between them never leave the process;
+    /// `docs/rawr.md` §6.1). Default true.
+    pub pair_in_process: bool,
     /// A separate UDP control listener, for running beside a TURN server that does not hand RAWR
     /// methods over (for example coturn). Unset: RAWR arrives through the STUN port.
     pub listen: Option<SocketAddr>,
@@ -48,6 +52,7 @@ impl Default for RawrConfig {
             gateway: None,
             children: Vec::new(),
             require_links: false,
+            pair_in_process: true,
             listen: None,
             netns: None,
             limits: Limits::default(),
@@ -90,6 +95,14 @@ pub struct Limits {
     pub max_register: usize,
     pub register_lifetime_s: u32,
     pub register_max_lifetime_s: u32,
+    /// Reservations (§4.6): bytes one side of a session may relay here (0: unlimited).
+    pub session_max_bytes: u64,
+    /// Seconds a session may relay here after pairing (0: unlimited).
+    pub session_max_secs: u64,
+    /// Sessions relayed here at once per direct peer (source IP) (0: unlimited).
+    pub sessions_per_peer: usize,
+    /// Sessions relayed here at once per linked child (0: unlimited).
+    pub sessions_per_link: usize,
 }
 
 impl Default for Limits {
@@ -108,6 +121,10 @@ impl Default for Limits {
             max_register: 4096,
             register_lifetime_s: 600,
             register_max_lifetime_s: 3600,
+            session_max_bytes: 0,
+            session_max_secs: 0,
+            sessions_per_peer: 0,
+            sessions_per_link: 0,
         }
     }
 }
@@ -124,6 +141,14 @@ impl Limits {
     }
     pub fn exchange_linger(&self) -> Duration {
         Duration::from_millis(self.exchange_linger_ms)
+    }
+    /// How long a reservation counts against the per-peer and per-link caps.
+    pub fn reservation(&self) -> Duration {
+        if self.session_max_secs > 0 {
+            Duration::from_secs(self.session_max_secs)
+        } else {
+            Duration::from_secs(u64::from(self.credential_lifetime_s))
+        }
     }
 }
 

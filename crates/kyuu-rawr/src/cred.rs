@@ -25,6 +25,13 @@ pub fn mint(secret: &str, expiry: u64, session: &[u8], mac: Mac) -> (String, Str
     (user, pass)
 }
 
+/// The session tag inside a username [`mint`] made (`"<expiry>:rawr-<tag>-<mac>"`).
+pub fn tag_of_username(username: &str) -> Option<&str> {
+    let rest = username.split_once(":rawr-")?.1;
+    let (tag, _mac) = rest.split_once('-')?;
+    (tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit())).then_some(tag)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +43,12 @@ mod tests {
             rest_password("secret", "1600000000:alice"),
             "UQpbzqLy8wUgAxlVOh3KKXno2lk="
         );
+    }
+
+    #[test]
+    fn the_tag_comes_back_out_of_a_username() {
+        let (u, _) = mint("s", 1, &[7; 16], Mac([2, 0, 0, 0, 0, 1]));
+        assert_eq!(tag_of_username(&u), Some(session_tag(&[7; 16]).as_str()));
+        assert_eq!(tag_of_username("1:alice"), None);
     }
 }

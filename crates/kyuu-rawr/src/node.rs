@@ -36,8 +36,15 @@ pub enum Output {
         upstream: bool,
     },
     /// A session paired here: the TURN server MAY install permissions between the allocations
-    /// made with these two usernames and forward between them in-process.
-    Paired { tag: String, usernames: [String; 2] },
+    /// made with these two usernames and forward between them in-process, and enforces the
+    /// session's limits (`max_bytes` per side, 0 unlimited; `max_secs`, 0 unlimited), telling
+    /// the node through [`Node::session_exhausted`] when one is reached.
+    Paired {
+        tag: String,
+        usernames: [String; 2],
+        max_bytes: u64,
+        max_secs: u64,
+    },
 }
 
 /// Counters and gauges, for tests ("no state left behind") and metrics.
@@ -49,9 +56,12 @@ pub struct Stats {
     pub registrations: usize,
     pub paired: u64,
     pub forwarded: u64,
+    /// Pairings remembered to answer a late Connect of the same side (§4.3, re-pair).
+    pub recent: usize,
 }
 
-type DirKey = (Vec<u8>, Mac, Mac);
+/// (session, MAC, TARGET-MAC); `None` is the wildcard target.
+type DirKey = (Vec<u8>, Mac, Option<Mac>);
 
 #[derive(Debug, Clone)]
 struct Holder {
@@ -92,6 +102,41 @@ struct Upstream {
     key: Option<Key>,
 }
 
+/// A session relayed here (§4.6).
+#[derive(Debug, Clone)]
+struct Reservation {
+    /// Per-peer (source IP) and per-link (child name) keys it counts against.
+    peers: Vec<IpAddr>,
+    links: Vec<String>,
+    expires: Instant,
+    session: Vec<u8>,
+    macs: [Mac; 2],
+    /// Where the requests would have gone above (gateway, or the root named), for withdrawing
+    /// the re-pair records there when the session is used up here.
+    up: Option<(SocketAddr, Option<Key>)>,
+}
+
+/// A side that paired (§4.3 re-pair).
+#[derive(Debug, Clone)]
+struct Recent {
+    /// The other side's MAC, when known.
+    partner: Option<Mac>,
+    kind: RecentKind,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+enum RecentKind {
+    /// Paired at this node: mint fresh credentials.
+    Here { at_root: bool },
+    /// Paired at a node below, which told us in its Cancel: hand out that relay. `up` is where
+    /// this node had forwarded the request (to pass a withdrawal on).
+    Below {
+        relay: Relay,
+        up: Option<(SocketAddr, Option<Key>)>,
+    },
+}
+
 #[derive(Debug, Clone)]
 struct Side {
     mac: Mac,
@@ -126,6 +171,14 @@ pub struct Node {
     exchanges: HashMap<Vec<u8>, ExchangeState>,
     registrations: HashMap<Mac, (IpAddr, Instant)>,
     answered: HashMap<(SocketAddr, TransactionId), (Vec<u8>, Instant)>,
+    /// Sides paired here or below, by `(session, MAC)`: a Connect from that side arriving
+    /// later (its first answer was lost with a dead node below, or it fell back by another
+    /// route) is answered at once (§4.3, re-pair).
+    recent: HashMap<(Vec<u8>, Mac), Recent>,
+    /// Sessions relayed here: tag → (per-peer key, per-link key, expiry) (§4.6).
+    reservations: HashMap<String, Reservation>,
+    /// Sessions whose limit was reached here: tag → expiry. Their Connects get 470.
+    exhausted: HashMap<String, Instant>,
     out: VecDeque<Output>,
     paired: u64,
     forwarded: u64,
@@ -169,6 +222,9 @@ impl Node {
             exchanges: HashMap::new(),
             registrations: HashMap::new(),
             answered: HashMap::new(),
+            recent: HashMap::new(),
+            reservations: HashMap::new(),
+            exhausted: HashMap::new(),
             out: VecDeque::new(),
             paired: 0,
             forwarded: 0,
@@ -192,6 +248,7 @@ impl Node {
             registrations: self.registrations.len(),
             paired: self.paired,
             forwarded: self.forwarded,
+            recent: self.recent.len(),
         }
     }
 
@@ -218,11 +275,34 @@ impl Node {
         let Ok(Request::Connect(c)) = Request::decode(&m) else {
             return false;
         };
-        let key: DirKey = (c.session, c.mac, c.target);
-        let reverse: DirKey = (key.0.clone(), key.2, key.1);
+        let Some(target) = c.target else {
+            // A wildcard never takes rule 2.
+            return false;
+        };
+        let key: DirKey = (c.session.clone(), c.mac, c.target);
         !(self.pending.contains_key(&key)
-            || self.pending.contains_key(&reverse)
-            || self.is_local(c.target))
+            || self.find_partner(&c).is_some()
+            || self.is_local(target))
+    }
+
+    /// The pending direction that pairs with `c` (rule 1): same session, the other MAC, and
+    /// each side's TARGET-MAC either absent (wildcard) or naming the other.
+    fn find_partner(&self, c: &ConnectReq) -> Option<DirKey> {
+        if let Some(t) = c.target {
+            let exact: DirKey = (c.session.clone(), t, Some(c.mac));
+            if self.pending.contains_key(&exact) {
+                return Some(exact);
+            }
+        }
+        self.pending
+            .keys()
+            .find(|(s, m, t)| {
+                *s == c.session
+                    && *m != c.mac
+                    && c.target.is_none_or(|ct| ct == *m)
+                    && t.is_none_or(|pt| pt == c.mac)
+            })
+            .cloned()
     }
 
     /// The earliest time [`Node::handle_timeout`] has work.
@@ -250,6 +330,15 @@ impl Node {
             at(*exp);
         }
         for (_, exp) in self.answered.values() {
+            at(*exp);
+        }
+        for r in self.recent.values() {
+            at(r.expires);
+        }
+        for r in self.reservations.values() {
+            at(r.expires);
+        }
+        for exp in self.exhausted.values() {
             at(*exp);
         }
         t
@@ -428,12 +517,13 @@ impl Node {
                 session,
                 mac,
                 target,
+                relay,
             } => {
                 if self.require_links && link.is_none() {
                     self.answer_error(now, from, method::CANCEL, tid, None, code::FORBIDDEN, "");
                     return;
                 }
-                self.on_cancel(now, from, tid, (session, mac, target), link);
+                self.on_cancel(now, from, tid, (session, mac, target), relay, link);
             }
         }
     }
@@ -618,6 +708,21 @@ impl Node {
             );
             return;
         }
+        let tag = cred::session_tag(&c.session);
+        if self.exhausted.contains_key(&tag) {
+            // §4.6: the session used up its reservation here; the peer asks above.
+            let reason = format!("session limit reached at {}", self.name);
+            self.answer_error(
+                now,
+                from,
+                method::CONNECT,
+                tid,
+                link.as_deref(),
+                code::RELAY_LIMIT,
+                &reason,
+            );
+            return;
+        }
         let key: DirKey = (c.session.clone(), c.mac, c.target);
         let holder = Holder {
             src: from,
@@ -640,9 +745,23 @@ impl Node {
             return;
         }
 
+        // Re-pair: this side already paired here.
+        if let Some(r) = self.recent.get(&(c.session.clone(), c.mac)) {
+            if c.target.is_none_or(|t| r.partner.is_none_or(|p| p == t)) {
+                let relay = match &r.kind {
+                    RecentKind::Here { at_root } => {
+                        let at_root = *at_root;
+                        self.mint_relay(now, &c, c.mac, at_root)
+                    }
+                    RecentKind::Below { relay, .. } => relay.clone(),
+                };
+                self.answer_relay(now, &holder, &relay);
+                return;
+            }
+        }
+
         // Rule 1: pair.
-        let reverse: DirKey = (c.session.clone(), c.target, c.mac);
-        if let Some(other) = self.pending.remove(&reverse) {
+        if let Some(other) = self.find_partner(&c).and_then(|k| self.pending.remove(&k)) {
             self.pair(now, c, holder, other);
             return;
         }
@@ -679,7 +798,7 @@ impl Node {
         }
 
         let expires = now + self.limits.pending_timeout();
-        let local = self.is_local(c.target);
+        let local = c.target.is_some_and(|t| self.is_local(t));
         self.pending.insert(
             key.clone(),
             Pending {
@@ -749,43 +868,165 @@ impl Node {
         }
     }
 
-    fn pair(&mut self, now: Instant, c: ConnectReq, holder: Holder, other: Pending) {
+    /// This node's relay and fresh credentials for `mac`, answering request `req`.
+    fn mint_relay(&self, now: Instant, req: &ConnectReq, mac: Mac, at_root: bool) -> Relay {
         let expiry = self.unix(now) + u64::from(self.limits.credential_lifetime_s);
+        let (username, password) = cred::mint(&self.secret, expiry, &req.session, mac);
+        let mut path = req.path.clone();
+        path.push(self.name.clone());
+        Relay {
+            uris: self.relay.clone(),
+            username,
+            password,
+            lifetime: self.limits.credential_lifetime_s,
+            path,
+            at_root,
+        }
+    }
+
+    /// The per-peer and per-link keys of a holder (§4.6): a linked child counts per link, a
+    /// direct peer per source IP.
+    fn reservation_keys(h: &Holder) -> (Option<IpAddr>, Option<String>) {
+        match &h.link {
+            Some(l) => (None, Some(l.clone())),
+            None => (Some(h.src.ip()), None),
+        }
+    }
+
+    /// Whether a new session with these holders fits the per-peer and per-link caps.
+    fn reservation_fits(&self, holders: &[&Holder]) -> Result<(Vec<IpAddr>, Vec<String>), String> {
+        let (mut peers, mut links) = (Vec::new(), Vec::new());
+        for h in holders {
+            match Self::reservation_keys(h) {
+                (Some(ip), _) => peers.push(ip),
+                (_, Some(l)) => links.push(l),
+                _ => {}
+            }
+        }
+        let lim = &self.limits;
+        for ip in &peers {
+            let n = self
+                .reservations
+                .values()
+                .filter(|r| r.peers.contains(ip))
+                .count();
+            if lim.sessions_per_peer > 0 && n >= lim.sessions_per_peer {
+                return Err(format!("{}: {n} sessions for peer {ip}", self.name));
+            }
+        }
+        for l in &links {
+            let n = self
+                .reservations
+                .values()
+                .filter(|r| r.links.contains(l))
+                .count();
+            if lim.sessions_per_link > 0 && n >= lim.sessions_per_link {
+                return Err(format!("{}: {n} sessions over link {l}", self.name));
+            }
+        }
+        Ok((peers, links))
+    }
+
+    /// The TURN server reports that a session relayed here reached its byte or duration limit
+    /// (`username` is one of the two it was given in [`Output::Paired`]). Its Connects are
+    /// answered 470 from now on, so the peers meet above this node.
+    pub fn session_exhausted(&mut self, now: Instant, username: &str) {
+        let Some(tag) = cred::tag_of_username(username) else {
+            return;
+        };
+        if let Some(r) = self.reservations.remove(tag) {
+            // Withdraw the re-pair records above (they would send a fallback straight back here).
+            if let Some((to, key)) = r.up {
+                for mac in r.macs {
+                    self.send_cancel(now, to, key.clone(), &r.session, mac, None, None);
+                }
+            }
+        }
+        if self.exhausted.len() < self.limits.max_pending || self.exhausted.contains_key(tag) {
+            let until = now + Duration::from_secs(u64::from(self.limits.credential_lifetime_s));
+            self.exhausted.insert(tag.to_owned(), until);
+        }
+        // No re-pair here for this session.
+        self.recent.retain(|(s, _), _| cred::session_tag(s) != tag);
+    }
+
+    fn pair(&mut self, now: Instant, c: ConnectReq, holder: Holder, other: Pending) {
+        let tag = cred::session_tag(&c.session);
+        let mut holders: Vec<&Holder> = vec![&holder];
+        holders.extend(other.holders.iter());
+        let keys = match self.reservation_fits(&holders) {
+            Ok(k) => k,
+            Err(why) => {
+                // §4.6: reservation refused; both sides ask above.
+                let reason = format!("reservation refused: {why}");
+                self.answer_error(
+                    now,
+                    holder.src,
+                    method::CONNECT,
+                    holder.tid,
+                    holder.link.as_deref(),
+                    code::RELAY_LIMIT,
+                    &reason,
+                );
+                self.fail_holders(now, &other, code::RELAY_LIMIT, &reason);
+                if let Stage::Forwarded { tid } = other.stage {
+                    self.cancel_upstream(now, tid, &other.req, None);
+                }
+                return;
+            }
+        };
+        if self.reservations.len() < self.limits.max_pending {
+            let up = match &self.gateway {
+                Some((addr, key)) => Some((*addr, key.clone())),
+                None if !self.is_self(c.root) => Some((c.root, None)),
+                None => None,
+            };
+            let r = Reservation {
+                peers: keys.0,
+                links: keys.1,
+                expires: now + self.limits.reservation(),
+                session: c.session.clone(),
+                macs: [c.mac, other.req.mac],
+                up,
+            };
+            self.reservations.insert(tag.clone(), r);
+        }
         let at_root = self.is_self(c.root) || self.is_self(other.req.root);
-        let (user_a, pass_a) = cred::mint(&self.secret, expiry, &c.session, c.mac);
-        let (user_b, pass_b) = cred::mint(&self.secret, expiry, &c.session, c.target);
-        let mut path_a = c.path.clone();
-        path_a.push(self.name.clone());
-        let mut path_b = other.req.path.clone();
-        path_b.push(self.name.clone());
-        let relay_a = Relay {
-            uris: self.relay.clone(),
-            username: user_a.clone(),
-            password: pass_a,
-            lifetime: self.limits.credential_lifetime_s,
-            path: path_a,
-            at_root,
-        };
-        let relay_b = Relay {
-            uris: self.relay.clone(),
-            username: user_b.clone(),
-            password: pass_b,
-            lifetime: self.limits.credential_lifetime_s,
-            path: path_b,
-            at_root,
-        };
+        let relay_a = self.mint_relay(now, &c, c.mac, at_root);
+        let relay_b = self.mint_relay(now, &other.req, other.req.mac, at_root);
+        let (user_a, user_b) = (relay_a.username.clone(), relay_b.username.clone());
+        let expires = now + self.limits.pending_timeout();
+        for (mac, partner) in [(c.mac, other.req.mac), (other.req.mac, c.mac)] {
+            self.remember(
+                (c.session.clone(), mac),
+                Recent {
+                    partner: Some(partner),
+                    kind: RecentKind::Here { at_root },
+                    expires,
+                },
+            );
+        }
         self.answer_relay(now, &holder, &relay_a);
         for h in &other.holders {
             self.answer_relay(now, h, &relay_b);
         }
         if let Stage::Forwarded { tid } = other.stage {
-            self.cancel_upstream(now, tid, &other.req);
+            self.cancel_upstream(now, tid, &other.req, Some(&relay_b));
         }
         self.paired += 1;
         self.out.push_back(Output::Paired {
-            tag: cred::session_tag(&c.session),
+            tag,
             usernames: [user_a, user_b],
+            max_bytes: self.limits.session_max_bytes,
+            max_secs: self.limits.session_max_secs,
         });
+    }
+
+    /// Records a paired side, within the pending cap.
+    fn remember(&mut self, key: (Vec<u8>, Mac), r: Recent) {
+        if self.recent.len() < self.limits.max_pending || self.recent.contains_key(&key) {
+            self.recent.insert(key, r);
+        }
     }
 
     fn answer_relay(&mut self, now: Instant, h: &Holder, r: &Relay) {
@@ -813,23 +1054,45 @@ impl Node {
     }
 
     /// Stops the upstream transaction `tid` and sends Cancel where it went.
-    fn cancel_upstream(&mut self, now: Instant, tid: TransactionId, req: &ConnectReq) {
+    fn cancel_upstream(
+        &mut self,
+        now: Instant,
+        tid: TransactionId,
+        req: &ConnectReq,
+        relay: Option<&Relay>,
+    ) {
         let Some(u) = self.upstream.remove(&tid) else {
             return;
         };
+        let session = req.session.clone();
+        self.send_cancel(now, u.txn.to, u.key, &session, req.mac, req.target, relay);
+    }
+
+    /// Sends a Cancel upstream as a transaction of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn send_cancel(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        key: Option<Key>,
+        session: &[u8],
+        mac: Mac,
+        target: Option<Mac>,
+        relay: Option<&Relay>,
+    ) {
         let ctid = self.new_tid();
-        let auth = u.key.as_ref().map(|key| Auth {
+        let auth = key.as_ref().map(|key| Auth {
             username: Some(&self.name),
             key,
         });
-        let data = wire::encode_cancel(ctid, &req.session, req.mac, req.target, auth.as_ref());
-        self.send_up(u.txn.to, data.clone());
+        let data = wire::encode_cancel(ctid, session, mac, target, relay, auth.as_ref());
+        self.send_up(to, data.clone());
         self.upstream.insert(
             ctid,
             Upstream {
-                txn: Txn::new(now, ctid, u.txn.to, data),
+                txn: Txn::new(now, ctid, to, data),
                 kind: UpKind::Cancel,
-                key: u.key,
+                key,
             },
         );
     }
@@ -842,6 +1105,7 @@ impl Node {
         from: SocketAddr,
         tid: TransactionId,
         key: DirKey,
+        relay: Option<Relay>,
         link: Option<String>,
     ) {
         let mut emptied = None;
@@ -851,9 +1115,54 @@ impl Node {
                 emptied = self.pending.remove(&key);
             }
         }
+        if relay.is_none() {
+            // A withdrawal (the session was used up where it paired, §4.6): forget the re-pair
+            // record and pass the withdrawal on to where this node had forwarded.
+            let rk = (key.0.clone(), key.1);
+            let below = matches!(
+                self.recent.get(&rk),
+                Some(Recent {
+                    kind: RecentKind::Below { .. },
+                    ..
+                })
+            );
+            if below {
+                if let Some(Recent {
+                    kind:
+                        RecentKind::Below {
+                            up: Some((to, k)), ..
+                        },
+                    ..
+                }) = self.recent.remove(&rk)
+                {
+                    self.send_cancel(now, to, k, &key.0, key.1, None, None);
+                }
+            }
+        }
         if let Some(p) = emptied {
+            if let Some(r) = &relay {
+                // Paired below: remember where, for this side's possible return by another
+                // route (only for a direction that was really held here from `from`).
+                let up = match p.stage {
+                    Stage::Forwarded { tid } => {
+                        self.upstream.get(&tid).map(|u| (u.txn.to, u.key.clone()))
+                    }
+                    _ => None,
+                };
+                self.remember(
+                    (key.0.clone(), key.1),
+                    Recent {
+                        partner: key.2,
+                        kind: RecentKind::Below {
+                            relay: r.clone(),
+                            up,
+                        },
+                        expires: now + self.limits.pending_timeout(),
+                    },
+                );
+            }
             if let Stage::Forwarded { tid } = p.stage {
-                self.cancel_upstream(now, tid, &p.req);
+                self.cancel_upstream(now, tid, &p.req, relay.as_ref());
             }
         }
         let k = self.key_for(link.as_deref());
@@ -970,7 +1279,7 @@ impl Node {
             if let Some(p) = self.pending.remove(&k) {
                 self.fail_holders(now, &p, code::TIMEOUT, "no partner");
                 if let Stage::Forwarded { tid } = p.stage {
-                    self.cancel_upstream(now, tid, &p.req);
+                    self.cancel_upstream(now, tid, &p.req, None);
                 }
             }
         }
@@ -1005,5 +1314,8 @@ impl Node {
 
         self.registrations.retain(|_, (_, exp)| now < *exp);
         self.answered.retain(|_, (_, exp)| now < *exp);
+        self.recent.retain(|_, r| now < r.expires);
+        self.reservations.retain(|_, r| now < r.expires);
+        self.exhausted.retain(|_, exp| now < *exp);
     }
 }

@@ -31,6 +31,9 @@ pub struct PeerConfig {
     pub deadline: Duration,
     /// Skip the direct check (e.g. when the caller knows the peers are not on one link).
     pub no_direct: bool,
+    /// Send Connect (without TARGET-MAC) in parallel with Exchange instead of after it, so setup
+    /// costs max(root RTT, meeting-node RTT) instead of their sum (`docs/rawr.md` §8).
+    pub overlap: bool,
 }
 
 impl PeerConfig {
@@ -44,6 +47,7 @@ impl PeerConfig {
             register_lifetime: 600,
             deadline: Duration::from_secs(30),
             no_direct: false,
+            overlap: true,
         }
     }
 }
@@ -127,14 +131,22 @@ pub enum PeerOutput {
     Failed(PeerError),
 }
 
+/// Progress of Exchange and the direct check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Idle,
     Exchanging,
     Checking,
-    ViaGateway,
-    ViaRoot,
+    /// Exchange done, not direct: waiting for (or about to send) Connect.
+    Relaying,
     Finished,
+}
+
+/// Where the Connect went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Gateway,
+    Root,
 }
 
 /// One run of the peer algorithm.
@@ -147,6 +159,15 @@ pub struct Peer {
     exchange: Option<Txn>,
     register: Option<Txn>,
     connect: Option<Txn>,
+    /// Where the current Connect goes; `None` before the first one.
+    via: Option<Via>,
+    /// The TARGET-MAC the current Connect carries (`None`: wildcard).
+    connect_target: Option<Mac>,
+    /// The destination answered 400 to a wildcard Connect (a node predating it): re-send with
+    /// TARGET-MAC there once Exchange has told it.
+    wildcard_refused: Option<SocketAddr>,
+    /// The Connect answer, when it came before Exchange finished.
+    relay: Option<Relay>,
     other: Option<(Mac, Vec<SocketAddr>)>,
     exchange_ms: u64,
     gateway_error: Option<String>,
@@ -163,6 +184,10 @@ impl Peer {
             exchange: None,
             register: None,
             connect: None,
+            via: None,
+            connect_target: None,
+            wildcard_refused: None,
+            relay: None,
             other: None,
             exchange_ms: 0,
             gateway_error: None,
@@ -199,6 +224,9 @@ impl Peer {
             let t = self.send_txn(now, g, |tid| wire::encode_register(tid, mac, Some(life)));
             self.register = Some(t);
         }
+        if self.cfg.overlap {
+            self.begin_connect(now);
+        }
     }
 
     fn send_exchange(&mut self, now: Instant) {
@@ -215,9 +243,15 @@ impl Peer {
     }
 
     fn send_connect(&mut self, now: Instant, to: SocketAddr) {
-        let Some((target, _)) = self.other.clone() else {
+        let target = self.other.as_ref().map(|(m, _)| *m);
+        if target.is_none() && !(self.cfg.overlap && self.wildcard_refused != Some(to)) {
+            // Needs TARGET-MAC: sent when Exchange answers.
+            self.wildcard_refused = Some(to);
+            self.connect = None;
             return;
-        };
+        }
+        self.wildcard_refused = None;
+        self.connect_target = target;
         let req = ConnectReq {
             session: self.cfg.session.clone(),
             mac: self.cfg.mac,
@@ -252,7 +286,27 @@ impl Peer {
         Some(t)
     }
 
+    /// Withdraws an outstanding Connect (one Cancel datagram, no retransmission: the node's
+    /// pending timeout frees it anyway).
+    fn cancel_connect(&mut self) {
+        if let Some(t) = self.connect.take() {
+            let tid = self.tid();
+            let data = wire::encode_cancel(
+                tid,
+                &self.cfg.session,
+                self.cfg.mac,
+                self.connect_target,
+                None,
+                None,
+            );
+            self.out.push_back(PeerOutput::Transmit { to: t.to, data });
+        }
+    }
+
     fn finish(&mut self, o: PeerOutput) {
+        if !matches!(o, PeerOutput::Done(ref d) if d.relay.is_some()) {
+            self.cancel_connect();
+        }
         self.phase = Phase::Finished;
         self.exchange = None;
         self.register = None;
@@ -268,8 +322,8 @@ impl Peer {
         if self.gateway_error.is_none() {
             self.gateway_error = Some(why);
         }
-        if self.phase == Phase::ViaGateway {
-            self.phase = Phase::ViaRoot;
+        if self.via == Some(Via::Gateway) && self.relay.is_none() {
+            self.via = Some(Via::Root);
             let root = self.cfg.root;
             self.send_connect(now, root);
         }
@@ -296,21 +350,54 @@ impl Peer {
             self.finish(PeerOutput::Done(Box::new(o)));
             return;
         }
-        self.begin_connect(now);
+        self.relaying(now);
+    }
+
+    /// Exchange done and not direct: finish with the relay if Connect already answered, else
+    /// make sure a Connect is on its way.
+    fn relaying(&mut self, now: Instant) {
+        self.phase = Phase::Relaying;
+        if let Some(relay) = self.relay.take() {
+            self.finish_relay(now, relay);
+        } else if let Some(to) = self.wildcard_refused {
+            self.send_connect(now, to);
+        } else if self.via.is_none() {
+            self.begin_connect(now);
+        }
     }
 
     fn begin_connect(&mut self, now: Instant) {
         match (self.cfg.gateway, &self.gateway_error) {
             (Some(g), None) => {
-                self.phase = Phase::ViaGateway;
+                self.via = Some(Via::Gateway);
                 self.send_connect(now, g);
             }
             _ => {
-                self.phase = Phase::ViaRoot;
+                self.via = Some(Via::Root);
                 let root = self.cfg.root;
                 self.send_connect(now, root);
             }
         }
+    }
+
+    fn finish_relay(&mut self, now: Instant, relay: Relay) {
+        let name = relay.meeting_node().unwrap_or("?").to_owned();
+        let route = if relay.at_root {
+            Route::Root { name }
+        } else {
+            Route::Node { name }
+        };
+        let (mac, hosts) = self.other.clone().unwrap_or((Mac([0; 6]), Vec::new()));
+        let o = Outcome {
+            route,
+            other_mac: mac.to_string(),
+            other_hosts: hosts,
+            relay: Some(relay),
+            gateway_error: self.gateway_error.clone(),
+            exchange_ms: self.exchange_ms,
+            total_ms: self.elapsed_ms(now),
+        };
+        self.finish(PeerOutput::Done(Box::new(o)));
     }
 
     pub fn handle_input(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
@@ -349,7 +436,7 @@ impl Peer {
                         self.exchange_ms = self.elapsed_ms(now);
                         self.other = Some((mac, hosts.clone()));
                         if self.cfg.no_direct {
-                            self.begin_connect(now);
+                            self.relaying(now);
                         } else {
                             self.phase = Phase::Checking;
                             self.out
@@ -412,27 +499,34 @@ impl Peer {
                         return;
                     }
                 };
-                let name = relay.meeting_node().unwrap_or("?").to_owned();
-                let route = if relay.at_root {
-                    Route::Root { name }
+                if self.phase == Phase::Relaying {
+                    self.finish_relay(now, relay);
                 } else {
-                    Route::Node { name }
-                };
-                let (mac, hosts) = self.other.clone().unwrap_or((Mac([0; 6]), Vec::new()));
-                let o = Outcome {
-                    route,
-                    other_mac: mac.to_string(),
-                    other_hosts: hosts,
-                    relay: Some(relay),
-                    gateway_error: self.gateway_error.clone(),
-                    exchange_ms: self.exchange_ms,
-                    total_ms: self.elapsed_ms(now),
-                };
-                self.finish(PeerOutput::Done(Box::new(o)));
+                    // Exchange (or the direct check) is still running.
+                    self.relay = Some(relay);
+                }
             }
             Class::Error => {
-                self.connect = None;
+                let to = self.connect.take().map(|t| t.to);
                 let (code, reason) = Self::error_of(m);
+                if code == wire::code::BAD_REQUEST && self.connect_target.is_none() {
+                    if let Some(to) = to {
+                        // A node that requires TARGET-MAC: ask it again with one.
+                        self.wildcard_refused = Some(to);
+                        if self.phase == Phase::Relaying {
+                            self.send_connect(now, to);
+                        }
+                        return;
+                    }
+                }
+                if code == wire::code::TIMEOUT && self.other.is_none() {
+                    // Sent in parallel with an Exchange that is still waiting for the other
+                    // peer: the node's pending timeout is not a failure yet; ask again.
+                    if let Some(to) = to {
+                        self.send_connect(now, to);
+                        return;
+                    }
+                }
                 self.connect_failed(now, code, reason);
             }
             Class::Request => {}
@@ -440,7 +534,7 @@ impl Peer {
     }
 
     fn connect_failed(&mut self, now: Instant, code: u16, reason: String) {
-        if self.phase == Phase::ViaGateway {
+        if self.via == Some(Via::Gateway) {
             self.gateway_failed(now, format!("gateway Connect failed: {code} {reason}"));
         } else {
             let at = self.cfg.root;
@@ -497,7 +591,7 @@ impl Peer {
         if con_dead {
             let to = self.connect.as_ref().map(|t| t.to);
             self.connect = None;
-            if self.phase == Phase::ViaGateway {
+            if self.via == Some(Via::Gateway) {
                 self.gateway_failed(now, format!("gateway {to:?} stopped answering Connect"));
             } else {
                 let at = self.cfg.root;

@@ -67,6 +67,9 @@ pub mod code {
     pub const UNKNOWN_ATTRIBUTE: u16 = 420;
     pub const LOOP_DETECTED: u16 = 482;
     pub const TOO_MANY_HOPS: u16 = 483;
+    /// This node will not relay the session: its reservation was refused (per-peer or per-link
+    /// session cap) or used up (byte or duration limit reached). The peer asks above it.
+    pub const RELAY_LIMIT: u16 = 470;
     pub const QUOTA: u16 = 486;
     pub const UPSTREAM_UNREACHABLE: u16 = 504;
     pub const CAPACITY: u16 = 508;
@@ -77,6 +80,7 @@ pub mod code {
             SESSION_FULL => "Session Full",
             LOOP_DETECTED => "Loop Detected",
             TOO_MANY_HOPS => "Too Many Hops",
+            RELAY_LIMIT => "Relay Limit Reached",
             QUOTA => "Quota Reached",
             UPSTREAM_UNREACHABLE => "Upstream Unreachable",
             CAPACITY => "Insufficient Capacity",
@@ -187,6 +191,13 @@ fn mac_attr(m: &Message<'_>, t: u16, name: &'static str) -> Result<Mac, WireErro
     Ok(Mac(arr))
 }
 
+fn opt_mac_attr(m: &Message<'_>, t: u16, name: &'static str) -> Result<Option<Mac>, WireError> {
+    match m.get(t) {
+        None => Ok(None),
+        Some(_) => mac_attr(m, t, name).map(Some),
+    }
+}
+
 fn session_attr(m: &Message<'_>) -> Result<Vec<u8>, WireError> {
     let v = m.get(attr::SESSION).ok_or(WireError::Missing("SESSION"))?;
     if !(MIN_SESSION..=MAX_SESSION).contains(&v.len()) {
@@ -276,7 +287,12 @@ pub enum Request {
     Cancel {
         session: Vec<u8>,
         mac: Mac,
-        target: Mac,
+        /// `None`: the wildcard direction (a Connect sent without TARGET-MAC).
+        target: Option<Mac>,
+        /// Set when the Cancel is sent because the direction paired below: the relay handed to
+        /// that side there, for the node to hand out again if the side comes back by another
+        /// route (its answer was lost with a dead node; `docs/rawr.md` §4.4).
+        relay: Option<Relay>,
     },
 }
 
@@ -285,7 +301,9 @@ pub enum Request {
 pub struct ConnectReq {
     pub session: Vec<u8>,
     pub mac: Mac,
-    pub target: Mac,
+    /// `None` (TARGET-MAC absent): "the other peer of this session, whichever MAC it has", so
+    /// a peer can send Connect in parallel with Exchange (`docs/rawr.md` §4.3, wildcard).
+    pub target: Option<Mac>,
     pub root: SocketAddr,
     pub hops: u8,
     pub path: Vec<String>,
@@ -333,7 +351,7 @@ impl Request {
                 Ok(Request::Connect(ConnectReq {
                     session: session_attr(m)?,
                     mac: mac_attr(m, attr::MAC, "MAC")?,
-                    target: mac_attr(m, attr::TARGET_MAC, "TARGET-MAC")?,
+                    target: opt_mac_attr(m, attr::TARGET_MAC, "TARGET-MAC")?,
                     root,
                     hops,
                     path: path_attr(m)?,
@@ -342,7 +360,12 @@ impl Request {
             method::CANCEL => Ok(Request::Cancel {
                 session: session_attr(m)?,
                 mac: mac_attr(m, attr::MAC, "MAC")?,
-                target: mac_attr(m, attr::TARGET_MAC, "TARGET-MAC")?,
+                target: opt_mac_attr(m, attr::TARGET_MAC, "TARGET-MAC")?,
+                relay: if m.has(attr::RELAY) {
+                    Some(Relay::decode(m)?)
+                } else {
+                    None
+                },
             }),
             _ => Err(WireError::Invalid("method")),
         }
@@ -516,7 +539,9 @@ pub fn encode_connect(tid: TransactionId, c: &ConnectReq, auth: Option<&Auth<'_>
     build(method::CONNECT, Class::Request, tid, auth, |b| {
         b.add(attr::SESSION, &c.session)?;
         b.add(attr::MAC, &c.mac.0)?;
-        b.add(attr::TARGET_MAC, &c.target.0)?;
+        if let Some(t) = c.target {
+            b.add(attr::TARGET_MAC, &t.0)?;
+        }
         b.add_address(attr::ROOT, c.root)?;
         b.add(attr::HOPS, &[c.hops, 0, 0, 0])?;
         if !c.path.is_empty() {
@@ -534,13 +559,20 @@ pub fn encode_cancel(
     tid: TransactionId,
     session: &[u8],
     mac: Mac,
-    target: Mac,
+    target: Option<Mac>,
+    relay: Option<&Relay>,
     auth: Option<&Auth<'_>>,
 ) -> Vec<u8> {
     build(method::CANCEL, Class::Request, tid, auth, |b| {
         b.add(attr::SESSION, session)?;
         b.add(attr::MAC, &mac.0)?;
-        b.add(attr::TARGET_MAC, &target.0)
+        if let Some(t) = target {
+            b.add(attr::TARGET_MAC, &t.0)?;
+        }
+        match relay {
+            Some(r) => r.encode(b),
+            None => Ok(()),
+        }
     })
 }
 
@@ -602,7 +634,7 @@ mod tests {
         let c = ConnectReq {
             session: vec![7; 16],
             mac: Mac([2, 0, 0, 0, 0, 1]),
-            target: Mac([2, 0, 0, 0, 0, 2]),
+            target: Some(Mac([2, 0, 0, 0, 0, 2])),
             root: "198.18.0.1:3478".parse().unwrap(),
             hops: 15,
             path: vec!["home1".into(), "isp".into()],
@@ -610,7 +642,13 @@ mod tests {
         let bytes = encode_connect(TransactionId([1; 12]), &c, None);
         let m = Message::parse(&bytes).unwrap();
         assert_eq!(m.method(), method::CONNECT);
-        assert_eq!(Request::decode(&m).unwrap(), Request::Connect(c));
+        assert_eq!(Request::decode(&m).unwrap(), Request::Connect(c.clone()));
+        // The wildcard form: no TARGET-MAC on the wire.
+        let w = ConnectReq { target: None, ..c };
+        let bytes = encode_connect(TransactionId([2; 12]), &w, None);
+        let m = Message::parse(&bytes).unwrap();
+        assert!(m.get(attr::TARGET_MAC).is_none());
+        assert_eq!(Request::decode(&m).unwrap(), Request::Connect(w));
     }
 
     #[test]

@@ -39,7 +39,7 @@ fn valid_messages(session: u8, a: u8, b: u8) -> Vec<Vec<u8>> {
     let c = ConnectReq {
         session: vec![session; 16],
         mac: Mac([2, 0, 0, 0, 0, a]),
-        target: Mac([2, 0, 0, 0, 0, b]),
+        target: Some(Mac([2, 0, 0, 0, 0, b])),
         root: addr(9),
         hops: 3,
         path: vec!["x".into()],
@@ -55,7 +55,7 @@ fn valid_messages(session: u8, a: u8, b: u8) -> Vec<Vec<u8>> {
         wire::encode_connect(t, &c, Some(&auth)),
         wire::encode_exchange(t, &c.session, c.mac, &[addr(3)]),
         wire::encode_register(t, c.mac, Some(5)),
-        wire::encode_cancel(t, &c.session, c.mac, c.target, Some(&auth)),
+        wire::encode_cancel(t, &c.session, c.mac, c.target, None, Some(&auth)),
         wire::encode_error(wire::method::CONNECT, t, 482, "x", &[], None),
     ]
 }

@@ -39,6 +39,10 @@ struct Sim {
     delay: HashMap<(SocketAddr, SocketAddr), Duration>,
     /// Every datagram delivered: (from, to, method, class).
     log: Vec<(SocketAddr, SocketAddr, u16, Class)>,
+    /// Peers added from now on send Connect in parallel with Exchange (the default) or after it.
+    overlap: bool,
+    /// The session id peers added from now on use.
+    session: Vec<u8>,
 }
 
 fn node_cfg(name: &str, me: SocketAddr) -> RawrConfig {
@@ -63,6 +67,8 @@ impl Sim {
             seq: 0,
             delay: HashMap::new(),
             log: Vec::new(),
+            overlap: true,
+            session: vec![9; 16],
         }
     }
 
@@ -81,6 +87,18 @@ impl Sim {
 
     /// A node `name` at `a`, with gateway `gw` (linked, key "k-<name>") and linked children.
     fn node(&mut self, name: &str, a: u8, gw: Option<u8>, children: &[&str]) {
+        self.node_with(name, a, gw, children, |_| {});
+    }
+
+    /// [`Sim::node`] with its config adjusted by `f`.
+    fn node_with(
+        &mut self,
+        name: &str,
+        a: u8,
+        gw: Option<u8>,
+        children: &[&str],
+        f: impl FnOnce(&mut RawrConfig),
+    ) {
         let mut c = node_cfg(name, addr(a));
         c.gateway = gw.map(|g| GatewayConfig {
             addr: addr(g),
@@ -93,13 +111,15 @@ impl Sim {
                 key: format!("k-{n}"),
             })
             .collect();
+        f(&mut c);
         self.add_node(c);
     }
 
     fn peer(&mut self, a: u8, mac: u8, other: u8, gw: Option<u8>, on_link: bool) {
-        let mut cfg = PeerConfig::new(vec![9; 16], Mac([2, 0, 0, 0, 0, mac]), addr(ROOT));
+        let mut cfg = PeerConfig::new(self.session.clone(), Mac([2, 0, 0, 0, 0, mac]), addr(ROOT));
         cfg.gateway = gw.map(addr);
         cfg.hosts = vec![addr(a)];
+        cfg.overlap = self.overlap;
         let _ = other;
         let mut p = Peer::new(cfg, u64::from(a));
         p.start(self.now);
@@ -340,6 +360,7 @@ fn peers_under_one_isp_meet_at_the_isp_node() {
 #[test]
 fn same_link_peers_go_direct_and_no_node_relays() {
     let mut s = Sim::new();
+    s.overlap = false;
     s.node("root", ROOT, None, &[]);
     s.node("home", 3, None, &[]);
     s.peer(10, 0xa, 0xb, Some(3), true);
@@ -512,8 +533,67 @@ fn too_many_hops_is_refused() {
 }
 
 #[test]
+fn same_link_peers_go_direct_and_withdraw_their_parallel_connects() {
+    let mut s = Sim::new();
+    s.node("root", ROOT, None, &[]);
+    s.node("home", 3, None, &[]);
+    for a in [10, 11, 3] {
+        s.delay
+            .insert((addr(a), addr(ROOT)), Duration::from_millis(40));
+    }
+    s.peer(10, 0xa, 0xb, Some(3), true);
+    s.run_for(Duration::from_millis(30));
+    s.peer(11, 0xb, 0xa, Some(3), true);
+    s.run();
+    assert_eq!(s.outcome(10).route, Route::Direct);
+    assert_eq!(s.outcome(11).route, Route::Direct);
+    // The wildcard Connects went out with Exchange; direct peers cancel what is still held.
+    assert_eq!(s.sent_to(3, wire::method::CONNECT), 2);
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+#[test]
+fn parallel_connect_sets_up_within_one_root_rtt_plus_one_meeting_rtt() {
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    for a in [10, 11, 2, 3, 4] {
+        s.delay
+            .insert((addr(a), addr(ROOT)), Duration::from_millis(40));
+    }
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    for p in [10, 11] {
+        let o = s.outcome(p);
+        assert_eq!(o.route, Route::Node { name: "isp".into() });
+        // Sequential Exchange then Connect costs 80 ms plus the climb; in parallel it is the
+        // root round trip alone (+ a millisecond of sim delay per hop).
+        assert!(o.total_ms <= 80 + 5, "setup took {} ms", o.total_ms);
+    }
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+#[test]
+fn sequential_peers_still_pair_with_parallel_ones() {
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.overlap = false;
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    assert_eq!(s.outcome(10).route, Route::Node { name: "isp".into() });
+    assert_eq!(s.outcome(11).route, Route::Node { name: "isp".into() });
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+#[test]
 fn target_on_the_subnet_pairs_at_the_gateway_without_forwarding() {
     let mut s = Sim::new();
+    // Rule 2 needs TARGET-MAC: sequential peers.
+    s.overlap = false;
     s.node("root", ROOT, None, &[]);
     s.node("home", 3, None, &[]);
     s.node_mut(3).set_neighbours([Mac([2, 0, 0, 0, 0, 0xb])]);
@@ -536,6 +616,7 @@ fn target_on_the_subnet_pairs_at_the_gateway_without_forwarding() {
 #[test]
 fn local_hold_is_bounded_when_the_target_goes_elsewhere() {
     let mut s = Sim::new();
+    s.overlap = false;
     s.node("root", ROOT, None, &[]);
     s.node("home", 3, None, &[]);
     s.node_mut(3).set_neighbours([Mac([2, 0, 0, 0, 0, 0xb])]);
@@ -640,7 +721,7 @@ fn connect(sess: u8, from: u8, to: u8, path: &[&str]) -> wire::ConnectReq {
     wire::ConnectReq {
         session: vec![sess; 16],
         mac: Mac([2, 0, 0, 0, 0, from]),
-        target: Mac([2, 0, 0, 0, 0, to]),
+        target: Some(Mac([2, 0, 0, 0, 0, to])),
         root: addr(ROOT),
         hops: 16,
         path: path.iter().map(|s| s.to_string()).collect(),
@@ -955,4 +1036,90 @@ fn relay_uris_count_as_self_addresses() {
     let outs = outputs(&mut n);
     assert_eq!(outs.len(), 1, "held, not forwarded");
     assert_eq!(class_and_code(&outs[0].1), (Class::Indication, None));
+}
+
+#[test]
+fn side_whose_answer_died_below_is_redirected_by_the_root_to_where_it_paired() {
+    // A's parallel Connect climbs home-a → isp → root; home-a dies; B pairs with A's request at
+    // isp, whose answer to A is lost with home-a. A falls back to the root, which learnt from
+    // isp's Cancel where A's half paired, and hands A the isp relay.
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.run_for(Duration::from_millis(100));
+    assert_eq!(s.node_mut(2).stats().pending, 1);
+    s.ents.insert(addr(3), Entity::Dead);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    assert_eq!(s.outcome(11).route, Route::Node { name: "isp".into() });
+    let a = s.outcome(10);
+    assert_eq!(a.route, Route::Node { name: "isp".into() }, "{a:?}");
+    assert!(a
+        .gateway_error
+        .as_deref()
+        .unwrap()
+        .contains("stopped answering"));
+    assert_eq!(s.node_mut(ROOT).stats().paired, 0);
+    s.run_for(Duration::from_secs(60));
+    s.assert_clean();
+}
+
+/// The ISP topology with the ISP node's config adjusted by `f`.
+fn isp_topology_with(s: &mut Sim, f: impl FnOnce(&mut RawrConfig)) {
+    isp_topology(s);
+    s.node_with("isp", 2, None, &["home-a", "home-b"], f);
+}
+
+#[test]
+fn reservation_refused_per_link_sends_the_session_above() {
+    let mut s = Sim::new();
+    isp_topology_with(&mut s, |c| c.limits.sessions_per_link = 1);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    assert_eq!(s.outcome(10).route, Route::Node { name: "isp".into() });
+    // A second session over the same links: home-a already holds its one reservation at isp.
+    s.session = vec![8; 16];
+    s.peer(12, 0xc, 0xd, Some(3), false);
+    s.peer(13, 0xd, 0xc, Some(4), false);
+    s.run();
+    for p in [12, 13] {
+        let o = s.outcome(p);
+        assert_eq!(
+            o.route,
+            Route::Root {
+                name: "root".into()
+            },
+            "{o:?}"
+        );
+        assert!(o.gateway_error.as_deref().unwrap().contains("470"), "{o:?}");
+    }
+}
+
+#[test]
+fn session_over_its_limit_meets_above_when_the_peers_come_back() {
+    let mut s = Sim::new();
+    isp_topology(&mut s);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    let user = s.outcome(10).relay.as_ref().unwrap().username.clone();
+    assert_eq!(s.outcome(10).route, Route::Node { name: "isp".into() });
+    // The ISP's TURN server reports the byte or time limit reached; the peers run again.
+    let now = s.now;
+    s.node_mut(2).session_exhausted(now, &user);
+    s.peer(10, 0xa, 0xb, Some(3), false);
+    s.peer(11, 0xb, 0xa, Some(4), false);
+    s.run();
+    for p in [10, 11] {
+        let o = s.outcome(p);
+        assert_eq!(
+            o.route,
+            Route::Root {
+                name: "root".into()
+            },
+            "{o:?}"
+        );
+        assert!(o.gateway_error.as_deref().unwrap().contains("470"), "{o:?}");
+    }
 }

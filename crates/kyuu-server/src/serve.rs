@@ -112,7 +112,7 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
     let ice = ice_provider(&config, &host, &listeners);
 
     let rawr = match ext_rx {
-        Some(rx) => Some(start_rawr(&config, &ice, rx).await?),
+        Some(rx) => Some(start_rawr(&config, &ice, rx, relay.control()).await?),
         None => None,
     };
     let ice_needs_token = config.signal.auth_secret.is_some();
@@ -461,6 +461,7 @@ async fn start_rawr(
     config: &Config,
     ice: &IceProvider,
     mut requests: tokio::sync::mpsc::Receiver<relay::ExtensionRequest>,
+    control: relay::RelayControl,
 ) -> anyhow::Result<crate::rawr::runtime::NodeHandle> {
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -508,7 +509,23 @@ async fn start_rawr(
             let _ = reply.send(*client, data);
         }
     });
-    crate::rawr::runtime::start(cfg, Some((rx, reply)))
+    // A session that pairs here gets its two allocations linked in-process (docs/rawr.md §6.1),
+    // unless `rawr.pair_in_process = false`.
+    // Session limits (§4.6) are enforced by the TURN shards either way.
+    let in_process = cfg.pair_in_process;
+    let on_paired: crate::rawr::runtime::PairFn =
+        Box::new(move |p: crate::rawr::runtime::PairRequest| {
+            let limits = kyuu_turn::SessionLimits {
+                max_bytes: p.max_bytes,
+                max_duration: (p.max_secs > 0).then(|| Duration::from_secs(p.max_secs)),
+            };
+            if !in_process && limits == kyuu_turn::SessionLimits::default() {
+                return;
+            }
+            control.pair(p.usernames, p.lifetime, limits, Some(p.ended), in_process);
+        });
+    let on_paired = Some(on_paired);
+    crate::rawr::runtime::start_paired(cfg, Some((rx, reply)), on_paired)
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }

@@ -291,7 +291,7 @@ fn udp_answers_never_exceed_the_binding_ratio() {
     let c = kyuu_rawr::wire::ConnectReq {
         session: vec![1; 16],
         mac: kyuu_rawr::wire::Mac([2, 0, 0, 0, 0, 1]),
-        target: kyuu_rawr::wire::Mac([2, 0, 0, 0, 0, 2]),
+        target: Some(kyuu_rawr::wire::Mac([2, 0, 0, 0, 0, 2])),
         root: "198.51.100.9:3478".parse().unwrap(),
         hops: 1,
         path: vec![],
@@ -311,7 +311,7 @@ fn udp_answers_never_exceed_the_binding_ratio() {
     ));
     kinds.push((
         "RAWR Cancel, well-formed".into(),
-        kyuu_rawr::wire::encode_cancel(t, &c.session, c.mac, c.target, None),
+        kyuu_rawr::wire::encode_cancel(t, &c.session, c.mac, c.target, None, None),
     ));
 
     let mut rows = Vec::new();

@@ -113,3 +113,72 @@ async fn browsers_meet_at_the_isp_through_the_http_form() {
     assert_eq!(st, 400, "{body}");
     drop((root, isp, ha, hb));
 }
+
+/// A browser over the WebSocket form: one connection, Exchange and Connect sent at once.
+async fn ws_browser(
+    gw: SocketAddr,
+    root: SocketAddr,
+    session: &str,
+    mac: &str,
+) -> (serde_json::Value, usize) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{gw}/rawr/ws"))
+        .await
+        .unwrap();
+    let send = |v: serde_json::Value| Message::Text(v.to_string().into());
+    ws.send(send(
+        serde_json::json!({"op": "register", "id": 1, "mac": mac}),
+    ))
+    .await
+    .unwrap();
+    ws.send(send(serde_json::json!({"op": "connect", "id": 2, "session": session, "mac": mac, "root": root.to_string()})))
+        .await
+        .unwrap();
+    ws.send(send(serde_json::json!({"op": "exchange", "id": 3, "session": session, "mac": mac, "root": root.to_string()})))
+        .await
+        .unwrap();
+    ws.send(send(serde_json::json!({"op": "nope", "id": 4})))
+        .await
+        .unwrap();
+    let mut pending = 0;
+    let mut results = std::collections::HashMap::new();
+    while results.len() < 4 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = m else { continue };
+        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        if v["pending"] == true {
+            pending += 1;
+            continue;
+        }
+        results.insert(v["id"].as_u64().unwrap(), v);
+    }
+    assert_eq!(results[&4]["code"], 400, "{:?}", results[&4]);
+    assert_eq!(results[&1]["result"]["lifetime"], 600);
+    assert!(results[&3]["result"]["mac"].is_string());
+    (results[&2]["result"].clone(), pending)
+}
+
+#[tokio::test]
+async fn browsers_meet_at_the_isp_over_one_websocket_each() {
+    let root = node("root", None, &[]).await;
+    let isp = node("isp", None, &["homea", "homeb"]).await;
+    let ha = node("homea", Some(isp.local_addr()), &[]).await;
+    let hb = node("homeb", Some(isp.local_addr()), &[]).await;
+    let (wa, wb) = (serve(ha.local_addr()).await, serve(hb.local_addr()).await);
+    let session = hex::encode(rand::random::<[u8; 16]>());
+    let r = root.local_addr();
+    let (a, b) = tokio::join!(
+        ws_browser(wa, r, &session, "02:00:00:00:00:0a"),
+        ws_browser(wb, r, &session, "02:00:00:00:00:0b"),
+    );
+    assert_eq!(a.0["path"], serde_json::json!(["homea", "isp"]));
+    assert_eq!(b.0["path"], serde_json::json!(["homeb", "isp"]));
+    // Somebody waited: at least one held request's pending indication reached its browser.
+    assert!(a.1 + b.1 >= 1, "no pending indication over the WebSocket");
+    drop((root, isp, ha, hb));
+}

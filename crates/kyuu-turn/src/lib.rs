@@ -40,7 +40,8 @@ pub use config::{ConfigError, PortRange, TurnConfig, UserConfig};
 pub use ipnet;
 pub use server::admin::{check_credentials, AllocationInfo, CredentialCheck, NotApplied};
 pub use server::{
-    PeerIcmp, Rfc5780, Server, ServerError, ServerOptions, Shared, ICMP_INDICATION_MAX,
+    PeerIcmp, Rfc5780, Server, ServerError, ServerOptions, SessionLimits, Shared,
+    ICMP_INDICATION_MAX,
 };
 pub use types::*;
 

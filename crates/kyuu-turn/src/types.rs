@@ -221,6 +221,9 @@ pub enum Output {
     ClosePeerConnection { connection_id: ConnectionId },
     /// A STUN request in the extension method range (RAWR), for the extension's handler.
     Extension { client: ClientSocket, data: Vec<u8> },
+    /// The allocation made with `username` reached the byte or duration limit a RAWR pairing
+    /// gave it ([`crate::SessionLimits`]) and was deleted; tell the RAWR node.
+    SessionLimit { username: String },
 }
 
 /// Relay a payload from a relay socket to a peer. `data` indexes the buffer the client packet was
@@ -233,6 +236,19 @@ pub struct ToPeer {
     /// Send this datagram with DF (RFC 8656 §14): the allocation's DONT-FRAGMENT for
     /// ChannelData, the Send indication's own DONT-FRAGMENT for a Send indication (§11.2).
     pub dont_fragment: bool,
+    /// Set when `peer` is the relayed address of an allocation paired with this one on the same
+    /// shard (RAWR, `docs/rawr.md` §6.1): the shell MAY skip the relay socket and hand the payload
+    /// to [`crate::Server::handle_peer`] with this target, as if it had arrived there. A shell
+    /// that ignores it sends the datagram as usual, which works too.
+    pub paired: Option<PairedTarget>,
+}
+
+/// Where a paired packet enters the other allocation: its relay key, and the peer address it
+/// comes from (the sending allocation's relayed address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairedTarget {
+    pub relay: RelayKey,
+    pub from: PeerAddr,
 }
 
 /// Send a ChannelData message or Data indication, written in place in the buffer the peer packet

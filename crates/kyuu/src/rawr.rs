@@ -36,9 +36,10 @@ pub struct ConnectArgs {
     /// The root node (ip:port), the one both peers name.
     #[arg(long)]
     pub root: SocketAddr,
-    /// This host's RAWR gateway (ip:port), usually the router.
+    /// This host's RAWR gateway (ip:port), usually the router; `auto`: probe the default router
+    /// on the STUN port, then DNS SRV `_rawr._udp.<search domain>` (docs/rawr.md §8.1).
     #[arg(long)]
-    pub gateway: Option<SocketAddr>,
+    pub gateway: Option<GatewayArg>,
     /// Session id (hex, 16..64 bytes) shared with the other peer.
     #[arg(long)]
     pub session: String,
@@ -57,6 +58,25 @@ pub struct ConnectArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--gateway`: an address, or `auto` for discovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayArg {
+    Addr(SocketAddr),
+    Auto,
+}
+
+impl std::str::FromStr for GatewayArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(GatewayArg::Auto);
+        }
+        s.parse()
+            .map(GatewayArg::Addr)
+            .map_err(|_| format!("--gateway: `{s}` is neither ip:port nor auto"))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,7 +120,25 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         bail!("--session must be 16..64 bytes (32..128 hex digits)");
     }
     let mut host = HostNet::default();
-    let toward = a.gateway.unwrap_or(a.root).ip();
+    let gateway = match a.gateway {
+        None => None,
+        Some(GatewayArg::Addr(g)) => Some(g),
+        Some(GatewayArg::Auto) => {
+            let probe = UdpSocket::bind(("0.0.0.0", 0))
+                .await
+                .context("binding a UDP socket")?;
+            let d = kyuu_server::rawr::discover::discover_gateway(&host, &probe, None).await;
+            match (&d.gateway, &d.found) {
+                (Some(g), Some(how)) => eprintln!("gateway: {g} (found by {how:?})"),
+                _ => eprintln!(
+                    "gateway: none found ({}); using the root",
+                    d.tried.join("; ")
+                ),
+            }
+            d.gateway
+        }
+    };
+    let toward = gateway.unwrap_or(a.root).ip();
     let ident = host.mac_toward(toward).await;
     let (mac, ip) = match (a.mac, a.random_mac, ident) {
         (Some(m), _, Ok((_, ip))) => (m, Some(ip)),
@@ -125,7 +163,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         .context("binding a UDP socket")?;
     let local = sock.local_addr()?;
     let mut cfg = PeerConfig::new(session, mac, a.root);
-    cfg.gateway = a.gateway;
+    cfg.gateway = gateway;
     cfg.deadline = Duration::from_secs(a.timeout);
     if !local.ip().is_unspecified() {
         cfg.hosts = vec![local];

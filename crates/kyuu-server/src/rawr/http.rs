@@ -1,12 +1,16 @@
-//! The RAWR control plane as JSON over HTTP, for browsers (`docs/rawr.md` §9). Mount with
+//! The RAWR control plane as JSON over HTTP and over one WebSocket, for browsers
+//! (`docs/rawr.md` §9). Mount with
 //! `Router::new().nest("/rawr", kyuu_server::rawr::http::router(node_udp_addr))`.
 //!
 //! The handlers speak RAWR over UDP to the node on the browser's behalf (to this node, or to the
-//! root for Exchange and for the root fallback), so the node core is the same for both forms.
+//! root for Exchange and for the root fallback), so the node core is the same for every form.
+//! `GET /rawr/ws` upgrades to a WebSocket that carries the same operations as JSON messages,
+//! several at once (Exchange and Connect in parallel) and the node's pending indications.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use super::runtime::transact_on;
+use super::runtime::transact_on_pending;
 use kyuu_rawr::wire::{self, ConnectReq, Mac, Relay, MAX_HOPS};
 
 /// The script web apps load: `rawrIceServers({gateway, root, session})`.
@@ -50,6 +54,7 @@ pub fn router_with(node: SocketAddr, sockets: SocketFactory) -> Router {
         .route("/exchange", post(exchange))
         .route("/register", post(register))
         .route("/connect", post(connect))
+        .route("/ws", get(ws_upgrade))
         .with_state(AppState { node, sockets })
 }
 
@@ -86,10 +91,6 @@ fn parse_session(s: &str) -> Result<Vec<u8>, &'static str> {
     Ok(b)
 }
 
-fn bad(e: &'static str) -> Response {
-    err(StatusCode::BAD_REQUEST, 400, e)
-}
-
 fn parse_mac(s: &str) -> Result<Mac, &'static str> {
     s.parse().map_err(|_| "bad MAC")
 }
@@ -103,16 +104,39 @@ enum AskError {
     Transport(StatusCode, String),
 }
 
-impl AskError {
-    fn into_response(self) -> Response {
-        match self {
-            AskError::Rawr(code, reason) => {
-                err(StatusCode::BAD_GATEWAY, code, format!("{code} {reason}"))
-            }
-            AskError::Transport(status, e) => err(status, status.as_u16(), e),
-        }
+/// Why an operation failed: bad input, or what [`ask`] reports.
+#[derive(Debug)]
+enum Fail {
+    Bad(&'static str),
+    Ask(AskError),
+}
+
+impl From<AskError> for Fail {
+    fn from(e: AskError) -> Self {
+        Fail::Ask(e)
     }
 }
+
+impl Fail {
+    /// `(HTTP status, RAWR-or-HTTP code, message)`.
+    fn parts(self) -> (StatusCode, u16, String) {
+        match self {
+            Fail::Bad(e) => (StatusCode::BAD_REQUEST, 400, e.to_owned()),
+            Fail::Ask(AskError::Rawr(code, reason)) => {
+                (StatusCode::BAD_GATEWAY, code, format!("{code} {reason}"))
+            }
+            Fail::Ask(AskError::Transport(status, e)) => (status, status.as_u16(), e),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let (status, code, e) = self.parts();
+        err(status, code, e)
+    }
+}
+
+/// Told when the node holds a request (a pending indication came back).
+type OnPending<'a> = &'a (dyn Fn() + Send + Sync);
 
 /// Sends a request and returns the success answer; error answers become [`AskError::Rawr`].
 async fn ask(
@@ -120,12 +144,13 @@ async fn ask(
     to: SocketAddr,
     build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
     deadline: Duration,
+    pending: OnPending<'_>,
 ) -> Result<Vec<u8>, AskError> {
     let transport = |e: std::io::Error| AskError::Transport(StatusCode::BAD_GATEWAY, e.to_string());
     let sock = (st.sockets)().map_err(transport)?;
     sock.set_nonblocking(true).map_err(transport)?;
     let sock = tokio::net::UdpSocket::from_std(sock).map_err(transport)?;
-    let ans = transact_on(&sock, to, build, deadline)
+    let ans = transact_on_pending(&sock, to, build, deadline, pending)
         .await
         .map_err(|e| AskError::Transport(StatusCode::GATEWAY_TIMEOUT, e.to_string()))?;
     let m = Message::parse(&ans)
@@ -137,6 +162,10 @@ async fn ask(
         });
     }
     Ok(ans)
+}
+
+fn bad_answer(e: impl ToString) -> Fail {
+    Fail::Ask(AskError::Transport(StatusCode::BAD_GATEWAY, e.to_string()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,44 +181,50 @@ struct ExchangeOut {
     mac: String,
 }
 
-async fn exchange(State(st): State<AppState>, Json(r): Json<ExchangeIn>) -> Response {
+async fn run_exchange(
+    st: &AppState,
+    r: ExchangeIn,
+    pending: OnPending<'_>,
+) -> Result<serde_json::Value, Fail> {
     let (session, mac) = match (parse_session(&r.session), parse_mac(&r.mac)) {
         (Ok(s), Ok(m)) => (s, m),
-        (Err(e), _) | (_, Err(e)) => return bad(e),
+        (Err(e), _) | (_, Err(e)) => return Err(Fail::Bad(e)),
     };
     let to = r.root.unwrap_or(st.node);
     for _ in 0..4 {
         let s2 = session.clone();
         match ask(
-            &st,
+            st,
             to,
             |t| wire::encode_exchange(t, &s2, mac, &[]),
             Duration::from_secs(12),
+            pending,
         )
         .await
         {
             Ok(ans) => {
-                let Ok(m) = Message::parse(&ans) else {
-                    return err(StatusCode::BAD_GATEWAY, 502, "bad answer");
-                };
-                return match wire::decode_exchange_answer(&m) {
-                    Ok((other, _)) => Json(ExchangeOut {
-                        mac: other.to_string(),
-                    })
-                    .into_response(),
-                    Err(e) => err(StatusCode::BAD_GATEWAY, 502, e),
-                };
+                let m = Message::parse(&ans).map_err(bad_answer)?;
+                let (other, _) = wire::decode_exchange_answer(&m).map_err(bad_answer)?;
+                return Ok(serde_json::json!(ExchangeOut {
+                    mac: other.to_string()
+                }));
             }
             // The other peer has not asked yet: ask again.
             Err(AskError::Rawr(wire::code::TIMEOUT, _)) => continue,
-            Err(e) => return e.into_response(),
+            Err(e) => return Err(e.into()),
         }
     }
-    err(
+    Err(Fail::Ask(AskError::Transport(
         StatusCode::GATEWAY_TIMEOUT,
-        408,
-        "the other peer did not ask",
-    )
+        "the other peer did not ask".into(),
+    )))
+}
+
+async fn exchange(State(st): State<AppState>, Json(r): Json<ExchangeIn>) -> Response {
+    match run_exchange(&st, r, &|| {}).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,28 +233,32 @@ struct RegisterIn {
     lifetime: Option<u32>,
 }
 
-async fn register(State(st): State<AppState>, Json(r): Json<RegisterIn>) -> Response {
-    let mac = match parse_mac(&r.mac) {
-        Ok(m) => m,
-        Err(e) => return bad(e),
-    };
+async fn run_register(
+    st: &AppState,
+    r: RegisterIn,
+    pending: OnPending<'_>,
+) -> Result<serde_json::Value, Fail> {
+    let mac = parse_mac(&r.mac).map_err(Fail::Bad)?;
     let lifetime = r.lifetime;
-    match ask(
-        &st,
+    let ans = ask(
+        st,
         st.node,
         |t| wire::encode_register(t, mac, lifetime),
         Duration::from_secs(5),
+        pending,
     )
-    .await
-    {
-        Ok(ans) => {
-            let lifetime = Message::parse(&ans)
-                .ok()
-                .and_then(|m| m.u32_attr(kyuu_stun::attr::LIFETIME))
-                .and_then(Result::ok)
-                .unwrap_or(0);
-            Json(serde_json::json!({ "lifetime": lifetime })).into_response()
-        }
+    .await?;
+    let lifetime = Message::parse(&ans)
+        .ok()
+        .and_then(|m| m.u32_attr(kyuu_stun::attr::LIFETIME))
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    Ok(serde_json::json!({ "lifetime": lifetime }))
+}
+
+async fn register(State(st): State<AppState>, Json(r): Json<RegisterIn>) -> Response {
+    match run_register(&st, r, &|| {}).await {
+        Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -228,7 +267,9 @@ async fn register(State(st): State<AppState>, Json(r): Json<RegisterIn>) -> Resp
 struct ConnectIn {
     session: String,
     mac: String,
-    target: String,
+    /// The other peer's MAC; absent: the wildcard Connect, sent in parallel with Exchange.
+    #[serde(default)]
+    target: Option<String>,
     root: SocketAddr,
     /// "gateway" (default: this node) or "root" (the fallback: Connect at the root directly).
     #[serde(default)]
@@ -243,14 +284,18 @@ struct ConnectOut {
     ice_servers: serde_json::Value,
 }
 
-async fn connect(State(st): State<AppState>, Json(r): Json<ConnectIn>) -> Response {
+async fn run_connect(
+    st: &AppState,
+    r: ConnectIn,
+    pending: OnPending<'_>,
+) -> Result<serde_json::Value, Fail> {
     let (session, mac, target) = match (
         parse_session(&r.session),
         parse_mac(&r.mac),
-        parse_mac(&r.target),
+        r.target.as_deref().map(parse_mac).transpose(),
     ) {
         (Ok(s), Ok(m), Ok(t)) => (s, m, t),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Err(Fail::Bad(e)),
     };
     let to = match r.at.as_deref() {
         Some("root") => r.root,
@@ -264,32 +309,133 @@ async fn connect(State(st): State<AppState>, Json(r): Json<ConnectIn>) -> Respon
         hops: MAX_HOPS,
         path: Vec::new(),
     };
-    match ask(
-        &st,
+    let ans = ask(
+        st,
         to,
         |t| wire::encode_connect(t, &req, None),
         Duration::from_secs(25),
+        pending,
     )
-    .await
-    {
-        Ok(ans) => {
-            let relay = Message::parse(&ans)
-                .map_err(|e| e.to_string())
-                .and_then(|m| Relay::decode(&m).map_err(|e| e.to_string()));
-            match relay {
-                Ok(r) => Json(ConnectOut {
-                    ice_servers: serde_json::json!([{
-                        "urls": r.uris,
-                        "username": r.username,
-                        "credential": r.password,
-                    }]),
-                    path: r.path,
-                    at_root: r.at_root,
-                })
-                .into_response(),
-                Err(e) => err(StatusCode::BAD_GATEWAY, 502, e),
-            }
-        }
+    .await?;
+    let m = Message::parse(&ans).map_err(bad_answer)?;
+    let r = Relay::decode(&m).map_err(bad_answer)?;
+    Ok(serde_json::json!(ConnectOut {
+        ice_servers: serde_json::json!([{
+            "urls": r.uris,
+            "username": r.username,
+            "credential": r.password,
+        }]),
+        path: r.path,
+        at_root: r.at_root,
+    }))
+}
+
+async fn connect(State(st): State<AppState>, Json(r): Json<ConnectIn>) -> Response {
+    match run_connect(&st, r, &|| {}).await {
+        Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+// ---- WebSocket form ----
+
+/// Operations one WebSocket may have running at once.
+const WS_MAX_OPS: usize = 8;
+/// Largest message accepted from the browser.
+const WS_MAX_MESSAGE: usize = 4096;
+/// Operations one WebSocket may start in all (a page needs three or four per session).
+const WS_MAX_TOTAL_OPS: usize = 64;
+/// How long a WebSocket may stay open.
+const WS_LIFETIME: Duration = Duration::from_secs(300);
+
+async fn ws_upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(WS_MAX_MESSAGE)
+        .on_upgrade(move |socket| ws_session(st, socket))
+}
+
+/// One browser's WebSocket: each text message `{"op", "id", ...fields of the HTTP form}` starts
+/// an operation (`register`, `exchange`, `connect`); answers are `{"id", "result"}` or
+/// `{"id", "error", "code"}`, and `{"id", "pending": true}` when the node first holds it.
+async fn ws_session(st: AppState, mut socket: WebSocket) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<serde_json::Value>(4 * WS_MAX_OPS);
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut started = 0usize;
+    let end = tokio::time::Instant::now() + WS_LIFETIME;
+    let mut ops = tokio::task::JoinSet::new();
+    loop {
+        let msg = tokio::select! {
+            m = socket.recv() => m,
+            Some(v) = rx.recv() => {
+                if socket.send(WsMessage::Text(v.to_string().into())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Some(_) = ops.join_next(), if !ops.is_empty() => continue,
+            _ = tokio::time::sleep_until(end) => break,
+        };
+        let text = match msg {
+            Some(Ok(WsMessage::Text(t))) => t,
+            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        };
+        let v: serde_json::Value = match serde_json::from_str(text.as_str()) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = tx.try_send(serde_json::json!({"error": "not JSON", "code": 400}));
+                continue;
+            }
+        };
+        let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
+        let busy = running.load(std::sync::atomic::Ordering::Relaxed) >= WS_MAX_OPS;
+        if busy || started >= WS_MAX_TOTAL_OPS {
+            let _ = tx.try_send(
+                serde_json::json!({"id": id, "error": "too many operations", "code": 486}),
+            );
+            continue;
+        }
+        started += 1;
+        running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (st, tx, running) = (st.clone(), tx.clone(), running.clone());
+        ops.spawn(async move {
+            let said = std::sync::atomic::AtomicBool::new(false);
+            let ptx = tx.clone();
+            let pid = id.clone();
+            let pending = move || {
+                if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    let _ = ptx.try_send(serde_json::json!({"id": pid, "pending": true}));
+                }
+            };
+            let out = ws_op(&st, v, &pending).await;
+            let reply = match out {
+                Ok(result) => serde_json::json!({"id": id, "result": result}),
+                Err(e) => {
+                    let (_, code, error) = e.parts();
+                    serde_json::json!({"id": id, "error": error, "code": code})
+                }
+            };
+            let _ = tx.send(reply).await;
+            running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    ops.abort_all();
+}
+
+async fn ws_op(
+    st: &AppState,
+    v: serde_json::Value,
+    pending: OnPending<'_>,
+) -> Result<serde_json::Value, Fail> {
+    let op = v
+        .get("op")
+        .and_then(|o| o.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let parse = |_: serde_json::Error| Fail::Bad("bad fields for op");
+    match op.as_str() {
+        "register" => run_register(st, serde_json::from_value(v).map_err(parse)?, pending).await,
+        "exchange" => run_exchange(st, serde_json::from_value(v).map_err(parse)?, pending).await,
+        "connect" => run_connect(st, serde_json::from_value(v).map_err(parse)?, pending).await,
+        _ => Err(Fail::Bad("unknown op")),
     }
 }

@@ -4,7 +4,9 @@
 //!   extension channel), [`runtime::spawn_node`] standalone, [`runtime::run_peer`].
 //! * [`http`]: the JSON/HTTP form for browsers and `rawr.js` (mounted at `/rawr`).
 //! * [`sys`]: neighbour table and interface MACs (iproute2, `/proc/net/arp`).
+//! * [`discover`]: finding the gateway without configuration (router probe, DNS SRV).
 
+pub mod discover;
 pub mod http;
 pub mod runtime;
 pub mod sys;

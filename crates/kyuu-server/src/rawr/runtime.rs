@@ -28,6 +28,22 @@ const SOCKET_CLIENTS_MAX: usize = 4096;
 /// own socket: `(client, bytes)`.
 pub type ReplyFn = Box<dyn Fn(SocketAddr, Vec<u8>) + Send + Sync>;
 
+/// A session paired at this node, for the TURN server (`docs/rawr.md` §6.1, §4.6): link the two
+/// allocations in-process, hold each side to the limits, and send the username of a side cut by
+/// them to `ended`.
+#[derive(Debug, Clone)]
+pub struct PairRequest {
+    pub usernames: [String; 2],
+    /// The credential lifetime.
+    pub lifetime: Duration,
+    pub max_bytes: u64,
+    pub max_secs: u64,
+    pub ended: mpsc::UnboundedSender<String>,
+}
+
+/// Called for every session that pairs at this node.
+pub type PairFn = Box<dyn Fn(PairRequest) + Send + Sync>;
+
 /// Requests handed over by the STUN/TURN server: `(client, bytes)`.
 pub type Inbound = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
 
@@ -96,7 +112,20 @@ pub fn spawn_node_on(
     ext: Option<(Inbound, ReplyFn)>,
     host: HostNet,
 ) -> Result<NodeHandle, ConfigError> {
+    spawn_node_full(cfg, socket, ext, host, None)
+}
+
+/// [`spawn_node_on`] telling `on_paired` about every session that pairs here.
+pub fn spawn_node_full(
+    cfg: RawrConfig,
+    socket: UdpSocket,
+    ext: Option<(Inbound, ReplyFn)>,
+    host: HostNet,
+    on_paired: Option<PairFn>,
+) -> Result<NodeHandle, ConfigError> {
     cfg.validate()?;
+    let cred_lifetime = Duration::from_secs(u64::from(cfg.limits.credential_lifetime_s));
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
     let networks = cfg.parsed_networks()?;
     let local = socket
         .local_addr()
@@ -143,6 +172,10 @@ pub fn spawn_node_on(
                     node.handle_input(Instant::now(), from, &data);
                 }
                 _ = tokio::time::sleep_until(wake) => node.handle_timeout(Instant::now()),
+                Some(user) = ended_rx.recv() => {
+                    tracing::info!(node = node.name(), %user, "rawr: session limit reached");
+                    node.session_exhausted(Instant::now(), &user);
+                }
                 c = rx.recv() => match c {
                     Some(Cmd::Stats(tx)) => { let _ = tx.send(node.stats()); }
                     None => break,
@@ -156,9 +189,23 @@ pub fn spawn_node_on(
                             let _ = socket.send_to(&data, to).await;
                         }
                     },
-                    Output::Paired { tag, usernames } => {
+                    Output::Paired {
+                        tag,
+                        usernames,
+                        max_bytes,
+                        max_secs,
+                    } => {
                         metrics::counter!("kyuu_rawr_paired_total").increment(1);
                         tracing::info!(node = node.name(), %tag, ?usernames, "rawr: paired");
+                        if let Some(f) = &on_paired {
+                            f(PairRequest {
+                                usernames,
+                                lifetime: cred_lifetime,
+                                max_bytes,
+                                max_secs,
+                                ended: ended_tx.clone(),
+                            });
+                        }
                     }
                 }
             }
@@ -357,6 +404,15 @@ pub async fn start(
     cfg: RawrConfig,
     ext: Option<(Inbound, ReplyFn)>,
 ) -> Result<NodeHandle, StartError> {
+    start_paired(cfg, ext, None).await
+}
+
+/// [`start`] with a [`PairFn`] (kyuu serve links paired allocations in its TURN shards).
+pub async fn start_paired(
+    cfg: RawrConfig,
+    ext: Option<(Inbound, ReplyFn)>,
+    on_paired: Option<PairFn>,
+) -> Result<NodeHandle, StartError> {
     let addr = match (cfg.listen, &ext) {
         (Some(a), _) => a,
         (None, Some(_)) => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -365,7 +421,8 @@ pub async fn start(
     let socket = UdpSocket::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
-    Ok(spawn_node_with(cfg, socket, ext)?)
+    let host = HostNet::new(cfg.netns.clone());
+    Ok(spawn_node_full(cfg, socket, ext, host, on_paired)?)
 }
 
 /// One RAWR request/answer exchange from a fresh socket, with retransmission and liveness
@@ -391,6 +448,17 @@ pub async fn transact_on(
     build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
     deadline: Duration,
 ) -> Result<Vec<u8>, std::io::Error> {
+    transact_on_pending(sock, to, build, deadline, &|| {}).await
+}
+
+/// [`transact_on`], calling `pending` for every pending indication (the node holds the request).
+pub async fn transact_on_pending(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    build: impl FnOnce(kyuu_stun::TransactionId) -> Vec<u8>,
+    deadline: Duration,
+    pending: &(dyn Fn() + Send + Sync),
+) -> Result<Vec<u8>, std::io::Error> {
     use kyuu_rawr::txn::{Txn, TxnPoll};
     let tid = kyuu_stun::TransactionId(rand::random());
     let data = build(tid);
@@ -410,6 +478,7 @@ pub async fn transact_on(
                 }
                 if m.class() == kyuu_stun::Class::Indication {
                     txn.heard(Instant::now());
+                    pending();
                     continue;
                 }
                 return Ok(d.to_vec());

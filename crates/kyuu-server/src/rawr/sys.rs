@@ -151,6 +151,26 @@ impl HostNet {
         }
     }
 
+    /// The IPv4 default router (`ip route show default`: `default via 198.19.1.1 dev eth0`).
+    pub async fn default_router(&self) -> Option<IpAddr> {
+        let text = self.ip(&["-4", "route", "show", "default"]).await.ok()?;
+        text.lines().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "via")?;
+            w.get(i + 1)?.parse().ok()
+        })
+    }
+
+    /// This host's resolv.conf (`/etc/netns/<ns>/resolv.conf` for a namespace, as `ip netns
+    /// exec` would bind it, else `/etc/resolv.conf`).
+    pub async fn resolv_conf(&self) -> Option<String> {
+        let path = match &self.netns {
+            Some(ns) => format!("/etc/netns/{ns}/resolv.conf"),
+            None => "/etc/resolv.conf".to_owned(),
+        };
+        tokio::fs::read_to_string(path).await.ok()
+    }
+
     /// The MAC and source address of the interface that routes toward `dst`.
     pub async fn mac_toward(&self, dst: IpAddr) -> Result<(Mac, IpAddr), SysError> {
         let d = dst.to_string();

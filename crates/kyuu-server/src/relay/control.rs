@@ -25,6 +25,16 @@ pub(crate) enum ShardCmd {
     },
     /// Refuse new allocations from now on.
     Drain { alternate: Option<SocketAddr> },
+    /// RAWR paired the allocations made with these usernames (`docs/rawr.md` §6.1).
+    Pair {
+        usernames: [String; 2],
+        lifetime: std::time::Duration,
+        limits: kyuu_turn::SessionLimits,
+        /// Told the username of an allocation cut by `limits`.
+        ended: Option<mpsc::UnboundedSender<String>>,
+        /// Link the allocations in-process (else only hold them to `limits`).
+        link: bool,
+    },
     /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
     Stream {
         stream: AdoptedStream,
@@ -147,6 +157,30 @@ impl RelayControl {
         self.shards
             .first()
             .is_some_and(|tx| tx.send(ShardCmd::Stream { stream, client }).is_ok())
+    }
+
+    /// Tells every shard that the allocations made with `usernames` belong together (RAWR
+    /// pairing); a shard holding both links them in-process. Pairs split across shards are not
+    /// linked and relay through the kernel as usual.
+    /// Each side is held to `limits` (bytes, time) on whichever shard it is; `ended` hears the
+    /// username of a side cut by them.
+    pub fn pair(
+        &self,
+        usernames: [String; 2],
+        lifetime: std::time::Duration,
+        limits: kyuu_turn::SessionLimits,
+        ended: Option<mpsc::UnboundedSender<String>>,
+        link: bool,
+    ) {
+        for tx in &self.shards {
+            let _ = tx.send(ShardCmd::Pair {
+                usernames: usernames.clone(),
+                lifetime,
+                limits,
+                ended: ended.clone(),
+                link,
+            });
+        }
     }
 
     /// Every shard refuses new allocations from now on.

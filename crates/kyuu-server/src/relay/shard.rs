@@ -30,6 +30,8 @@ use super::{ExtensionReply, ExtensionRequest, ShardSockets};
 use crate::proxy;
 use kyuu_turn::ipnet::IpNet;
 
+/// RAWR usernames watched for session limits per shard (bounded; closed watchers go first).
+const LIMIT_WATCH_MAX: usize = 65_536;
 const BATCH: usize = quinn_udp::BATCH_SIZE;
 /// Relay sockets carry one peer flow each and mostly hold a datagram or two per wake-up;
 /// preparing fewer message headers per `recvmmsg` is cheaper there.
@@ -111,6 +113,12 @@ struct State {
     ext_reply: ExtensionReply,
     socket_buffer: usize,
     dropped_sends: u64,
+    /// Datagrams read from relay sockets, and client packets handed to a paired allocation
+    /// in-process, since the last flush.
+    relay_in: u64,
+    paired_pkts: u64,
+    /// Who to tell when the allocation of a RAWR username is cut by its session limits.
+    limit_watch: HashMap<String, mpsc::UnboundedSender<String>>,
     arena: Rc<RefCell<Arena>>,
     batch: Batch,
     /// quinn-udp state shared by every relay socket of the shard. `UdpSocketState::new` probes
@@ -296,6 +304,9 @@ pub(crate) fn run(
             ext_reply: ExtensionReply { tx: reply_tx },
             socket_buffer,
             dropped_sends: 0,
+            relay_in: 0,
+            paired_pkts: 0,
+            limit_watch: HashMap::new(),
             arena: arena.clone(),
             batch: Batch {
                 buf: Vec::with_capacity(GSO_MAX_BYTES + GSO_MAX_SEGMENT),
@@ -375,6 +386,14 @@ pub(crate) fn run(
                     metrics::counter!("kyuu_relay_send_dropped_total").increment(st.dropped_sends);
                     st.dropped_sends = 0;
                 }
+                if st.relay_in > 0 {
+                    metrics::counter!("kyuu_relay_socket_datagrams_total").increment(st.relay_in);
+                    st.relay_in = 0;
+                }
+                if st.paired_pkts > 0 {
+                    metrics::counter!("kyuu_relay_paired_packets_total").increment(st.paired_pkts);
+                    st.paired_pkts = 0;
+                }
                 st.drain(&timer_sh);
             }
         })));
@@ -422,6 +441,30 @@ impl State {
                 let _ = reply.send(self.core.reconfigure(*turn));
             }
             ShardCmd::Drain { alternate } => self.core.drain(alternate),
+            ShardCmd::Pair {
+                usernames,
+                lifetime,
+                limits,
+                ended,
+                link,
+            } => {
+                let [a, b] = &usernames;
+                if link {
+                    self.core.pair_usernames(now, a, b, lifetime, limits);
+                } else {
+                    self.core.limit_usernames(now, a, b, lifetime, limits);
+                }
+                if let Some(tx) = ended {
+                    if self.limit_watch.len() >= LIMIT_WATCH_MAX {
+                        self.limit_watch.retain(|_, t| !t.is_closed());
+                    }
+                    if self.limit_watch.len() < LIMIT_WATCH_MAX {
+                        for u in usernames {
+                            self.limit_watch.insert(u, tx.clone());
+                        }
+                    }
+                }
+            }
             ShardCmd::Stream { stream, client } => {
                 tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
             }
@@ -550,6 +593,32 @@ impl State {
             },
             payload,
         ))
+    }
+
+    /// A client packet for the allocation paired with the sender (`ToPeer::paired`): copied
+    /// behind headroom in `scratch` and handed to that allocation as if its relay socket had
+    /// read it, so it never touches the kernel. Without a target, [`State::send_peer`].
+    fn relay_packet(&mut self, now: Instant, tp: &ToPeer, packet: &[u8], scratch: &mut [u8]) {
+        let Some(target) = tp.paired else {
+            return self.send_peer(tp, packet);
+        };
+        let Some(data) = packet.get(tp.data.clone()) else {
+            return;
+        };
+        let Some(dst) = scratch.get_mut(PEER_HEADROOM..PEER_HEADROOM + data.len()) else {
+            return self.send_peer(tp, packet);
+        };
+        dst.copy_from_slice(data);
+        self.paired_pkts += 1;
+        let range = PEER_HEADROOM..PEER_HEADROOM + data.len();
+        if let Some(tc) = self
+            .core
+            .handle_peer(now, target.relay, target.from, scratch, range)
+        {
+            if let Some(out) = scratch.get(tc.data) {
+                self.send_client(tc.client, out);
+            }
+        }
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
@@ -716,6 +785,12 @@ impl State {
                 Output::ClosePeerConnection { connection_id } => {
                     self.peer_conns.remove(&connection_id);
                 }
+                Output::SessionLimit { username } => {
+                    metrics::counter!("kyuu_relay_session_limit_total").increment(1);
+                    if let Some(tx) = self.limit_watch.remove(&username) {
+                        let _ = tx.send(username);
+                    }
+                }
                 Output::Extension { client, data } => {
                     if let Some(tx) = &self.ext {
                         let _ = tx.try_send(ExtensionRequest {
@@ -870,7 +945,11 @@ async fn client_udp_loop(
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
-            let Arena { bufs, metas, .. } = &mut *ar;
+            let Arena {
+                bufs,
+                metas,
+                scratch,
+            } = &mut *ar;
             for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
                 let client = ClientSocket {
                     transport: Transport::Udp,
@@ -888,7 +967,7 @@ async fn client_udp_loop(
                         },
                     };
                     if let Some(tp) = st.core.handle_client(now, client, seg) {
-                        st.send_peer(&tp, seg);
+                        st.relay_packet(now, &tp, seg, scratch);
                     }
                 }
             }
@@ -1092,6 +1171,7 @@ async fn relay_udp_loop(
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
+            st.relay_in += n as u64;
             let Arena {
                 bufs,
                 metas,

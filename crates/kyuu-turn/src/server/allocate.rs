@@ -185,6 +185,8 @@ impl Server {
             stats: Stats::default(),
             flushed: Stats::default(),
             buckets: [TokenBucket::full(max_bps, now); 2],
+            paired: None,
+            limit: None,
         });
         for f in Family::BOTH {
             let Some(r) = relays[f.index()] else { continue };
@@ -315,6 +317,9 @@ impl Server {
             },
         );
         self.send_cached(client, p.tid, resp);
+        if let Some(user) = self.allocs.get(id).map(|a| a.username.clone()) {
+            self.try_link(now, &user);
+        }
     }
 
     fn fail_pending(&mut self, now: Instant, id: AllocId, code: ErrorCode) {
@@ -342,6 +347,7 @@ impl Server {
         let Some(mut a) = self.allocs.remove(id) else {
             return;
         };
+        self.unlink(a.paired.take());
         for f in Family::BOTH {
             let Some(r) = a.relays[f.index()] else {
                 continue;

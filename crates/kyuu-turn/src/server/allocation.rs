@@ -75,9 +75,21 @@ pub(crate) struct Allocation {
     pub flushed: Stats,
     /// Byte budget for `max_bps`, per [`Direction`].
     pub buckets: [TokenBucket; 2],
+    /// The allocation this one is paired with in-process (`pairing.rs`).
+    pub paired: Option<crate::server::pairing::PairLink>,
+    /// A RAWR session's limits on this side (`pairing.rs`): bytes relayed, end time.
+    pub limit: Option<(u64, Option<Instant>)>,
 }
 
 impl Allocation {
+    /// Whether this side of a RAWR session has used up its bytes or its time.
+    pub fn over_limit(&self, now: Instant) -> bool {
+        self.limit.is_some_and(|(max_bytes, ends)| {
+            (max_bytes > 0 && self.stats.to_peer_bytes + self.stats.to_client_bytes >= max_bytes)
+                || ends.is_some_and(|e| now >= e)
+        })
+    }
+
     pub fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
         self.perms.iter().any(|(p, exp)| *p == ip && *exp > now)
     }

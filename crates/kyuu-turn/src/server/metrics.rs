@@ -24,15 +24,17 @@ pub(crate) enum Dropped {
     RateLimited,
     Bandwidth,
     ForbiddenPeer,
+    SessionLimit,
 }
 
-const DROPS: [(Dropped, &str); 6] = [
+const DROPS: [(Dropped, &str); 7] = [
     (Dropped::Malformed, "malformed"),
     (Dropped::NoAllocation, "no_allocation"),
     (Dropped::NoPermission, "no_permission"),
     (Dropped::RateLimited, "rate_limited"),
     (Dropped::Bandwidth, "bandwidth"),
     (Dropped::ForbiddenPeer, "forbidden_peer"),
+    (Dropped::SessionLimit, "session_limit"),
 ];
 
 /// Per-shard counters not tied to one allocation.

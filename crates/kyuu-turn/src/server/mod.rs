@@ -28,6 +28,7 @@ mod binding;
 mod cache;
 mod icmp;
 mod metrics;
+mod pairing;
 mod permission;
 mod ports;
 mod quota;
@@ -52,11 +53,13 @@ use crate::types::{ClientSocket, Output, ToPeer};
 
 pub use binding::Rfc5780;
 pub use icmp::{PeerIcmp, ICMP_INDICATION_MAX};
+pub use pairing::SessionLimits;
 
 use allocation::Allocations;
 use authenticate::{authenticate, Answer, AuthContext, Authed, Verdict};
 use cache::ResponseCache;
 use metrics::{Counters, Dropped};
+use pairing::Pairings;
 use ports::PortPool;
 use quota::Quotas;
 use reservation::{Reservations, SharedReservations};
@@ -154,6 +157,8 @@ pub struct Server {
     /// Whether the shell can send with and without DF per allocation; see
     /// [`Server::set_dont_fragment_supported`].
     dont_fragment: bool,
+    /// In-process pairs (`pairing.rs`).
+    pairings: Pairings,
 }
 
 impl Server {
@@ -175,6 +180,7 @@ impl Server {
             next_tick: None,
             draining: false,
             dont_fragment: true,
+            pairings: Pairings::default(),
             cfg,
             opts,
         })
@@ -281,6 +287,7 @@ impl Server {
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
+        self.enforce_limits(now);
         for (f, p) in self
             .reservations
             .expire(&self.opts.shared.reservations, now)
@@ -293,6 +300,7 @@ impl Server {
         }
         self.cache.expire(now);
         self.limiter.expire(now);
+        self.pairings.expire(now);
         metrics::gauges(self.opts.shard, self.allocs.len(), perms, channels);
         self.counters.flush();
     }

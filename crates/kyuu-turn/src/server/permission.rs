@@ -23,7 +23,9 @@ impl Server {
         if !a.has_family(Family::of(&peer)) {
             return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
         }
-        if !self.policy.permits(peer.ip()) {
+        // The paired allocation (RAWR, `pairing.rs`) is reached in-process: no policy applies.
+        let paired = a.paired.is_some_and(|l| l.is_other(peer));
+        if !paired && !self.policy.permits(peer.ip()) {
             self.counters.drop(Dropped::ForbiddenPeer);
             metrics::counter!("kyuu_turn_forbidden_peers_total").increment(1);
             return Err(ErrorCode::FORBIDDEN);

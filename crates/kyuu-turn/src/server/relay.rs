@@ -23,7 +23,9 @@ use crate::server::allocation::{Allocation, Direction};
 use crate::server::metrics::{Counters, Dropped};
 use crate::server::request::SendInd;
 use crate::server::Server;
-use crate::types::{ClientSocket, Family, PeerAddr, RelayKey, RelayProto, ToClient, ToPeer};
+use crate::types::{
+    ClientSocket, Family, PairedTarget, PeerAddr, RelayKey, RelayProto, ToClient, ToPeer,
+};
 
 /// A ToPeer/ToClient payload range, checked to fit the buffer.
 fn range_in(start: usize, len: usize, buf_len: usize) -> Option<Range<usize>> {
@@ -49,7 +51,13 @@ impl Server {
             return None;
         };
         let len = payload.len();
-        if !alloc.permitted(peer.addr().ip(), now) {
+        if alloc.over_limit(now) {
+            self.counters.drop(Dropped::SessionLimit);
+            return None;
+        }
+        // The paired allocation's relayed address is permitted by the pairing itself.
+        let paired = alloc.paired.is_some_and(|l| l.is_other(peer.addr()));
+        if !paired && !alloc.permitted(peer.addr().ip(), now) {
             self.counters.drop(Dropped::NoPermission);
             return None;
         }
@@ -142,11 +150,14 @@ impl Server {
             self.counters.drop(Dropped::Malformed);
             return None;
         };
-        if !self.policy.permits(send.peer.ip()) {
+        let alloc = self.allocs.get_mut(id)?;
+        // Traffic to the paired allocation never leaves the process: the peer policy (which
+        // keeps relayed traffic out of internal networks) does not apply to it.
+        let paired = alloc.paired.is_some_and(|l| l.is_other(send.peer));
+        if !paired && !self.policy.permits(send.peer.ip()) {
             self.counters.drop(Dropped::ForbiddenPeer);
             return None;
         }
-        let alloc = self.allocs.get_mut(id)?;
         if alloc.proto != RelayProto::Udp || !alloc.has_family(Family::of(&send.peer)) {
             self.counters.drop(Dropped::NoPermission);
             return None;
@@ -175,8 +186,22 @@ fn to_peer(
     out: Outbound,
     max_bps: u64,
 ) -> Option<ToPeer> {
-    if !alloc.permitted(out.peer.ip(), now) {
+    let paired = alloc.paired.and_then(|l| {
+        let (family, own) = l.target(out.peer)?;
+        Some(PairedTarget {
+            relay: RelayKey {
+                alloc: l.other,
+                family,
+            },
+            from: PeerAddr::new(own),
+        })
+    });
+    if paired.is_none() && !alloc.permitted(out.peer.ip(), now) {
         counters.drop(Dropped::NoPermission);
+        return None;
+    }
+    if alloc.over_limit(now) {
+        counters.drop(Dropped::SessionLimit);
         return None;
     }
     let len = out.data.len();
@@ -194,5 +219,6 @@ fn to_peer(
         peer: PeerAddr::new(out.peer),
         data: out.data,
         dont_fragment: out.dont_fragment,
+        paired,
     })
 }
