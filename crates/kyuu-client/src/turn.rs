@@ -53,6 +53,12 @@ pub enum Event {
         code: u16,
         reason: String,
     },
+    /// 300 Try Alternate with ALTERNATE-SERVER (RFC 8489 §10): the server (a draining node of
+    /// a fleet, say) asks for the request to be sent to `alternate` instead.
+    TryAlternate {
+        method: u16,
+        alternate: SocketAddr,
+    },
     /// A request got no answer.
     Timeout {
         method: u16,
@@ -493,6 +499,15 @@ impl Client {
                     np.challenged = code == 401;
                 }
                 return;
+            }
+            if code == 300 {
+                if let Some(Ok(alternate)) = msg.address(attr::ALTERNATE_SERVER) {
+                    self.events.push_back(Event::TryAlternate {
+                        method: p.method,
+                        alternate,
+                    });
+                    return;
+                }
             }
             self.events.push_back(Event::Error {
                 method: p.method,

@@ -40,6 +40,9 @@ pub struct Allocation {
     data: VecDeque<(SocketAddr, Vec<u8>)>,
 }
 
+/// 300 Try Alternate answers followed by [`Allocation::new`] before giving up.
+const MAX_REDIRECTS: usize = 3;
+
 /// Longest wait for one answer; the client's own schedule gives up first (39.5 s).
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -60,19 +63,34 @@ impl Allocation {
             client: Client::new(username, password, false),
             data: VecDeque::new(),
         };
-        a.client.allocate(Instant::now());
-        match a.answer().await? {
-            Event::Allocated {
-                relayed, mapped, ..
-            } => {
-                a.relayed = *relayed
-                    .first()
-                    .ok_or(TurnError::Malformed("no XOR-RELAYED-ADDRESS"))?;
-                a.mapped = mapped;
-                Ok(a)
+        // 300 Try Alternate (a draining fleet node): start over at the alternate server, with
+        // the same credentials (RFC 8489 §10), a bounded number of times.
+        for _ in 0..=MAX_REDIRECTS {
+            a.client.allocate(Instant::now());
+            match a.answer().await? {
+                Event::Allocated {
+                    relayed, mapped, ..
+                } => {
+                    a.relayed = *relayed
+                        .first()
+                        .ok_or(TurnError::Malformed("no XOR-RELAYED-ADDRESS"))?;
+                    a.mapped = mapped;
+                    return Ok(a);
+                }
+                Event::TryAlternate { alternate, .. } => {
+                    a.server = alternate;
+                    a.client = Client::new(username, password, false);
+                }
+                _ => return Err(TurnError::Malformed("unexpected answer to Allocate")),
             }
-            _ => Err(TurnError::Malformed("unexpected answer to Allocate")),
         }
+        Err(TurnError::Malformed("too many 300 Try Alternate redirects"))
+    }
+
+    /// Ends the allocation (Refresh with lifetime 0, RFC 8656 §7.3).
+    pub async fn delete(&mut self) -> Result<(), TurnError> {
+        self.client.refresh(Instant::now(), 0);
+        self.answer().await.map(|_| ())
     }
 
     /// Installs a permission for `peer`.

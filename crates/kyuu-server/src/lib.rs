@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod limits;
 pub mod metrics;

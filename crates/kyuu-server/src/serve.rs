@@ -103,7 +103,11 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
     } else {
         (None, None)
     };
-    let relay = relay::start(&config.listen, config.turn.clone(), ext).await?;
+    let nonce_key = crate::fleet::nonce_key(
+        config.fleet.as_ref(),
+        config.turn.static_auth_secrets.first().map(String::as_str),
+    );
+    let relay = relay::start_keyed(&config.listen, config.turn.clone(), ext, nonce_key).await?;
     let exit = Arc::new(tokio::sync::Notify::new());
     let listeners = relay.listeners().to_vec();
     let alternate = relay.alternate();
@@ -185,8 +189,34 @@ pub async fn start_with(mut config: Config, hooks: Hooks) -> anyhow::Result<Runn
         app = Some(a);
         http_sockets = Some((listener, tls));
     }
+    let fleet = match &config.fleet {
+        Some(fc) => {
+            let turn_urls = if fc.public_turn.is_empty() {
+                ice.turn_urls.clone()
+            } else {
+                fc.public_turn.clone()
+            };
+            let f = crate::fleet::TurnFleet::start(
+                fc.clone(),
+                crate::fleet::Sources {
+                    relay: relay.control(),
+                    signal: signal_admin.clone(),
+                    metrics: metrics.clone(),
+                    turn_urls,
+                    turn_addrs: public_turn_addrs(&config, &listeners),
+                },
+            )
+            .map_err(anyhow::Error::msg)?;
+            if let Some(s) = &signal_admin {
+                s.set_fleet_view(f.view());
+            }
+            Some(Arc::new(f))
+        }
+        None => None,
+    };
     // The admin state exists even when its routes are off: SIGHUP reloads through it.
     let admin = Admin::new(admin::AdminParts {
+        fleet,
         config: config.clone(),
         generated_secret,
         turn_urls: ice.turn_urls.clone(),
@@ -651,6 +681,37 @@ fn outbound_ipv4() -> Option<Ipv4Addr> {
         IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_loopback() => Some(ip),
         IpAddr::V4(_) | IpAddr::V6(_) => None,
     }
+}
+
+/// This node's TURN addresses as another node names them in 300 ALTERNATE-SERVER: the first
+/// UDP listener of each family, a wildcard address replaced by the external or relay address.
+fn public_turn_addrs(config: &Config, listeners: &[(Transport, SocketAddr)]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        let Some((_, a)) = listeners
+            .iter()
+            .find(|(t, a)| *t == Transport::Udp && a.is_ipv4() == v4)
+        else {
+            continue;
+        };
+        let ip = if !a.ip().is_unspecified() {
+            Some(a.ip())
+        } else if v4 {
+            config
+                .turn
+                .external_ipv4
+                .or(config.turn.relay_ipv4)
+                .map(IpAddr::V4)
+        } else {
+            config
+                .turn
+                .external_ipv6
+                .or(config.turn.relay_ipv6)
+                .map(IpAddr::V6)
+        };
+        out.extend(ip.map(|ip| SocketAddr::new(ip, a.port())));
+    }
+    out
 }
 
 fn ice_provider(config: &Config, host: &str, listeners: &[(Transport, SocketAddr)]) -> IceProvider {

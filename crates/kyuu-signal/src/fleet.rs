@@ -16,6 +16,10 @@
 //!   ([`Fleet::admit`]) and tells the old node to close its connection (`"evict"`).
 //! * `kyuu:alive:<name>` = `1`, `EX peer_ttl_secs`, refreshed by the heartbeat. A node whose
 //!   key is gone is dead: the others withdraw the directory entries they mirror from it.
+//! * `kyuu:name:<name>` = the id holding a directory name fleet-wide, `EX peer_ttl_secs`,
+//!   claimed atomically (a Lua `GET`/`SET`) before the publication is announced and refreshed by
+//!   the heartbeat. Of two clients on two nodes publishing one name at once, the later claim
+//!   is revoked: its client gets `unpublished` and a `name-taken` error.
 //! * `kyuu:events` (pub/sub channel): room joins/leaves and directory publications and
 //!   withdrawals of every node,
 //!   mirrored by every other node into its hub ([`Hub::remote_dir`]), and resync requests (a
@@ -57,10 +61,11 @@ pub struct FleetConfig {
     pub redis_url: String,
     /// This node's name, unique in the fleet (letters, digits, `-`, `_`, `.`).
     pub node: String,
-    /// Region of this node (informational for now).
+    /// Region of this node: `/v1/ice-servers` prefers TURN nodes of the client's region.
     #[serde(default)]
     pub region: String,
-    /// Public HTTP(S) base URL of this node, e.g. `https://eu1.example.org` (informational).
+    /// Public HTTP(S) base URL of this node, e.g. `https://eu1.example.org`: where a draining
+    /// node sends its signaling clients.
     #[serde(default)]
     pub public_http: Option<String>,
     /// Seconds a client id stays registered without a heartbeat; also the bound on how long
@@ -70,6 +75,16 @@ pub struct FleetConfig {
     /// Interval of the registry heartbeat, seconds (must be below `peer_ttl_secs`).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
+    /// Secret shared by every node, from which the TURN nonce key is derived so that a nonce
+    /// issued by one node is accepted by all. Unset: derived from the first
+    /// `turn.static_auth_secrets` entry (which the nodes of a fleet share anyway, so that REST
+    /// credentials verify on every node); with neither, a random key per process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce_secret: Option<String>,
+    /// The TURN URLs other nodes hand out for this one (e.g.
+    /// `turn:eu1.example.org:3478?transport=udp`). Empty: the URLs this node hands out itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_turn: Vec<String>,
 }
 
 fn default_peer_ttl() -> u64 {
@@ -109,6 +124,18 @@ impl FleetConfig {
         }
         if self.peer_ttl_secs < 2 {
             return Err("fleet.peer_ttl_secs: must be at least 2".into());
+        }
+        if self.nonce_secret.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err("fleet.nonce_secret: must be at least 16 characters".into());
+        }
+        if let Some(u) = self
+            .public_turn
+            .iter()
+            .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:")))
+        {
+            return Err(format!(
+                "fleet.public_turn: {u:?} is not a turn: or turns: URL"
+            ));
         }
         if self.heartbeat_secs == 0 || self.heartbeat_secs >= self.peer_ttl_secs {
             return Err("fleet.heartbeat_secs: must be positive and below peer_ttl_secs".into());
@@ -173,6 +200,12 @@ pub(crate) enum Cmd {
     Announce,
     /// Ask every node to announce its publications (after (re)subscribing).
     AskResync,
+    /// A message held here for `to`, whose client resumed on `node`.
+    Forward {
+        node: String,
+        to: String,
+        text: String,
+    },
 }
 
 /// Fleet-wide events on [`EVENTS`].
@@ -203,8 +236,8 @@ const EVENTS: &str = "kyuu:events";
 pub(crate) trait HubPort: Send + Sync + 'static {
     /// Ids of the live local clients, with the hash of their resume token ([`token_hash`]).
     fn live_ids(&self) -> Vec<(String, Option<String>)>;
-    /// `id` was taken over on another node.
-    fn evict(&self, id: &str);
+    /// `id` was taken over on another node; returns the messages held here for it.
+    fn evict(&self, id: &str) -> Vec<String>;
     /// The local publications.
     fn local_publications(&self) -> Vec<(DirKey, String)>;
     /// The local room memberships (room, id).
@@ -219,8 +252,28 @@ pub(crate) trait HubPort: Send + Sync + 'static {
     fn node_gone(&self, node: &str);
     /// A frame from another node for local client `to`.
     fn deliver_remote(&self, to: &str, text: String);
+    /// A message held for `to` on another node, which `to` left for this one.
+    fn deliver_held(&self, to: &str, text: String);
     /// No node has `to`.
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String);
+    /// Local client `peer`'s name `key` is held by a client of another node.
+    fn name_taken(&self, peer: &str, key: &DirKey);
+}
+
+/// `kyuu:name:<name>` = the id holding the name fleet-wide. Claims it for ARGV[1] with expiry
+/// ARGV[2] when free, refreshes it when ARGV[1] holds it; 1 when ARGV[1] holds it after,
+/// 0 when another id does.
+const CLAIM_NAME: &str = "local v = redis.call('GET', KEYS[1]) \
+    if not v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end \
+    if v == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1 end \
+    return 0";
+
+/// Frees `kyuu:name:<name>` if ARGV[1] holds it.
+const RELEASE_NAME: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('DEL', KEYS[1]) end return 0";
+
+fn name_key(name: &str) -> String {
+    format!("kyuu:name:{name}")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -231,6 +284,12 @@ struct Wire {
     /// `to` was taken over on another node: close it here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     evict: bool,
+    /// With `evict`: the node that took `to` over, where messages held for it go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
+    /// A message held for `to` on its old node (hold it here if `to` is still connecting).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    held: bool,
 }
 
 fn peer_key(id: &str) -> String {
@@ -373,6 +432,8 @@ impl Fleet {
             to: id.to_owned(),
             text: String::new(),
             evict: true,
+            by: Some(self.cfg.node.clone()),
+            held: false,
         })
         .unwrap_or_default();
         let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
@@ -445,6 +506,35 @@ async fn route_task(
                 }
             }
             Cmd::Dir { key, peer, on } => {
+                // A name has one holder fleet-wide: claim it in Redis (atomically) before
+                // announcing it; the later of two concurrent claims is revoked.
+                if let (DirKey::Name(n), Some(c)) = (&key, conn.as_ref()) {
+                    let mut c = c.clone();
+                    let script = if on { CLAIM_NAME } else { RELEASE_NAME };
+                    let r: redis::RedisResult<i64> = redis::cmd("EVAL")
+                        .arg(script)
+                        .arg(1)
+                        .arg(name_key(n))
+                        .arg(&peer)
+                        .arg(cfg.peer_ttl_secs)
+                        .query_async(&mut c)
+                        .await;
+                    match r {
+                        Ok(0) if on => {
+                            info!(
+                                "fleet: name {n} is held on another node; {peer}'s claim revoked"
+                            );
+                            port.name_taken(&peer, &key);
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!("fleet: claiming name {n}: {e}");
+                            status.set(false);
+                            last_fail = Some(tokio::time::Instant::now());
+                        }
+                    }
+                }
                 let ev = Event::Dir {
                     node: cfg.node.clone(),
                     key,
@@ -466,6 +556,35 @@ async fn route_task(
                 };
                 if let Some(mut c) = conn {
                     if !publish_event(&mut c, &ev, &status).await {
+                        last_fail = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            Cmd::Forward { node, to, text } => {
+                let Some(mut c) = conn else {
+                    debug!("fleet: a message held for {to} lost (Redis unreachable)");
+                    continue;
+                };
+                let payload = serde_json::to_string(&Wire {
+                    to,
+                    text,
+                    evict: false,
+                    by: None,
+                    held: true,
+                })
+                .unwrap_or_default();
+                let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(node_channel(&node))
+                    .arg(payload)
+                    .query_async(&mut c)
+                    .await;
+                match r {
+                    Ok(_) => {
+                        metrics::counter!("kyuu_signal_fleet_held_forwarded_total").increment(1);
+                    }
+                    Err(e) => {
+                        debug!("fleet: forwarding to {node}: {e}");
+                        status.set(false);
                         last_fail = Some(tokio::time::Instant::now());
                     }
                 }
@@ -524,6 +643,8 @@ async fn route_task(
                     to,
                     text,
                     evict: false,
+                    by: None,
+                    held: false,
                 }) {
                     Ok(p) => p,
                     Err(_) => continue,
@@ -666,6 +787,22 @@ async fn heartbeat_task(
         for (id, hash) in &ids {
             register(&mut pipe, &cfg, id, hash.as_deref());
         }
+        // Keep this node's name claims alive.
+        let names = port
+            .upgrade()
+            .map(|p| p.local_publications())
+            .unwrap_or_default();
+        for (key, peer) in &names {
+            if let DirKey::Name(n) = key {
+                pipe.cmd("EVAL")
+                    .arg(CLAIM_NAME)
+                    .arg(1)
+                    .arg(name_key(n))
+                    .arg(peer)
+                    .arg(cfg.peer_ttl_secs)
+                    .ignore();
+            }
+        }
         let r: redis::RedisResult<()> = pipe.query_async(&mut c).await;
         if r.is_ok() {
             // Nodes whose publications we mirror and that stopped refreshing their key.
@@ -761,7 +898,31 @@ async fn subscribe_task(
                 continue;
             };
             if w.evict {
-                port.evict(&w.to);
+                let held = port.evict(&w.to);
+                if let Some(node) = w.by.filter(|n| *n != cfg.node) {
+                    if !held.is_empty() {
+                        info!(
+                            "fleet: {} held message(s) for {} follow it to {node}",
+                            held.len(),
+                            w.to
+                        );
+                    }
+                    for text in held {
+                        let to = w.to.clone();
+                        if tx
+                            .try_send(Cmd::Forward {
+                                node: node.clone(),
+                                to,
+                                text,
+                            })
+                            .is_err()
+                        {
+                            warn!("fleet: queue full, a held message was not forwarded");
+                        }
+                    }
+                }
+            } else if w.held {
+                port.deliver_held(&w.to, w.text);
             } else {
                 port.deliver_remote(&w.to, w.text);
             }

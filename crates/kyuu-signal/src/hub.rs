@@ -395,6 +395,23 @@ impl Hub {
         }
     }
 
+    /// Fleet mode: local client `peer`'s publication of `key` lost the fleet-wide claim (another
+    /// node's client published the same name first, `SET NX` in Redis): it is withdrawn
+    /// (watchers and the client get `unpublished`) and the client gets a `name-taken` error.
+    pub fn revoke_publication(&mut self, peer: &str, key: &DirKey) {
+        let Some(conn) = self.conn_of(peer) else {
+            return;
+        };
+        if self.unpublish(conn, peer, key) {
+            self.error(
+                conn,
+                ErrorCode::NameTaken,
+                "name published by a client on another node",
+                None,
+            );
+        }
+    }
+
     /// Fleet mode: client `peer` on `node` published (`on`) or withdrew `key`. Mirrored into
     /// the local directory, so lookups answer and watchers are told as for a local client.
     pub fn remote_dir(&mut self, node: &str, key: DirKey, peer: &str, on: bool) {
@@ -486,6 +503,16 @@ impl Hub {
         }
     }
 
+    /// Fleet mode: takes the messages held for `id` (after [`Hub::evict`]: its client resumed
+    /// on another node, where the shell forwards them), oldest first.
+    pub fn take_held(&mut self, id: &str) -> Vec<String> {
+        let Some(q) = self.held.remove(id) else {
+            return Vec::new();
+        };
+        self.held_total = self.held_total.saturating_sub(q.len());
+        q.into_iter().map(|h| h.text).collect()
+    }
+
     /// Fleet mode: no node has `to`. Holds the message like a local unknown destination
     /// (`buffer_unknown`) or answers the sender with `unknown-peer`.
     pub fn remote_unknown(
@@ -527,29 +554,41 @@ impl Hub {
                 self.out.push_back(Output::Send { conn: dst, text });
                 true
             }
-            Some(IdState::Gone { .. }) => {
-                let ttl = self.cfg.pending_ttl();
-                let per_peer = self.held.get(to).map_or(0, VecDeque::len);
-                if ttl.is_zero()
-                    || per_peer >= self.cfg.pending_max_per_peer
-                    || self.held_total >= self.cfg.pending_max_total
-                {
-                    return false;
-                }
-                let expires = now + ttl;
-                // No local sender to tell when it expires: ConnId(0) is never a live connection.
-                self.held.entry(to.to_owned()).or_default().push_back(Held {
-                    from_conn: ConnId(0),
-                    from_id: String::new(),
-                    text,
-                    expires,
-                });
-                self.held_total += 1;
-                self.held_order.push_back((expires, to.to_owned()));
-                true
-            }
+            Some(IdState::Gone { .. }) => self.hold_remote(now, to, text),
             None => false,
         }
+    }
+
+    /// Fleet mode: a message that was held for `to` on another node, forwarded because `to`
+    /// resumed here. Delivered like [`Hub::from_remote`], and also held when `to` is not
+    /// connected yet (its handshake here may finish after the old node forwarded).
+    pub fn held_from_remote(&mut self, now: Instant, to: &str, text: String) -> bool {
+        if self.ids.contains_key(to) {
+            return self.from_remote(now, to, text);
+        }
+        self.hold_remote(now, to, text)
+    }
+
+    fn hold_remote(&mut self, now: Instant, to: &str, text: String) -> bool {
+        let ttl = self.cfg.pending_ttl();
+        let per_peer = self.held.get(to).map_or(0, VecDeque::len);
+        if ttl.is_zero()
+            || per_peer >= self.cfg.pending_max_per_peer
+            || self.held_total >= self.cfg.pending_max_total
+        {
+            return false;
+        }
+        let expires = now + ttl;
+        // No local sender to tell when it expires: ConnId(0) is never a live connection.
+        self.held.entry(to.to_owned()).or_default().push_back(Held {
+            from_conn: ConnId(0),
+            from_id: String::new(),
+            text,
+            expires,
+        });
+        self.held_total += 1;
+        self.held_order.push_back((expires, to.to_owned()));
+        true
     }
 
     /// Number of live connections.

@@ -17,12 +17,14 @@ pub mod frame;
 pub mod hub;
 pub mod ice;
 pub mod mint;
+pub mod nodes;
 mod server;
 pub mod token;
 
 pub use config::SignalConfig;
 pub use fleet::{FleetConfig, FleetStatus};
 pub use ice::{IceProvider, IceServer};
+pub use nodes::{FleetView, NodeLoad};
 pub use server::{
     router, router_with_admin, router_with_fleet, serve, serve_listener, SignalAdmin,
 };

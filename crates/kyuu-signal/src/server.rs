@@ -59,6 +59,10 @@ struct Shared {
     timer: Once,
     /// Fleet mode glue (set once, right after the router is built).
     fleet: std::sync::OnceLock<Fleet>,
+    /// The fleet's nodes, for handing out other nodes' TURN URLs (set once by the server).
+    view: std::sync::OnceLock<crate::nodes::FleetView>,
+    /// Set by [`SignalAdmin::drain`]: new connections are refused.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl HubPort for Shared {
@@ -73,8 +77,11 @@ impl HubPort for Shared {
             .collect()
     }
 
-    fn evict(&self, id: &str) {
-        self.with_hub(|h, now| h.evict(now, id));
+    fn evict(&self, id: &str) -> Vec<String> {
+        self.with_hub(|h, now| {
+            h.evict(now, id);
+            h.take_held(id)
+        })
     }
 
     fn local_publications(&self) -> Vec<(crate::hub::DirKey, String)> {
@@ -109,15 +116,44 @@ impl HubPort for Shared {
         });
     }
 
+    fn name_taken(&self, peer: &str, key: &crate::hub::DirKey) {
+        self.with_hub(|h, _| h.revoke_publication(peer, key));
+    }
+
+    fn deliver_held(&self, to: &str, text: String) {
+        self.with_hub(|h, now| {
+            if !h.held_from_remote(now, to, text) {
+                debug!("fleet: held frame for {to} dropped (hold buffer full)");
+            }
+        });
+    }
+
     fn remote_unknown(&self, from_conn: ConnId, from: &str, to: &str, text: String) {
         self.with_hub(|h, now| h.remote_unknown(now, from_conn, from, to, text));
     }
 }
 
 impl Shared {
-    fn ice_servers(&self, user: &str) -> Vec<crate::ice::IceServer> {
+    /// ICE servers for `user`; in a fleet, with the TURN URLs of the least loaded healthy,
+    /// non-draining node of `region` (this node's region when `None`), or of this node when
+    /// the fleet view is stale (Redis unreachable).
+    fn ice_servers(&self, user: &str, region: Option<&str>) -> Vec<crate::ice::IceServer> {
         let ice = self.ice.lock().unwrap_or_else(|p| p.into_inner());
-        ice.ice_servers(user, now_unix())
+        let picked = self.view.get().and_then(|v| {
+            v.pick(region, false, std::time::Instant::now(), |n| {
+                !n.turn_urls.is_empty()
+            })
+        });
+        match picked {
+            Some(n) => {
+                metrics::counter!("kyuu_signal_fleet_provisioned_total", "node" => n.node.clone())
+                    .increment(1);
+                let mut other = ice.clone();
+                other.turn_urls = n.turn_urls;
+                other.ice_servers(user, now_unix())
+            }
+            None => ice.ice_servers(user, now_unix()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State_> {
@@ -274,6 +310,50 @@ impl SignalAdmin {
         ice.rest_secret = secret;
     }
 
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.0.lock().links.len()
+    }
+
+    /// Fleet mode: hand out the TURN URLs of the node [`crate::nodes::FleetView::pick`]
+    /// chooses. Set once; later calls are ignored.
+    pub fn set_fleet_view(&self, view: crate::nodes::FleetView) {
+        let _ = self.0.view.set(view);
+    }
+
+    /// Drain: refuses new connections (503) and sends every connected client elsewhere: a
+    /// client on the opt-in protocol gets `{"type":"reconnect","url":<url>}` (when `url` is
+    /// known), then every connection is closed with 1012 (service restart). TURN allocations
+    /// are not touched, so calls in progress keep their media path. Returns how many
+    /// connections were closed.
+    pub fn drain(&self, url: Option<&str>) -> usize {
+        self.0
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let v2: std::collections::HashSet<ConnId> = self
+            .connections()
+            .into_iter()
+            .filter(|c| c.v2)
+            .map(|c| c.conn)
+            .collect();
+        let links: Vec<(ConnId, Link)> = self.0.lock().links.drain().collect();
+        let n = links.len();
+        for (conn, link) in links {
+            if let (true, Some(u)) = (v2.contains(&conn), url) {
+                let msg = serde_json::json!({ "type": "reconnect", "url": u }).to_string();
+                let _ = link.tx.try_send(msg);
+            }
+            // The queued message goes out first; then the close.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = link.kill.send((1012, "draining"));
+                drop(link.tx);
+            });
+        }
+        tracing::info!(connections = n, ?url, "signaling: draining");
+        n
+    }
+
     /// Rooms and their members.
     pub fn rooms(&self) -> Vec<crate::hub::RoomInfo> {
         self.0.lock().hub.room_list()
@@ -340,6 +420,8 @@ fn build(cfg: SignalConfig, ice: IceProvider) -> (Arc<Shared>, Router) {
         wake: Notify::new(),
         timer: Once::new(),
         fleet: std::sync::OnceLock::new(),
+        view: std::sync::OnceLock::new(),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     let r = Router::new()
         .route("/", get(root))
@@ -378,12 +460,26 @@ struct WsParams {
     v: Option<u32>,
     resume: Option<String>,
     token: Option<String>,
+    /// The client's region, for choosing a TURN node in a fleet.
+    region: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct IceParams {
     user: Option<String>,
     token: Option<String>,
+    /// The client's region, for choosing a TURN node in a fleet.
+    region: Option<String>,
+}
+
+/// The client's region: the `region` query parameter, else the `X-Kyuu-Region` header (set by
+/// a geo-aware load balancer), else none (this node's region).
+fn region_of(param: Option<String>, h: &HeaderMap) -> Option<String> {
+    param.or_else(|| {
+        h.get("x-kyuu-region")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 fn is_ws_upgrade(h: &HeaderMap) -> bool {
@@ -494,6 +590,7 @@ async fn ice_servers(
     req: Request,
 ) -> Response {
     let headers = req.headers();
+    let region = region_of(p.region, headers);
     let user = match authenticate(&s.cfg, p.token, headers) {
         Some(Err(r)) => return r,
         Some(Ok(claims)) => claims.sub,
@@ -510,7 +607,7 @@ async fn ice_servers(
             p.user.unwrap_or_else(anonymous_user)
         }
     };
-    let servers = s.ice_servers(&user);
+    let servers = s.ice_servers(&user, region.as_deref());
     (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(servers),
@@ -563,6 +660,13 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
         None => None,
     };
     let ip = client_ip(&parts.extensions);
+    if s.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining; connect to another node",
+        );
+    }
+    let region = region_of(params.region.clone(), &parts.headers);
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u,
         Err(rej) => return rej.into_response(),
@@ -570,9 +674,9 @@ async fn ws_entry(s: Arc<Shared>, id: Option<String>, req: Request) -> Response 
     let v2 = params.v == Some(2) || id.as_deref().is_none_or(str::is_empty);
     let ice = v2.then(|| {
         let mut servers = match (&claims, id.as_deref()) {
-            (Some(_), Some(user)) => s.ice_servers(user),
-            (Some(_), None) => s.ice_servers("kyuu"),
-            (None, _) => s.ice_servers(&anonymous_user()),
+            (Some(_), Some(user)) => s.ice_servers(user, region.as_deref()),
+            (Some(_), None) => s.ice_servers("kyuu", region.as_deref()),
+            (None, _) => s.ice_servers(&anonymous_user(), region.as_deref()),
         };
         // Open minting past its limit: the welcome still carries the STUN servers.
         let minting = servers.iter().any(|i| i.username.is_some());

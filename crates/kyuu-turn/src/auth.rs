@@ -6,7 +6,9 @@
 //! the 401 challenge it rides in must stay no larger, relative to the request, than a Binding
 //! answer (`kyuu-server/tests/amplification.rs`). The server keeps nothing per client
 //! before authentication: it recomputes the MAC to check a nonce, and a nonce older than
-//! `nonce_lifetime` gets 438 Stale Nonce with a fresh one.
+//! `nonce_lifetime` gets 438 Stale Nonce with a fresh one. The timestamp is wall-clock
+//! seconds and the key may be shared (`fleet.nonce_secret`), so every node of a fleet accepts
+//! the nonces of every other (up to 30 s of clock skew).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -170,6 +172,10 @@ impl std::fmt::Debug for Nonces {
     }
 }
 
+/// How far ahead of this node's clock another node's nonce timestamp may be (fleet nodes'
+/// clocks are NTP-synchronised, not identical).
+const MAX_CLOCK_SKEW_SECS: u32 = 30;
+
 /// Nonce length: 13 prefix + 16 base64url characters of (4-byte timestamp, 8-byte MAC).
 pub(crate) const NONCE_LEN: usize = 29;
 
@@ -233,8 +239,11 @@ impl Nonces {
         {
             return Err(AuthFailure::BadNonce);
         }
-        let age = (secs as u32).wrapping_sub(ts);
-        if u64::from(age) > self.lifetime {
+        let now = secs as u32;
+        let age = now.wrapping_sub(ts);
+        // Issued by another node whose clock runs slightly ahead.
+        let ahead = ts.wrapping_sub(now);
+        if u64::from(age) > self.lifetime && ahead > MAX_CLOCK_SKEW_SECS {
             return Err(AuthFailure::StaleNonce);
         }
         Ok(())
@@ -262,6 +271,16 @@ mod tests {
         let mut forged = nonce;
         forged[20] ^= 1;
         assert!(n.check(&forged, 100, a).is_err());
+        // A node whose clock is a little behind the issuer's still accepts it; far behind not.
+        let later = n.issue(1_000, a);
+        assert!(n.check(&later, 990, a).is_ok());
+        assert_eq!(n.check(&later, 950, a), Err(AuthFailure::StaleNonce));
+        // Another node with the same key (a fleet) accepts it; one with another key does not.
+        assert!(Nonces::new([7; 32], 600).check(&nonce, 100, a).is_ok());
+        assert_eq!(
+            Nonces::new([8; 32], 600).check(&nonce, 100, a),
+            Err(AuthFailure::BadNonce)
+        );
         assert_eq!(
             attr::nonce_features(&nonce),
             Some(attr::FEATURE_PASSWORD_ALGORITHMS | attr::FEATURE_USERNAME_ANONYMITY)

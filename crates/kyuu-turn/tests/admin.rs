@@ -188,7 +188,75 @@ fn drain_refuses_with_486_or_redirects_with_300() {
     moved.allocate(t0);
     let (ev, _) = run(&mut s, &mut moved, sock(3002, Transport::Udp), t0);
     assert!(
-        matches!(ev.as_slice(), [Event::Error { code: 300, .. }]),
+        matches!(ev.as_slice(), [Event::TryAlternate { alternate, .. }] if *alternate == alt),
         "{ev:?}"
     );
+}
+
+#[test]
+fn a_draining_fleet_node_names_an_alternate_of_the_clients_family() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let v4: SocketAddr = "192.0.2.30:3478".parse().unwrap();
+    let v6: SocketAddr = "[2001:db8::30]:3478".parse().unwrap();
+    // Only an IPv6 alternate: an IPv4 client gets 486, not an address it cannot reach.
+    s.drain_to(&[v6]);
+    let mut c = Client::new("alice", "secret", false);
+    c.allocate(t0);
+    let (ev, _) = run(&mut s, &mut c, sock(3100, Transport::Udp), t0);
+    assert!(
+        matches!(ev.as_slice(), [Event::Error { code: 486, .. }]),
+        "{ev:?}"
+    );
+    s.drain_to(&[v6, v4]);
+    let mut c = Client::new("alice", "secret", false);
+    c.allocate(t0);
+    let (ev, _) = run(&mut s, &mut c, sock(3101, Transport::Udp), t0);
+    assert!(
+        matches!(ev.as_slice(), [Event::TryAlternate { alternate, .. }] if *alternate == v4),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn the_user_quota_counts_allocations_on_other_fleet_nodes() {
+    let mut c = cfg();
+    c.user_quota = 2;
+    let t0 = Instant::now();
+    let shared = Shared::new([7; 32], t0, 1_700_000_000);
+    let ports = c.relay_ports;
+    let mut s = Server::new(
+        c,
+        ServerOptions {
+            rfc5780: None,
+            shared: shared.clone(),
+            ports,
+            extension: false,
+            seed: 7,
+            shard: 0,
+        },
+    )
+    .unwrap();
+    let g0 = shared.user_allocations_generation();
+    // One of alice's two allocations lives on another node.
+    shared.set_remote_user_allocations([("alice".to_owned(), 1)].into_iter().collect());
+    let mut a = Client::new("alice", "secret", false);
+    a.allocate(t0);
+    let (ev, _) = run(&mut s, &mut a, sock(3200, Transport::Udp), t0);
+    assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
+    assert_ne!(shared.user_allocations_generation(), g0);
+    assert_eq!(shared.user_allocations().1, vec![("alice".to_owned(), 1)]);
+    let mut b = Client::new("alice", "secret", false);
+    b.allocate(t0);
+    let (ev, _) = run(&mut s, &mut b, sock(3201, Transport::Udp), t0);
+    assert!(
+        matches!(ev.as_slice(), [Event::Error { code: 486, .. }]),
+        "{ev:?}"
+    );
+    // The other node's allocation ended (or Redis is gone: local counting only).
+    shared.set_remote_user_allocations(Default::default());
+    let mut b = Client::new("alice", "secret", false);
+    b.allocate(t0);
+    let (ev, _) = run(&mut s, &mut b, sock(3202, Transport::Udp), t0);
+    assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
 }

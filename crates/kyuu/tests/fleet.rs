@@ -90,7 +90,11 @@ fn start_node(name: &str, redis_port: u16) -> Node {
         .env_remove("RUST_LOG")
         .env_remove("KYUU_CONFIG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("KYUU_FLEET_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -421,4 +425,110 @@ async fn three_nodes_one_redis() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop((a, b, redis));
+}
+
+/// Two clients on two nodes publish the same name at the same moment, five times over: each
+/// time exactly one holds it afterwards, on both nodes' directories (the claim is a Redis
+/// `SET NX`; the later claim is revoked with `name-taken`). Without the atomic claim both
+/// local hubs accept before the other's announcement arrives and lookups list two holders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_claims_are_atomic_across_nodes() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        assert!(!required(), "redis-server required but not installed");
+        println!("SKIP name_claims_are_atomic_across_nodes: redis-server not installed");
+        return;
+    }
+    let rport = free_port();
+    let _redis = start_redis(rport);
+    let a = start_node("claim-a", rport);
+    let b = start_node("claim-b", rport);
+    for n in [&a, &b] {
+        wait_health(n.http, "\"fleet\":\"ok\"", Duration::from_secs(10));
+    }
+    for round in 0..5 {
+        let mut x = client(&a, &format!("x{round}?v=2")).await;
+        let mut y = client(&b, &format!("y{round}?v=2")).await;
+        let name = format!("race-{round}");
+        let p = json!({"type": "publish", "name": name});
+        tokio::join!(send(&mut x, p.clone()), send(&mut y, p));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut holders = Vec::new();
+        for ws in [&mut x, &mut y] {
+            while recv(ws, Duration::from_millis(100)).await.is_some() {}
+            send(ws, json!({"type": "lookup", "name": name})).await;
+            let m = recv(ws, Duration::from_secs(3)).await.unwrap();
+            assert_eq!(m["type"], "lookup", "{m}");
+            holders.push(m["peers"].clone());
+        }
+        assert_eq!(
+            holders[0], holders[1],
+            "nodes disagree on {name}: {holders:?}"
+        );
+        assert_eq!(
+            holders[0].as_array().map(Vec::len),
+            Some(1),
+            "{name} held by {holders:?}"
+        );
+    }
+}
+
+/// A message sent to a client while it is disconnected is held by its node; when the client
+/// resumes (with its token) on another node, the held message follows it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_messages_follow_a_client_that_resumes_on_another_node() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        assert!(!required(), "redis-server required but not installed");
+        println!("SKIP held_messages_follow: redis-server not installed");
+        return;
+    }
+    let rport = free_port();
+    let _redis = start_redis(rport);
+    let a = start_node("held-a", rport);
+    let b = start_node("held-b", rport);
+    for n in [&a, &b] {
+        wait_health(n.http, "\"fleet\":\"ok\"", Duration::from_secs(10));
+    }
+    let mut xena = client(&a, "xena?v=2").await;
+    let welcome = loop {
+        let m = xena.next().await.unwrap().unwrap();
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["type"] == "welcome" {
+                break v;
+            }
+        }
+    };
+    let token = welcome["resume"].as_str().unwrap().to_owned();
+    let mut yuri = client(&a, "yuri").await;
+    until_delivered(&mut yuri, "xena", &mut xena, Duration::from_secs(10)).await;
+    xena.close(None).await.unwrap();
+    drop(xena);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(&mut yuri, json!({"id": "xena", "type": "held-1"})).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let url = format!("ws://{}/xena?v=2&resume={token}", b.http);
+    let (mut xena2, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match recv(&mut xena2, Duration::from_millis(500)).await {
+            Some(v) if v["type"] == "held-1" => {
+                got = Some(v);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let v = got.expect("the message held on node A did not follow xena to node B");
+    assert_eq!(v["id"], "yuri");
 }

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub use config::AdminConfig;
+pub use stats::metric_sum;
 
 use crate::config::Config;
 use crate::relay::RelayControl;
@@ -88,6 +89,8 @@ pub struct Admin {
     drain: Mutex<Option<Drain>>,
     exit: Arc<tokio::sync::Notify>,
     pub(crate) stats: stats::Sampler,
+    /// Fleet mode: where a drain sends clients.
+    fleet: Option<Arc<crate::fleet::TurnFleet>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -106,6 +109,7 @@ pub(crate) struct AdminParts {
     pub hooks: Hooks,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub exit: Arc<tokio::sync::Notify>,
+    pub fleet: Option<Arc<crate::fleet::TurnFleet>>,
 }
 
 /// Samples the status page's numbers until the process ends.
@@ -139,6 +143,7 @@ impl Admin {
             turn_urls: p.turn_urls,
             drain: Mutex::new(None),
             exit: p.exit,
+            fleet: p.fleet,
             stats: stats::Sampler::new(p.metrics, p.relay, p.signal),
         })
     }
@@ -225,12 +230,39 @@ impl Admin {
             });
         }
         tracing::info!(?deadline, ?alternate, "draining: no new allocations");
+        // In a fleet without an explicit alternate: send TURN clients to other nodes (re-chosen
+        // as the fleet changes) and signaling clients to another node's URL.
+        let fleet = self.fleet.clone().filter(|_| alternate.is_none());
+        if let Some(f) = &self.fleet {
+            f.set_draining();
+        }
+        let mut alts = Vec::new();
         if let Some(r) = &self.relay {
-            r.drain(alternate);
+            match &fleet {
+                Some(f) => {
+                    alts = f.alternates();
+                    tracing::info!(alternates = ?alts, "draining: sending TURN clients to other nodes");
+                    r.drain_to(&alts);
+                }
+                None => r.drain(alternate),
+            }
+        }
+        if let (Some(f), Some(s)) = (&self.fleet, &self.signal) {
+            s.drain(f.signal_url().as_deref());
         }
         let me = self.clone();
         tokio::spawn(async move {
+            let mut rounds = 0u32;
             loop {
+                rounds = rounds.wrapping_add(1);
+                if let (Some(f), Some(r), 0) = (&fleet, &me.relay, rounds % 5) {
+                    let now_alts = f.alternates();
+                    if now_alts != alts {
+                        tracing::info!(alternates = ?now_alts, "draining: alternates changed");
+                        r.drain_to(&now_alts);
+                        alts = now_alts;
+                    }
+                }
                 let left = me.relay.as_ref().map_or(0, |r| r.allocation_count());
                 if left == 0 || Instant::now() >= now + deadline {
                     tracing::info!(allocations_left = left, "drain finished, exiting");

@@ -35,6 +35,8 @@ pub(crate) enum ShardCmd {
         /// Link the allocations in-process (else only hold them to `limits`).
         link: bool,
     },
+    /// Refuse new allocations, sending clients to the alternate of their family.
+    DrainTo { alternates: Vec<SocketAddr> },
     /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
     Stream {
         stream: AdoptedStream,
@@ -179,6 +181,16 @@ impl RelayControl {
                 limits,
                 ended: ended.clone(),
                 link,
+            });
+        }
+    }
+
+    /// Every shard refuses new allocations from now on, answering 300 with the address of
+    /// `alternates` of the client's family (other fleet nodes), or 486 without one.
+    pub fn drain_to(&self, alternates: &[SocketAddr]) {
+        for tx in &self.shards {
+            let _ = tx.send(ShardCmd::DrainTo {
+                alternates: alternates.to_vec(),
             });
         }
     }

@@ -212,8 +212,19 @@ fn resolve(
 /// Starts STUN/TURN on `listen` with `turn`. `ext` receives extension-range requests.
 pub async fn start(
     listen: &ListenConfig,
+    turn: TurnConfig,
+    ext: Option<Extension>,
+) -> anyhow::Result<RelayHandle> {
+    start_keyed(listen, turn, ext, None).await
+}
+
+/// [`start`] with the nonce key: the fleet's shared key, so that every node accepts every
+/// other node's nonces (`None`: a random key of this process).
+pub async fn start_keyed(
+    listen: &ListenConfig,
     mut turn: TurnConfig,
     ext: Option<Extension>,
+    nonce_key: Option<[u8; 32]>,
 ) -> anyhow::Result<RelayHandle> {
     listen.validate().map_err(anyhow::Error::msg)?;
     turn.validate().map_err(anyhow::Error::msg)?;
@@ -391,7 +402,11 @@ pub async fn start(
         shard_sockets.push(s);
     }
 
-    let shared = Shared::new(rand::random(), Instant::now(), unix_now());
+    let shared = Shared::new(
+        nonce_key.unwrap_or_else(rand::random),
+        Instant::now(),
+        unix_now(),
+    );
     let (stop, stop_rx) = watch::channel(false);
     let ranges = split_ports(turn.relay_ports, threads);
     let mut handles = Vec::new();

@@ -465,6 +465,7 @@ impl State {
                     }
                 }
             }
+            ShardCmd::DrainTo { alternates } => self.core.drain_to(&alternates),
             ShardCmd::Stream { stream, client } => {
                 tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
             }

@@ -463,6 +463,15 @@ fn fleet_mode_routes_unknown_ids_out_and_takes_frames_in() {
     assert_eq!(texts(&drain(&mut h), a), vec![r#"{"id":"bob","n":1}"#]);
     assert!(!h.from_remote(now, "nobody", "{}".into()));
     assert!(drain(&mut h).is_empty());
+
+    // A message held for carol on her old node, forwarded because she resumes here, waits for
+    // her handshake; a node that loses carol hands over what it held for her.
+    assert!(h.held_from_remote(now, "carol", r#"{"id":"bob","n":2}"#.into()));
+    assert_eq!(
+        h.take_held("carol"),
+        vec![r#"{"id":"bob","n":2}"#.to_owned()]
+    );
+    assert!(h.take_held("carol").is_empty());
 }
 
 #[test]

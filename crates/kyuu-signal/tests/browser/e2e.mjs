@@ -2,6 +2,7 @@
 //
 //   node e2e.mjs http://127.0.0.1:8080/        (host candidates, iceTransportPolicy 'all')
 //   KYUU_E2E_RELAY=1 node e2e.mjs <url>        (iceTransportPolicy 'relay': TURN only)
+//   KYUU_E2E_BASE_BOB=<url2>                    (bob on another fleet node than alice)
 //
 // Two separate browser profiles (two persistent contexts, each with a fresh --user-data-dir)
 // load the page; "alice" publishes her name, "bob" watches it, and they open a data channel
@@ -62,7 +63,8 @@ async function open(who, query) {
   const page = ctx.pages()[0] || await ctx.newPage();
   page.on('console', (m) => logs[who].push(m.text()));
   page.on('pageerror', (e) => logs[who].push(`pageerror: ${e}`));
-  const url = new URL(base);
+  // KYUU_E2E_BASE_BOB: bob loads the page from another node of a fleet.
+  const url = new URL(who === 'bob' && process.env.KYUU_E2E_BASE_BOB ? process.env.KYUU_E2E_BASE_BOB : base);
   for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
   if (relay) url.searchParams.set('relay', '1');
   await gotoRetrying(page, url.toString());

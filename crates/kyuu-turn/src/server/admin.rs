@@ -207,6 +207,18 @@ impl Server {
         }
     }
 
+    /// [`Server::drain`] for a fleet node: Allocate is answered 300 Try Alternate naming the
+    /// address of `alternates` of the client's family (other nodes the shell chose), unless
+    /// `turn.alternate_server` is set; a client of a family without one gets 486. May be
+    /// called again as the fleet changes (an alternate that died, one that appeared).
+    pub fn drain_to(&mut self, alternates: &[SocketAddr]) {
+        self.draining = true;
+        self.drain_alternates = [
+            alternates.iter().copied().find(SocketAddr::is_ipv4),
+            alternates.iter().copied().find(SocketAddr::is_ipv6),
+        ];
+    }
+
     /// Whether [`Server::drain`] was called.
     pub fn is_draining(&self) -> bool {
         self.draining

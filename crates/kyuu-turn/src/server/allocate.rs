@@ -80,7 +80,22 @@ impl Server {
             let code = ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED;
             return self.error(client, msg, code, Some(&auth));
         }
-        if let Some(alt) = self.cfg.alternate_server {
+        // A draining fleet node sends the client to another node of the client's family,
+        // unless `turn.alternate_server` names one explicitly.
+        let fleet_alt = match client.remote {
+            SocketAddr::V4(_) => self.drain_alternates[0],
+            SocketAddr::V6(_) => self.drain_alternates[1],
+        };
+        let alternate = self
+            .cfg
+            .alternate_server
+            .or(fleet_alt.filter(|_| self.draining));
+        if let Some(alt) = alternate {
+            release_reserved(self);
+            if self.draining {
+                metrics::counter!("kyuu_turn_quota_refusals_total", "quota" => "draining_redirected")
+                    .increment(1);
+            }
             // RFC 8489 §10: send the client elsewhere.
             let resp = self.build(
                 method::ALLOCATE,

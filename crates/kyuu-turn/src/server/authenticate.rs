@@ -64,7 +64,7 @@ pub(crate) struct AuthContext<'a> {
     pub creds: &'a Credentials,
     pub nonces: &'a Nonces,
     pub client: SocketAddr,
-    /// Seconds since the nonce clock's origin.
+    /// Wall-clock seconds (the nonce clock, shared by the nodes of a fleet).
     pub secs: u64,
     /// Wall-clock seconds, for TURN REST credential expiry.
     pub unix_now: u64,

@@ -83,8 +83,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// `start` is the origin of nonce timestamps; `unix_at_start` the wall-clock seconds at
-    /// `start` (for TURN REST API expiry times).
+    /// `unix_at_start` is the wall-clock seconds at `start`, read once by the shell: nonce
+    /// timestamps and TURN REST API expiry times are wall-clock seconds derived from it, so a
+    /// nonce issued by one node of a fleet (same `nonce_key`) is accepted by another.
     pub fn new(nonce_key: [u8; 32], start: Instant, unix_at_start: u64) -> Arc<Self> {
         Arc::new(Shared {
             nonce_key,
@@ -100,12 +101,30 @@ impl Shared {
         self.quotas.total()
     }
 
-    /// Seconds since `start` (the nonce clock).
+    /// Fleet quotas: each user's live allocations on this node and the generation of these
+    /// counts (it changes whenever they do), for the shell to publish.
+    pub fn user_allocations(&self) -> (u64, Vec<(String, u32)>) {
+        self.quotas.users()
+    }
+
+    /// The generation [`Shared::user_allocations`] would report, without copying the counts.
+    pub fn user_allocations_generation(&self) -> u64 {
+        self.quotas.generation()
+    }
+
+    /// Fleet quotas: each user's allocations on the other nodes, read by the shell; Allocate
+    /// counts them against `turn.user_quota` together with this node's. Empty (the default,
+    /// and what the shell sets when Redis is unreachable): the quota is per node.
+    pub fn set_remote_user_allocations(&self, remote: std::collections::HashMap<String, u32>) {
+        self.quotas.set_remote_users(remote);
+    }
+
+    /// Seconds since `start`.
     fn secs(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.start).as_secs()
     }
 
-    /// Wall-clock seconds at `now`, derived without reading the clock.
+    /// Wall-clock seconds at `now`, derived without reading the clock (the nonce clock).
     fn unix_now(&self, now: Instant) -> u64 {
         self.unix_at_start + self.secs(now)
     }
@@ -159,6 +178,9 @@ pub struct Server {
     dont_fragment: bool,
     /// In-process pairs (`pairing.rs`).
     pairings: Pairings,
+    /// Where a draining server sends clients (IPv4, IPv6), when `turn.alternate_server` is
+    /// unset: other fleet nodes chosen by the shell ([`Server::drain_to`]).
+    drain_alternates: [Option<std::net::SocketAddr>; 2],
 }
 
 impl Server {
@@ -181,6 +203,7 @@ impl Server {
             draining: false,
             dont_fragment: true,
             pairings: Pairings::default(),
+            drain_alternates: [None, None],
             cfg,
             opts,
         })
@@ -418,7 +441,7 @@ impl Server {
             creds: &self.creds,
             nonces: &self.nonces,
             client: client.remote,
-            secs: shared.secs(now),
+            secs: shared.unix_now(now),
             unix_now: shared.unix_now(now),
             live_user,
         };

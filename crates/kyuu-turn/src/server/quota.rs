@@ -38,6 +38,11 @@ struct Counts {
     total: u32,
     per_user: HashMap<String, u32>,
     per_ip: HashMap<IpAddr, u32>,
+    /// Fleet mode: each user's allocations on the other nodes, as the shell last read them
+    /// from Redis (empty when alone or when Redis is unreachable: the local quota then).
+    remote_users: HashMap<String, u32>,
+    /// Bumped whenever `per_user` changes, so the shell publishes only when needed.
+    generation: u64,
 }
 
 /// The counters, shared by all shards (touched only when allocations come and go).
@@ -57,16 +62,40 @@ impl Quotas {
         if cfg.total_quota > 0 && q.total >= cfg.total_quota {
             return Err(QuotaExceeded::Total);
         }
-        if cfg.user_quota > 0 && q.per_user.get(username).copied().unwrap_or(0) >= cfg.user_quota {
+        let here = q.per_user.get(username).copied().unwrap_or(0);
+        let elsewhere = q.remote_users.get(username).copied().unwrap_or(0);
+        if cfg.user_quota > 0 && here.saturating_add(elsewhere) >= cfg.user_quota {
             return Err(QuotaExceeded::User);
         }
         if cfg.client_quota > 0 && q.per_ip.get(&ip).copied().unwrap_or(0) >= cfg.client_quota {
             return Err(QuotaExceeded::Client);
         }
         q.total += 1;
+        q.generation += 1;
         *q.per_user.entry(username.to_owned()).or_insert(0) += 1;
         *q.per_ip.entry(ip).or_insert(0) += 1;
         Ok(())
+    }
+
+    /// Each user's live allocations here, and the generation they were read at.
+    pub fn users(&self) -> (u64, Vec<(String, u32)>) {
+        let Ok(q) = self.0.lock() else {
+            return (0, Vec::new());
+        };
+        let users = q.per_user.iter().map(|(u, n)| (u.clone(), *n)).collect();
+        (q.generation, users)
+    }
+
+    /// The generation of the per-user counts (changes whenever they do).
+    pub fn generation(&self) -> u64 {
+        self.0.lock().map(|q| q.generation).unwrap_or(0)
+    }
+
+    /// Replaces the other nodes' per-user counts (empty: count only this node).
+    pub fn set_remote_users(&self, remote: HashMap<String, u32>) {
+        if let Ok(mut q) = self.0.lock() {
+            q.remote_users = remote;
+        }
     }
 
     pub fn release(&self, username: &str, ip: IpAddr) {
@@ -74,6 +103,7 @@ impl Quotas {
             return;
         };
         q.total = q.total.saturating_sub(1);
+        q.generation += 1;
         if let Some(n) = q.per_user.get_mut(username) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -151,7 +151,9 @@ impl Server {
         msg: &Message<'_>,
         code: ErrorCode,
     ) {
-        let nonce = self.nonces.issue(self.opts.shared.secs(now), client.remote);
+        let nonce = self
+            .nonces
+            .issue(self.opts.shared.unix_now(now), client.remote);
         let resp = self.build(
             msg.method(),
             Class::Error,
