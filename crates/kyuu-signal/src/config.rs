@@ -83,7 +83,7 @@ impl Default for SignalConfig {
             max_connections: 100_000,
             max_connections_per_ip: 1_000,
             allowed_origins: Vec::new(),
-            send_queue: 64,
+            send_queue: 256,
             read_buffer_size: 1024,
             write_timeout_ms: 10_000,
             ping_interval_secs: 30,

@@ -482,7 +482,16 @@ async fn route_task(
     mut rx: mpsc::Receiver<Cmd>,
 ) {
     let mut last_fail: Option<tokio::time::Instant> = None;
-    while let Some(cmd) = rx.recv().await {
+    // A command taken from the queue while gathering a batch of routes, handled next.
+    let mut next: Option<Cmd> = None;
+    loop {
+        let cmd = match next.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => return,
+            },
+        };
         let Some(port) = port.upgrade() else {
             return;
         };
@@ -612,36 +621,99 @@ async fn route_task(
                 to,
                 text,
             } => {
-                let Some(mut c) = conn else {
-                    port.remote_unknown(from_conn, &from, &to, text);
-                    continue;
-                };
-                let owner: redis::RedisResult<Option<String>> = redis::cmd("GET")
-                    .arg(peer_key(&to))
-                    .query_async(&mut c)
-                    .await;
-                let node = match owner {
-                    Ok(Some(n)) => n,
-                    Ok(None) => {
-                        port.remote_unknown(from_conn, &from, &to, text);
-                        continue;
-                    }
-                    Err(e) => {
-                        debug!("fleet: looking up {to}: {e}");
-                        status.set(false);
-                        last_fail = Some(tokio::time::Instant::now());
-                        port.remote_unknown(from_conn, &from, &to, text);
-                        continue;
-                    }
-                };
-                if node == cfg.node {
-                    // It connected here after the hub emitted the route.
-                    port.deliver_remote(&to, text);
-                    continue;
-                }
-                let payload = match serde_json::to_string(&Wire {
+                // Every route queued behind this one goes in the same two round trips (one
+                // pipeline of owner lookups, one of publishes), in queue order, so the order
+                // per sender and receiver is kept. A command of another kind ends the batch
+                // and is handled next.
+                let mut batch = vec![Route {
+                    from_conn,
+                    from,
                     to,
                     text,
+                }];
+                while batch.len() < ROUTE_BATCH {
+                    match rx.try_recv() {
+                        Ok(Cmd::Route {
+                            from_conn,
+                            from,
+                            to,
+                            text,
+                        }) => batch.push(Route {
+                            from_conn,
+                            from,
+                            to,
+                            text,
+                        }),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let Some(mut c) = conn else {
+                    for r in batch {
+                        port.remote_unknown(r.from_conn, &r.from, &r.to, r.text);
+                    }
+                    continue;
+                };
+                if !route_batch(&mut c, &cfg, &*port, batch).await {
+                    status.set(false);
+                    last_fail = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Most routes sent in one batch (two pipelines).
+const ROUTE_BATCH: usize = 256;
+
+/// A frame for an id on another node (or nowhere), as queued by the hub.
+struct Route {
+    from_conn: ConnId,
+    from: String,
+    to: String,
+    text: String,
+}
+
+/// Looks up the owners of a batch of routes in one pipeline and publishes them in another, in
+/// batch order. False when Redis failed; every frame not published is then answered as for an
+/// unknown peer.
+async fn route_batch(
+    c: &mut ConnectionManager,
+    cfg: &FleetConfig,
+    port: &dyn HubPort,
+    batch: Vec<Route>,
+) -> bool {
+    let mut lookup = redis::pipe();
+    for r in &batch {
+        lookup.cmd("GET").arg(peer_key(&r.to));
+    }
+    let owners: redis::RedisResult<Vec<Option<String>>> = lookup.query_async(c).await;
+    let owners = match owners {
+        Ok(o) if o.len() == batch.len() => o,
+        Ok(_) | Err(_) => {
+            if let Err(e) = owners {
+                debug!("fleet: looking up {} ids: {e}", batch.len());
+            }
+            for r in batch {
+                port.remote_unknown(r.from_conn, &r.from, &r.to, r.text);
+            }
+            return false;
+        }
+    };
+    let mut publish = redis::pipe();
+    let mut published: Vec<Route> = Vec::new();
+    for (r, owner) in batch.into_iter().zip(owners) {
+        match owner {
+            None => port.remote_unknown(r.from_conn, &r.from, &r.to, r.text),
+            // It connected here after the hub emitted the route.
+            Some(n) if n == cfg.node => port.deliver_remote(&r.to, r.text),
+            Some(node) => {
+                let payload = match serde_json::to_string(&Wire {
+                    to: r.to.clone(),
+                    text: r.text.clone(),
                     evict: false,
                     by: None,
                     held: false,
@@ -649,22 +721,27 @@ async fn route_task(
                     Ok(p) => p,
                     Err(_) => continue,
                 };
-                let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                publish
+                    .cmd("PUBLISH")
                     .arg(node_channel(&node))
                     .arg(payload)
-                    .query_async(&mut c)
-                    .await;
-                match r {
-                    Ok(_) => {
-                        metrics::counter!("kyuu_signal_fleet_routed_total").increment(1);
-                    }
-                    Err(e) => {
-                        debug!("fleet: publishing to {node}: {e}");
-                        status.set(false);
-                        last_fail = Some(tokio::time::Instant::now());
-                    }
-                }
+                    .ignore();
+                published.push(r);
             }
+        }
+    }
+    if published.is_empty() {
+        return true;
+    }
+    let r: redis::RedisResult<()> = publish.query_async(c).await;
+    match r {
+        Ok(()) => {
+            metrics::counter!("kyuu_signal_fleet_routed_total").increment(published.len() as u64);
+            true
+        }
+        Err(e) => {
+            debug!("fleet: publishing {} frames: {e}", published.len());
+            false
         }
     }
 }
