@@ -18,6 +18,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = attr::decode_u32(a.attr_type, a.value);
         let _ = attr::decode_u64(a.attr_type, a.value);
         let _ = attr::decode_channel_number(a.value);
+        let _ = attr::decode_icmp(a.value);
+        // OpaqueString preparation (RFC 8265) of any UTF-8 value, as the server applies to
+        // USERNAME and clients to realms.
+        if let Ok(s) = std::str::from_utf8(a.value) {
+            let _ = kyuu_stun::opaque_string(s);
+        }
         let _ = attr::nonce_features(a.value);
         if let Ok(it) = attr::decode_unknown_attributes(a.value) {
             let _ = it.count();

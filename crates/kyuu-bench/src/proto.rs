@@ -287,7 +287,7 @@ mod tests {
         let len = b.finish();
         assert_eq!(s.handle(&creds, &buf[..len], now), Action::Send);
         let req = Message::parse(s.request())?;
-        let key = Key::long_term_md5("u", "r", "p");
+        let key = Key::long_term_md5("u", "r", "p")?;
         req.verify_integrity(&key)?;
         assert_eq!(req.get(attr::NONCE), Some(&b"n0"[..]));
         // Success moves on to CreatePermission.

@@ -71,6 +71,12 @@ pub enum Event {
         channel: u16,
         data: Vec<u8>,
     },
+    /// A Data indication carrying an ICMP attribute (RFC 8656 §11.5, §18.13): the relay got an
+    /// ICMP error for a datagram it sent to `peer` (the port is 0 when the server cannot tell).
+    Icmp {
+        peer: SocketAddr,
+        icmp: attr::Icmp,
+    },
     /// A STUN Binding answer.
     Mapped {
         mapped: SocketAddr,
@@ -131,10 +137,14 @@ pub struct Client {
 
 impl Client {
     /// A client with long-term credentials. `stream`: the transport is TCP/TLS (no
-    /// retransmissions; ChannelData padded).
+    /// retransmissions; ChannelData padded). The username is sent in its OpaqueString form
+    /// (RFC 8489 §14.3; a name without one is sent as given, and the server refuses it); the
+    /// password is prepared when the key is made (§9.2.2).
     pub fn new(username: &str, password: &str, stream: bool) -> Self {
+        let username =
+            kyuu_stun::opaque_string(username).map_or_else(|_| username.into(), |u| u.into_owned());
         Client {
-            username: username.into(),
+            username,
             password: password.into(),
             realm: None,
             nonce: None,
@@ -342,8 +352,17 @@ impl Client {
 
     /// A Send indication carrying `data` to `peer` (queued for transmission).
     pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        self.send_indication_with(peer, data, false);
+    }
+
+    /// A Send indication; `dont_fragment` adds DONT-FRAGMENT (RFC 8656 §11.2, §18.9): the
+    /// server sends this datagram with DF.
+    pub fn send_indication_with(&mut self, peer: SocketAddr, data: &[u8], dont_fragment: bool) {
         let tid = self.tid();
-        let a = [A::XorPeer(peer), A::Raw(attr::DATA, data.to_vec())];
+        let mut a = vec![A::XorPeer(peer), A::Raw(attr::DATA, data.to_vec())];
+        if dont_fragment {
+            a.push(A::Raw(attr::DONT_FRAGMENT, Vec::new()));
+        }
         if let Some(b) = self.build(method::SEND, Class::Indication, tid, &a) {
             self.out.push_back(b);
         }
@@ -411,13 +430,16 @@ impl Client {
     fn indication(&mut self, msg: &Message<'_>) {
         match msg.method() {
             method::DATA => {
-                if let (Some(Ok(peer)), Some(d)) =
-                    (msg.xor_address(attr::XOR_PEER_ADDRESS), msg.get(attr::DATA))
-                {
+                let Some(Ok(peer)) = msg.xor_address(attr::XOR_PEER_ADDRESS) else {
+                    return;
+                };
+                if let Some(d) = msg.get(attr::DATA) {
                     self.events.push_back(Event::Data {
                         peer,
                         data: d.to_vec(),
                     });
+                } else if let Some(Ok(icmp)) = msg.get(attr::ICMP).map(attr::decode_icmp) {
+                    self.events.push_back(Event::Icmp { peer, icmp });
                 }
             }
             method::CONNECTION_ATTEMPT => {
@@ -457,11 +479,21 @@ impl Client {
                 self.nonce = Some(nonce.to_vec());
                 self.server_algs = msg.get(attr::PASSWORD_ALGORITHMS).map(<[u8]>::to_vec);
                 let sha = self.sha256 && self.server_algs.is_some();
-                self.key = Some(if sha {
+                let key = if sha {
                     Key::long_term_sha256(&self.username, realm, &self.password)
                 } else {
                     Key::long_term_md5(&self.username, realm, &self.password)
-                });
+                };
+                let Ok(key) = key else {
+                    // RFC 8489 §9.2.2: no key from a password (or realm) OpaqueString refuses.
+                    self.events.push_back(Event::Error {
+                        method: p.method,
+                        code,
+                        reason: "credential is not a valid OpaqueString (RFC 8265)".into(),
+                    });
+                    return;
+                };
+                self.key = Some(key);
                 let tid = self.request(now, p.method, p.attrs);
                 if let Some(np) = self.pending.get_mut(&tid) {
                     np.challenged = code == 401;

@@ -163,7 +163,7 @@ fn bad_credentials(client: SocketAddr, good_nonce: bool) -> Vec<u8> {
     b.add(attr::USERNAME, b"u").unwrap();
     b.add(attr::REALM, b"kyuu").unwrap();
     b.add(attr::NONCE, &nonce).unwrap();
-    let key = kyuu_stun::integrity::Key::long_term_md5("u", "kyuu", "wrong");
+    let key = kyuu_stun::integrity::Key::long_term_md5("u", "kyuu", "wrong").unwrap();
     b.add_integrity(&key).unwrap();
     let n = b.finish();
     buf.truncate(n);

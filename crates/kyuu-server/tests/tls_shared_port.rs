@@ -34,7 +34,7 @@ fn have(tool: &str) -> bool {
 
 async fn start() -> (kyuu_server::Running, SocketAddr) {
     let text = "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\ntls = []\nthreads = 1\n\
-        [turn]\nallow_peers = [\"127.0.0.0/8\"]\nunauth_rate = 0\nrelay_ipv4 = \"127.0.0.1\"\n\
+        [turn]\nstrict_channel_numbers = false\nallow_peers = [\"127.0.0.0/8\"]\nunauth_rate = 0\nrelay_ipv4 = \"127.0.0.1\"\n\
         [[turn.users]]\nname = \"u\"\npassword = \"p\"\n\
         [http]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_turn = true\n\
         tls_turn_names = [\"turn.localhost\"]\nmetrics = false\n";

@@ -143,6 +143,8 @@ fn turn_config(allow_loopback: bool) -> TurnConfig {
         // expire; the quotas (tested in kyuu-turn) would count them all.
         user_quota: 0,
         client_quota: 0,
+        // RFC 5766 compatibility: coturn 4.6.1's uclient binds channel numbers above 0x4FFF.
+        strict_channel_numbers: false,
         ..Default::default()
     }
 }

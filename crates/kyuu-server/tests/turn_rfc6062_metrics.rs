@@ -66,6 +66,8 @@ async fn rfc6062_relayed_bytes_are_counted() {
         realm: "kyuu.test".into(),
         relay_ipv4: Some("127.0.0.1".parse().unwrap()),
         allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        // RFC 5766 compatibility for coturn 4.6.1's uclient (channel numbers above 0x4FFF).
+        strict_channel_numbers: false,
         ..Default::default()
     };
     let l = ListenConfig {

@@ -59,7 +59,7 @@ pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
 pub const ALTERNATE_DOMAIN: u16 = 0x8003;
-/// RFC 8656 §18.13
+/// RFC 8656 §18.13 (see [`Icmp`])
 pub const ICMP: u16 = 0x8004;
 pub const SOFTWARE: u16 = 0x8022;
 pub const ALTERNATE_SERVER: u16 = 0x8023;
@@ -294,6 +294,46 @@ pub fn decode_channel_number(value: &[u8]) -> Result<u16, Error> {
         return Err(invalid(CHANNEL_NUMBER, "expected 4 bytes"));
     }
     be_u16(value, 0).ok_or(invalid(CHANNEL_NUMBER, "expected 4 bytes"))
+}
+
+/// The value of an ICMP attribute (RFC 8656 §18.13): the type and code of an ICMP error a relay
+/// received for a datagram it sent to a peer (§11.5), and its error data.
+///
+/// ```text
+///  0                   1                   2                   3
+/// +-------------------------------+---------------+---------------+
+/// |           Reserved            |   ICMP Type   |   ICMP Code   |
+/// +-------------------------------+---------------+---------------+
+/// |                          Error Data                           |
+/// +---------------------------------------------------------------+
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Icmp {
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The next-hop MTU for ICMPv4 type 3 code 4 ("fragmentation needed") and ICMPv6 type 2
+    /// ("packet too big"); zero for everything else (§18.13).
+    pub error_data: u32,
+}
+
+/// The 8-byte ICMP attribute value; Reserved is sent as 0.
+pub fn encode_icmp(i: Icmp) -> [u8; 8] {
+    let d = i.error_data.to_be_bytes();
+    [0, 0, i.icmp_type, i.code, d[0], d[1], d[2], d[3]]
+}
+
+/// An ICMP attribute value; Reserved is ignored (§18.13).
+pub fn decode_icmp(value: &[u8]) -> Result<Icmp, Error> {
+    let (8, Some(&icmp_type), Some(&code), Some(error_data)) =
+        (value.len(), value.get(2), value.get(3), be_u32(value, 4))
+    else {
+        return Err(invalid(ICMP, "expected 8 bytes"));
+    };
+    Ok(Icmp {
+        icmp_type,
+        code,
+        error_data,
+    })
 }
 
 /// REQUESTED-TRANSPORT: the protocol number in the first byte.

@@ -1,13 +1,23 @@
 //! Credentials, MESSAGE-INTEGRITY(-SHA256) and FINGERPRINT (RFC 8489 §9, §14.5-14.7).
 //!
-//! Long-term keys prepare the realm and password with [`saslprep`] (RFC 5389 §15.4 SASLprep,
-//! which RFC 8489 §9.2.2 replaced by RFC 8265 OpaqueString; the two agree on what clients send
-//! in practice: non-ASCII spaces become U+0020, soft hyphens and other "mapped to nothing"
-//! characters vanish, and the result is Unicode-normalised). The username is used as received
-//! (RFC 8489 §9.2.2: the client prepares it; it is matched byte for byte).
+//! Long-term keys prepare the realm and password with the OpaqueString profile of PRECIS
+//! ([RFC 8265 §4.2], [`opaque_string`]) as [RFC 8489 §9.2.2] says: non-ASCII spaces become
+//! U+0020, the result is in Unicode Normalization Form C, and strings holding code points that
+//! FreeformClass disallows (control characters, default-ignorable code points such as U+00AD,
+//! unassigned code points) or that are empty are refused. No width or case mapping. The username
+//! is used as received: RFC 8489 §14.3 makes the client apply OpaqueString before sending it;
+//! servers prepare their configured names once ([`opaque_string`]) and refuse a USERNAME that is
+//! not already in that form. ASCII printable strings are never changed.
+//!
+//! [RFC 8265 §4.2]: https://www.rfc-editor.org/rfc/rfc8265#section-4.2
+//! [RFC 8489 §9.2.2]: https://www.rfc-editor.org/rfc/rfc8489#section-9.2.2
+
+use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
 use md5::{Digest as _, Md5};
+use precis_profiles::precis_core::profile::PrecisFastInvocation as _;
+use precis_profiles::OpaqueString;
 use sha1::Sha1;
 use sha2::Sha256;
 
@@ -29,43 +39,55 @@ impl std::fmt::Debug for Key {
     }
 }
 
-/// SASLprep ([RFC 4013]) of a realm or password, as the long-term key uses it. A string the
-/// profile prohibits (control characters, unassigned code points, bad bidi) is used unchanged
-/// rather than refused, so a configured credential never becomes unusable.
-///
-/// [RFC 4013]: https://www.rfc-editor.org/rfc/rfc4013
-pub fn saslprep(s: &str) -> std::borrow::Cow<'_, str> {
-    stringprep::saslprep(s).unwrap_or(std::borrow::Cow::Borrowed(s))
+/// A string the OpaqueString profile refuses (RFC 8265 §4.2: empty, or holding a code point
+/// FreeformClass disallows).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid OpaqueString (RFC 8265 §4.2): {0}")]
+pub struct PrepError(String);
+
+/// The OpaqueString profile (RFC 8265 §4.2) enforced on `s` (the `precis-profiles` crate does the
+/// work). Printable ASCII is returned unchanged without further work, which is what every
+/// browser-made and TURN REST credential is.
+pub fn opaque_string(s: &str) -> Result<Cow<'_, str>, PrepError> {
+    if !s.is_empty() && s.bytes().all(|b| (0x20..0x7F).contains(&b)) {
+        return Ok(Cow::Borrowed(s));
+    }
+    OpaqueString::enforce(s).map_err(|e| PrepError(e.to_string()))
 }
 
 impl Key {
-    /// Long-term key with MD5 (RFC 8489 §9.2.2): MD5(username ":" SASLprep(realm) ":"
-    /// SASLprep(password)).
-    pub fn long_term_md5(username: &str, realm: &str, password: &str) -> Self {
-        let (realm, password) = (saslprep(realm), saslprep(password));
+    /// Long-term key with MD5 (RFC 8489 §9.2.2): MD5(username ":" OpaqueString(realm) ":"
+    /// OpaqueString(password)). The username is taken as given (already prepared).
+    pub fn long_term_md5(username: &str, realm: &str, password: &str) -> Result<Self, PrepError> {
+        let (realm, password) = (opaque_string(realm)?, opaque_string(password)?);
         let mut h = Md5::new();
         h.update(username.as_bytes());
         h.update(b":");
         h.update(realm.as_bytes());
         h.update(b":");
         h.update(password.as_bytes());
-        Key {
+        Ok(Key {
             bytes: h.finalize().to_vec(),
-        }
+        })
     }
 
-    /// Long-term key with SHA-256: SHA-256(username ":" SASLprep(realm) ":" SASLprep(password)).
-    pub fn long_term_sha256(username: &str, realm: &str, password: &str) -> Self {
-        let (realm, password) = (saslprep(realm), saslprep(password));
+    /// Long-term key with SHA-256 (RFC 8489 §9.2.2): SHA-256(username ":" OpaqueString(realm)
+    /// ":" OpaqueString(password)).
+    pub fn long_term_sha256(
+        username: &str,
+        realm: &str,
+        password: &str,
+    ) -> Result<Self, PrepError> {
+        let (realm, password) = (opaque_string(realm)?, opaque_string(password)?);
         let mut h = Sha256::new();
         h.update(username.as_bytes());
         h.update(b":");
         h.update(realm.as_bytes());
         h.update(b":");
         h.update(password.as_bytes());
-        Key {
+        Ok(Key {
             bytes: h.finalize().to_vec(),
-        }
+        })
     }
 
     /// Short-term key: the password itself (RFC 8489 §9.1.1).
@@ -198,39 +220,78 @@ pub enum IntegrityKind {
 }
 
 #[cfg(test)]
-mod saslprep_tests {
+mod opaque_string_tests {
     use super::*;
 
-    /// RFC 4013 §3 examples (and RFC 5769 §2.4's password).
-    #[test]
-    fn rfc4013_examples() {
-        assert_eq!(saslprep("I\u{00AD}X"), "IX"); // SOFT HYPHEN mapped to nothing
-        assert_eq!(saslprep("user"), "user"); // no transformation
-        assert_eq!(saslprep("USER"), "USER"); // case preserved
-        assert_eq!(saslprep("\u{00AA}"), "a"); // output is NFKC, input in ISO 8859-1
-        assert_eq!(saslprep("\u{2168}"), "IX"); // output is NFKC
-        assert_eq!(saslprep("pass\u{00A0}word"), "pass word"); // non-ASCII space
-        assert_eq!(saslprep("\u{FF21}\u{FF22}"), "AB"); // fullwidth letters
-        assert_eq!(
-            saslprep("The\u{00AD}M\u{00AA}tr\u{2168}"),
-            "TheMatrIX",
-            "RFC 5769 §2.4"
-        );
-        // Prohibited (U+0007 control, RFC 4013 §3 example 6): kept as configured.
-        assert_eq!(saslprep("\u{0007}"), "\u{0007}");
+    fn ok(s: &str) -> String {
+        opaque_string(s).map(Cow::into_owned).unwrap_or_default()
     }
 
     #[test]
-    fn long_term_keys_prepare_the_password_and_realm() {
-        let u = "alice";
-        assert!(
-            Key::long_term_md5(u, "kyuu", "pass\u{00A0}word")
-                == Key::long_term_md5(u, "kyuu", "pass word")
+    fn ascii_is_unchanged_and_borrowed() {
+        for s in [
+            "secret",
+            "Secret With Spaces",
+            "1700000000:alice",
+            "a+b/c=",
+            " x ",
+        ] {
+            assert!(matches!(opaque_string(s), Ok(Cow::Borrowed(b)) if b == s));
+        }
+    }
+
+    /// RFC 8265 §4.2.2: non-ASCII spaces (Zs) map to U+0020.
+    #[test]
+    fn non_ascii_spaces_become_space() {
+        assert_eq!(ok("pass\u{00A0}word"), "pass word");
+        assert_eq!(ok("a\u{3000}b\u{2003}c"), "a b c");
+    }
+
+    /// RFC 8265 §4.2.2 normalization rule: NFC.
+    #[test]
+    fn nfc_composes() {
+        assert_eq!(ok("cafe\u{0301}"), "caf\u{00E9}");
+        assert_eq!(ok("ju\u{0308}rgen"), "j\u{00FC}rgen");
+    }
+
+    /// RFC 8265 §4.2.2: no width mapping and no case mapping, unlike SASLprep's NFKC (under
+    /// which fullwidth "ＡＢ" became "AB" and U+2168 became "IX").
+    #[test]
+    fn width_compatibility_and_case_are_kept() {
+        assert_eq!(ok("\u{FF21}\u{FF22}"), "\u{FF21}\u{FF22}");
+        assert_eq!(ok("\u{2168}"), "\u{2168}");
+        assert_eq!(ok("\u{00AA}"), "\u{00AA}");
+        assert_eq!(ok("\u{00C4}pfel"), "\u{00C4}pfel");
+    }
+
+    /// FreeformClass (RFC 8264 §9.11-9.13) disallows control characters and default-ignorable
+    /// code points; the empty string is refused (RFC 8265 §4.2.2).
+    #[test]
+    fn controls_ignorables_and_empty_are_refused() {
+        for s in [
+            "a\u{0007}b",
+            "tab\there",
+            "nl\n",
+            "\u{007F}",
+            "I\u{00AD}X",
+            "",
+            "x\u{200B}",
+        ] {
+            assert!(opaque_string(s).is_err(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn keys_of_equivalent_passwords_match_and_refused_ones_fail() {
+        assert_eq!(
+            Key::long_term_md5("u", "realm", "cafe\u{0301}\u{00A0}").ok(),
+            Key::long_term_md5("u", "realm", "caf\u{00E9} ").ok()
         );
-        assert!(
-            Key::long_term_sha256(u, "\u{FF4B}yuu", "\u{FF21}\u{00AD}B")
-                == Key::long_term_sha256(u, "kyuu", "AB")
+        assert_ne!(
+            Key::long_term_md5("u", "realm", "\u{FF21}").ok(),
+            Key::long_term_md5("u", "realm", "A").ok()
         );
-        assert!(Key::long_term_md5(u, "kyuu", "pa") != Key::long_term_md5(u, "kyuu", "pb"));
+        assert!(Key::long_term_sha256("u", "realm", "bad\u{0000}").is_err());
+        assert!(Key::long_term_md5("u", "", "p").is_err());
     }
 }

@@ -41,7 +41,7 @@ pub use classic::{
 };
 pub use error::Error;
 pub use error_code::ErrorCode;
-pub use integrity::saslprep;
+pub use integrity::{opaque_string, PrepError};
 pub use message::{is_stun, AttrIter, Class, Message, RawAttr, TransactionId};
 
 /// The fixed magic cookie of RFC 8489 section 5.

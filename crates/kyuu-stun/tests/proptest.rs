@@ -95,3 +95,24 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// OpaqueString (RFC 8265) never panics, is idempotent on what it accepts, leaves printable
+    /// ASCII alone, and ICMP attribute values round-trip.
+    #[test]
+    fn opaque_string_is_total_and_idempotent(s in any::<String>(), ascii in "[ -~]{1,40}",
+                                             t in any::<u8>(), c in any::<u8>(), d in any::<u32>()) {
+        if let Ok(p) = kyuu_stun::opaque_string(&s) {
+            let again = kyuu_stun::opaque_string(&p).unwrap();
+            prop_assert_eq!(again.as_ref(), p.as_ref());
+        }
+        let fast = kyuu_stun::opaque_string(&ascii).unwrap();
+        prop_assert_eq!(fast.as_ref(), ascii.as_str());
+        // The printable-ASCII shortcut agrees with the full profile.
+        use precis_profiles::precis_core::profile::PrecisFastInvocation as _;
+        let full = precis_profiles::OpaqueString::enforce(ascii.as_str()).unwrap();
+        prop_assert_eq!(full.as_ref(), ascii.as_str());
+        let i = attr::Icmp { icmp_type: t, code: c, error_data: d };
+        prop_assert_eq!(attr::decode_icmp(&attr::encode_icmp(i)).unwrap(), i);
+    }
+}

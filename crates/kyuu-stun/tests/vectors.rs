@@ -136,11 +136,15 @@ fn rfc5769_long_term_parses_verifies_and_is_produced() {
     assert_eq!(m.username().unwrap().unwrap(), user);
     assert_eq!(m.realm().unwrap().unwrap(), "example.org");
     assert_eq!(m.nonce().unwrap(), b"f//499k954d6OL34oL9FSTvy64sA");
-    let key = Key::long_term_md5(user, "example.org", "TheMatrIX");
+    let key = Key::long_term_md5(user, "example.org", "TheMatrIX").unwrap();
     m.verify_integrity(&key).unwrap();
-    // RFC 5769 §2.4: the password as given there, before SASLprep, yields the same key.
-    let raw = Key::long_term_md5(user, "example.org", "The\u{00AD}M\u{00AA}tr\u{2168}");
-    m.verify_integrity(&raw).unwrap();
+    // RFC 5769 §2.4 gives the password before SASLprep (RFC 4013) as "The<U+00AD>M<U+00AA>tr
+    // <U+2168>". RFC 8489 §9.2.2 replaced SASLprep with OpaqueString (RFC 8265), which refuses
+    // U+00AD (a default-ignorable code point FreeformClass disallows) and would not fold U+00AA
+    // and U+2168 (no NFKC): that raw form is no longer a valid password, and the username, a
+    // valid OpaqueString, is unchanged by it.
+    assert!(Key::long_term_md5(user, "example.org", "The\u{00AD}M\u{00AA}tr\u{2168}").is_err());
+    assert_eq!(kyuu_stun::opaque_string(user).unwrap(), user);
     assert!(!m.verify_fingerprint().unwrap());
 
     let mut out = [0u8; 256];
@@ -177,7 +181,7 @@ fn rfc8489_b1_sha256_request() {
         attr::decode_password_algorithm(m.get(attr::PASSWORD_ALGORITHM).unwrap()).unwrap(),
         (attr::PASSWORD_ALGORITHM_SHA256, &[][..])
     );
-    let key = Key::long_term_sha256(user, "example.org", "TheMatrIX");
+    let key = Key::long_term_sha256(user, "example.org", "TheMatrIX").unwrap();
     m.verify_integrity(&key).unwrap();
 
     let mut out = [0u8; 256];
@@ -239,4 +243,24 @@ fn malformed_inputs_are_errors_not_panics() {
     let l = (extra.len() - 20) as u16;
     extra[2..4].copy_from_slice(&l.to_be_bytes());
     assert!(Message::parse(&extra).is_err());
+}
+
+/// RFC 8656 §18.13: ICMP is Reserved (16 bits, 0), Type, Code, then 32 bits of Error Data.
+#[test]
+fn icmp_attribute_bytes() {
+    use kyuu_stun::attr::{decode_icmp, encode_icmp, Icmp};
+    let i = Icmp {
+        icmp_type: 3,
+        code: 4,
+        error_data: 1500,
+    };
+    assert_eq!(encode_icmp(i), [0, 0, 3, 4, 0, 0, 0x05, 0xDC]);
+    assert_eq!(
+        decode_icmp(&[0xFF, 0xFF, 3, 4, 0, 0, 0x05, 0xDC]).unwrap(),
+        i
+    );
+    assert!(decode_icmp(&[0, 0, 3, 4, 0, 0, 0x05]).is_err());
+    assert!(decode_icmp(&[0; 9]).is_err());
+    assert_eq!(attr::name(attr::ICMP), "ICMP");
+    assert!(!attr::is_comprehension_required(attr::ICMP));
 }

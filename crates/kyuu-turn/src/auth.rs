@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use kyuu_stun::attr;
-use kyuu_stun::integrity::{userhash, Key};
+use kyuu_stun::integrity::{opaque_string, userhash, Key};
 use sha1::Sha1;
 
 use crate::config::{parse_hex_key, TurnConfig};
@@ -68,10 +68,13 @@ impl Credentials {
         let mut users = HashMap::new();
         let mut by_hash = HashMap::new();
         for u in &cfg.users {
+            // Clients send the OpaqueString form of the name (RFC 8489 §14.3), and it goes into
+            // the key as sent; `TurnConfig::validate` refused names and passwords that have none.
+            let name = opaque_string(&u.name).map_or_else(|_| u.name.clone(), |n| n.into_owned());
             let (md5, sha256) = match (&u.password, &u.key) {
                 (Some(p), _) => (
-                    Some(Key::long_term_md5(&u.name, &cfg.realm, p)),
-                    Some(Key::long_term_sha256(&u.name, &cfg.realm, p)),
+                    Key::long_term_md5(&name, &cfg.realm, p).ok(),
+                    Key::long_term_sha256(&name, &cfg.realm, p).ok(),
                 ),
                 (None, Some(k)) => (parse_hex_key(k).map(|k| Key::from_bytes(&k)), None),
                 (None, None) => (None, None),
@@ -82,8 +85,8 @@ impl Credentials {
                 .and_then(parse_hex_key)
                 .map(|k| Key::from_bytes(&k))
                 .or(sha256);
-            by_hash.insert(userhash(&u.name, &cfg.realm), u.name.clone());
-            users.insert(u.name.clone(), UserKeys { md5, sha256 });
+            by_hash.insert(userhash(&name, &cfg.realm), name.clone());
+            users.insert(name, UserKeys { md5, sha256 });
         }
         Credentials {
             realm: cfg.realm.clone(),
@@ -120,6 +123,11 @@ impl Credentials {
         unix_now: u64,
         live_allocation: bool,
     ) -> Result<Vec<UserKeys>, AuthFailure> {
+        // RFC 8489 §14.3: USERNAME MUST have been processed with OpaqueString. One that is not in
+        // that form (or has none, e.g. holding control characters) names no one.
+        if !opaque_string(username).is_ok_and(|p| p == username) {
+            return Err(AuthFailure::UnknownUser);
+        }
         if let Some(k) = self.users.get(username) {
             return Ok(vec![k.clone()]);
         }
@@ -140,8 +148,8 @@ impl Credentials {
             .map(|secret| {
                 let password = rest_password(secret, username);
                 UserKeys {
-                    md5: Some(Key::long_term_md5(username, &self.realm, &password)),
-                    sha256: Some(Key::long_term_sha256(username, &self.realm, &password)),
+                    md5: Key::long_term_md5(username, &self.realm, &password).ok(),
+                    sha256: Key::long_term_sha256(username, &self.realm, &password).ok(),
                 }
             })
             .collect())
@@ -290,7 +298,7 @@ mod tests {
         assert_eq!(u, "1060:alice");
         let keys = c.keys(&u, 1000, false).unwrap();
         assert_eq!(keys.len(), 2);
-        let want = Key::long_term_md5(&u, "kyuu", &p);
+        let want = Key::long_term_md5(&u, "kyuu", &p).unwrap();
         assert!(keys.iter().any(|k| k.md5.as_ref() == Some(&want)));
         assert_eq!(c.keys(&u, 1061, false).unwrap_err(), AuthFailure::Expired);
         // An allocation made while the credential was valid keeps it.

@@ -24,9 +24,10 @@ pub struct TurnConfig {
     /// Serve TURN (Allocate and friends). When false only STUN Binding is answered and TURN
     /// requests get 400.
     pub enabled: bool,
-    /// ChannelBind accepts only RFC 8656 §12 channel numbers (0x4000..=0x4FFF; others get 400).
-    /// Off by default: RFC 5766 allowed up to 0x7FFF, and coturn 4.6.1's `turnutils_uclient`
-    /// still binds numbers above 0x4FFF (its channel binds fail with 400 when this is on).
+    /// ChannelBind accepts only RFC 8656 §12 channel numbers (0x4000..=0x4FFF; others get 400,
+    /// as RFC 8656 §12.2 requires). On by default. `false` is RFC 5766 compatibility: numbers up
+    /// to 0x7FFF are accepted too, which coturn 4.6.1's `turnutils_uclient` needs (it binds
+    /// numbers above 0x4FFF, and its channel binds fail with 400 when this is on).
     pub strict_channel_numbers: bool,
     /// The long-term credential realm (RFC 8489 §9.2).
     pub realm: String,
@@ -104,7 +105,7 @@ impl Default for TurnConfig {
     fn default() -> Self {
         TurnConfig {
             enabled: true,
-            strict_channel_numbers: false,
+            strict_channel_numbers: true,
             realm: "kyuu".into(),
             software: concat!("kyuu ", env!("CARGO_PKG_VERSION")).into(),
             users: Vec::new(),
@@ -231,6 +232,13 @@ impl TurnConfig {
                 return Err(ConfigError(format!(
                     "turn.users[{i}].name: must be 1 to 513 bytes"
                 )));
+            }
+            // RFC 8489 §9.2.2 / §14.3: names and passwords go through OpaqueString (RFC 8265).
+            if let Err(e) = kyuu_stun::opaque_string(&u.name) {
+                return Err(ConfigError(format!("turn.users[{i}].name: {e}")));
+            }
+            if let Some(Err(e)) = u.password.as_deref().map(kyuu_stun::opaque_string) {
+                return Err(ConfigError(format!("turn.users[{i}].password: {e}")));
             }
             match (&u.password, &u.key) {
                 (Some(_), Some(_)) => {

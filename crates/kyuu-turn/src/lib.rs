@@ -39,7 +39,10 @@ pub use config::{ConfigError, FastPathMode, PortRange, TurnConfig, UserConfig};
 /// The CIDR type of `allow_peers`/`deny_peers`.
 pub use ipnet;
 pub use server::admin::{check_credentials, AllocationInfo, CredentialCheck, NotApplied};
-pub use server::{Rfc5780, Server, ServerError, ServerOptions, SessionLimits, Shared};
+pub use server::{
+    PeerIcmp, Rfc5780, Server, ServerError, ServerOptions, SessionLimits, Shared,
+    ICMP_INDICATION_MAX,
+};
 pub use types::*;
 
 /// First and last STUN method handed to the extension (RAWR control messages, `docs/rawr.md`).

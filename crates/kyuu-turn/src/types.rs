@@ -193,10 +193,13 @@ pub enum Output {
     /// Send bytes to a client.
     Transmit(Transmit),
     /// Bind a relay socket at exactly `addr`; answer with [`crate::Server::relay_bound`].
+    /// `dont_fragment`: the allocation asked for DONT-FRAGMENT (RFC 8656 §7.2), so the socket's
+    /// datagrams carry DF (IPv4) / are not fragmented (IPv6); otherwise they may be fragmented.
     BindRelay {
         key: RelayKey,
         addr: SocketAddr,
         proto: RelayProto,
+        dont_fragment: bool,
     },
     /// Close the relay socket (allocation gone).
     CloseRelay { key: RelayKey },
@@ -261,6 +264,8 @@ pub struct ToPeer {
     pub relay: RelayKey,
     pub peer: PeerAddr,
     pub data: Range<usize>,
+    /// Send this datagram with DF (RFC 8656 §14): the allocation's DONT-FRAGMENT for
+    /// ChannelData, the Send indication's own DONT-FRAGMENT for a Send indication (§11.2).
     pub dont_fragment: bool,
     /// Set when `peer` is the relayed address of an allocation paired with this one on the same
     /// shard (RAWR, `docs/rawr.md` §6.1): the shell MAY skip the relay socket and hand the payload

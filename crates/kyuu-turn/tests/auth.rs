@@ -219,27 +219,52 @@ fn only_a_complete_allocate_is_challenged() {
     assert_eq!(error_code(&t.data), Some(401));
 }
 
-/// A configured password that needs SASLprep (a no-break space and a soft hyphen) authenticates
-/// a client that computed its key over the prepared password "pass word", as RFC 8489 §9.2.2
-/// clients do; the non-ASCII username is matched as sent.
+/// RFC 8489 §9.2.2 / §14.3 with RFC 8265 OpaqueString: the configured user "ju\u{0308}rgen"
+/// (decomposed) with password "p\u{00A0}ss" (no-break space) is the same credential as the NFC
+/// name and an ASCII space, which is what a client following RFC 8489 computes. Fullwidth is not
+/// folded (no width mapping), so "\u{FF50} ss" is another password.
 #[test]
-fn non_ascii_passwords_are_prepared_like_the_client_prepares_them() {
-    let user_name = "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}";
+fn non_ascii_credentials_are_prepared_with_opaque_string() {
     let mut config = cfg();
-    config.users = vec![user(user_name, "pass\u{00A0}w\u{00AD}ord")];
-    // The client sends the password already prepared, as a browser following RFC 8489 does.
+    config.users = vec![user("ju\u{0308}rgen", "p\u{00A0}ss")];
     let mut p = Pair::with(
         config.clone(),
-        Client::new(user_name, "pass word", false),
+        Client::new("j\u{00FC}rgen", "p ss", false),
         Transport::Udp,
     );
     p.allocate();
-    // Without preparation the bytes differ: another password is still refused.
     let mut p = Pair::with(
         config,
-        Client::new(user_name, "pass\u{00A0}wor", false),
+        Client::new("j\u{00FC}rgen", "\u{FF50} ss", false),
         Transport::Udp,
     );
     p.client.allocate(p.now);
     p.expect_error(ErrorCode::UNAUTHORIZED);
+}
+
+/// A USERNAME that OpaqueString refuses (a control character) is answered 401, never a panic;
+/// REST usernames are checked the same way.
+#[test]
+fn usernames_that_fail_opaque_string_get_401() {
+    for name in [
+        "ali\u{0007}ce",
+        "9999999999:b\u{00AD}ob",
+        "9999999999:\u{0000}",
+    ] {
+        let mut p = Pair::with(cfg(), Client::new(name, "secret", false), Transport::Udp);
+        p.client.allocate(p.now);
+        p.expect_error(ErrorCode::UNAUTHORIZED);
+    }
+}
+
+/// A configured name or password without an OpaqueString form is a config error naming the key.
+#[test]
+fn configured_credentials_that_fail_opaque_string_are_refused_by_name() {
+    let mut c = cfg();
+    c.users = vec![user("alice", "tab\tpassword")];
+    let e = c.validate().unwrap_err().0;
+    assert!(e.contains("turn.users[0].password"), "{e}");
+    c.users = vec![user("al\u{200B}ice", "secret")];
+    let e = c.validate().unwrap_err().0;
+    assert!(e.contains("turn.users[0].name"), "{e}");
 }

@@ -81,12 +81,11 @@ fn rebinding_the_same_number_to_the_same_peer_refreshes_it() {
 }
 
 #[test]
-fn strict_channel_numbers_outside_0x4000_to_0x4fff_get_400() {
-    // RFC 8656 §12: 0x4000..=0x4FFF; RFC 5766's 0x5000..=0x7FFF are no longer channel numbers.
-    let mut p = Pair::new(TurnConfig {
-        strict_channel_numbers: true,
-        ..cfg()
-    });
+fn channel_numbers_outside_0x4000_to_0x4fff_get_400_by_default() {
+    // RFC 8656 §12 / §12.2: 0x4000..=0x4FFF, anything else MUST get 400; RFC 5766's
+    // 0x5000..=0x7FFF are no longer channel numbers. Strict is the default.
+    assert!(TurnConfig::default().strict_channel_numbers);
+    let mut p = Pair::new(cfg());
     p.allocate();
     for n in [0x3FFF, 0x5000, 0x7FFF, 0x8000] {
         p.client.channel_bind(p.now, n, peer());
@@ -100,8 +99,11 @@ fn strict_channel_numbers_outside_0x4000_to_0x4fff_get_400() {
 }
 
 #[test]
-fn channel_numbers_below_0x4000_or_above_0x7fff_get_400() {
-    let mut p = Pair::new(cfg());
+fn channel_numbers_below_0x4000_or_above_0x7fff_get_400_even_for_rfc5766_clients() {
+    let mut p = Pair::new(TurnConfig {
+        strict_channel_numbers: false,
+        ..cfg()
+    });
     p.allocate();
     for n in [0x3FFF, 0x8000] {
         p.client.channel_bind(p.now, n, peer());
@@ -110,8 +112,11 @@ fn channel_numbers_below_0x4000_or_above_0x7fff_get_400() {
 }
 
 #[test]
-fn channel_numbers_of_the_rfc5766_range_are_accepted_for_older_clients_by_default() {
-    let mut p = Pair::new(cfg());
+fn channel_numbers_of_the_rfc5766_range_are_accepted_with_the_opt_out() {
+    let mut p = Pair::new(TurnConfig {
+        strict_channel_numbers: false,
+        ..cfg()
+    });
     p.allocate();
     p.bind_channel(0x7FFF, peer());
     assert_eq!(

@@ -35,10 +35,13 @@ impl Drop for Killed {
 }
 
 fn config(ns: &Netns, name: &str, turn: u16, http: u16, relay: (u16, u16)) -> PathBuf {
+    // strict_channel_numbers = false: RFC 5766 compatibility for coturn 4.6.1's uclient, which
+    // binds channel numbers above 0x4FFF (RFC 8656 §12).
     let text = format!(
         "[listen]\nudp = [\"{SERVER_IP}:{turn}\"]\ntcp = [\"{SERVER_IP}:{turn}\"]\ntls = []\n\
          threads = 1\n\
          [turn]\nrealm = \"kyuu-fleet\"\nstatic_auth_secrets = [\"{SECRET}\"]\n\
+         strict_channel_numbers = false\n\
          relay_ipv4 = \"{SERVER_IP}\"\nrelay_ports = {{ min = {}, max = {} }}\n\
          allow_peers = [\"198.18.0.0/15\"]\nuser_quota = 0\nclient_quota = 0\n\
          [http]\nlisten = \"{SERVER_IP}:{http}\"\n\

@@ -49,11 +49,14 @@ fn free_udp_port() -> u16 {
 /// `kyuu serve` with only a DTLS listener; returns it and its HTTP address.
 fn serve(dir: &std::path::Path, dtls_port: u16) -> (Proc, SocketAddr) {
     let config = dir.join("kyuu.toml");
+    // strict_channel_numbers = false: RFC 5766 compatibility, since coturn 4.6.1's uclient binds
+    // channel numbers above 0x4FFF (RFC 8656 §12).
     std::fs::write(
         &config,
         format!(
             "[listen]\nudp = []\ntcp = []\ntls = []\ndtls = [\"127.0.0.1:{dtls_port}\"]\nthreads = 2\n\
              [turn]\nrealm = \"kyuu.test\"\nrelay_ipv4 = \"127.0.0.1\"\n\
+             strict_channel_numbers = false\n\
              allow_peers = [\"127.0.0.0/8\"]\nuser_quota = 0\nclient_quota = 0\n\
              users = [{{ name = \"u\", password = \"p\" }}]\n\
              [http]\nlisten = \"127.0.0.1:0\"\n"

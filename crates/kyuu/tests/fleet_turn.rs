@@ -98,11 +98,14 @@ fn start_node(name: &str, redis_port: u16) -> Node {
     let cfg = dir.join(format!("{name}.toml"));
     let turn = free_port();
     let http = free_port();
+    // strict_channel_numbers = false: RFC 5766 compatibility for coturn 4.6.1's uclient, which
+    // binds channel numbers above 0x4FFF (RFC 8656 §12).
     std::fs::write(
         &cfg,
         format!(
             "[listen]\nudp = [\"127.0.0.1:{turn}\"]\ntcp = [\"127.0.0.1:{turn}\"]\ntls = []\n\
              [turn]\nstatic_auth_secrets = [\"{SECRET}\"]\nuser_quota = 1\nclient_quota = 0\n\
+             strict_channel_numbers = false\n\
              nonce_lifetime = 3\nallow_peers = [\"127.0.0.0/8\"]\nunauth_rate = 0\n\
              [http]\nlisten = \"127.0.0.1:{http}\"\n\
              [signal]\nmint_rate_per_min = 0\n[admin]\ntoken = \"{TOKEN}\"\n\

@@ -12,6 +12,7 @@
 pub mod config;
 mod control;
 pub(crate) mod dtls;
+mod icmp;
 mod shard;
 mod tls;
 

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use super::control::ShardCmd;
+use super::icmp;
 use super::{ExtensionReply, ExtensionRequest, ShardSockets};
 use crate::proxy;
 use kyuu_turn::ipnet::IpNet;
@@ -94,6 +95,8 @@ const MAX_PROXIED: usize = 65_536;
 
 struct Relay {
     udp: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
+    /// The socket's DF setting: its allocation's DONT-FRAGMENT (`icmp::set_dont_fragment`).
+    dont_fragment: bool,
     addr: SocketAddr,
     _task: AbortOnDrop,
 }
@@ -199,6 +202,32 @@ impl Arena {
 #[allow(deprecated)]
 fn register(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
     AsyncFd::new(s)
+}
+
+/// As [`register`], for a relay socket: also woken by `EPOLLERR`, which a queued ICMP error
+/// raises (`icmp.rs`).
+#[allow(deprecated)]
+fn register_relay(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
+    AsyncFd::with_interest(
+        s,
+        tokio::io::Interest::READABLE | tokio::io::Interest::ERROR,
+    )
+}
+
+/// One `sendmsg`, tried a second time after a failure other than a full buffer. With
+/// `IP_RECVERR` (relay sockets, `icmp.rs`) an ICMP error for an earlier datagram is also left
+/// pending on the socket, and the kernel reports it, once, as the result of the next send (which
+/// then sends nothing): that datagram must not be lost to another datagram's ICMP. A real error
+/// fails again; the ICMP itself stays on the error queue for the relay task.
+fn send_udp(
+    state: &UdpSocketState,
+    sock: &std::net::UdpSocket,
+    t: &quinn_udp::Transmit<'_>,
+) -> std::io::Result<()> {
+    match state.try_send(UdpSockRef::from(sock), t) {
+        Err(e) if !is_would_block(&e) => state.try_send(UdpSockRef::from(sock), t),
+        r => r,
+    }
 }
 
 fn is_would_block(e: &std::io::Error) -> bool {
@@ -617,13 +646,40 @@ impl State {
     }
 
     fn send_peer(&mut self, tp: &ToPeer, packet: &[u8]) {
-        let Some((sock, state)) = self.relays.get(&tp.relay).and_then(|r| r.udp.clone()) else {
+        let Some(r) = self.relays.get(&tp.relay) else {
+            return;
+        };
+        let socket_df = r.dont_fragment;
+        let Some((sock, state)) = r.udp.clone() else {
             return;
         };
         let Some(data) = packet.get(tp.data.clone()) else {
             return;
         };
-        self.queue_udp(&sock, &state, tp.peer.addr(), None, data);
+        if tp.dont_fragment == socket_df {
+            self.queue_udp(&sock, &state, tp.peer.addr(), None, data);
+            return;
+        }
+        // A Send indication whose DONT-FRAGMENT differs from its allocation's: this datagram
+        // alone, with the socket's DF flipped around it (RFC 8656 §11.2).
+        self.flush_udp();
+        let v6 = tp.relay.family == kyuu_turn::Family::V6;
+        let fd = sock.get_ref();
+        if icmp::set_dont_fragment(fd, v6, tp.dont_fragment).is_err() {
+            self.dropped_sends += 1;
+            return;
+        }
+        let t = quinn_udp::Transmit {
+            destination: tp.peer.addr(),
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: None,
+        };
+        if send_udp(&state, fd, &t).is_err() {
+            self.dropped_sends += 1;
+        }
+        let _ = icmp::set_dont_fragment(fd, v6, socket_df);
     }
 
     /// Queues a datagram. Consecutive datagrams of one size from one socket to one destination
@@ -655,10 +711,7 @@ impl State {
                     segment_size: None,
                     src_ip,
                 };
-                if state
-                    .try_send(UdpSockRef::from((**sock).get_ref()), &t)
-                    .is_err()
-                {
+                if send_udp(state, (**sock).get_ref(), &t).is_err() {
                     self.dropped_sends += 1;
                 }
                 return;
@@ -690,10 +743,7 @@ impl State {
                 segment_size: (b.n > 1).then_some(b.seg),
                 src_ip: b.src_ip,
             };
-            if state
-                .try_send(UdpSockRef::from(sock.get_ref()), &t)
-                .is_err()
-            {
+            if send_udp(&state, sock.get_ref(), &t).is_err() {
                 self.dropped_sends += b.n as u64;
             }
         }
@@ -712,7 +762,12 @@ impl State {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit(t) => self.send_client(t.client, &t.data),
-                Output::BindRelay { key, addr, proto } => self.bind_relay(sh, key, addr, proto),
+                Output::BindRelay {
+                    key,
+                    addr,
+                    proto,
+                    dont_fragment,
+                } => self.bind_relay(sh, key, addr, proto, dont_fragment),
                 Output::CloseRelay { key } => {
                     self.relays.remove(&key);
                 }
@@ -868,25 +923,30 @@ impl State {
         }
     }
 
-    fn bind_relay(&mut self, sh: &Sh, key: RelayKey, addr: SocketAddr, proto: RelayProto) {
+    fn bind_relay(
+        &mut self,
+        sh: &Sh,
+        key: RelayKey,
+        addr: SocketAddr,
+        proto: RelayProto,
+        dont_fragment: bool,
+    ) {
         let now = Instant::now();
         match proto {
             RelayProto::Udp => {
                 let bound =
                     super::bind_udp(addr, false, self.socket_buffer.min(1 << 20)).and_then(|s| {
                         let state = match &self.relay_state {
-                            Some(state) => {
-                                relay_socket_options(&s, addr)?;
-                                state.clone()
-                            }
+                            Some(state) => state.clone(),
                             None => {
                                 let state = Rc::new(UdpSocketState::new(UdpSockRef::from(&s))?);
                                 self.relay_state = Some(state.clone());
                                 state
                             }
                         };
+                        relay_socket_options(&s, addr, dont_fragment)?;
                         let local = s.local_addr()?;
-                        Ok((Rc::new(register(s)?), state, local))
+                        Ok((Rc::new(register_relay(s)?), state, local))
                     });
                 match bound {
                     Ok((sock, state, local)) => {
@@ -901,6 +961,7 @@ impl State {
                             key,
                             Relay {
                                 udp: Some((sock, state)),
+                                dont_fragment,
                                 addr: local,
                                 _task: AbortOnDrop(task),
                             },
@@ -929,6 +990,7 @@ impl State {
                             key,
                             Relay {
                                 udp: None,
+                                dont_fragment,
                                 addr: local,
                                 _task: AbortOnDrop(task),
                             },
@@ -942,15 +1004,17 @@ impl State {
     }
 }
 
-/// What `UdpSocketState::new` would set that matters on a relay socket: no fragmentation
-/// (`IP_PMTUDISC_PROBE`, as quinn-udp does). The socket is already non-blocking (`bind_udp`).
-fn relay_socket_options(s: &std::net::UdpSocket, addr: SocketAddr) -> std::io::Result<()> {
-    use rustix::net::sockopt;
-    let _ = sockopt::set_ip_mtu_discover(s, sockopt::Ipv4PathMtuDiscovery::PROBE);
-    if addr.is_ipv6() {
-        let _ = sockopt::set_ipv6_mtu_discover(s, sockopt::Ipv6PathMtuDiscovery::PROBE);
-    }
-    Ok(())
+/// A relay socket's IP options (`icmp.rs`): DF as its allocation asked (RFC 8656 §7.2;
+/// overriding what `UdpSocketState::new` set on the first one) and the ICMP error queue
+/// (§11.5). The socket is already non-blocking (`bind_udp`). Both are required: without them
+/// the relay would not do what the allocation was promised, so the bind fails instead.
+fn relay_socket_options(
+    s: &std::net::UdpSocket,
+    addr: SocketAddr,
+    dont_fragment: bool,
+) -> std::io::Result<()> {
+    icmp::set_dont_fragment(s, addr.is_ipv6(), dont_fragment)?;
+    icmp::enable_recverr(s, addr.is_ipv6())
 }
 
 fn local_addr(l: SocketAddr, dst_ip: Option<IpAddr>) -> SocketAddr {
@@ -1038,6 +1102,36 @@ async fn client_udp_loop(
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Reads up to [`icmp::ERRQUEUE_BUDGET`] entries of a relay socket's error queue and passes the
+/// ICMP errors among them to the core (RFC 8656 §11.5). Returns whether the queue is now empty
+/// (or unreadable, which no retry would change).
+fn relay_errors(sh: &Sh, key: RelayKey, sock: &UdpSocket) -> bool {
+    let mut st = sh.borrow_mut();
+    let mut emptied = false;
+    for _ in 0..icmp::ERRQUEUE_BUDGET {
+        match icmp::read_error(sock.get_ref()) {
+            Ok(Some(e)) => {
+                let mut out = [0u8; kyuu_turn::ICMP_INDICATION_MAX];
+                if let Some(tc) = st.core.handle_icmp(Instant::now(), key, e, &mut out) {
+                    if let Some(b) = out.get(tc.data) {
+                        st.send_client(tc.client, b);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if !icmp::is_empty(&e) {
+                    tracing::debug!(target: "kyuu::relay", "error queue: {e}");
+                }
+                emptied = true;
+                break;
+            }
+        }
+    }
+    st.drain(sh);
+    emptied
 }
 
 /// The listener of `list` that answers for `local` (itself, or a wildcard on its port).
@@ -1154,16 +1248,40 @@ async fn relay_udp_loop(
     state: Rc<UdpSocketState>,
 ) {
     loop {
-        let Ok(mut guard) = sock.readable().await else {
+        let Ok(mut guard) = sock
+            .ready(tokio::io::Interest::READABLE | tokio::io::Interest::ERROR)
+            .await
+        else {
             return;
         };
         let mut exhausted = true;
+        // ICMP errors (RFC 8656 §11.5), a bounded number per wake-up. Error readiness is
+        // cleared only once the queue is empty; a longer queue is read on the next turn, after
+        // the datagrams, so neither side can starve the other.
+        let mut errors_left = false;
+        if guard.ready().is_error() {
+            errors_left = !relay_errors(&sh, key, &sock);
+            if !errors_left {
+                guard.clear_ready_matching(tokio::io::Ready::ERROR);
+            }
+        }
+        // What the datagram loop may clear when the socket has no more datagrams.
+        let drained = if errors_left {
+            tokio::io::Ready::READABLE
+        } else {
+            tokio::io::Ready::ALL
+        };
+        if !guard.ready().is_readable() {
+            drop(guard);
+            tokio::task::yield_now().await;
+            continue;
+        }
         for _ in 0..READ_BUDGET {
             let mut ar = arena.borrow_mut();
             let n = match ar.recv(&state, &sock, PEER_HEADROOM, RELAY_BATCH) {
                 Ok(n) => n,
                 Err(e) if is_would_block(&e) => {
-                    guard.clear_ready();
+                    guard.clear_ready_matching(drained);
                     exhausted = false;
                     break;
                 }
@@ -1219,13 +1337,13 @@ async fn relay_udp_loop(
             }
             st.drain(&sh);
             if n < RELAY_BATCH {
-                guard.clear_ready();
+                guard.clear_ready_matching(drained);
                 exhausted = false;
                 break;
             }
         }
         drop(guard);
-        if exhausted {
+        if exhausted || errors_left {
             tokio::task::yield_now().await;
         }
     }

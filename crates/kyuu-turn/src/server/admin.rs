@@ -79,7 +79,9 @@ pub fn check_credentials(
         Ok(k) => k,
         Err(f) => return invalid(f.label()),
     };
-    let want = kyuu_stun::integrity::Key::long_term_md5(username, &cfg.realm, password);
+    let Ok(want) = kyuu_stun::integrity::Key::long_term_md5(username, &cfg.realm, password) else {
+        return invalid("wrong_password");
+    };
     if !keys.iter().any(|k| k.md5.as_ref() == Some(&want)) {
         return invalid("wrong_password");
     }

@@ -182,6 +182,7 @@ impl Server {
             client,
             username: auth.username,
             proto: req.proto,
+            dont_fragment: req.dont_fragment,
             relays,
             created: now,
             expires: now + Duration::from_secs(u64::from(lifetime)),
@@ -214,6 +215,7 @@ impl Server {
                 },
                 addr: SocketAddr::new(ip, r.port),
                 proto: req.proto,
+                dont_fragment: req.dont_fragment,
             });
         }
         metrics::counter!("kyuu_turn_allocations_total", "transport" => client.transport.label())
@@ -237,6 +239,7 @@ impl Server {
             return;
         };
         let proto = alloc.proto;
+        let dont_fragment = alloc.dont_fragment;
         let reserved = alloc.pending.as_ref().is_some_and(|p| p.token.is_some());
         let Some(slot) = alloc.relays.get_mut(idx).and_then(|s| s.as_mut()) else {
             return;
@@ -265,7 +268,12 @@ impl Server {
                         }
                         if let Some(ip) = self.cfg.relay_ip(key.family) {
                             let addr = SocketAddr::new(ip, port);
-                            self.out.push_back(Output::BindRelay { key, addr, proto });
+                            self.out.push_back(Output::BindRelay {
+                                key,
+                                addr,
+                                proto,
+                                dont_fragment,
+                            });
                             return;
                         }
                     }

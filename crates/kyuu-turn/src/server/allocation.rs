@@ -63,6 +63,8 @@ pub(crate) struct Allocation {
     pub client: ClientSocket,
     pub username: String,
     pub proto: RelayProto,
+    /// Allocated with DONT-FRAGMENT (RFC 8656 §7.2): its relay sockets send with DF.
+    pub dont_fragment: bool,
     pub relays: [Option<RelaySlot>; 2],
     pub created: Instant,
     pub expires: Instant,

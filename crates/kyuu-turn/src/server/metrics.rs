@@ -45,6 +45,9 @@ pub(crate) struct Counters {
     auth_failures: HashMap<&'static str, u64>,
     /// Kernel fast path (packets, bytes) to peers and to clients, since the last flush.
     fast_path: [(u64, u64); 2],
+    /// ICMP errors passed on to clients (RFC 8656 §11.5).
+    pub icmp_forwarded: u64,
+    icmp_flushed: u64,
 }
 
 impl Counters {
@@ -83,6 +86,11 @@ impl Counters {
                     .increment(*bytes);
             }
             (*pkts, *bytes) = (0, 0);
+        }
+        if self.icmp_forwarded > self.icmp_flushed {
+            metrics::counter!("kyuu_turn_icmp_forwarded_total")
+                .increment(self.icmp_forwarded - self.icmp_flushed);
+            self.icmp_flushed = self.icmp_forwarded;
         }
         for (reason, n) in self.auth_failures.drain() {
             metrics::counter!("kyuu_turn_auth_failures_total", "reason" => reason).increment(n);

@@ -3,6 +3,7 @@
 //! | file | owns |
 //! | --- | --- |
 //! | `relay.rs` | the per-packet path: ChannelData, Send, peer datagrams (no state of its own) |
+//! | `icmp.rs` | ICMP errors for relayed datagrams, to the client (RFC 8656 §11.5) |
 //! | `allocation.rs` | the allocation table: relays, permissions, channels per 5-tuple |
 //! | `ports.rs`, `reservation.rs`, `quota.rs` | relay ports, EVEN-PORT tokens, quotas |
 //! | `request.rs` | TURN requests decoded into typed structs or the error to answer |
@@ -27,6 +28,7 @@ mod authenticate;
 mod binding;
 mod cache;
 mod fastpath;
+mod icmp;
 mod metrics;
 mod pairing;
 mod permission;
@@ -52,6 +54,7 @@ use crate::ratelimit::RateLimiter;
 use crate::types::{ClientSocket, Output, ToPeer};
 
 pub use binding::Rfc5780;
+pub use icmp::{PeerIcmp, ICMP_INDICATION_MAX};
 pub use pairing::SessionLimits;
 
 use allocation::Allocations;
@@ -176,6 +179,9 @@ pub struct Server {
     fast_path: bool,
     /// Channels the kernel may relay, as last announced to the shell.
     fp_installed: crate::fxhash::FxHashMap<crate::types::FastPathId, crate::types::FastPathChannel>,
+    /// Whether the shell can send with and without DF per allocation; see
+    /// [`Server::set_dont_fragment_supported`].
+    dont_fragment: bool,
     /// In-process pairs (`pairing.rs`).
     pairings: Pairings,
     /// Where a draining server sends clients (IPv4, IPv6), when `turn.alternate_server` is
@@ -203,11 +209,19 @@ impl Server {
             draining: false,
             fast_path: false,
             fp_installed: Default::default(),
+            dont_fragment: true,
             pairings: Pairings::default(),
             drain_alternates: [None, None],
             cfg,
             opts,
         })
+    }
+
+    /// Tells the core whether its shell can honour DONT-FRAGMENT (RFC 8656 §7.2): send an
+    /// allocation's datagrams with DF, and the others without. On by default (kyuu's Linux shell
+    /// can); when off, an Allocate with DONT-FRAGMENT gets 420 with UNKNOWN-ATTRIBUTES naming it.
+    pub fn set_dont_fragment_supported(&mut self, supported: bool) {
+        self.dont_fragment = supported;
     }
 
     pub fn config(&self) -> &TurnConfig {
@@ -384,7 +398,11 @@ impl Server {
         let Some(auth) = self.authenticate(now, client, msg) else {
             return;
         };
-        let unknown = request::unknown_required(msg, request::known_turn);
+        let mut unknown = request::unknown_required(msg, request::known_turn);
+        // RFC 8656 §7.2: a server that cannot honour DONT-FRAGMENT treats it as unknown (420).
+        if m == method::ALLOCATE && !self.dont_fragment && msg.has(attr::DONT_FRAGMENT) {
+            unknown.push(attr::DONT_FRAGMENT);
+        }
         if !unknown.is_empty() {
             return self.unknown_attributes(client, msg, &unknown, Some(&auth));
         }

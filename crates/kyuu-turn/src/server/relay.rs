@@ -10,8 +10,8 @@
 //!  Data indication written in place: [hdr|XOR-PEER-ADDRESS|DATA| payload ....... |pad ]
 //! ```
 //!
-//! Later per-packet features go here: DONT-FRAGMENT is passed on in `ToPeer::dont_fragment`;
-//! ICMP from peers (RFC 8656 §11.5, the ICMP attribute) would arrive beside `handle_peer`.
+//! DONT-FRAGMENT is passed on in `ToPeer::dont_fragment`; ICMP errors for relayed datagrams
+//! (RFC 8656 §11.5) are handled beside this, in `icmp.rs`.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -130,7 +130,7 @@ impl Server {
         let out = Outbound {
             peer,
             data,
-            dont_fragment: false,
+            dont_fragment: alloc.dont_fragment,
         };
         to_peer(alloc, &mut self.counters, now, out, self.cfg.max_bps)
     }

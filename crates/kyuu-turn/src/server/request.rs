@@ -72,6 +72,8 @@ pub(crate) struct AllocateReq {
     /// ADDITIONAL-ADDRESS-FAMILY IPv6 (§14.8): relay both families.
     pub also_v6: bool,
     pub lifetime: Option<u32>,
+    /// DONT-FRAGMENT (§7.2, §18.9): datagrams relayed for this allocation carry DF.
+    pub dont_fragment: bool,
 }
 
 impl AllocateReq {
@@ -128,6 +130,7 @@ impl AllocateReq {
             family,
             also_v6,
             lifetime,
+            dont_fragment: msg.has(attr::DONT_FRAGMENT),
         })
     }
 }
@@ -179,9 +182,9 @@ impl CreatePermissionReq {
     }
 }
 
-/// ChannelBind (RFC 8656 §12.2). With `strict` only numbers of RFC 8656 §12 (0x4000..=0x4FFF);
-/// otherwise RFC 5766's range (up to 0x7FFF) too, since coturn 4.6.1's `turnutils_uclient` still
-/// binds such numbers (verified with `tests/turn_interop.rs`: all its binds got 400 when strict).
+/// ChannelBind (RFC 8656 §12.2). With `strict` (the default) only numbers of RFC 8656 §12
+/// (0x4000..=0x4FFF); otherwise RFC 5766's range (up to 0x7FFF) too, since coturn 4.6.1's
+/// `turnutils_uclient` still binds such numbers (the interop tests opt out for it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChannelBindReq {
     pub number: ChannelNumber,

@@ -283,7 +283,7 @@ impl Pair {
 }
 
 pub fn alice_key() -> kyuu_stun::integrity::Key {
-    kyuu_stun::integrity::Key::long_term_md5("alice", "kyuu", "secret")
+    kyuu_stun::integrity::Key::long_term_md5("alice", "kyuu", "secret").unwrap()
 }
 
 /// An unauthenticated request with transaction id 7,7,...
