@@ -321,3 +321,39 @@ pub fn wait_metrics(ns: &Netns, limit: Duration, done: impl Fn(&str) -> bool) ->
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A child process killed (by PID, through its handle) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A private `redis-server` on `port` (no persistence), for the fleet tests; waits until it
+/// accepts connections.
+pub fn start_redis(port: u16) -> Proc {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proc(child)
+}
