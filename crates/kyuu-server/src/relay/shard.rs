@@ -1045,6 +1045,42 @@ async fn client_udp_loop(
     else {
         return;
     };
+    listener_loop(
+        sh,
+        arena,
+        sock,
+        state,
+        move |st, now, meta, seg, scratch| {
+            let client = ClientSocket {
+                transport: Transport::Udp,
+                local: local_addr(listen_addr, meta.dst_ip),
+                remote: meta.addr,
+            };
+            let (client, seg) = match &trust {
+                None => (client, seg),
+                Some(nets) => match st.proxied_datagram(nets, client, seg) {
+                    Some(x) => x,
+                    None => return,
+                },
+            };
+            if let Some(tp) = st.core.handle_client(now, client, seg) {
+                st.relay_packet(now, &tp, seg, scratch);
+            }
+        },
+    )
+    .await
+}
+
+/// Reads a listener socket (UDP or DTLS clients) in `recvmmsg` batches under the shard's read
+/// budget, hands every datagram (every GRO segment) to `each` with the batch's time and the
+/// arena's scratch buffer, and carries out the core's outputs after each batch.
+async fn listener_loop(
+    sh: Sh,
+    arena: Rc<RefCell<Arena>>,
+    sock: Rc<UdpSocket>,
+    state: Rc<UdpSocketState>,
+    mut each: impl FnMut(&mut State, Instant, &RecvMeta, &[u8], &mut [u8]),
+) {
     loop {
         let Ok(mut guard) = sock.readable().await else {
             return;
@@ -1070,24 +1106,9 @@ async fn client_udp_loop(
                 scratch,
             } = &mut *ar;
             for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
-                let client = ClientSocket {
-                    transport: Transport::Udp,
-                    local: local_addr(listen_addr, meta.dst_ip),
-                    remote: meta.addr,
-                };
                 let data = buf.get(..meta.len).unwrap_or(&[]);
-                let stride = meta.stride.max(1);
-                for seg in data.chunks(stride) {
-                    let (client, seg) = match &trust {
-                        None => (client, seg),
-                        Some(nets) => match st.proxied_datagram(nets, client, seg) {
-                            Some(x) => x,
-                            None => continue,
-                        },
-                    };
-                    if let Some(tp) = st.core.handle_client(now, client, seg) {
-                        st.relay_packet(now, &tp, seg, scratch);
-                    }
+                for seg in data.chunks(meta.stride.max(1)) {
+                    each(&mut st, now, meta, seg, scratch);
                 }
             }
             st.drain(&sh);
@@ -1156,48 +1177,15 @@ async fn dtls_udp_loop(
     let Some(listen_addr) = sh.borrow().dtls_socks.get(index).map(|l| l.addr) else {
         return;
     };
-    loop {
-        let Ok(mut guard) = sock.readable().await else {
-            return;
+    listener_loop(sh, arena, sock, state, move |st, now, meta, seg, _| {
+        let client = ClientSocket {
+            transport: Transport::Dtls,
+            local: local_addr(listen_addr, meta.dst_ip),
+            remote: meta.addr,
         };
-        let mut exhausted = true;
-        for _ in 0..READ_BUDGET {
-            let mut ar = arena.borrow_mut();
-            let n = match ar.recv(&state, &sock, 0, BATCH) {
-                Ok(n) => n,
-                Err(e) if is_would_block(&e) => {
-                    guard.clear_ready();
-                    exhausted = false;
-                    break;
-                }
-                Err(_) => continue,
-            };
-            let now = Instant::now();
-            let mut st = sh.borrow_mut();
-            let Arena { bufs, metas, .. } = &mut *ar;
-            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
-                let client = ClientSocket {
-                    transport: Transport::Dtls,
-                    local: local_addr(listen_addr, meta.dst_ip),
-                    remote: meta.addr,
-                };
-                let data = buf.get(..meta.len).unwrap_or(&[]);
-                for seg in data.chunks(meta.stride.max(1)) {
-                    st.dtls_datagram(now, client, seg);
-                }
-            }
-            st.drain(&sh);
-            if n < BATCH {
-                guard.clear_ready();
-                exhausted = false;
-                break;
-            }
-        }
-        drop(guard);
-        if exhausted {
-            tokio::task::yield_now().await;
-        }
-    }
+        st.dtls_datagram(now, client, seg);
+    })
+    .await
 }
 
 /// Once a second: drops DTLS handshakes past their deadline and idle associations without an
