@@ -18,6 +18,15 @@ pub fn session_tag(session: &[u8]) -> String {
     hex::encode(d.get(..8).unwrap_or(&[]))
 }
 
+/// The Redis key naming a session across a fleet of root nodes (`docs/rawr.md` §4.7): a
+/// SHA-256 of the session, so the bearer secret itself never reaches Redis.
+pub fn fleet_key(session: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kyuu rawr fleet\0");
+    h.update(session);
+    format!("kyuu:rawr:s:{}", hex::encode(h.finalize()))
+}
+
 /// `(username, password)` for one side of a session, valid until `expiry` (unix seconds).
 pub fn mint(secret: &str, expiry: u64, session: &[u8], mac: Mac) -> (String, String) {
     let user = format!("{expiry}:rawr-{}-{}", session_tag(session), mac.to_hex());

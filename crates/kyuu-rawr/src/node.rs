@@ -47,6 +47,16 @@ pub enum Output {
     },
 }
 
+/// What a fleet shell does with a request before the node sees it (`docs/rawr.md` §4.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetRoute {
+    /// A request the session's root holds (Exchange, or Connect naming this node as ROOT):
+    /// claim the session for this node unless another fleet node holds it.
+    Claim(Vec<u8>),
+    /// A Cancel: only follow an existing claim.
+    Lookup(Vec<u8>),
+}
+
 /// Counters and gauges, for tests ("no state left behind") and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -283,6 +293,56 @@ impl Node {
         !(self.pending.contains_key(&key)
             || self.find_partner(&c).is_some()
             || self.is_local(target))
+    }
+
+    /// Whether `data` is a request the session's root handles, and so belongs to the fleet node
+    /// that holds the session (`docs/rawr.md` §4.7). `None` for everything else (answers,
+    /// Register, Connects this node forwards, malformed requests: the node handles them).
+    pub fn fleet_route(&self, data: &[u8]) -> Option<FleetRoute> {
+        let m = Message::parse(data).ok()?;
+        if m.class() != Class::Request || !method::is_rawr(m.method()) {
+            return None;
+        }
+        match Request::decode(&m).ok()? {
+            Request::Exchange { session, .. } => Some(FleetRoute::Claim(session)),
+            Request::Connect(c) if self.is_self(c.root) => Some(FleetRoute::Claim(c.session)),
+            Request::Cancel { session, .. } => Some(FleetRoute::Lookup(session)),
+            _ => None,
+        }
+    }
+
+    /// The request `data` as the fleet node `owner` (one of its own addresses) must receive it
+    /// to hold it as the session's root: a Connect is re-encoded with ROOT = `owner` (and, from
+    /// a linked child, signed again with that child's key, which fleet nodes share); other
+    /// requests go unchanged. `None` when a linked request fails its integrity check (the node
+    /// answers it 401 itself).
+    pub fn fleet_forward(&self, data: &[u8], owner: SocketAddr) -> Option<Vec<u8>> {
+        let m = Message::parse(data).ok()?;
+        if m.method() != method::CONNECT {
+            return Some(data.to_vec());
+        }
+        let Request::Connect(mut c) = Request::decode(&m).ok()? else {
+            return None;
+        };
+        c.root = owner;
+        let user = match m.username() {
+            None if m.integrity_kind().is_some() => return None,
+            None => None,
+            Some(u) => Some(u.ok()?),
+        };
+        let key = match user {
+            Some(u) => {
+                let key = self.children.get(u)?;
+                m.verify_integrity(key).ok()?;
+                Some(key)
+            }
+            None => None,
+        };
+        let auth = key.map(|key| Auth {
+            username: user,
+            key,
+        });
+        Some(wire::encode_connect(*m.transaction_id(), &c, auth.as_ref()))
     }
 
     /// The pending direction that pairs with `c` (rule 1): same session, the other MAC, and

@@ -555,7 +555,16 @@ async fn start_rawr(
             control.pair(p.usernames, p.lifetime, limits, Some(p.ended), in_process);
         });
     let on_paired = Some(on_paired);
-    crate::rawr::runtime::start_paired(cfg, Some((rx, reply)), on_paired)
+    // In a fleet, a session's root requests go to the node that claimed it (docs/rawr.md §4.7);
+    // the others reach this node at its first `self` address (else its first relay URI's).
+    let fleet = match (&config.fleet, cfg.self_addresses().first()) {
+        (Some(f), Some(me)) => Some(
+            crate::rawr::fleet::RawrFleet::new(&f.redis_url, *me)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        _ => None,
+    };
+    crate::rawr::runtime::start_fleet(cfg, Some((rx, reply)), on_paired, fleet)
         .await
         .map_err(|e| anyhow::anyhow!("rawr: {e}"))
 }

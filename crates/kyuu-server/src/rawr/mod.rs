@@ -4,9 +4,11 @@
 //!   extension channel), [`runtime::spawn_node`] standalone, [`runtime::run_peer`].
 //! * [`http`]: the JSON/HTTP form for browsers and `rawr.js` (mounted at `/rawr`).
 //! * [`sys`]: neighbour table and interface MACs (iproute2, `/proc/net/arp`).
+//! * [`fleet`]: which root node of a fleet holds a session (Redis claims).
 //! * [`discover`]: finding the gateway without configuration (router probe, DNS SRV).
 
 pub mod discover;
+pub mod fleet;
 pub mod http;
 pub mod runtime;
 pub mod sys;

@@ -13,9 +13,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::fleet::{Owner, RawrFleet};
 use super::sys::HostNet;
 use kyuu_rawr::config::{ConfigError, RawrConfig};
-use kyuu_rawr::node::{Node, Output, Stats};
+use kyuu_rawr::node::{FleetRoute, Node, Output, Stats};
 use kyuu_rawr::peer::{Outcome, Peer, PeerConfig, PeerError, PeerOutput};
 use kyuu_rawr::wire::Mac;
 
@@ -123,6 +124,19 @@ pub fn spawn_node_full(
     host: HostNet,
     on_paired: Option<PairFn>,
 ) -> Result<NodeHandle, ConfigError> {
+    spawn_node_fleet(cfg, socket, ext, host, on_paired, None)
+}
+
+/// [`spawn_node_full`] as one root node of a fleet (`docs/rawr.md` §4.7): a session's root
+/// requests go to the fleet node that claimed it in Redis.
+pub fn spawn_node_fleet(
+    cfg: RawrConfig,
+    socket: UdpSocket,
+    ext: Option<(Inbound, ReplyFn)>,
+    host: HostNet,
+    on_paired: Option<PairFn>,
+    fleet: Option<Arc<RawrFleet>>,
+) -> Result<NodeHandle, ConfigError> {
     cfg.validate()?;
     let cred_lifetime = Duration::from_secs(u64::from(cfg.limits.credential_lifetime_s));
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
@@ -147,15 +161,29 @@ pub fn spawn_node_full(
         let mut buf = vec![0u8; 4096];
         let mut socket_clients = std::collections::HashSet::new();
         let mut forwarded = 0u64;
+        let (owner_tx, mut owner_rx) = mpsc::channel::<(Vec<u8>, Owner)>(256);
+        let mut fl = fleet.map(|f| FleetState::new(f, owner_tx));
+        // Requests for the node after the fleet routing: (from, data).
+        let mut ready: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
         for _ in 0..u64::MAX {
             let wake = node
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let tick = tokio::time::Instant::now()
+                + if fl.is_some() { FLEET_TICK } else { Duration::from_secs(3600) };
             tokio::select! {
                 r = socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { continue };
                     let data = buf.get(..n).unwrap_or(&[]).to_vec();
+                    if let Some((client, via_socket)) = fl.as_mut().and_then(|f| f.answer(&data)) {
+                        // The answer of a fleet node to a request forwarded there.
+                        match (&reply, via_socket) {
+                            (Some(reply), false) => reply(client, data),
+                            _ => { let _ = socket.send_to(&data, client).await; }
+                        }
+                        continue;
+                    }
                     if reply.is_some() {
                         // A request on the node's own socket (the HTTP form, or a node that
                         // was given this address) is answered on that socket too.
@@ -164,12 +192,18 @@ pub fn spawn_node_full(
                         }
                         socket_clients.insert(from);
                     }
-                    refresh_if_connect(&mut node, &host, &networks, &mut neigh, &data).await;
-                    node.handle_input(Instant::now(), from, &data);
+                    ready.push((from, data));
                 }
-                Some((from, data)) = recv_opt(&mut inbound) => {
-                    refresh_if_connect(&mut node, &host, &networks, &mut neigh, &data).await;
-                    node.handle_input(Instant::now(), from, &data);
+                Some((from, data)) = recv_opt(&mut inbound) => ready.push((from, data)),
+                Some((session, owner)) = owner_rx.recv() => {
+                    if let Some(f) = fl.as_mut() {
+                        ready.extend(f.resolved(session, owner));
+                    }
+                }
+                _ = tokio::time::sleep_until(tick) => {
+                    if let Some(f) = fl.as_mut() {
+                        f.tick(Instant::now());
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => node.handle_timeout(Instant::now()),
                 Some(user) = ended_rx.recv() => {
@@ -180,6 +214,22 @@ pub fn spawn_node_full(
                     Some(Cmd::Stats(tx)) => { let _ = tx.send(node.stats()); }
                     None => break,
                 },
+            }
+            for (from, data) in std::mem::take(&mut ready) {
+                let via_socket = reply.is_none() || socket_clients.contains(&from);
+                let data = match fl.as_mut() {
+                    Some(f) => match f.intake(&node, from, data, via_socket) {
+                        Intake::Local(d) => d,
+                        Intake::Forward(to, bytes) => {
+                            let _ = socket.send_to(&bytes, to).await;
+                            continue;
+                        }
+                        Intake::Queued => continue,
+                    },
+                    None => data,
+                };
+                refresh_if_connect(&mut node, &host, &networks, &mut neigh, &data).await;
+                node.handle_input(Instant::now(), from, &data);
             }
             while let Some(o) = node.poll_output() {
                 match o {
@@ -225,6 +275,194 @@ pub fn spawn_node_full(
         refresher,
         local,
     })
+}
+
+/// How often a fleet node checks its forwarded requests for an owner that stopped answering.
+const FLEET_TICK: Duration = Duration::from_millis(250);
+/// A fleet owner that sent nothing back for this long after a forwarded request is taken for
+/// dead: the session's next requests are handled here (per-node behaviour).
+const OWNER_SILENT: Duration = Duration::from_secs(1);
+const OWNERS_MAX: usize = 65_536;
+const PROXIED_MAX: usize = 65_536;
+/// Requests of one session waiting for its owner lookup.
+const QUEUED_MAX: usize = 8;
+const LOOKUPS_MAX: usize = 1024;
+
+/// What to do with a request arriving at a fleet node.
+enum Intake {
+    /// Hand it to this node.
+    Local(Vec<u8>),
+    /// Send these bytes to the owner.
+    Forward(SocketAddr, Vec<u8>),
+    /// Waiting for Redis.
+    Queued,
+}
+
+struct Proxied {
+    client: SocketAddr,
+    via_socket: bool,
+    session: Vec<u8>,
+    sent: Instant,
+    heard: bool,
+}
+
+/// A fleet node's routing state (`docs/rawr.md` §4.7); all of it in this process, so Redis
+/// going away loses none of it.
+struct FleetState {
+    fleet: Arc<RawrFleet>,
+    owners: std::collections::HashMap<Vec<u8>, (Owner, Instant)>,
+    lookups: std::collections::HashMap<Vec<u8>, Vec<(SocketAddr, Vec<u8>, bool)>>,
+    proxied: std::collections::HashMap<kyuu_stun::TransactionId, Proxied>,
+    tx: mpsc::Sender<(Vec<u8>, Owner)>,
+}
+
+impl FleetState {
+    fn new(fleet: Arc<RawrFleet>, tx: mpsc::Sender<(Vec<u8>, Owner)>) -> FleetState {
+        FleetState {
+            fleet,
+            owners: std::collections::HashMap::new(),
+            lookups: std::collections::HashMap::new(),
+            proxied: std::collections::HashMap::new(),
+            tx,
+        }
+    }
+
+    fn intake(&mut self, node: &Node, from: SocketAddr, data: Vec<u8>, via_socket: bool) -> Intake {
+        let Some(route) = node.fleet_route(&data) else {
+            return Intake::Local(data);
+        };
+        let (session, claim) = match route {
+            FleetRoute::Claim(s) => (s, true),
+            FleetRoute::Lookup(s) => (s, false),
+        };
+        let now = Instant::now();
+        match self.owners.get(&session) {
+            Some((Owner::Me, exp)) if *exp > now => return Intake::Local(data),
+            Some((Owner::Other(to), exp)) if *exp > now => {
+                let to = *to;
+                return self.forward(node, session, from, data, via_socket, to);
+            }
+            _ => {}
+        }
+        if let Some(q) = self.lookups.get_mut(&session) {
+            if q.len() < QUEUED_MAX {
+                q.push((from, data, via_socket));
+            }
+            return Intake::Queued;
+        }
+        if self.lookups.len() >= LOOKUPS_MAX {
+            // Redis is not keeping up: keep the session here.
+            return Intake::Local(data);
+        }
+        self.lookups
+            .insert(session.clone(), vec![(from, data, via_socket)]);
+        let (fleet, tx) = (self.fleet.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let owner = fleet.owner(&session, claim).await;
+            let _ = tx.send((session, owner)).await;
+        });
+        Intake::Queued
+    }
+
+    fn forward(
+        &mut self,
+        node: &Node,
+        session: Vec<u8>,
+        from: SocketAddr,
+        data: Vec<u8>,
+        via_socket: bool,
+        to: SocketAddr,
+    ) -> Intake {
+        let Some(bytes) = node.fleet_forward(&data, to) else {
+            return Intake::Local(data);
+        };
+        let Ok(m) = kyuu_stun::Message::parse(&bytes) else {
+            return Intake::Local(data);
+        };
+        if self.proxied.len() >= PROXIED_MAX {
+            let cut = Instant::now() - kyuu_rawr_linger();
+            self.proxied.retain(|_, p| p.sent > cut);
+            if self.proxied.len() >= PROXIED_MAX {
+                self.proxied.clear();
+            }
+        }
+        let tid = *m.transaction_id();
+        let sent = Instant::now();
+        match self.proxied.get_mut(&tid) {
+            // A retransmission: the owner's silence counts from the first send.
+            Some(p) if p.client == from => p.via_socket = via_socket,
+            _ => {
+                self.proxied.insert(
+                    tid,
+                    Proxied {
+                        client: from,
+                        via_socket,
+                        session,
+                        sent,
+                        heard: false,
+                    },
+                );
+            }
+        }
+        metrics::counter!("kyuu_rawr_fleet_forwarded_total").increment(1);
+        Intake::Forward(to, bytes)
+    }
+
+    /// The owner of `session` is known: the queued requests, for [`FleetState::intake`] again.
+    fn resolved(&mut self, session: Vec<u8>, owner: Owner) -> Vec<(SocketAddr, Vec<u8>)> {
+        let now = Instant::now();
+        if self.owners.len() >= OWNERS_MAX {
+            self.owners.retain(|_, (_, exp)| *exp > now);
+            if self.owners.len() >= OWNERS_MAX {
+                self.owners.clear();
+            }
+        }
+        self.owners
+            .insert(session.clone(), (owner, now + super::fleet::CLAIM_TTL));
+        self.lookups
+            .remove(&session)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(from, data, _)| (from, data))
+            .collect()
+    }
+
+    /// `Some(client, via_socket)` when `data` is an owner's answer (or pending indication) to a
+    /// request forwarded for `client`.
+    fn answer(&mut self, data: &[u8]) -> Option<(SocketAddr, bool)> {
+        let m = kyuu_stun::Message::parse(data).ok()?;
+        if m.class() == kyuu_stun::Class::Request {
+            return None;
+        }
+        let p = self.proxied.get_mut(m.transaction_id())?;
+        p.heard = true;
+        Some((p.client, p.via_socket))
+    }
+
+    /// Owners silent for [`OWNER_SILENT`] after a forwarded request are taken for dead; old
+    /// entries are forgotten.
+    fn tick(&mut self, now: Instant) {
+        let mut dead = Vec::new();
+        self.proxied.retain(|_, p| {
+            if !p.heard && now.saturating_duration_since(p.sent) >= OWNER_SILENT {
+                dead.push(p.session.clone());
+                return false;
+            }
+            now.saturating_duration_since(p.sent) < kyuu_rawr_linger()
+        });
+        for s in dead {
+            if let Some((Owner::Other(a), _)) = self.owners.get(&s) {
+                tracing::warn!(owner = %a, "rawr fleet: session owner silent; keeping the session here");
+                self.owners
+                    .insert(s, (Owner::Me, now + super::fleet::CLAIM_TTL));
+            }
+        }
+    }
+}
+
+/// How long a forwarded request's route back is kept (the peer's whole algorithm).
+fn kyuu_rawr_linger() -> Duration {
+    Duration::from_secs(60)
 }
 
 async fn recv_opt(rx: &mut Option<Inbound>) -> Option<(SocketAddr, Vec<u8>)> {
@@ -413,6 +651,16 @@ pub async fn start_paired(
     ext: Option<(Inbound, ReplyFn)>,
     on_paired: Option<PairFn>,
 ) -> Result<NodeHandle, StartError> {
+    start_fleet(cfg, ext, on_paired, None).await
+}
+
+/// [`start_paired`] as a root node of a fleet (`docs/rawr.md` §4.7).
+pub async fn start_fleet(
+    cfg: RawrConfig,
+    ext: Option<(Inbound, ReplyFn)>,
+    on_paired: Option<PairFn>,
+    fleet: Option<Arc<RawrFleet>>,
+) -> Result<NodeHandle, StartError> {
     let addr = match (cfg.listen, &ext) {
         (Some(a), _) => a,
         (None, Some(_)) => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -422,7 +670,7 @@ pub async fn start_paired(
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let host = HostNet::new(cfg.netns.clone());
-    Ok(spawn_node_full(cfg, socket, ext, host, on_paired)?)
+    Ok(spawn_node_fleet(cfg, socket, ext, host, on_paired, fleet)?)
 }
 
 /// One RAWR request/answer exchange from a fresh socket, with retransmission and liveness
