@@ -225,6 +225,23 @@ pub enum Output {
     /// The allocation made with `username` reached the byte or duration limit a RAWR pairing
     /// gave it ([`crate::SessionLimits`]) and was deleted; tell the RAWR node.
     SessionLimit { username: String },
+    /// One allocation of an in-process pairing exists on this shard but its partner does not
+    /// (`docs/rawr.md` §6.1, pairs across shards): the shell looks for the partner on the other
+    /// shards and, when found, links both with [`crate::Server::link_remote`].
+    PairHalf {
+        username: String,
+        partner: String,
+        alloc: AllocId,
+        /// The allocation's advertised relayed address per family.
+        addrs: [Option<std::net::SocketAddr>; 2],
+    },
+    /// Allocation `gone`, linked to `alloc` on shard `shard`, went away: the shell tells that
+    /// shard ([`crate::Server::unlink_remote`]).
+    Unpair {
+        shard: u16,
+        alloc: AllocId,
+        gone: AllocId,
+    },
     /// The kernel fast path may relay this channel (installed or updated: expiry, directions).
     /// Only after [`crate::Server::enable_fast_path`].
     FastPathInstall(FastPathChannel),
@@ -267,8 +284,8 @@ pub struct ToPeer {
     /// Send this datagram with DF (RFC 8656 §14): the allocation's DONT-FRAGMENT for
     /// ChannelData, the Send indication's own DONT-FRAGMENT for a Send indication (§11.2).
     pub dont_fragment: bool,
-    /// Set when `peer` is the relayed address of an allocation paired with this one on the same
-    /// shard (RAWR, `docs/rawr.md` §6.1): the shell MAY skip the relay socket and hand the payload
+    /// Set when `peer` is the relayed address of an allocation paired with this one (on this
+    /// shard, or on `shard`) (RAWR, `docs/rawr.md` §6.1): the shell MAY skip the relay socket and hand the payload
     /// to [`crate::Server::handle_peer`] with this target, as if it had arrived there. A shell
     /// that ignores it sends the datagram as usual, which works too.
     pub paired: Option<PairedTarget>,
@@ -280,6 +297,9 @@ pub struct ToPeer {
 pub struct PairedTarget {
     pub relay: RelayKey,
     pub from: PeerAddr,
+    /// The shard holding the target allocation when it is not this one: the shell hands the
+    /// payload to that shard, which calls [`crate::Server::handle_peer`] there.
+    pub shard: Option<u16>,
 }
 
 /// Send a ChannelData message or Data indication, written in place in the buffer the peer packet

@@ -35,6 +35,16 @@ pub(crate) enum ShardCmd {
         /// Link the allocations in-process (else only hold them to `limits`).
         link: bool,
     },
+    /// Link allocation `alloc` of this shard with `other` on shard `shard` (RAWR pair across
+    /// shards).
+    LinkRemote {
+        alloc: AllocId,
+        shard: u16,
+        other: AllocId,
+        other_addr: [Option<SocketAddr>; 2],
+    },
+    /// Allocation `gone` on another shard, linked with `alloc` here, went away.
+    Unlink { alloc: AllocId, gone: AllocId },
     /// Refuse new allocations, sending clients to the alternate of their family.
     DrainTo { alternates: Vec<SocketAddr> },
     /// Serve STUN/TURN on a stream accepted elsewhere (TURN over TLS on the HTTPS port).
@@ -162,8 +172,8 @@ impl RelayControl {
     }
 
     /// Tells every shard that the allocations made with `usernames` belong together (RAWR
-    /// pairing); a shard holding both links them in-process. Pairs split across shards are not
-    /// linked and relay through the kernel as usual.
+    /// pairing); they are linked in-process, on one shard or across two (the shards then hand
+    /// each other the pair's packets over a bounded channel).
     /// Each side is held to `limits` (bytes, time) on whichever shard it is; `ended` hears the
     /// username of a side cut by them.
     pub fn pair(

@@ -419,6 +419,23 @@ pub async fn start_keyed(
         tls_handshake: Duration::from_secs(listen.tls_handshake_timeout_secs.max(1)),
     });
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(threads);
+    // Every shard's control and paired-packet channels, made first so each shard can reach the
+    // others (RAWR pairs across shards, docs/rawr.md §6.1).
+    let n = shard_sockets.len();
+    let (mut ctl_rxs, mut pkt_rxs, mut pkt_txs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        control.push(ctl_tx);
+        ctl_rxs.push(Some(ctl_rx));
+        let (pkt_tx, pkt_rx) = mpsc::channel(shard::CROSS_PACKETS);
+        pkt_txs.push(pkt_tx);
+        pkt_rxs.push(Some(pkt_rx));
+    }
+    let cross = Arc::new(shard::CrossShard {
+        control: control.clone(),
+        packets: pkt_txs,
+        halves: std::sync::Mutex::new(std::collections::HashMap::new()),
+    });
     for (i, sockets) in shard_sockets.into_iter().enumerate() {
         let opts = ServerOptions {
             rfc5780,
@@ -438,14 +455,20 @@ pub async fn start_keyed(
         let buf = listen.socket_buffer;
         let ready = ready_tx.clone();
         let limits = limits.clone();
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (Some(ctl_rx), Some(pkt_rx)) = (
+            ctl_rxs.get_mut(i).and_then(Option::take),
+            pkt_rxs.get_mut(i).and_then(Option::take),
+        ) else {
+            anyhow::bail!("relay: shard {i} has no channels");
+        };
         let io = shard::ShardIo {
             control: ctl_rx,
+            cross: cross.clone(),
+            cross_rx: pkt_rx,
             proxy: proxy_rules.clone(),
             fast_path: fast_path.clone(),
             dtls: if i == 0 { dtls_endpoint.take() } else { None },
         };
-        control.push(ctl_tx);
         let h = std::thread::Builder::new()
             .name(format!("kyuu-relay-{i}"))
             .spawn(move || {

@@ -69,10 +69,35 @@ struct Listener {
     proxy: Option<Rc<[IpNet]>>,
 }
 
+/// Paired packets one shard may have queued for another before new ones are dropped.
+pub(crate) const CROSS_PACKETS: usize = 4096;
+/// Pair halves remembered for linking across shards (a flood only forgets old entries).
+const HALVES_MAX: usize = 16_384;
+
+/// A client payload for a paired allocation on another shard.
+pub(crate) struct CrossPacket {
+    relay: RelayKey,
+    from: kyuu_turn::PeerAddr,
+    data: Vec<u8>,
+}
+
+/// What the shards share to link RAWR pairs across shards (`docs/rawr.md` §6.1): every
+/// shard's control channel and paired-packet channel, and the pair halves waiting for their
+/// partner (username → shard, allocation, relayed addresses). The mutex is taken only when an
+/// allocation of a pairing completes, never per packet.
+pub(crate) struct CrossShard {
+    pub control: Vec<mpsc::UnboundedSender<ShardCmd>>,
+    pub packets: Vec<mpsc::Sender<CrossPacket>>,
+    #[allow(clippy::type_complexity)]
+    pub halves: std::sync::Mutex<HashMap<String, (u16, kyuu_turn::AllocId, [Option<SocketAddr>; 2])>>,
+}
+
 /// What a shard gets besides its sockets: its operator control channel and the PROXY protocol
 /// rules of its listeners.
 pub(crate) struct ShardIo {
     pub control: mpsc::UnboundedReceiver<ShardCmd>,
+    pub cross: Arc<CrossShard>,
+    pub cross_rx: mpsc::Receiver<CrossPacket>,
     pub proxy: proxy::Rules,
     pub fast_path: Option<SharedFastPath>,
     /// The DTLS association table (first shard only, with `ShardSockets::dtls`).
@@ -129,6 +154,11 @@ struct State {
     /// in-process, since the last flush.
     relay_in: u64,
     paired_pkts: u64,
+    /// The other shards, for RAWR pairs across shards.
+    cross: Arc<CrossShard>,
+    index: u16,
+    /// Paired packets dropped because the other shard's channel was full.
+    cross_dropped: u64,
     /// Who to tell when the allocation of a RAWR username is cut by its session limits.
     limit_watch: HashMap<String, mpsc::UnboundedSender<String>>,
     arena: Rc<RefCell<Arena>>,
@@ -249,6 +279,8 @@ pub(crate) fn run(
 ) {
     let ShardIo {
         mut control,
+        cross,
+        mut cross_rx,
         proxy: proxy_rules,
         fast_path,
         dtls,
@@ -320,6 +352,9 @@ pub(crate) fn run(
             dropped_sends: 0,
             relay_in: 0,
             paired_pkts: 0,
+            cross,
+            index: index as u16,
+            cross_dropped: 0,
             limit_watch: HashMap::new(),
             arena: arena.clone(),
             batch: Batch {
@@ -416,6 +451,11 @@ pub(crate) fn run(
                     metrics::counter!("kyuu_relay_paired_packets_total").increment(st.paired_pkts);
                     st.paired_pkts = 0;
                 }
+                if st.cross_dropped > 0 {
+                    metrics::counter!("kyuu_relay_paired_dropped_total")
+                        .increment(st.cross_dropped);
+                    st.cross_dropped = 0;
+                }
                 st.drain(&timer_sh);
             }
         })));
@@ -425,6 +465,22 @@ pub(crate) fn run(
                 let mut st = reply_sh.borrow_mut();
                 st.send_client(client, &data);
                 st.flush_udp();
+            }
+        })));
+        // Paired packets from other shards: enter the partner allocation as if its relay socket
+        // had read them.
+        let cross_sh = sh.clone();
+        tasks.push(AbortOnDrop(tokio::task::spawn_local(async move {
+            let mut batch = Vec::with_capacity(64);
+            let mut scratch = vec![0u8; PEER_HEADROOM + 65536 + 8];
+            while cross_rx.recv_many(&mut batch, 64).await > 0 {
+                let mut st = cross_sh.borrow_mut();
+                let now = Instant::now();
+                for p in batch.drain(..) {
+                    st.cross_packet(now, p, &mut scratch);
+                }
+                st.flush_udp();
+                st.drain(&cross_sh);
             }
         })));
         let control_sh = sh.clone();
@@ -488,6 +544,15 @@ impl State {
                     }
                 }
             }
+            ShardCmd::LinkRemote {
+                alloc,
+                shard,
+                other,
+                other_addr,
+            } => {
+                self.core.link_remote(now, alloc, shard, other, other_addr);
+            }
+            ShardCmd::Unlink { alloc, gone } => self.core.unlink_remote(alloc, gone),
             ShardCmd::DrainTo { alternates } => self.core.drain_to(&alternates),
             ShardCmd::Stream { stream, client } => {
                 tokio::task::spawn_local(stream_task(sh.clone(), stream, client, first_message));
@@ -629,6 +694,20 @@ impl State {
         let Some(data) = packet.get(tp.data.clone()) else {
             return;
         };
+        if let Some(shard) = target.shard.filter(|s| *s != self.index) {
+            // The partner lives on another shard: hand the payload over (never blocks; a full
+            // channel drops the packet, as a full socket buffer would).
+            let p = CrossPacket {
+                relay: target.relay,
+                from: target.from,
+                data: data.to_vec(),
+            };
+            match self.cross.packets.get(usize::from(shard)).map(|tx| tx.try_send(p)) {
+                Some(Ok(())) => self.paired_pkts += 1,
+                _ => self.cross_dropped += 1,
+            }
+            return;
+        }
         let Some(dst) = scratch.get_mut(PEER_HEADROOM..PEER_HEADROOM + data.len()) else {
             return self.send_peer(tp, packet);
         };
@@ -641,6 +720,62 @@ impl State {
         {
             if let Some(out) = scratch.get(tc.data) {
                 self.send_client(tc.client, out);
+            }
+        }
+    }
+
+    /// A paired packet from another shard for an allocation here.
+    fn cross_packet(&mut self, now: Instant, p: CrossPacket, scratch: &mut [u8]) {
+        let range = PEER_HEADROOM..PEER_HEADROOM + p.data.len();
+        let Some(dst) = scratch.get_mut(range.clone()) else {
+            return;
+        };
+        dst.copy_from_slice(&p.data);
+        if let Some(tc) = self.core.handle_peer(now, p.relay, p.from, scratch, range) {
+            if let Some(out) = scratch.get(tc.data) {
+                self.send_client(tc.client, out);
+            }
+        }
+    }
+
+    /// One side of a pairing is here without its partner: remember it, and link both when the
+    /// partner is already on another shard.
+    fn pair_half(
+        &mut self,
+        username: String,
+        partner: &str,
+        alloc: kyuu_turn::AllocId,
+        addrs: [Option<SocketAddr>; 2],
+    ) {
+        let found = {
+            let mut h = self
+                .cross
+                .halves
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if h.len() >= HALVES_MAX && !h.contains_key(&username) {
+                h.clear();
+            }
+            h.insert(username, (self.index, alloc, addrs));
+            h.get(partner).copied()
+        };
+        let Some((shard, other, other_addr)) = found else {
+            return;
+        };
+        if shard == self.index {
+            return;
+        }
+        if self
+            .core
+            .link_remote(Instant::now(), alloc, shard, other, other_addr)
+        {
+            if let Some(tx) = self.cross.control.get(usize::from(shard)) {
+                let _ = tx.send(ShardCmd::LinkRemote {
+                    alloc: other,
+                    shard: self.index,
+                    other: alloc,
+                    other_addr: addrs,
+                });
             }
         }
     }
@@ -811,6 +946,17 @@ impl State {
                 }
                 Output::FastPathInstall(c) => self.fast_path_install(c),
                 Output::FastPathRemove(id) => self.fast_path_remove(id),
+                Output::PairHalf {
+                    username,
+                    partner,
+                    alloc,
+                    addrs,
+                } => self.pair_half(username, &partner, alloc, addrs),
+                Output::Unpair { shard, alloc, gone } => {
+                    if let Some(tx) = self.cross.control.get(usize::from(shard)) {
+                        let _ = tx.send(ShardCmd::Unlink { alloc, gone });
+                    }
+                }
                 Output::SessionLimit { username } => {
                     metrics::counter!("kyuu_relay_session_limit_total").increment(1);
                     if let Some(tx) = self.limit_watch.remove(&username) {

@@ -363,7 +363,7 @@ impl Server {
             return;
         };
         self.fast_path_sync(now, Some(id));
-        self.unlink(a.paired.take());
+        self.unlink(id, a.paired.take());
         for f in Family::BOTH {
             let Some(r) = a.relays[f.index()] else {
                 continue;

@@ -4,9 +4,10 @@
 //! them relays to the other's relayed address is handed to the other allocation inside the
 //! process ([`crate::PairedTarget`]) instead of leaving through a relay socket and coming back.
 //!
-//! Only allocations on the same shard are linked: a shard owns its allocations and its relay
-//! sockets, and moving a packet to another shard's thread would cost a channel hop per packet.
-//! Pairs split across shards keep working through the kernel, exactly like unpaired TURN.
+//! Allocations on the same shard are linked here. When only one side is on this shard the core
+//! says so ([`crate::Output::PairHalf`]); the shell finds the partner on another shard and links
+//! both with [`Server::link_remote`]. A packet for a partner on another shard carries that
+//! shard in its [`crate::PairedTarget`] and the shell hands it over (a bounded channel).
 //! Standard clients see nothing different: the peer address of a paired packet is the other
 //! allocation's relayed address, as it would be through the kernel.
 
@@ -30,6 +31,8 @@ pub(crate) struct PairLink {
     /// This allocation's advertised relayed address per family (the peer address the other
     /// side sees).
     pub own_addr: [Option<SocketAddr>; 2],
+    /// The shard holding `other` when it is not this one.
+    pub shard: Option<u16>,
 }
 
 impl PairLink {
@@ -148,7 +151,20 @@ impl Server {
                     (a.id, addrs)
                 })
         };
-        let (Some((ia, aa)), Some((ib, ab))) = (find(user), find(&other_user)) else {
+        let (ia, ib) = (find(user), find(&other_user));
+        let (Some((ia, aa)), Some((ib, ab))) = (ia, ib) else {
+            // One side here (the other on another shard, or not allocated yet): the shell
+            // looks for the partner elsewhere.
+            for (u, p, x) in [(user, other_user.as_str(), ia), (&other_user, user, ib)] {
+                if let Some((alloc, addrs)) = x {
+                    self.out.push_back(crate::types::Output::PairHalf {
+                        username: u.to_owned(),
+                        partner: p.to_owned(),
+                        alloc,
+                        addrs,
+                    });
+                }
+            }
             return false;
         };
         let perm = now + PERMISSION_LIFETIME;
@@ -158,6 +174,7 @@ impl Server {
                     other,
                     other_addr,
                     own_addr,
+                    shard: None,
                 });
                 // The permissions a client would have asked for, for the kernel path (streams).
                 for x in other_addr.iter().flatten() {
@@ -202,9 +219,60 @@ impl Server {
         }
     }
 
-    /// Unlinks the partner of a deleted allocation.
-    pub(super) fn unlink(&mut self, link: Option<PairLink>) {
+    /// Links allocation `alloc` here with `other` on shard `shard` (whose advertised relayed
+    /// addresses are `other_addr`), after a [`crate::Output::PairHalf`] found the partner
+    /// there. Returns whether `alloc` exists here (and is now linked).
+    pub fn link_remote(
+        &mut self,
+        now: Instant,
+        alloc: AllocId,
+        shard: u16,
+        other: AllocId,
+        other_addr: [Option<SocketAddr>; 2],
+    ) -> bool {
+        let own_addr = match self.allocs.get(alloc) {
+            Some(a) if a.pending.is_none() && a.proto == RelayProto::Udp => {
+                Family::BOTH.map(|f| a.relayed(f).map(|x| self.cfg.advertised(x)))
+            }
+            _ => return false,
+        };
+        let perm = now + PERMISSION_LIFETIME;
+        let Some(a) = self.allocs.get_mut(alloc) else {
+            return false;
+        };
+        a.paired = Some(PairLink {
+            other,
+            other_addr,
+            own_addr,
+            shard: Some(shard),
+        });
+        for x in other_addr.iter().flatten() {
+            a.add_permission(x.ip(), perm);
+        }
+        tracing::debug!(target: "kyuu::turn", shard, "allocations paired in-process across shards");
+        true
+    }
+
+    /// The partner (`other` on another shard) of allocation `alloc` went away: unlink it.
+    pub fn unlink_remote(&mut self, alloc: AllocId, other: AllocId) {
+        if let Some(a) = self.allocs.get_mut(alloc) {
+            if a.paired.is_some_and(|l| l.shard.is_some() && l.other == other) {
+                a.paired = None;
+            }
+        }
+    }
+
+    /// Unlinks the partner of a deleted allocation `id`.
+    pub(super) fn unlink(&mut self, id: AllocId, link: Option<PairLink>) {
         if let Some(l) = link {
+            if let Some(shard) = l.shard {
+                self.out.push_back(crate::types::Output::Unpair {
+                    shard,
+                    alloc: l.other,
+                    gone: id,
+                });
+                return;
+            }
             if let Some(o) = self.allocs.get_mut(l.other) {
                 o.paired = None;
             }

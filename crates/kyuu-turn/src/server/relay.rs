@@ -194,6 +194,7 @@ fn to_peer(
                 family,
             },
             from: PeerAddr::new(own),
+            shard: l.shard,
         })
     });
     if paired.is_none() && !alloc.permitted(out.peer.ip(), now) {
