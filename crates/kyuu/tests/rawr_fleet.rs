@@ -48,21 +48,28 @@ struct Node {
 }
 
 fn start_node(name: &str, redis_port: u16) -> Node {
+    let fleet = format!(
+        "[fleet]\nredis_url = \"redis://127.0.0.1:{redis_port}/\"\nnode = \"{name}\"\n\
+         peer_ttl_secs = 4\nheartbeat_secs = 1\n"
+    );
+    start_kyuu(name, "", &fleet)
+}
+
+fn start_kyuu(name: &str, extra_turn: &str, tail: &str) -> Node {
     let dir = std::env::temp_dir().join(format!("kyuu-rawr-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
     let turn = free_port();
     let http = free_port();
+    let threads = if extra_turn.is_empty() { 0 } else { 2 };
     std::fs::write(
         &cfg,
         format!(
-            "[listen]\nudp = [\"127.0.0.1:{turn}\"]\ntcp = []\ntls = []\n\
+            "[listen]\nudp = [\"127.0.0.1:{turn}\"]\ntcp = []\ntls = []\nthreads = {threads}\n\
              [turn]\nstatic_auth_secrets = [\"{SECRET}\"]\nallow_peers = [\"127.0.0.0/8\"]\n\
-             unauth_rate = 0\n\
+             unauth_rate = 0\n{extra_turn}\
              [http]\nlisten = \"127.0.0.1:{http}\"\nmetrics = true\n\
-             [rawr]\nenabled = true\nname = \"{name}\"\n\
-             [fleet]\nredis_url = \"redis://127.0.0.1:{redis_port}/\"\nnode = \"{name}\"\n\
-             peer_ttl_secs = 4\nheartbeat_secs = 1\n"
+             [rawr]\nenabled = true\nname = \"{name}\"\n{tail}"
         ),
     )
     .unwrap();
@@ -233,4 +240,55 @@ async fn exchange_split_across_two_root_nodes_still_pairs() {
     let (a5, b5) = pair(&s5, n1.turn, n1.turn, Duration::from_secs(10)).await;
     assert!(a5.is_ok() && b5.is_ok(), "{a5:?} {b5:?}");
     drop((p1, p2, redis));
+}
+
+/// In-process pairing across relay shards (`docs/rawr.md` §6.1): a node with two shards, the
+/// two allocations of a RAWR pair on different shards (the shard shows in the relayed port:
+/// each shard owns one half of `turn.relay_ports`), no CreatePermission for each other, and
+/// data flows both ways while the node's relay sockets read nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_on_different_shards_relay_in_process() {
+    let lo: u16 = 40_000 + 2 * (rand::random::<u16>() % 4_000);
+    let hi = lo + 999;
+    let half = lo + 500;
+    let n = start_kyuu(
+        "meet",
+        &format!("relay_ports = {{ min = {lo}, max = {hi} }}\n"),
+        "",
+    );
+    let s: [u8; 16] = rand::random();
+    let (a, b) = pair(&s, n.turn, n.turn, Duration::from_secs(10)).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (ra, rb) = (a.relay.unwrap(), b.relay.unwrap());
+    let shard = |x: &Allocation| x.relayed.port() >= half;
+    let mut xa = Allocation::new(bind().await, n.turn, &ra.username, &ra.password)
+        .await
+        .unwrap();
+    // B allocates from new sockets until the kernel spreads it to the other shard.
+    let mut xb = None;
+    for _ in 0..64 {
+        let x = Allocation::new(bind().await, n.turn, &rb.username, &rb.password)
+            .await
+            .unwrap();
+        if shard(&x) != shard(&xa) {
+            xb = Some(x);
+            break;
+        }
+        let mut x = x;
+        x.delete().await.unwrap();
+    }
+    let mut xb = xb.expect("an allocation on the other shard");
+    // Metrics are flushed once a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sock0 = metric(n.http, "kyuu_relay_socket_datagrams_total");
+    let paired0 = metric(n.http, "kyuu_relay_paired_packets_total");
+    for _ in 0..10 {
+        check_flow(&mut xa, &mut xb).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let sock1 = metric(n.http, "kyuu_relay_socket_datagrams_total");
+    let paired1 = metric(n.http, "kyuu_relay_paired_packets_total");
+    assert_eq!(sock1 - sock0, 0.0, "datagrams went through the relay sockets");
+    assert!(paired1 - paired0 >= 20.0, "{paired0} -> {paired1}");
+    drop(n.proc);
 }
