@@ -178,7 +178,11 @@ fn metric(http: SocketAddr, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_split_across_two_root_nodes_still_pairs() {
-    if Command::new("redis-server").arg("--version").output().is_err() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         assert!(!required(), "redis-server missing");
         eprintln!("SKIP rawr_fleet: redis-server missing");
         return;
@@ -288,7 +292,11 @@ async fn pairs_on_different_shards_relay_in_process() {
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let sock1 = metric(n.http, "kyuu_relay_socket_datagrams_total");
     let paired1 = metric(n.http, "kyuu_relay_paired_packets_total");
-    assert_eq!(sock1 - sock0, 0.0, "datagrams went through the relay sockets");
+    assert_eq!(
+        sock1 - sock0,
+        0.0,
+        "datagrams went through the relay sockets"
+    );
     assert!(paired1 - paired0 >= 20.0, "{paired0} -> {paired1}");
     drop(n.proc);
 }

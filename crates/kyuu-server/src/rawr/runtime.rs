@@ -171,7 +171,11 @@ pub fn spawn_node_fleet(
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             let tick = tokio::time::Instant::now()
-                + if fl.is_some() { FLEET_TICK } else { Duration::from_secs(3600) };
+                + if fl.is_some() {
+                    FLEET_TICK
+                } else {
+                    Duration::from_secs(3600)
+                };
             tokio::select! {
                 r = socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { continue };
@@ -298,6 +302,8 @@ enum Intake {
     Queued,
 }
 
+type Waiting = (SocketAddr, Vec<u8>, bool);
+
 struct Proxied {
     client: SocketAddr,
     via_socket: bool,
@@ -311,7 +317,8 @@ struct Proxied {
 struct FleetState {
     fleet: Arc<RawrFleet>,
     owners: std::collections::HashMap<Vec<u8>, (Owner, Instant)>,
-    lookups: std::collections::HashMap<Vec<u8>, Vec<(SocketAddr, Vec<u8>, bool)>>,
+    /// Requests waiting for their session's owner lookup: (from, data, via the node's socket).
+    lookups: std::collections::HashMap<Vec<u8>, Vec<Waiting>>,
     proxied: std::collections::HashMap<kyuu_stun::TransactionId, Proxied>,
     tx: mpsc::Sender<(Vec<u8>, Owner)>,
 }

@@ -89,7 +89,8 @@ pub(crate) struct CrossShard {
     pub control: Vec<mpsc::UnboundedSender<ShardCmd>>,
     pub packets: Vec<mpsc::Sender<CrossPacket>>,
     #[allow(clippy::type_complexity)]
-    pub halves: std::sync::Mutex<HashMap<String, (u16, kyuu_turn::AllocId, [Option<SocketAddr>; 2])>>,
+    pub halves:
+        std::sync::Mutex<HashMap<String, (u16, kyuu_turn::AllocId, [Option<SocketAddr>; 2])>>,
 }
 
 /// What a shard gets besides its sockets: its operator control channel and the PROXY protocol
@@ -702,7 +703,12 @@ impl State {
                 from: target.from,
                 data: data.to_vec(),
             };
-            match self.cross.packets.get(usize::from(shard)).map(|tx| tx.try_send(p)) {
+            match self
+                .cross
+                .packets
+                .get(usize::from(shard))
+                .map(|tx| tx.try_send(p))
+            {
                 Some(Ok(())) => self.paired_pkts += 1,
                 _ => self.cross_dropped += 1,
             }

@@ -256,7 +256,9 @@ impl Server {
     /// The partner (`other` on another shard) of allocation `alloc` went away: unlink it.
     pub fn unlink_remote(&mut self, alloc: AllocId, other: AllocId) {
         if let Some(a) = self.allocs.get_mut(alloc) {
-            if a.paired.is_some_and(|l| l.shard.is_some() && l.other == other) {
+            if a.paired
+                .is_some_and(|l| l.shard.is_some() && l.other == other)
+            {
                 a.paired = None;
             }
         }
