@@ -1123,3 +1123,92 @@ fn session_over_its_limit_meets_above_when_the_peers_come_back() {
         assert!(o.gateway_error.as_deref().unwrap().contains("470"), "{o:?}");
     }
 }
+
+// ---- A root that is a fleet (§4.7) ----
+
+#[test]
+fn fleet_halves_at_two_root_nodes_pair_at_the_owner() {
+    let (r1, r2) = (addr(1), addr(2));
+    let mut c1 = node_cfg("root1", r1);
+    let mut c2 = node_cfg("root2", r2);
+    for c in [&mut c1, &mut c2] {
+        c.children = vec![ChildConfig {
+            name: "isp".into(),
+            key: "isp-key".into(),
+        }];
+    }
+    let t = Instant::now();
+    let (mut n1, n2) = (Node::new(&c1, t, 0, 1), Node::new(&c2, t, 0, 2));
+    // A's wildcard Connect names root1 and is held there; B's names root2.
+    let mut ca = connect(7, 0xa, 0, &[]);
+    ca.target = None;
+    ca.root = r1;
+    let mut cb = connect(7, 0xb, 0, &[]);
+    cb.target = None;
+    cb.root = r2;
+    let (pa, pb) = (addr(10), addr(11));
+    n1.handle_input(
+        t,
+        pa,
+        &wire::encode_connect(TransactionId([1; 12]), &ca, None),
+    );
+    outputs(&mut n1);
+    let db = wire::encode_connect(TransactionId([2; 12]), &cb, None);
+    // At root2 it is a root request of session 7; a Connect naming another root is not.
+    assert_eq!(
+        n2.fleet_route(&db),
+        Some(kyuu_rawr::node::FleetRoute::Claim(vec![7; 16]))
+    );
+    assert_eq!(n1.fleet_route(&db), None);
+    let ex = wire::encode_exchange(
+        TransactionId([3; 12]),
+        &[7; 16],
+        Mac([2, 0, 0, 0, 0, 0xb]),
+        &[],
+    );
+    assert_eq!(
+        n2.fleet_route(&ex),
+        Some(kyuu_rawr::node::FleetRoute::Claim(vec![7; 16]))
+    );
+    // root2 forwards it to the owner, root1, which pairs it with A's and answers both.
+    let fwd = n2.fleet_forward(&db, r1).unwrap();
+    assert_eq!(n1.fleet_route(&fwd).is_some(), true);
+    n1.handle_input(t, pb, &fwd);
+    let outs = outputs(&mut n1);
+    let ok: Vec<_> = outs
+        .iter()
+        .filter(|(_, d)| class_and_code(d).0 == Class::Success)
+        .map(|(to, _)| *to)
+        .collect();
+    assert!(ok.contains(&pa) && ok.contains(&pb), "{outs:?}");
+    assert_eq!(n1.stats().paired, 1);
+
+    // A linked child's Connect is signed again with the shared key; a forged one is refused.
+    let key = kyuu_stun::integrity::Key::short_term("isp-key");
+    let auth = wire::Auth {
+        username: Some("isp"),
+        key: &key,
+    };
+    let mut cc = connect(8, 0xc, 0, &["isp"]);
+    cc.target = None;
+    cc.root = r2;
+    let signed = wire::encode_connect(TransactionId([4; 12]), &cc, Some(&auth));
+    let fwd = n2.fleet_forward(&signed, r1).unwrap();
+    n1.handle_input(t, pb, &fwd);
+    let outs = outputs(&mut n1);
+    assert!(
+        outs.iter().all(|(_, d)| class_and_code(d).1.is_none()),
+        "{outs:?}"
+    );
+    assert_eq!(n1.stats().pending, 1);
+    let bad_key = kyuu_stun::integrity::Key::short_term("wrong");
+    let forged = wire::encode_connect(
+        TransactionId([5; 12]),
+        &cc,
+        Some(&wire::Auth {
+            username: Some("isp"),
+            key: &bad_key,
+        }),
+    );
+    assert_eq!(n2.fleet_forward(&forged, r1), None);
+}
