@@ -1172,7 +1172,7 @@ fn fleet_halves_at_two_root_nodes_pair_at_the_owner() {
     );
     // root2 forwards it to the owner, root1, which pairs it with A's and answers both.
     let fwd = n2.fleet_forward(&db, r1).unwrap();
-    assert_eq!(n1.fleet_route(&fwd).is_some(), true);
+    assert!(n1.fleet_route(&fwd).is_some());
     n1.handle_input(t, pb, &fwd);
     let outs = outputs(&mut n1);
     let ok: Vec<_> = outs
