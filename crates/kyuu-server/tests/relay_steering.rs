@@ -269,7 +269,9 @@ async fn steered_many_allocations_then_deleted() {
     // Peer to every relay port at once (they queue on the two steering sockets), then each
     // client reads its own.
     for (i, r) in relays.iter().enumerate() {
-        peer.send_to(format!("down {i}").as_bytes(), r).await.unwrap();
+        peer.send_to(format!("down {i}").as_bytes(), r)
+            .await
+            .unwrap();
     }
     for (i, u) in clients.iter_mut().enumerate() {
         assert_eq!(

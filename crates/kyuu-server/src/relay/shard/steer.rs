@@ -161,9 +161,17 @@ pub(super) async fn steered_loop(sh: Sh, arena: Rc<RefCell<Arena>>, sock: Rc<Udp
                 let mut it = ar.bufs.iter_mut();
                 let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
                     let b = it.next().map(|b| &mut b[..]).unwrap_or(&mut []);
-                    [IoSliceMut::new(b.get_mut(PEER_HEADROOM..).unwrap_or(&mut []))]
+                    [IoSliceMut::new(
+                        b.get_mut(PEER_HEADROOM..).unwrap_or(&mut []),
+                    )]
                 });
-                match recvmmsg(fd, &mut headers, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None) {
+                match recvmmsg(
+                    fd,
+                    &mut headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                ) {
                     Ok(results) => {
                         let mut n = 0;
                         for (r, slot) in results.zip(got.iter_mut()) {
