@@ -341,3 +341,75 @@ async fn steered_port_reused_by_next_allocation() {
     }
     h.shutdown().await;
 }
+
+/// Without CAP_BPF: `"auto"` starts and reads relay sockets one by one, `"required"` refuses to
+/// start naming the key. As root the test runs itself again with every capability dropped
+/// (`setpriv`), so it checks the fallback wherever it runs.
+#[test]
+fn without_cap_bpf_auto_falls_back_and_required_refuses() {
+    const NAME: &str = "without_cap_bpf_auto_falls_back_and_required_refuses";
+    if std::env::var_os("KYUU_STEER_NOCAP").is_some() || !root() {
+        return fallback();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all"])
+        .arg(exe)
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env("KYUU_STEER_NOCAP", "1")
+        .output()
+        .expect("setpriv (util-linux) runs the test without capabilities");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}
+
+fn fallback() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let l = ListenConfig {
+            threads: 1,
+            ..ListenConfig::on(&["127.0.0.1:0".parse().unwrap()], &[])
+        };
+        let auto = TurnConfig {
+            relay_steering: FastPathMode::Auto,
+            ..turn()
+        };
+        let h = relay::start(&l, auto, None).await.unwrap();
+        assert_eq!(h.steered_ports(), None, "no steering without CAP_BPF");
+        // Relaying still works, one socket per allocation.
+        let server_addr = h.addr(Transport::Udp).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut u = Udp::new(server_addr).await;
+        let relayed = u.allocate().await;
+        u.bind(0x4003, peer.local_addr().unwrap()).await;
+        peer.send_to(b"unsteered", relayed).await.unwrap();
+        assert_eq!(
+            u.event().await,
+            Event::ChannelData {
+                channel: 0x4003,
+                data: b"unsteered".to_vec()
+            }
+        );
+        h.shutdown().await;
+        let err = relay::start(&l, turn(), None).await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("turn.relay_steering = \"required\""), "{msg}");
+    });
+}
+
+#[test]
+fn the_key_parses_and_a_bad_value_names_it() {
+    let cfg =
+        kyuu_server::config::Config::from_toml("[turn]\nrelay_steering = \"auto\"\n", "t.toml")
+            .unwrap();
+    assert_eq!(cfg.turn.relay_steering, FastPathMode::Auto);
+    assert_eq!(TurnConfig::default().relay_steering, FastPathMode::Off);
+    let err = kyuu_server::config::Config::from_toml("[turn]\nrelay_steering = \"on\"\n", "t.toml")
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("relay_steering"), "{err:#}");
+}

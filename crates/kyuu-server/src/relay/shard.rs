@@ -793,10 +793,11 @@ impl State {
                     dont_fragment,
                 } => self.bind_relay(sh, key, addr, proto, dont_fragment),
                 Output::CloseRelay { key } => {
-                    let closed = self.relays.remove(&key);
-                    if let (Some(r), Some(s)) = (closed, &mut self.steer) {
+                    // The port leaves the steering map before its socket closes.
+                    if let (Some(r), Some(s)) = (self.relays.get(&key), &mut self.steer) {
                         s.unsteer(key, r.addr);
                     }
+                    self.relays.remove(&key);
                 }
                 Output::CloseClient { client } if client.transport == Transport::Dtls => {
                     let closed = self
