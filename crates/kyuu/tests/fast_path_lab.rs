@@ -104,6 +104,9 @@ fn build(lab: Lab, fam: Family) -> Result<World> {
             (&rl1, "2001:2:0:1::1/64"),
             (&rl2, "2001:2:0:2::1/64"),
         ] {
+            // The lab turns IPv6 off in every namespace; on for these links only.
+            rt.node()
+                .sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", iface.name), "0")?;
             rt.node()
                 .ip(&["-6", "addr", "add", cidr, "dev", &iface.name, "nodad"])?;
         }
@@ -112,6 +115,7 @@ fn build(lab: Lab, fam: Family) -> Result<World> {
             (&client, &ci, "2001:2:0:1::10/64", "2001:2:0:1::1"),
             (&peer, &pi, "2001:2:0:2::10/64", "2001:2:0:2::1"),
         ] {
+            node.sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", iface.name), "0")?;
             node.ip(&["-6", "addr", "add", cidr, "dev", &iface.name, "nodad"])?;
             node.ip(&["-6", "route", "add", "default", "via", gw])?;
         }
