@@ -259,8 +259,14 @@ fn monotonic_ns() -> u64 {
 
 /// Sends ChannelData with `payload` bytes (a CLOCK_MONOTONIC stamp first) round robin over
 /// `socks`, `batch` datagrams per `sendmmsg`, at `rate` datagrams/s (0: as fast as it can) for
-/// `dur`. Returns the datagrams the kernel took.
-fn generate<S: AsFd>(socks: &[S], payload: usize, rate: u64, batch: usize, dur: Duration) -> u64 {
+/// `dur`.
+fn generate<S: AsFd>(
+    socks: &[S],
+    payload: usize,
+    rate: u64,
+    batch: usize,
+    dur: Duration,
+) -> Generated {
     let batch = batch.clamp(1, 64);
     let payload = payload.max(8);
     let mut pkts: Vec<Vec<u8>> = (0..batch)
@@ -275,6 +281,8 @@ fn generate<S: AsFd>(socks: &[S], payload: usize, rate: u64, batch: usize, dur: 
     let mut sent = 0u64;
     let mut next = 0usize;
     let mut calls = 0u64;
+    let mut delayed = 0u64;
+    let mut max_delay_ns = 0u64;
     loop {
         let elapsed = start.elapsed();
         if elapsed >= dur || socks.is_empty() {
@@ -302,7 +310,16 @@ fn generate<S: AsFd>(socks: &[S], payload: usize, rate: u64, batch: usize, dur: 
             .collect();
         let sock = &socks[next % socks.len()];
         next = next.wrapping_add(1);
-        if let Ok(n) = sendmmsg(sock, &mut msgs, SendFlags::DONTWAIT) {
+        let result = sendmmsg(sock, &mut msgs, SendFlags::DONTWAIT);
+        // Time from the stamp to the end of the call: the generator's own share of the round
+        // trip (preemption of this thread included; the relay's softirq work for these datagrams
+        // may run inside the call too).
+        let took = monotonic_ns().saturating_sub(u64::from_le_bytes(stamp));
+        if took > 1_000_000 {
+            delayed += batch as u64;
+        }
+        max_delay_ns = max_delay_ns.max(took);
+        if let Ok(n) = result {
             sent += n as u64;
         } else if rate > 0 {
             // Counted as offered all the same: the pacing does not try to catch up.
@@ -313,7 +330,20 @@ fn generate<S: AsFd>(socks: &[S], payload: usize, rate: u64, batch: usize, dur: 
             break;
         }
     }
-    sent
+    Generated {
+        sent,
+        delayed,
+        max_delay_ns,
+    }
+}
+
+/// What [`generate`] did.
+struct Generated {
+    /// Datagrams the kernel took.
+    sent: u64,
+    /// Datagrams whose `sendmmsg` returned more than 1 ms after their stamp.
+    delayed: u64,
+    max_delay_ns: u64,
 }
 
 struct World {
@@ -420,6 +450,10 @@ fn start(w: &World, args: &Args, target: &str, dir: &std::path::Path) -> anyhow:
 struct Phase {
     secs: f64,
     sent: u64,
+    /// Datagrams more than 1 ms between stamp and the return of their `sendmmsg`, and the
+    /// longest such time.
+    gen_delayed: u64,
+    gen_max_delay_ms: f64,
     received: u64,
     /// Busy and softirq CPU seconds over all CPUs (/proc/stat; other work on the machine too).
     busy_s: f64,
@@ -451,6 +485,11 @@ impl Phase {
             }
         }
         f64::NAN
+    }
+
+    /// Round trips over 1 ms.
+    fn over_1ms(&self) -> u64 {
+        self.hist.iter().skip(ends::HIST_US).sum()
     }
 
     fn max(&self) -> f64 {
@@ -495,7 +534,7 @@ fn phase<S: AsFd>(
     let g0 = thread_cpu_ns();
     let s0 = server_ns();
     let t0 = Instant::now();
-    let sent = generate(
+    let g = generate(
         socks,
         args.payload,
         rate,
@@ -517,7 +556,9 @@ fn phase<S: AsFd>(
     let h1 = e.hist();
     Ok(Phase {
         secs,
-        sent,
+        sent: g.sent,
+        gen_delayed: g.delayed,
+        gen_max_delay_ms: g.max_delay_ns as f64 / 1e6,
         received: c1[ends::RECEIVED] - c0[ends::RECEIVED],
         busy_s: (m1.0 - m0.0) as f64 / USER_HZ,
         softirq_s: (m1.1 - m0.1) as f64 / USER_HZ,
@@ -629,12 +670,15 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
     Ok(Row {
         target: target.into(),
         note: format!(
-            "{relaying}/{n} relaying; fixed phase: {} sent, {} echoed, {:.1}% back, {} late stamps, {} GSO packets; CPU s: generator {:.2}, server {:.2}, ksoftirqd {:.2}; machine busy {:.0}% (softirq {:.1}%)",
+            "{relaying}/{n} relaying; fixed phase: {} sent, {} echoed, {:.1}% back, {} late stamps, {} GSO packets; {} RTTs > 1 ms, {} datagrams > 1 ms from stamp to send return (max {:.1} ms); CPU s: generator {:.2}, server {:.2}, ksoftirqd {:.2}; machine busy {:.0}% (softirq {:.1}%)",
             fixed.sent,
             fixed.reflected,
             100.0 * fixed.received as f64 / fixed.sent.max(1) as f64,
             fixed.late,
             fixed.gso,
+            fixed.over_1ms(),
+            fixed.gen_delayed,
+            fixed.gen_max_delay_ms,
             fixed.gen_s,
             fixed.server_s,
             fixed.ksoftirqd_s,
