@@ -357,7 +357,11 @@ fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
         t.expect("ChannelBind", |e| matches!(e, Event::ChannelBound { .. }))?;
     }
     // A forbidden peer is refused whatever the fast path.
-    t.c.channel_bind(Instant::now(), 0x4003, Family::addr(fam.forbidden, 9).parse()?);
+    t.c.channel_bind(
+        Instant::now(),
+        0x4003,
+        Family::addr(fam.forbidden, 9).parse()?,
+    );
     let ev = t.expect("forbidden ChannelBind", |e| {
         matches!(e, Event::Error { .. })
     })?;
@@ -514,9 +518,7 @@ fn on_and_off_relay_the_same_bytes(test: &str, fam: Family) {
     assert_eq!(on, off, "the fast path changes no byte");
     let kernel_to_peer = metric(&m_on, "kyuu_turn_fast_path_packets_total", "to_peer");
     let kernel_to_client = metric(&m_on, "kyuu_turn_fast_path_packets_total", "to_client");
-    println!(
-        "{test}: kernel relayed {kernel_to_peer} to peers, {kernel_to_client} to the client"
-    );
+    println!("{test}: kernel relayed {kernel_to_peer} to peers, {kernel_to_client} to the client");
     // The two channels' traffic (27 each way) went through the kernel; Send/Data did not. Of
     // the warm-up, the client's first packet on each channel taught the kernel its next hop, so
     // the peers' answers went through the kernel too.

@@ -229,7 +229,12 @@ fn ksoftirqd_ns() -> u64 {
         return 0;
     };
     dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter(|e| {
             std::fs::read_to_string(e.path().join("comm"))
                 .map(|c| c.starts_with("ksoftirqd/"))
@@ -280,7 +285,6 @@ fn generate<S: AsFd>(
     let start = Instant::now();
     let mut sent = 0u64;
     let mut next = 0usize;
-    let mut calls = 0u64;
     let mut delayed = 0u64;
     let mut max_delay_ns = 0u64;
     loop {
@@ -324,10 +328,6 @@ fn generate<S: AsFd>(
         } else if rate > 0 {
             // Counted as offered all the same: the pacing does not try to catch up.
             sent += batch as u64;
-        }
-        calls += 1;
-        if calls % 4096 == 0 && start.elapsed() >= dur {
-            break;
         }
     }
     Generated {
@@ -590,9 +590,9 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
     // The target: a relay process, or the mirror in its place.
     let (server, _mirror) = if target == "null" {
         let iface = w.server_if.clone();
-        let m = w.server.in_ns(move || {
-            ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0)
-        })??;
+        let m = w
+            .server
+            .in_ns(move || ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0))??;
         (None, Some(m))
     } else {
         (Some(start(w, args, target, &dir)?), None)
@@ -611,7 +611,8 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
             // The server may take a moment to listen: retry the setup a few times.
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
-                let mut fleet = Fleet::open_from(n, Via::Turn(server_addr), peer_addr, &creds, source)?;
+                let mut fleet =
+                    Fleet::open_from(n, Via::Turn(server_addr), peer_addr, &creds, source)?;
                 let rep = fleet.setup(
                     Plan {
                         permission: true,
