@@ -86,8 +86,9 @@ struct Args {
     #[arg(long, default_value = "info")]
     kyuu_log_level: String,
     /// kyuu's `turn.relay_steering`: one socket per relay thread for all relay ports
-    /// (sk_lookup; needs root), or one socket read per allocation ("off").
-    #[arg(long, default_value = "auto", value_parser = ["off", "auto", "required"])]
+    /// (sk_lookup; needs root), or one socket read per allocation ("off", the server's default,
+    /// so the figures are what a default install gets).
+    #[arg(long, default_value = "off", value_parser = ["off", "auto", "required"])]
     kyuu_relay_steering: String,
     /// Skip phases: any of memory, rate, throughput, latency.
     #[arg(long, value_delimiter = ',')]
