@@ -148,10 +148,12 @@ struct State {
 struct Answers {
     /// Set by [`listener_loop`] while it hands a batch to the core.
     active: bool,
-    sock: Option<Rc<UdpSocket>>,
+    sock: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
     buf: Vec<u8>,
-    /// Each answer's bytes in `buf` and its destination.
-    msgs: Vec<(std::ops::Range<usize>, SocketAddr)>,
+    /// Each message's bytes in `buf`, its destination and its datagram size: consecutive
+    /// answers of one size to one destination form one message that leaves with UDP GSO (one
+    /// `sendmsg` for the run, cheaper than a `sendmmsg` entry per datagram).
+    msgs: Vec<(std::ops::Range<usize>, SocketAddr, usize)>,
 }
 
 /// Answers per `sendmmsg`.
@@ -553,7 +555,7 @@ impl State {
                     && data.len() <= ANSWER_MAX
                     && to.is_ipv4() == family
                 {
-                    self.answer(&sock, to, data);
+                    self.answer(&sock, &state, to, data);
                 } else {
                     self.queue_udp(&sock, &state, to, src_ip, data);
                 }
@@ -787,18 +789,39 @@ impl State {
     }
 
     /// Adds an answer to the `sendmmsg` batch (see [`Answers`]).
-    fn answer(&mut self, sock: &Rc<UdpSocket>, to: SocketAddr, data: &[u8]) {
-        let a = &self.answers;
-        if a.msgs.len() >= ANSWERS_MAX || a.sock.as_ref().is_some_and(|s| !Rc::ptr_eq(s, sock)) {
+    fn answer(
+        &mut self,
+        sock: &Rc<UdpSocket>,
+        state: &Rc<UdpSocketState>,
+        to: SocketAddr,
+        data: &[u8],
+    ) {
+        let a = &mut self.answers;
+        let gso_max = state.max_gso_segments().min(64);
+        if let Some((range, dest, seg)) = a.msgs.last_mut() {
+            if *dest == to
+                && *seg == data.len()
+                && gso_max >= 2
+                && range.len() / (*seg).max(1) < gso_max
+                && a.sock.as_ref().is_some_and(|(s, _)| Rc::ptr_eq(s, sock))
+            {
+                a.buf.extend_from_slice(data);
+                range.end = a.buf.len();
+                return;
+            }
+        }
+        if a.msgs.len() >= ANSWERS_MAX
+            || a.sock.as_ref().is_some_and(|(s, _)| !Rc::ptr_eq(s, sock))
+        {
             self.flush_answers();
         }
         let a = &mut self.answers;
         if a.sock.is_none() {
-            a.sock = Some(sock.clone());
+            a.sock = Some((sock.clone(), state.clone()));
         }
         let start = a.buf.len();
         a.buf.extend_from_slice(data);
-        a.msgs.push((start..a.buf.len(), to));
+        a.msgs.push((start..a.buf.len(), to, data.len()));
     }
 
     /// Sends the batched answers with `sendmmsg` (a message the kernel refuses is counted as
@@ -808,7 +831,7 @@ impl State {
         use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
         let a = &mut self.answers;
         let n = a.msgs.len().min(ANSWERS_MAX);
-        let Some(sock) = a.sock.take() else {
+        let Some((sock, state)) = a.sock.take() else {
             a.msgs.clear();
             a.buf.clear();
             return;
@@ -817,6 +840,22 @@ impl State {
             a.buf.clear();
             return;
         }
+        let mut dropped = 0;
+        // Runs to one destination: one GSO send each; the single answers go in the sendmmsg.
+        for (range, to, seg) in a.msgs.iter().filter(|m| m.0.len() > m.2) {
+            let t = quinn_udp::Transmit {
+                destination: *to,
+                ecn: None,
+                contents: a.buf.get(range.clone()).unwrap_or(&[]),
+                segment_size: Some(*seg),
+                src_ip: None,
+            };
+            if send_udp(&state, sock.get_ref(), &t).is_err() {
+                dropped += range.len() / (*seg).max(1);
+            }
+        }
+        a.msgs.retain(|m| m.0.len() <= m.2);
+        let n = a.msgs.len().min(ANSWERS_MAX);
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         let addrs: [SocketAddrAny; ANSWERS_MAX] = std::array::from_fn(|i| {
             SocketAddrAny::from(a.msgs.get(i).map_or(unspecified, |m| m.1))
@@ -840,7 +879,6 @@ impl State {
             .map(|((addr, iov), ctl)| MMsgHdr::new_with_addr(addr, iov, ctl))
             .collect();
         let mut sent = 0;
-        let mut dropped = 0;
         // Each round sends at least one message or skips one, so n + 1 rounds are enough.
         for _ in 0..=n {
             let Some(rest) = hdrs.get_mut(sent..) else {
