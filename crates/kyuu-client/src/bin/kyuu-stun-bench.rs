@@ -644,6 +644,7 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted.get(idx).copied().unwrap_or(0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_phase(
     target: SocketAddr,
     threads: usize,
