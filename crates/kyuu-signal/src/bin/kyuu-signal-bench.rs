@@ -699,6 +699,13 @@ async fn compare(clients: usize, seconds: u64) -> anyhow::Result<()> {
                     p.server_us(),
                     if cpu >= 3.0 { "MET per CPU" } else { "NOT MET per CPU" },
                 );
+                if p.delivered < 1000 {
+                    println!(
+                        "note: {peer} relayed {} messages in the run: it collapsed under this \
+                         load, so the ratio above says little",
+                        p.delivered
+                    );
+                }
             }
         }
         if let Some((_, _, k)) = find(kyuu, 100) {
