@@ -373,7 +373,7 @@ fn write_config(ns: &Netns, secret: &str) -> PathBuf {
          credential_ttl_secs = {CREDENTIAL_TTL}\n\
          \n\
          [log]\n\
-         level = \"info,kyuu_signal=debug,kyuu::turn=debug\"\n\
+         level = \"info,kyuu_signal=debug,kyuu::turn=debug,kyuu::relay=debug\"\n\
          ansi = false\n"
     );
     let path = ns.dir.join("kyuu.toml");
@@ -514,7 +514,17 @@ fn run_clients(ns: &Netns, tag: &str, run: &Run) -> (Value, Value) {
                 "try {n}: libdatachannel's fingerprint race (DTLS finished before its remote \
                  description was stored; both descriptions arrived intact): trying again\n{e}"
             ),
-            Err((e, _)) => panic!("{e}"),
+            Err((e, _)) => {
+                // What kyuu saw of the session, for a failure that is not the race: requests
+                // by method and outcome, relayed bytes, refusals (flushed on the 1 s tick).
+                std::thread::sleep(Duration::from_millis(1_200));
+                let turn: Vec<String> = metrics(ns)
+                    .lines()
+                    .filter(|l| l.starts_with("kyuu_turn_"))
+                    .map(str::to_owned)
+                    .collect();
+                panic!("{e}\nkyuu /metrics (kyuu_turn_*):\n{}", turn.join("\n"))
+            }
         }
     }
     unreachable!()
