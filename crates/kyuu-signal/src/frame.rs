@@ -329,7 +329,10 @@ mod tests {
             panic!()
         };
         assert_eq!(r.to, "bb");
-        assert_eq!(r.rewrite("a\n"), r#"{ "x" : [1, 2], "id" : "a\n" , "y":{} }"#);
+        assert_eq!(
+            r.rewrite("a\n"),
+            r#"{ "x" : [1, 2], "id" : "a\n" , "y":{} }"#
+        );
         // The rewrite escapes exactly as serde_json does.
         for from in ["plain", "q\"uote", "back\\slash", "ctl\u{1}", "é/\u{7f}"] {
             let mut s = String::new();

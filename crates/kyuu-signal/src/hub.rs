@@ -795,7 +795,11 @@ impl Hub {
                 return;
             }
         }
-        let from = self.conns.get(&conn).map(|c| c.id.clone()).unwrap_or_default();
+        let from = self
+            .conns
+            .get(&conn)
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
         match parsed {
             Ok(Inbound::Relay(r)) => self.relay(now, conn, &from, &r),
             Ok(Inbound::Control(ctl)) => {
