@@ -361,6 +361,13 @@ impl Fleet {
         }
     }
 
+    /// The client sockets, connected to the server (or the echo peer), one per allocation (the
+    /// fast path benchmark sends its own load through them).
+    #[allow(dead_code)] // kyuu-fastpath-bench only
+    pub fn sockets(&self) -> &[UdpSocket] {
+        &self.socks
+    }
+
     /// A data packet of `payload` bytes (ChannelData through TURN, the same bytes direct).
     fn packet(&self, payload: usize) -> Vec<u8> {
         let mut p = vec![0u8; DATA_HEADER + payload];

@@ -10,17 +10,21 @@
 //! transmit checksum offload off (ethtool), so their datagrams carry full checksums, the XDP
 //! program updates them, and the receivers verify them in software.
 //!
+//! The same over IPv6 (benchmarking prefix 2001:2::/48, RFC 5180; the hosts are dual-stack, the
+//! TURN traffic is IPv6 only): server 2001:2::10, client 2001:2:0:1::10, peer 2001:2:0:2::10,
+//! an IPv6 allocation (REQUESTED-ADDRESS-FAMILY), the fast path relaying IPv6 both ways.
+//!
 //! Needs root, `ip`, `ethtool` and an eBPF-capable build (SKIP otherwise, failure with
 //! `KYUU_LAB_REQUIRED=1`).
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kyuu_client::turn::{Client, Event};
+use kyuu_client::turn::{AllocateOptions, Client, Event};
 use kyuu_lab::{lab_or_skip, Lab, LabChild, NatKind, Node};
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
@@ -29,23 +33,61 @@ const CLIENT: &str = "198.18.1.10";
 const PEER: &str = "198.18.2.10";
 const HTTP_PORT: u16 = 8080;
 
+/// The addresses the TURN session uses: IPv4, or IPv6 from the benchmarking prefix.
+#[derive(Debug, Clone, Copy)]
+struct Family {
+    v6: bool,
+    server: &'static str,
+    client: &'static str,
+    peer: &'static str,
+    /// Outside `allow_peers` (and in a range refused by default).
+    forbidden: &'static str,
+    allow: [&'static str; 2],
+}
+
+const V4: Family = Family {
+    v6: false,
+    server: SERVER,
+    client: CLIENT,
+    peer: PEER,
+    forbidden: "198.18.3.10",
+    allow: ["198.18.1.0/24", "198.18.2.0/24"],
+};
+
+const V6: Family = Family {
+    v6: true,
+    server: "2001:2::10",
+    client: "2001:2:0:1::10",
+    peer: "2001:2:0:2::10",
+    forbidden: "2001:2:0:3::10",
+    allow: ["2001:2:0:1::/64", "2001:2:0:2::/64"],
+};
+
+impl Family {
+    fn addr(ip: &str, port: u16) -> String {
+        let ip: IpAddr = ip.parse().unwrap();
+        SocketAddr::new(ip, port).to_string()
+    }
+}
+
 struct World {
     _lab: Lab,
     server: Node,
     client: Node,
     peer: Node,
+    fam: Family,
 }
 
-fn build(lab: Lab) -> Result<World> {
+fn build(lab: Lab, fam: Family) -> Result<World> {
     let wan = lab.switch("wan")?;
     let lan1 = lab.switch("lan1")?;
     let lan2 = lab.switch("lan2")?;
     let rt = lab.router("rt", NatKind::None)?;
-    rt.wan(&wan, "198.18.0.1/24")?;
-    rt.lan(&lan1, "198.18.1.1/24")?;
-    rt.lan(&lan2, "198.18.2.1/24")?;
+    let rw = rt.wan(&wan, "198.18.0.1/24")?;
+    let rl1 = rt.lan(&lan1, "198.18.1.1/24")?;
+    let rl2 = rt.lan(&lan2, "198.18.2.1/24")?;
     let server = lab.host("srv")?;
-    server.attach(&wan, &format!("{SERVER}/24"))?;
+    let si = server.attach(&wan, &format!("{SERVER}/24"))?;
     server.route_default("198.18.0.1")?;
     let client = lab.host("cli")?;
     let ci = client.attach(&lan1, &format!("{CLIENT}/24"))?;
@@ -53,6 +95,31 @@ fn build(lab: Lab) -> Result<World> {
     let peer = lab.host("peer")?;
     let pi = peer.attach(&lan2, &format!("{PEER}/24"))?;
     peer.route_default("198.18.2.1")?;
+    if fam.v6 {
+        // Dual-stack: IPv6 on the same links (no duplicate address detection wait), the router
+        // forwarding IPv6 too.
+        rt.node().sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for (iface, cidr) in [
+            (&rw, "2001:2::1/64"),
+            (&rl1, "2001:2:0:1::1/64"),
+            (&rl2, "2001:2:0:2::1/64"),
+        ] {
+            // The lab turns IPv6 off in every namespace; on for these links only.
+            rt.node()
+                .sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", iface.name), "0")?;
+            rt.node()
+                .ip(&["-6", "addr", "add", cidr, "dev", &iface.name, "nodad"])?;
+        }
+        for (node, iface, cidr, gw) in [
+            (&server, &si, "2001:2::10/64", "2001:2::1"),
+            (&client, &ci, "2001:2:0:1::10/64", "2001:2:0:1::1"),
+            (&peer, &pi, "2001:2:0:2::10/64", "2001:2:0:2::1"),
+        ] {
+            node.sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", iface.name), "0")?;
+            node.ip(&["-6", "addr", "add", cidr, "dev", &iface.name, "nodad"])?;
+            node.ip(&["-6", "route", "add", "default", "via", gw])?;
+        }
+    }
     for (node, iface) in [(&client, &ci), (&peer, &pi)] {
         let mut cmd = node.command("ethtool");
         cmd.args(["-K", &iface.name, "tx", "off"]);
@@ -68,6 +135,7 @@ fn build(lab: Lab) -> Result<World> {
         server,
         client,
         peer,
+        fam,
     })
 }
 
@@ -76,12 +144,15 @@ fn start_kyuu(w: &World, fast_path: &str) -> Result<LabChild> {
         std::env::temp_dir().join(format!("kyuu-fastpath-{}-{fast_path}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("kyuu.toml");
+    let fam = w.fam;
+    let udp = Family::addr(fam.server, 3478);
+    let [allow1, allow2] = fam.allow;
     std::fs::write(
         &conf,
         format!(
             r#"
 [listen]
-udp = ["{SERVER}:3478"]
+udp = ["{udp}"]
 tcp = []
 tls = []
 threads = 1
@@ -91,7 +162,7 @@ listen = "{SERVER}:{HTTP_PORT}"
 
 [turn]
 users = [{{ name = "alice", password = "secret" }}]
-allow_peers = ["198.18.1.0/24", "198.18.2.0/24"]
+allow_peers = ["{allow1}", "{allow2}"]
 max_bps = 0
 fast_path = "{fast_path}"
 "#
@@ -147,6 +218,14 @@ fn udp_csum_errors(node: &Node) -> Result<u64> {
     cmd.arg("/proc/net/snmp");
     let out = node.run(cmd, Duration::from_secs(5))?;
     let text = String::from_utf8_lossy(&out.stdout);
+    let mut cmd = node.command("cat");
+    cmd.arg("/proc/net/snmp6");
+    let out6 = node.run(cmd, Duration::from_secs(5))?;
+    let v6: u64 = String::from_utf8_lossy(&out6.stdout)
+        .lines()
+        .filter(|l| l.starts_with("Udp6InCsumErrors"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
     let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
     let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
         bail!("no Udp line in /proc/net/snmp");
@@ -155,7 +234,8 @@ fn udp_csum_errors(node: &Node) -> Result<u64> {
         .split_whitespace()
         .position(|h| h == "InCsumErrors")
         .context("InCsumErrors")?;
-    Ok(vals.split_whitespace().nth(i).context("value")?.parse()?)
+    let v4: u64 = vals.split_whitespace().nth(i).context("value")?.parse()?;
+    Ok(v4 + v6)
 }
 
 /// A blocking driver for the sans-IO TURN client.
@@ -236,17 +316,25 @@ fn recv_all(sock: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
 }
 
 fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
+    let fam = w.fam;
     let server = start_kyuu(w, fast_path)?;
-    let server_addr: SocketAddr = format!("{SERVER}:3478").parse()?;
-    let peer_a = w.peer.udp_bind(&format!("{PEER}:7000"))?;
-    let peer_b = w.peer.udp_bind(&format!("{PEER}:7001"))?;
-    let peer_c = w.peer.udp_bind(&format!("{PEER}:7002"))?;
+    let server_addr: SocketAddr = Family::addr(fam.server, 3478).parse()?;
+    let peer_a = w.peer.udp_bind(&Family::addr(fam.peer, 7000))?;
+    let peer_b = w.peer.udp_bind(&Family::addr(fam.peer, 7001))?;
+    let peer_c = w.peer.udp_bind(&Family::addr(fam.peer, 7002))?;
     let mut t = Turn {
         c: Client::new("alice", "secret", false),
-        sock: w.client.udp_bind(&format!("{CLIENT}:0"))?,
+        sock: w.client.udp_bind(&Family::addr(fam.client, 0))?,
         server: server_addr,
     };
-    t.c.allocate(Instant::now());
+    t.c.allocate_with(
+        Instant::now(),
+        &AllocateOptions {
+            // IPv4 is the default family (RFC 8656 §7.1).
+            family: fam.v6.then_some(kyuu_stun::attr::FAMILY_IPV6),
+            ..AllocateOptions::default()
+        },
+    );
     let ev = t.expect("Allocate", |e| matches!(e, Event::Allocated { .. }))?;
     let relayed = ev
         .iter()
@@ -255,6 +343,10 @@ fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
             _ => None,
         })
         .context(format!("not allocated: {ev:?}"))?;
+    ensure!(
+        relayed.is_ipv6() == fam.v6,
+        "relayed address {relayed} is not of the session's family"
+    );
     let (a, b, c) = (
         peer_a.local_addr()?,
         peer_b.local_addr()?,
@@ -265,7 +357,11 @@ fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
         t.expect("ChannelBind", |e| matches!(e, Event::ChannelBound { .. }))?;
     }
     // A forbidden peer is refused whatever the fast path.
-    t.c.channel_bind(Instant::now(), 0x4003, "198.18.3.10:9".parse()?);
+    t.c.channel_bind(
+        Instant::now(),
+        0x4003,
+        Family::addr(fam.forbidden, 9).parse()?,
+    );
     let ev = t.expect("forbidden ChannelBind", |e| {
         matches!(e, Event::Error { .. })
     })?;
@@ -379,8 +475,7 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[test]
-fn fast_path_on_and_off_relay_the_same_bytes() {
+fn on_and_off_relay_the_same_bytes(test: &str, fam: Family) {
     if let Some(why) = kyuu_server_fast_path_unavailable() {
         if kyuu_lab::lab_required() {
             panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
@@ -399,10 +494,10 @@ fn fast_path_on_and_off_relay_the_same_bytes() {
         eprintln!("SKIP: ethtool missing");
         return;
     }
-    let Some(lab) = lab_or_skip("fast_path_on_and_off_relay_the_same_bytes") else {
+    let Some(lab) = lab_or_skip(test) else {
         return;
     };
-    let w = build(lab).unwrap();
+    let w = build(lab, fam).unwrap();
     let csum_before = (
         udp_csum_errors(&w.client).unwrap(),
         udp_csum_errors(&w.peer).unwrap(),
@@ -423,7 +518,7 @@ fn fast_path_on_and_off_relay_the_same_bytes() {
     assert_eq!(on, off, "the fast path changes no byte");
     let kernel_to_peer = metric(&m_on, "kyuu_turn_fast_path_packets_total", "to_peer");
     let kernel_to_client = metric(&m_on, "kyuu_turn_fast_path_packets_total", "to_client");
-    println!("kernel relayed {kernel_to_peer} to peers, {kernel_to_client} to the client");
+    println!("{test}: kernel relayed {kernel_to_peer} to peers, {kernel_to_client} to the client");
     // The two channels' traffic (27 each way) went through the kernel; Send/Data did not. Of
     // the warm-up, the client's first packet on each channel taught the kernel its next hop, so
     // the peers' answers went through the kernel too.
@@ -440,6 +535,16 @@ fn fast_path_on_and_off_relay_the_same_bytes() {
         udp_csum_errors(&w.peer).unwrap(),
     );
     assert_eq!(csum_after, csum_before, "receivers found bad UDP checksums");
+}
+
+#[test]
+fn fast_path_on_and_off_relay_the_same_bytes() {
+    on_and_off_relay_the_same_bytes("fast_path_on_and_off_relay_the_same_bytes", V4);
+}
+
+#[test]
+fn fast_path_ipv6_on_and_off_relay_the_same_bytes() {
+    on_and_off_relay_the_same_bytes("fast_path_ipv6_on_and_off_relay_the_same_bytes", V6);
 }
 
 /// `kyuu serve` links kyuu-ebpf through kyuu-server: this build's answer is the binary's.

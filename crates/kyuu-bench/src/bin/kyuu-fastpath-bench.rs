@@ -1,19 +1,34 @@
 //! `kyuu-fastpath-bench`: the kernel fast path (XDP) against userspace relaying and coturn, with
-//! traffic crossing veth links in the network lab (so the XDP program sees it; loopback would
-//! not be the real path).
+//! traffic crossing a veth link in the network lab (so the XDP program sees it; loopback would
+//! not be the real path), and with load-generator ends cheap enough that the figures are the
+//! relay's.
 //!
-//! Topology (kyuu-lab, 198.18.0.0/15): client host 198.18.1.10 and echo peer 198.18.2.10 behind
-//! a plain router, server 198.18.0.10 on the router's WAN switch. For each target (kyuu with
-//! `turn.fast_path = "off"`, kyuu with `"required"`, coturn) a fresh server is started in the
-//! server namespace; `--allocations` allocations (each with a permission and a channel to the
-//! echo peer) are opened from the client namespace; one packet goes through every allocation
-//! (the fast path learns next hops from it); then the closed-loop throughput of kyuu-turn-bench
-//! (`--window` packets in flight, 100-byte payloads) and an open-loop latency run.
+//! Topology (kyuu-lab, 198.18.0.0/15): one veth pair, no bridge, no router. The server namespace
+//! holds 198.18.0.10/16; the "world" namespace holds both the client 198.18.1.10/16 and the echo
+//! peer 198.18.2.10/16 on its end. On the world end an XDP program (`src/bpf/bench_peer.bpf.c`,
+//! `bench_world`) reflects every datagram sent to the peer (the echo costs one XDP run: no socket,
+//! no thread) and counts and drops every ChannelData sent to the client, taking the round trip
+//! time from a CLOCK_MONOTONIC stamp in the payload into a histogram (so receiving costs one XDP
+//! run too). The generator sends from the allocations' own connected client sockets, `sendmmsg`
+//! batches, open loop.
 //!
-//! Figures: relayed round trips per second; server process CPU per round trip (schedstat of the
-//! server's threads — kernel work done in softirq on behalf of the fast path is *not* in it);
-//! whole-machine CPU per round trip (/proc/stat busy time over all CPUs, generator, echo and
-//! router included) which is the fair figure for the fast path; RTT p50/p99.
+//! Targets: `null` (no relay: `bench_mirror` on the server's veth reflects each datagram at once;
+//! this is the harness cost: generator, veth crossings, the XDP ends), kyuu with
+//! `turn.fast_path = "required"`, kyuu with `"off"`, coturn. Per target: `--allocations`
+//! allocations with a permission and a channel to the peer, one packet through each (the fast
+//! path learns next-hop MACs from it), then two phases:
+//! 1. fixed offered rate (`--rate` round trips/s, `--duration` s): CPU per round trip and RTT;
+//! 2. unpaced (the generator sends as fast as it can for `--duration` s): delivered round trips/s.
+//!
+//! CPU accounting: the fast path runs in softirq, outside any process. This kernel has no IRQ
+//! time accounting, so softirq work is charged to the task in whose context it runs: veth
+//! delivery (and with it the XDP programs and the receiving stack) runs at the end of the
+//! sender's `sendmmsg`/`sendmsg`, in the generator thread or the server's threads. The CPU of a
+//! round trip is therefore the schedstat time of the generator thread + the server process + the
+//! ksoftirqd threads (softirq work the kernel deferred), per delivered round trip; the relay's is
+//! that minus the `null` run's at the same offered rate (which takes out the generator, the
+//! harness's veth crossings and the XDP ends). Other work on the shared machine is not in it;
+//! /proc/stat machine busy time is printed alongside for that.
 //!
 //! Needs root. A benchmark, not a test: it asserts nothing about time.
 //! `cargo build --release -p kyuu -p kyuu-bench && target/release/kyuu-fastpath-bench`
@@ -34,20 +49,24 @@ mod proto;
 #[path = "../servers.rs"]
 mod servers;
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::IoSlice;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use kyuu_lab::{Lab, LabChild, NatKind, Node};
-use load::{Fleet, LatencyReport, Via};
+use kyuu_lab::{Lab, LabChild, Node};
+use load::{Fleet, Via};
 use proto::{Credentials, Plan};
+use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
 
-const SERVER: &str = "198.18.0.10";
-const CLIENT: &str = "198.18.1.10";
-const PEER: &str = "198.18.2.10";
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 10);
+const PEER_PORT: u16 = 7000;
 const PORT: u16 = 3478;
 
 #[derive(Parser, Debug)]
@@ -61,52 +80,308 @@ struct Args {
     allocations: usize,
     #[arg(long, default_value_t = 100)]
     payload: usize,
-    /// Packets in flight over all allocations.
-    #[arg(long, default_value_t = 2000)]
-    window: usize,
-    /// Seconds of throughput measurement per target.
+    /// Offered round trips/s of the fixed-rate phase (CPU per round trip, RTT).
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Seconds of each phase.
     #[arg(long, default_value_t = 5)]
     duration: u64,
-    /// Open-loop packets/s for the latency run.
-    #[arg(long, default_value_t = 5000)]
-    latency_rate: u64,
+    /// Datagrams per `sendmmsg` (all on one allocation's socket).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Server worker threads (kyuu `listen.threads`, coturn `--relay-threads`).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    #[arg(long, default_value = "kyuu-off,kyuu-fastpath,coturn")]
+    /// Busy-looping threads (nice 0) started during the fixed-rate phase, to load the machine as
+    /// other work would (the loaded-machine p99 question); 0: none.
+    #[arg(long, default_value_t = 0)]
+    hog: usize,
+    #[arg(long, default_value = "null,kyuu-fastpath,kyuu-off,coturn")]
     targets: String,
+}
+
+/// The XDP ends of the benchmark, loaded from the object `build.rs` compiled.
+mod ends {
+    use aya::maps::{MapData, PerCpuArray};
+    use aya::programs::{Xdp, XdpFlags};
+    use std::net::Ipv4Addr;
+
+    pub const REFLECTED: usize = 0;
+    pub const RECEIVED: usize = 1;
+    pub const LATE: usize = 3;
+    pub const GSO: usize = 4;
+    pub const HIST_US: usize = 1024;
+    pub const HIST: usize = 1024 + 2048;
+
+    pub struct Ends {
+        _ebpf: aya::Ebpf,
+        counters: PerCpuArray<MapData, u64>,
+        hist: PerCpuArray<MapData, u64>,
+    }
+
+    #[cfg(kyuu_bench_bpf)]
+    fn object() -> anyhow::Result<&'static [u8]> {
+        Ok(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/bench_peer.o"
+        )))
+    }
+
+    #[cfg(not(kyuu_bench_bpf))]
+    fn object() -> anyhow::Result<&'static [u8]> {
+        anyhow::bail!(
+            "built without the XDP bench ends: {}",
+            option_env!("KYUU_BENCH_BPF_UNAVAILABLE").unwrap_or("no clang")
+        )
+    }
+
+    fn be(ip: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(ip.octets())
+    }
+
+    impl Ends {
+        /// Loads `program` (`bench_world` or `bench_mirror`) and attaches it in generic mode to
+        /// `interface` of the calling thread's namespace; dropping detaches it.
+        pub fn attach(
+            program: &str,
+            interface: &str,
+            client: Ipv4Addr,
+            peer: Ipv4Addr,
+            server: Ipv4Addr,
+            peer_seg: u32,
+        ) -> anyhow::Result<Ends> {
+            let (c, p, s) = (be(client), be(peer), be(server));
+            let mut ebpf = aya::EbpfLoader::new()
+                .set_global("CLIENT_IP", &c, true)
+                .set_global("PEER_IP", &p, true)
+                .set_global("SERVER_IP", &s, true)
+                .set_global("PEER_SEG", &peer_seg, true)
+                .load(object()?)?;
+            let prog: &mut Xdp = ebpf
+                .program_mut(program)
+                .ok_or_else(|| anyhow::anyhow!("no program {program}"))?
+                .try_into()?;
+            prog.load()?;
+            prog.attach(interface, XdpFlags::SKB_MODE)?;
+            let take = |ebpf: &mut aya::Ebpf, name: &str| {
+                ebpf.take_map(name)
+                    .ok_or_else(|| anyhow::anyhow!("no map {name}"))
+            };
+            let counters = PerCpuArray::try_from(take(&mut ebpf, "BENCH_COUNTERS")?)?;
+            let hist = PerCpuArray::try_from(take(&mut ebpf, "BENCH_HIST")?)?;
+            Ok(Ends {
+                _ebpf: ebpf,
+                counters,
+                hist,
+            })
+        }
+
+        fn sum(map: &PerCpuArray<MapData, u64>, i: u32) -> u64 {
+            map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        }
+
+        pub fn counters(&self) -> [u64; 5] {
+            let mut out = [0; 5];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = Self::sum(&self.counters, i as u32);
+            }
+            out
+        }
+
+        pub fn hist(&self) -> Vec<u64> {
+            (0..HIST as u32).map(|i| Self::sum(&self.hist, i)).collect()
+        }
+    }
+
+    /// The round trip time (µs) a histogram bucket stands for (its middle).
+    pub fn bucket_us(i: usize) -> f64 {
+        if i < HIST_US {
+            i as f64 + 0.5
+        } else {
+            ((i - HIST_US) as f64 + 0.5) * 1000.0
+        }
+    }
+}
+
+/// CPU jiffies over all CPUs from /proc/stat: (busy, softirq, total).
+fn machine_cpu() -> (u64, u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().next() else {
+        return (0, 0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, v.get(6).copied().unwrap_or(0), total)
+}
+
+/// Jiffies per second in /proc/stat (USER_HZ).
+const USER_HZ: f64 = 100.0;
+
+/// CPU nanoseconds the `ksoftirqd` threads ran (softirq work the kernel deferred to a thread,
+/// which waits for the scheduler like any other).
+fn ksoftirqd_ns() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .map(|c| c.starts_with("ksoftirqd/"))
+                .unwrap_or(false)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// CPU nanoseconds the calling thread ran, softirq work done in its context included (this
+/// kernel has no IRQ time accounting, so softirq processing that runs at the end of the thread's
+/// `sendmmsg` is charged to the thread).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+/// Sends ChannelData with `payload` bytes (a CLOCK_MONOTONIC stamp first) round robin over
+/// `socks`, `batch` datagrams per `sendmmsg`, at `rate` datagrams/s (0: as fast as it can) for
+/// `dur`.
+fn generate<S: AsFd>(
+    socks: &[S],
+    payload: usize,
+    rate: u64,
+    batch: usize,
+    dur: Duration,
+) -> Generated {
+    let batch = batch.clamp(1, 64);
+    let payload = payload.max(8);
+    let mut pkts: Vec<Vec<u8>> = (0..batch)
+        .map(|_| {
+            let mut p = vec![0u8; 4 + payload];
+            p[..2].copy_from_slice(&proto::CHANNEL.to_be_bytes());
+            p[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+            p
+        })
+        .collect();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut next = 0usize;
+    let mut delayed = 0u64;
+    let mut max_delay_ns = 0u64;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= dur || socks.is_empty() {
+            break;
+        }
+        if rate > 0 {
+            let due = (rate as f64 * elapsed.as_secs_f64()) as u64;
+            if due < sent + batch as u64 {
+                let wait = (sent + batch as u64) as f64 / rate as f64 - elapsed.as_secs_f64();
+                std::thread::sleep(Duration::from_secs_f64(wait.clamp(0.0, 0.002)));
+                continue;
+            }
+        }
+        let stamp = monotonic_ns().to_le_bytes();
+        for p in pkts.iter_mut() {
+            p[4..12].copy_from_slice(&stamp);
+        }
+        let iovs: Vec<[IoSlice<'_>; 1]> = pkts.iter().map(|p| [IoSlice::new(p)]).collect();
+        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+            (0..batch).map(|_| SendAncillaryBuffer::default()).collect();
+        let mut msgs: Vec<MMsgHdr<'_>> = iovs
+            .iter()
+            .zip(controls.iter_mut())
+            .map(|(iov, c)| MMsgHdr::new(iov, c))
+            .collect();
+        let sock = &socks[next % socks.len()];
+        next = next.wrapping_add(1);
+        let result = sendmmsg(sock, &mut msgs, SendFlags::DONTWAIT);
+        // Time from the stamp to the end of the call: the generator's own share of the round
+        // trip (preemption of this thread included; the relay's softirq work for these datagrams
+        // may run inside the call too).
+        let took = monotonic_ns().saturating_sub(u64::from_le_bytes(stamp));
+        if took > 1_000_000 {
+            delayed += batch as u64;
+        }
+        max_delay_ns = max_delay_ns.max(took);
+        if let Ok(n) = result {
+            sent += n as u64;
+        } else if rate > 0 {
+            // Counted as offered all the same: the pacing does not try to catch up.
+            sent += batch as u64;
+        }
+    }
+    Generated {
+        sent,
+        delayed,
+        max_delay_ns,
+    }
+}
+
+/// What [`generate`] did.
+struct Generated {
+    /// Datagrams the kernel took.
+    sent: u64,
+    /// Datagrams whose `sendmmsg` returned more than 1 ms after their stamp.
+    delayed: u64,
+    max_delay_ns: u64,
 }
 
 struct World {
     _lab: Lab,
     server: Node,
-    client: Node,
-    peer: Node,
+    world: Node,
+    server_if: String,
+    world_if: String,
 }
 
 fn build() -> anyhow::Result<World> {
     let lab = Lab::new()?;
-    let wan = lab.switch("wan")?;
-    let lan1 = lab.switch("lan1")?;
-    let lan2 = lab.switch("lan2")?;
-    let rt = lab.router("rt", NatKind::None)?;
-    rt.wan(&wan, "198.18.0.1/24")?;
-    rt.lan(&lan1, "198.18.1.1/24")?;
-    rt.lan(&lan2, "198.18.2.1/24")?;
     let server = lab.host("srv")?;
-    server.attach(&wan, &format!("{SERVER}/24"))?;
-    server.route_default("198.18.0.1")?;
-    let client = lab.host("cli")?;
-    client.attach(&lan1, &format!("{CLIENT}/24"))?;
-    client.route_default("198.18.1.1")?;
-    let peer = lab.host("peer")?;
-    peer.attach(&lan2, &format!("{PEER}/24"))?;
-    peer.route_default("198.18.2.1")?;
+    let world = lab.host("world")?;
+    let (si, wi) = lab.connect(
+        &server,
+        &format!("{SERVER}/16"),
+        &world,
+        &format!("{CLIENT}/16"),
+        None,
+    )?;
+    world.add_addr(&wi, &format!("{PEER}/16"))?;
+    // veth would carry a UDP GSO packet (kyuu's userspace path sends with UDP_SEGMENT) whole to
+    // the other namespace; a NIC puts separate datagrams on the wire. Without the feature on the
+    // server's end the stack segments such packets before the veth, as for a NIC without UDP
+    // segmentation offload, so every relay puts the same packets on the link.
+    let mut cmd = server.command("ethtool");
+    cmd.args(["-K", &si.name, "tx-udp-segmentation", "off"]);
+    let out = server.run(cmd, Duration::from_secs(10))?;
+    if !out.status.success() {
+        bail!("ethtool: {}", String::from_utf8_lossy(&out.stderr));
+    }
     Ok(World {
         _lab: lab,
         server,
-        client,
-        peer,
+        world,
+        server_if: si.name,
+        world_if: wi.name,
     })
 }
 
@@ -165,63 +440,179 @@ fn start(w: &World, args: &Args, target: &str, dir: &std::path::Path) -> anyhow:
             c
         }
     };
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let log = std::fs::File::create(dir.join("stderr.log"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     Ok(w.server.spawn(cmd)?)
 }
 
-/// Busy and total jiffies over all CPUs.
-fn machine_cpu() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
+/// One measured phase.
+#[derive(Debug, Default, Clone)]
+struct Phase {
+    secs: f64,
+    sent: u64,
+    /// Datagrams more than 1 ms between stamp and the return of their `sendmmsg`, and the
+    /// longest such time.
+    gen_delayed: u64,
+    gen_max_delay_ms: f64,
+    received: u64,
+    /// Busy and softirq CPU seconds over all CPUs (/proc/stat; other work on the machine too).
+    busy_s: f64,
+    softirq_s: f64,
+    /// CPU seconds of the generator thread, the server process and the ksoftirqd threads.
+    gen_s: f64,
+    server_s: f64,
+    ksoftirqd_s: f64,
+    late: u64,
+    /// Packets that carried more than one datagram (UDP GSO).
+    gso: u64,
+    /// Datagrams the XDP echo peer reflected.
+    reflected: u64,
+    hist: Vec<u64>,
+}
+
+impl Phase {
+    fn pct(&self, q: f64) -> f64 {
+        let total: u64 = self.hist.iter().sum();
+        if total == 0 {
+            return f64::NAN;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut acc = 0;
+        for (i, c) in self.hist.iter().enumerate() {
+            acc += c;
+            if acc >= want {
+                return ends::bucket_us(i);
+            }
+        }
+        f64::NAN
+    }
+
+    /// Round trips over 1 ms.
+    fn over_1ms(&self) -> u64 {
+        self.hist.iter().skip(ends::HIST_US).sum()
+    }
+
+    fn max(&self) -> f64 {
+        self.hist
+            .iter()
+            .rposition(|c| *c > 0)
+            .map_or(f64::NAN, ends::bucket_us)
+    }
+
+    /// CPU µs per delivered round trip of the tasks that move the packets: the generator thread
+    /// (with the softirq work run in its context), the server process (likewise) and ksoftirqd.
+    fn cpu_us_per_rt(&self) -> f64 {
+        (self.gen_s + self.server_s + self.ksoftirqd_s) * 1e6 / (self.received.max(1) as f64)
+    }
+}
+
+fn phase<S: AsFd>(
+    e: &ends::Ends,
+    socks: &[S],
+    args: &Args,
+    rate: u64,
+    hog: usize,
+    server: Option<u32>,
+) -> anyhow::Result<Phase> {
+    let server_ns = || server.map_or(0, servers::cpu_ns);
+    let c0 = e.counters();
+    let h0 = e.hist();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..hog)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+        })
         .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    let m0 = machine_cpu();
+    let k0 = ksoftirqd_ns();
+    let g0 = thread_cpu_ns();
+    let s0 = server_ns();
+    let t0 = Instant::now();
+    let g = generate(
+        socks,
+        args.payload,
+        rate,
+        args.batch,
+        Duration::from_secs(args.duration),
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    let m1 = machine_cpu();
+    let k1 = ksoftirqd_ns();
+    let g1 = thread_cpu_ns();
+    let s1 = server_ns();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        let _ = h.join();
+    }
+    // Let the round trips in flight come back.
+    std::thread::sleep(Duration::from_millis(500));
+    let c1 = e.counters();
+    let h1 = e.hist();
+    Ok(Phase {
+        secs,
+        sent: g.sent,
+        gen_delayed: g.delayed,
+        gen_max_delay_ms: g.max_delay_ns as f64 / 1e6,
+        received: c1[ends::RECEIVED] - c0[ends::RECEIVED],
+        busy_s: (m1.0 - m0.0) as f64 / USER_HZ,
+        softirq_s: (m1.1 - m0.1) as f64 / USER_HZ,
+        ksoftirqd_s: (k1 - k0) as f64 / 1e9,
+        gen_s: (g1 - g0) as f64 / 1e9,
+        server_s: (s1 - s0) as f64 / 1e9,
+        late: c1[ends::LATE] - c0[ends::LATE],
+        gso: c1[ends::GSO] - c0[ends::GSO],
+        reflected: c1[ends::REFLECTED] - c0[ends::REFLECTED],
+        hist: h1.iter().zip(h0.iter()).map(|(a, b)| a - b).collect(),
+    })
 }
 
 struct Row {
     target: String,
-    pps: f64,
-    server_us: f64,
-    machine_us: f64,
-    p50: f64,
-    p99: f64,
+    fixed: Phase,
+    max: Phase,
     note: String,
 }
 
-fn run_target(w: &World, args: &Args, target: &str, echo: SocketAddr) -> anyhow::Result<Row> {
+fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::Result<Row> {
     let dir = std::env::temp_dir().join(format!(
         "kyuu-fastpath-bench-{}-{target}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir)?;
-    let server = start(w, args, target, &dir)?;
-    let pid = server.pid();
+    let server_addr = SocketAddr::from((SERVER, PORT));
+    let peer_addr = SocketAddr::from((PEER, PEER_PORT));
+    // The target: a relay process, or the mirror in its place.
+    let (server, _mirror) = if target == "null" {
+        let iface = w.server_if.clone();
+        let m = w
+            .server
+            .in_ns(move || ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0))??;
+        (None, Some(m))
+    } else {
+        (Some(start(w, args, target, &dir)?), None)
+    };
+    let pid = server.as_ref().map(|s| s.pid());
     let creds = Credentials {
         username: "bench".into(),
         password: "bench-pass".into(),
     };
-    let server_addr = SocketAddr::from(([198, 18, 0, 10], PORT));
     let n = args.allocations;
-    let payload = args.payload;
-    let window = args.window;
-    let duration = Duration::from_secs(args.duration);
-    let rate = args.latency_rate;
-    let out = w.client.in_ns(
-        move || -> anyhow::Result<(load::ThroughputReport, LatencyReport, f64, usize)> {
-            let source: IpAddr = CLIENT.parse()?;
+    let out = w.world.in_ns(|| -> anyhow::Result<(Phase, Phase, u64)> {
+        let source = IpAddr::V4(CLIENT);
+        let mut fleet = if target == "null" {
+            Fleet::open_from(n, Via::Direct, server_addr, &creds, source)?
+        } else {
             // The server may take a moment to listen: retry the setup a few times.
             let deadline = Instant::now() + Duration::from_secs(20);
-            let mut fleet = loop {
-                let mut fleet = Fleet::open_from(n, Via::Turn(server_addr), echo, &creds, source)?;
+            loop {
+                let mut fleet =
+                    Fleet::open_from(n, Via::Turn(server_addr), peer_addr, &creds, source)?;
                 let rep = fleet.setup(
                     Plan {
                         permission: true,
@@ -234,78 +625,177 @@ fn run_target(w: &World, args: &Args, target: &str, echo: SocketAddr) -> anyhow:
                     break fleet;
                 }
                 if Instant::now() > deadline {
-                    bail!("only {} of {n} allocations: {:?}", rep.ok, rep.first_error);
+                    let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                    let tail: String = log.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+                    bail!(
+                        "only {} of {n} allocations: {:?}; server stderr: {tail}",
+                        rep.ok,
+                        rep.first_error
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(500));
-            };
-            // One packet through every allocation: both sides have sent once (next hops learned).
-            let relaying = fleet.probe_all(3)?;
-            let m0 = machine_cpu();
-            let probe = move || (0u64, servers::cpu_ns(pid));
-            let tr = fleet.throughput(payload, window, Duration::from_secs(1), duration, &probe)?;
-            let m1 = machine_cpu();
-            let lat = fleet.latency(
-                payload,
-                rate,
-                Duration::from_millis(300),
-                Duration::from_secs(3),
-            )?;
-            let lat = LatencyReport::from_run(n, rate, lat);
+            }
+        };
+        // One datagram per allocation, twice: the fast path learns the next hops from the first
+        // (userspace relays it), the second shows whether every allocation relays.
+        let socks = fleet.sockets();
+        let warm = || -> u64 {
+            let c0 = e.counters()[ends::RECEIVED];
+            let payload = args.payload.max(8);
+            let mut pkt = vec![0u8; 4 + payload];
+            pkt[..2].copy_from_slice(&proto::CHANNEL.to_be_bytes());
+            pkt[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+            for (i, s) in socks.iter().enumerate() {
+                pkt[4..12].copy_from_slice(&monotonic_ns().to_le_bytes());
+                let _ = rustix::net::send(s, &pkt, SendFlags::DONTWAIT);
+                // Pace so no queue overflows on the way.
+                if i % 128 == 127 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(600));
+            e.counters()[ends::RECEIVED] - c0
+        };
+        let _ = warm();
+        let relaying = warm();
+        let fixed = phase(e, socks, args, args.rate, args.hog, pid)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let max = phase(e, socks, args, 0, 0, pid)?;
+        if target != "null" {
             let _ = fleet.deallocate(64, Duration::from_secs(30));
-            // Jiffies (USER_HZ 100) of busy time over the measured window (+ warm-up share).
-            let busy_s = (m1.0 - m0.0) as f64 / 100.0;
-            let trips = tr.delivered_pps * (duration.as_secs_f64() + 1.0);
-            let machine_us = busy_s * 1e6 / trips.max(1.0);
-            Ok((tr, lat, machine_us, relaying))
-        },
-    )??;
+        }
+        Ok((fixed, max, relaying))
+    })??;
     drop(server);
-    let (tr, lat, machine_us, relaying) = out;
+    let (fixed, max, relaying) = out;
     Ok(Row {
         target: target.into(),
-        pps: tr.delivered_pps,
-        server_us: tr.server_cpu_us_per_pkt,
-        machine_us,
-        p50: lat.p50_us,
-        p99: lat.p99_us,
-        note: format!("{relaying}/{n} relaying, lost {}", tr.lost),
+        note: format!(
+            "{relaying}/{n} relaying; fixed phase: {} sent, {} echoed, {:.1}% back, {} late stamps, {} GSO packets; {} RTTs > 1 ms, {} datagrams > 1 ms from stamp to send return (max {:.1} ms); CPU s: generator {:.2}, server {:.2}, ksoftirqd {:.2}; machine busy {:.0}% (softirq {:.1}%)",
+            fixed.sent,
+            fixed.reflected,
+            100.0 * fixed.received as f64 / fixed.sent.max(1) as f64,
+            fixed.late,
+            fixed.gso,
+            fixed.over_1ms(),
+            fixed.gen_delayed,
+            fixed.gen_max_delay_ms,
+            fixed.gen_s,
+            fixed.server_s,
+            fixed.ksoftirqd_s,
+            100.0 * fixed.busy_s / (fixed.secs.max(1e-9) * cpus() as f64),
+            100.0 * fixed.softirq_s / (fixed.secs.max(1e-9) * cpus() as f64),
+        ),
+        fixed,
+        max,
     })
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "NOT MET"
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(65_536);
     let w = build().context("building the lab (root, ip)")?;
-    let echo_addr = SocketAddr::from(([198, 18, 2, 10], 7000));
-    let echo = w.peer.in_ns(move || echo::Echo::start_at(echo_addr))??;
+    let world_if = w.world_if.clone();
+    let seg = args.payload.max(8) as u32;
+    let e = w
+        .world
+        .in_ns(move || ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg))?
+        .context("attaching the XDP echo peer and receiver")?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut rows = Vec::new();
     for target in args.targets.split(',') {
         eprintln!("running {target} ...");
-        match run_target(&w, &args, target, echo.addr) {
+        match run_target(&w, &args, target, &e) {
             Ok(r) => rows.push(r),
-            Err(e) => rows.push(Row {
+            Err(err) => rows.push(Row {
                 target: target.into(),
-                pps: f64::NAN,
-                server_us: f64::NAN,
-                machine_us: f64::NAN,
-                p50: f64::NAN,
-                p99: f64::NAN,
-                note: format!("n/a: {e:#}"),
+                fixed: Phase::default(),
+                max: Phase::default(),
+                note: format!("n/a: {err:#}"),
             }),
         }
     }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let null_us = rows
+        .iter()
+        .find(|r| r.target == "null")
+        .map(|r| r.fixed.cpu_us_per_rt());
+    let relay_us = |r: &Row| match (r.target.as_str(), null_us) {
+        ("null", _) => 0.0,
+        (_, Some(n)) => r.fixed.cpu_us_per_rt() - n,
+        (_, None) => f64::NAN,
+    };
     println!(
-        "\n{} allocations, {} B payload, window {}, {} s; RTT at {} pkt/s\n",
-        args.allocations, args.payload, args.window, args.duration, args.latency_rate
+        "\n{} allocations, {} B payload, {} s per phase, sendmmsg batch {}, {} CPUs; fixed phase at {} round trips/s offered{}",
+        args.allocations,
+        args.payload,
+        args.duration,
+        args.batch,
+        cpus(),
+        args.rate,
+        if args.hog > 0 {
+            format!(", {} busy-loop threads running", args.hog)
+        } else {
+            String::new()
+        }
     );
-    println!("| target | relayed round trips/s | server process CPU µs/round trip | machine CPU µs/round trip | RTT p50 µs | RTT p99 µs | note |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
+    println!("load average before: {}after: {}", load, load_after);
+    println!("CPU method (fixed-rate phase): CPU time (schedstat) of the generator thread + the server process + the ksoftirqd threads, per delivered round trip. This kernel has no IRQ time accounting, so softirq work (the XDP fast path, veth delivery, the stack) is charged to the task in whose context it runs: the sender's. Relay CPU = that minus the null run's (harness: generator, veth, XDP echo and receiver), so it holds the server's process and kernel work, both directions. Other load on the machine is not in it (machine busy is in the note).\n");
+    println!("| target | max round trips/s (unpaced) | CPU µs/rt at fixed rate (generator+server+ksoftirqd) | relay CPU µs/rt (minus null) | RTT p50 µs | RTT p99 µs | RTT max µs | note |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     for r in &rows {
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
-            r.target, r.pps, r.server_us, r.machine_us, r.p50, r.p99, r.note
+            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {} |",
+            r.target,
+            r.max.received as f64 / r.max.secs.max(1e-9),
+            r.fixed.cpu_us_per_rt(),
+            relay_us(r),
+            r.fixed.pct(0.5),
+            r.fixed.pct(0.99),
+            r.fixed.max(),
+            r.note
         );
     }
-    drop(echo);
+    let find = |t: &str| rows.iter().find(|r| r.target == t && r.fixed.received > 0);
+    if let (Some(fp), Some(ct)) = (find("kyuu-fastpath"), find("coturn")) {
+        let pps = |r: &Row| r.max.received as f64 / r.max.secs.max(1e-9);
+        let ratio = pps(fp) / pps(ct);
+        let cpu = relay_us(fp) / relay_us(ct);
+        let p99 = fp.fixed.pct(0.99) / ct.fixed.pct(0.99);
+        println!();
+        println!(
+            "pkt/s: fast path {ratio:.2}x coturn (goal >= 3x): {}",
+            verdict(ratio >= 3.0)
+        );
+        println!(
+            "relay CPU per packet: fast path {cpu:.2}x coturn (goal <= 0.33x): {}",
+            verdict(cpu <= 1.0 / 3.0)
+        );
+        println!(
+            "RTT p99: fast path {p99:.2}x coturn (goal <= 1x): {}",
+            verdict(p99 <= 1.0)
+        );
+        if let Some(off) = find("kyuu-off") {
+            println!(
+                "fast path off: pkt/s {:.2}x coturn, relay CPU {:.2}x coturn, p99 {:.2}x coturn",
+                pps(off) / pps(ct),
+                relay_us(off) / relay_us(ct),
+                off.fixed.pct(0.99) / ct.fixed.pct(0.99)
+            );
+        }
+    }
+    drop(e);
     Ok(())
 }
