@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Load generator knobs: `KYUU_BENCH_GEN_THREADS` (default 2), `KYUU_BENCH_BURST` (frames
-//! per write at saturation, default 4); `KYUU_BENCH_SERVER_EXE` runs another build's `serve`.
+//! per write at 100k msg/s, twice that at 500k; default 8: with 4 the generator cost more CPU per
+//! message than kyuu and bounded it); `KYUU_BENCH_SERVER_EXE` runs another build's `serve`.
 //!
 //! The server always runs as a separate process (this binary re-executed with `serve`), so
 //! its resident memory can be read from `/proc/<pid>/status` and client work does not share
@@ -286,7 +287,7 @@ impl Gen {
         };
         Gen {
             threads: var("KYUU_BENCH_GEN_THREADS", 2),
-            burst: var("KYUU_BENCH_BURST", 4),
+            burst: var("KYUU_BENCH_BURST", 8),
         }
     }
 }
