@@ -85,6 +85,11 @@ struct Args {
     /// kyuu's `[log] level`.
     #[arg(long, default_value = "info")]
     kyuu_log_level: String,
+    /// kyuu's `turn.relay_steering`: one socket per relay thread for all relay ports
+    /// (sk_lookup; needs root), or one socket read per allocation ("off", the server's default,
+    /// so the figures are what a default install gets).
+    #[arg(long, default_value = "off", value_parser = ["off", "auto", "required"])]
+    kyuu_relay_steering: String,
     /// Skip phases: any of memory, rate, throughput, latency.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
@@ -258,6 +263,7 @@ fn main() -> anyhow::Result<()> {
         realm: "kyuu-bench".into(),
         threads: args.threads,
         secret: (args.auth == "rest").then(|| "kyuu-bench-rest-secret".to_owned()),
+        relay_steering: args.kyuu_relay_steering.clone(),
     };
     let creds = match &common.secret {
         Some(secret) => {

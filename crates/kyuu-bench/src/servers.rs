@@ -22,6 +22,8 @@ pub struct Common {
     /// TURN REST API shared secret: when set, both servers take REST credentials instead of
     /// the static user.
     pub secret: Option<String>,
+    /// kyuu's `turn.relay_steering` ("off", "auto", "required").
+    pub relay_steering: String,
 }
 
 /// A server process; killed (by PID) and reaped when dropped.
@@ -266,6 +268,7 @@ pub fn kyuu_config(port: u16, relay: (u16, u16), c: &Common, log_level: &str) ->
          client_quota = 0\n\
          total_quota = 0\n\
          max_bps = 0\n\
+         relay_steering = \"{steering}\"\n\
          {auth}\n\
          \n\
          [http]\n\
@@ -278,6 +281,7 @@ pub fn kyuu_config(port: u16, relay: (u16, u16), c: &Common, log_level: &str) ->
         realm = c.realm,
         lo = relay.0,
         hi = relay.1,
+        steering = c.relay_steering,
         auth = match &c.secret {
             Some(secret) => format!("static_auth_secrets = [\"{secret}\"]"),
             None => format!(
@@ -339,6 +343,7 @@ mod tests {
             realm: "kyuu-bench".into(),
             threads: 2,
             secret: None,
+            relay_steering: "auto".into(),
         };
         let text = kyuu_config(40000, (21500, 32767), &c, "info");
         let cfg = kyuu_server::config::Config::from_toml(&text, "bench.toml")?;

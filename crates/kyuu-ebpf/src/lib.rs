@@ -9,6 +9,9 @@
 //!
 //! Built without clang, [`FastPath::attach`] returns [`FastPathError::Unavailable`].
 
+mod steer;
+pub use steer::{SteerError, Steering, MAX_SOCKETS as STEER_MAX_SOCKETS};
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;

@@ -89,9 +89,16 @@ pub struct TurnConfig {
     /// Interface to attach the fast path to (default: the one holding the first UDP listener's
     /// address).
     pub fast_path_interface: Option<String>,
+    /// Relay steering (`BPF_PROG_TYPE_SK_LOOKUP`): each relay thread reads the peer datagrams of
+    /// all its UDP allocations from one socket in batches instead of waking once per relay
+    /// socket. `"off"` (default), `"auto"` (use it where the kernel allows, which needs
+    /// CAP_BPF and CAP_NET_ADMIN; else log why and read relay sockets one by one) or
+    /// `"required"` (refuse to start without it). Peers' ICMP errors are not relayed to clients
+    /// for steered ports (RFC 8656 §11.5). Read at start only.
+    pub relay_steering: FastPathMode,
 }
 
-/// `turn.fast_path`.
+/// `turn.fast_path` and `turn.relay_steering`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FastPathMode {
@@ -131,6 +138,7 @@ impl Default for TurnConfig {
             rate_table_size: 8192,
             fast_path: FastPathMode::Off,
             fast_path_interface: None,
+            relay_steering: FastPathMode::Off,
         }
     }
 }

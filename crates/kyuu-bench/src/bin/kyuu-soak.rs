@@ -179,6 +179,7 @@ fn main() -> anyhow::Result<()> {
         realm: "kyuu.soak".into(),
         threads: a.threads,
         secret: None,
+        relay_steering: "off".into(),
     };
     let mut config = servers::kyuu_config(port, relay, &common, "warn");
     config = config.replacen(

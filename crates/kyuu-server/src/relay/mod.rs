@@ -69,9 +69,17 @@ pub struct RelayHandle {
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     control: RelayControl,
+    steering: Option<shard::SharedSteering>,
 }
 
 impl RelayHandle {
+    /// Relay ports steered to the relay threads' steering sockets now (`turn.relay_steering`);
+    /// `None` when steering is off or could not be attached.
+    pub fn steered_ports(&self) -> Option<usize> {
+        let s = self.steering.as_ref()?;
+        s.lock().ok().map(|s| s.len())
+    }
+
     /// Bound listeners as (transport, address), after port 0 was resolved.
     pub fn listeners(&self) -> &[(Transport, SocketAddr)] {
         &self.listeners
@@ -403,6 +411,7 @@ pub async fn start_keyed(
     }
 
     let fast_path = fast_path(&turn, &listeners)?;
+    let steering = steering(&turn)?;
     let shared = Shared::new(
         nonce_key.unwrap_or_else(rand::random),
         Instant::now(),
@@ -444,6 +453,7 @@ pub async fn start_keyed(
             proxy: proxy_rules.clone(),
             fast_path: fast_path.clone(),
             dtls: if i == 0 { dtls_endpoint.take() } else { None },
+            steering: steering.clone(),
         };
         control.push(ctl_tx);
         let h = std::thread::Builder::new()
@@ -473,6 +483,7 @@ pub async fn start_keyed(
             shards: control,
             shared,
         },
+        steering: steering.map(|(s, _)| s),
     })
 }
 
@@ -519,6 +530,36 @@ fn fast_path(
         }
         Err(e) => {
             tracing::warn!(target: "kyuu::relay", "turn.fast_path = \"auto\": relaying in userspace only: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Loads relay steering as `turn.relay_steering` says, for the relay addresses configured.
+/// `"auto"` logs one line saying why it could not (no CAP_BPF, a kernel without sk_lookup, a
+/// build without clang) and goes on without; `"required"` fails.
+fn steering(turn: &TurnConfig) -> anyhow::Result<Option<(shard::SharedSteering, Vec<SocketAddr>)>> {
+    use kyuu_turn::FastPathMode;
+    if turn.relay_steering == FastPathMode::Off {
+        return Ok(None);
+    }
+    let addrs: Vec<SocketAddr> = turn
+        .relay_ipv4
+        .map(IpAddr::V4)
+        .into_iter()
+        .chain(turn.relay_ipv6.map(IpAddr::V6))
+        .map(|ip| SocketAddr::new(ip, 0))
+        .collect();
+    match kyuu_ebpf::Steering::attach() {
+        Ok(s) => {
+            tracing::info!(target: "kyuu::relay", "relay steering attached (sk_lookup): one relay socket read per thread");
+            Ok(Some((Arc::new(std::sync::Mutex::new(s)), addrs)))
+        }
+        Err(e) if turn.relay_steering == FastPathMode::Required => {
+            anyhow::bail!("turn.relay_steering = \"required\": {e}")
+        }
+        Err(e) => {
+            tracing::warn!(target: "kyuu::relay", "turn.relay_steering = \"auto\": reading relay sockets one by one: {e}");
             Ok(None)
         }
     }

@@ -30,6 +30,9 @@ use super::{ExtensionReply, ExtensionRequest, ShardSockets};
 use crate::proxy;
 use kyuu_turn::ipnet::IpNet;
 
+mod steer;
+pub(crate) use steer::SharedSteering;
+
 /// RAWR usernames watched for session limits per shard (bounded; closed watchers go first).
 const LIMIT_WATCH_MAX: usize = 65_536;
 const BATCH: usize = quinn_udp::BATCH_SIZE;
@@ -77,6 +80,8 @@ pub(crate) struct ShardIo {
     pub fast_path: Option<SharedFastPath>,
     /// The DTLS association table (first shard only, with `ShardSockets::dtls`).
     pub dtls: Option<super::dtls::Endpoint>,
+    /// Relay steering (`turn.relay_steering`) and the relay addresses to steer (port 0).
+    pub steering: Option<(SharedSteering, Vec<SocketAddr>)>,
 }
 
 /// The kernel fast path, shared by every shard: its maps are touched only when a channel comes,
@@ -138,6 +143,8 @@ struct State {
     /// IPIs every CPU), far too costly per allocation; the state holds nothing socket-specific.
     relay_state: Option<Rc<UdpSocketState>>,
     fast_path: Option<FastPathState>,
+    /// Relay steering: this shard's steering sockets read every steered relay port.
+    steer: Option<steer::SteerState>,
 }
 
 /// Datagrams waiting to leave together (UDP GSO).
@@ -252,6 +259,7 @@ pub(crate) fn run(
         proxy: proxy_rules,
         fast_path,
         dtls,
+        steering,
     } = io;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -338,8 +346,21 @@ pub(crate) fn run(
                 ids: FxHashMap::default(),
                 next: (index as u64) << 48,
             }),
+            steer: None,
         }));
         let mut tasks = Vec::new();
+        if let Some((shared, addrs)) = steering {
+            let (state, socks) = steer::setup(index, shared, &addrs, socket_buffer);
+            sh.borrow_mut().steer = Some(state);
+            for (sock, v6) in socks {
+                tasks.push(AbortOnDrop(tokio::task::spawn_local(steer::steered_loop(
+                    sh.clone(),
+                    arena.clone(),
+                    sock,
+                    v6,
+                ))));
+            }
+        }
         for (i, l) in udp.iter().enumerate() {
             tasks.push(AbortOnDrop(tokio::task::spawn_local(client_udp_loop(
                 sh.clone(),
@@ -442,6 +463,9 @@ pub(crate) fn run(
         let _ = stop.wait_for(|s| *s).await;
         drop(tasks);
         let mut st = sh.borrow_mut();
+        if let Some(s) = &mut st.steer {
+            s.clear();
+        }
         st.relays.clear();
         st.streams.clear();
         st.peer_conns.clear();
@@ -769,6 +793,10 @@ impl State {
                     dont_fragment,
                 } => self.bind_relay(sh, key, addr, proto, dont_fragment),
                 Output::CloseRelay { key } => {
+                    // The port leaves the steering map before its socket closes.
+                    if let (Some(r), Some(s)) = (self.relays.get(&key), &mut self.steer) {
+                        s.unsteer(key, r.addr);
+                    }
                     self.relays.remove(&key);
                 }
                 Output::CloseClient { client } if client.transport == Transport::Dtls => {
@@ -966,6 +994,9 @@ impl State {
                                 _task: AbortOnDrop(task),
                             },
                         );
+                        if let Some(s) = &mut self.steer {
+                            s.steer(key, local);
+                        }
                         self.core.relay_bound(now, key, Ok(local));
                     }
                     Err(e) => {
