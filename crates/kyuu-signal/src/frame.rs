@@ -3,8 +3,10 @@
 //! The relay contract inherited from libdatachannel's example servers: a JSON object with a
 //! string member `"id"` is delivered to the client of that id, with `"id"` replaced by the
 //! sender's id and *every other member untouched*. To keep members byte-exact (number
-//! formatting, key order, escapes) the object is parsed into borrowed [`RawValue`]s and the
-//! outgoing frame is re-assembled from the original member texts; only the `"id"` value changes.
+//! formatting, key order, escapes) the object is validated with one pass that borrows every
+//! value as a [`RawValue`] and keeps nothing but where the `"id"` value sits; the outgoing frame
+//! is the inbound text with that value replaced (one allocation, no re-serialisation). Only a
+//! frame with several `"id"` members is re-assembled member by member (the duplicates dropped).
 //!
 //! A JSON object without `"id"` but with a string `"type"` is a control message of the opt-in
 //! protocol (see `PROTOCOL.md`).
@@ -66,6 +68,44 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
     }
 }
 
+/// What one validating pass over a JSON object keeps: where its first `"id"` value is, how
+/// many `"id"` members it has, and whether it has a string `"type"`.
+struct Scan<'a> {
+    id: Option<&'a RawValue>,
+    ids: usize,
+    typed: bool,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scan<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Scan<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut scan = Scan {
+                    id: None,
+                    ids: 0,
+                    typed: false,
+                };
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    if key == "id" {
+                        scan.ids += 1;
+                        scan.id.get_or_insert(value);
+                    } else if key == "type" && value.get().starts_with('"') {
+                        scan.typed = true;
+                    }
+                }
+                Ok(scan)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 /// An inbound text frame, classified.
 #[derive(Debug)]
 pub enum Inbound<'a> {
@@ -75,13 +115,15 @@ pub enum Inbound<'a> {
     Control(Control),
 }
 
-/// A parsed relay frame: destination plus the other members, kept raw.
+/// A parsed relay frame: destination plus the inbound text and where its `"id"` value is.
 pub struct RelayFrame<'a> {
-    /// Destination id (the value of `"id"`).
-    pub to: String,
-    members: RawObject<'a>,
-    /// Index of the (first) `"id"` member, where the sender's id is written on output.
-    id_pos: usize,
+    /// Destination id (the value of `"id"`), borrowed from the frame unless it has escapes.
+    pub to: Cow<'a, str>,
+    text: &'a str,
+    /// Byte range of the (first) `"id"` value in `text`, where the sender's id is written.
+    id_span: std::ops::Range<usize>,
+    /// More than one `"id"` member: re-assemble without the duplicates.
+    duplicate_ids: bool,
 }
 
 impl fmt::Debug for RelayFrame<'_> {
@@ -95,19 +137,33 @@ impl fmt::Debug for RelayFrame<'_> {
 impl RelayFrame<'_> {
     /// The frame to deliver: same members in the same order, `"id"` set to `from`.
     pub fn rewrite(&self, from: &str) -> String {
-        let mut out = String::with_capacity(
-            self.members
-                .0
-                .iter()
-                .map(|m| m.key.len() + m.value.get().len() + 4)
-                .sum::<usize>()
-                + from.len()
-                + 8,
-        );
+        let (Some(head), Some(tail), false) = (
+            self.text.get(..self.id_span.start),
+            self.text.get(self.id_span.end..),
+            self.duplicate_ids,
+        ) else {
+            return self.reassemble(from);
+        };
+        let mut out = String::with_capacity(head.len() + from.len() + 2 + tail.len());
+        out.push_str(head);
+        push_json_str(&mut out, from);
+        out.push_str(tail);
+        out
+    }
+
+    /// The slow path for a frame with duplicate `"id"` members: parsed again member by member,
+    /// re-assembled with only the first `"id"` (set to `from`).
+    fn reassemble(&self, from: &str) -> String {
+        let Ok(members) = serde_json::from_str::<RawObject<'_>>(self.text) else {
+            // Parsed once already; cannot fail. Deliver nothing rather than the sender's frame.
+            return String::from("{}");
+        };
+        let id_pos = members.0.iter().position(|m| m.key == "id").unwrap_or(0);
+        let mut out = String::with_capacity(self.text.len() + from.len() + 8);
         out.push('{');
         let mut first = true;
-        for (i, m) in self.members.0.iter().enumerate() {
-            if i != self.id_pos && m.key == "id" {
+        for (i, m) in members.0.iter().enumerate() {
+            if i != id_pos && m.key == "id" {
                 // Duplicate "id" members are dropped: the destination must see one sender id.
                 continue;
             }
@@ -117,7 +173,7 @@ impl RelayFrame<'_> {
             first = false;
             push_json_str(&mut out, &m.key);
             out.push(':');
-            if i == self.id_pos {
+            if i == id_pos {
                 push_json_str(&mut out, from);
             } else {
                 out.push_str(m.value.get());
@@ -183,7 +239,7 @@ pub struct DirKeyWire {
 
 /// Parse an inbound text frame.
 pub fn parse(text: &str) -> Result<Inbound<'_>, FrameError> {
-    let obj: RawObject<'_> = match serde_json::from_str(text) {
+    let scan: Scan<'_> = match serde_json::from_str(text) {
         Ok(o) => o,
         // Distinguish "not JSON" from "JSON but not an object".
         Err(_) => {
@@ -193,21 +249,25 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, FrameError> {
             })
         }
     };
-    let id_pos = obj.0.iter().position(|m| m.key == "id");
-    if let Some(pos) = id_pos {
-        let raw = obj.0.get(pos).map(|m| m.value.get()).unwrap_or("null");
-        let to: String = serde_json::from_str(raw).map_err(|_| FrameError::IdNotString)?;
+    if let Some(raw) = scan.id {
+        let raw = raw.get();
+        let to = match serde_json::from_str::<&str>(raw) {
+            Ok(s) => Cow::Borrowed(s),
+            // Escapes in the id: decode into an owned string.
+            Err(_) => Cow::Owned(
+                serde_json::from_str::<String>(raw).map_err(|_| FrameError::IdNotString)?,
+            ),
+        };
+        // The raw value borrows from `text`: its offset is the pointer difference.
+        let start = (raw.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
         return Ok(Inbound::Relay(RelayFrame {
             to,
-            members: obj,
-            id_pos: pos,
+            text,
+            id_span: start..start.saturating_add(raw.len()),
+            duplicate_ids: scan.ids > 1,
         }));
     }
-    let is_typed = obj
-        .0
-        .iter()
-        .any(|m| m.key == "type" && m.value.get().starts_with('"'));
-    if !is_typed {
+    if !scan.typed {
         return Err(FrameError::NoIdNoType);
     }
     let c: Control =
@@ -217,6 +277,13 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, FrameError> {
 
 /// Append `s` as a JSON string literal.
 pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    // Nothing to escape (serde_json escapes only '"', '\\' and control characters): copy.
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     // serde_json's escaping is the reference; serialising a &str cannot fail.
     match serde_json::to_string(s) {
         Ok(q) => out.push_str(&q),
@@ -253,6 +320,25 @@ mod tests {
             r.rewrite("a\"x"),
             r#"{"type":"offer","n":1.50e3,"id":"a\"x","description":"v=0\r\n\u00e9"}"#
         );
+    }
+
+    #[test]
+    fn rewrite_keeps_whitespace_and_escaped_ids() {
+        let Inbound::Relay(r) = parse(r#"{ "x" : [1, 2], "id" : "b\u0062" , "y":{} }"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.to, "bb");
+        assert_eq!(
+            r.rewrite("a\n"),
+            r#"{ "x" : [1, 2], "id" : "a\n" , "y":{} }"#
+        );
+        // The rewrite escapes exactly as serde_json does.
+        for from in ["plain", "q\"uote", "back\\slash", "ctl\u{1}", "é/\u{7f}"] {
+            let mut s = String::new();
+            push_json_str(&mut s, from);
+            assert_eq!(s, serde_json::to_string(from).unwrap());
+        }
     }
 
     #[test]

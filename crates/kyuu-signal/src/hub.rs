@@ -779,9 +779,28 @@ impl Hub {
             self.error(conn, ErrorCode::TooLarge, &msg, None);
             return;
         }
-        let from = c.id.clone();
-        debug!("Client {from} << {text}");
-        match frame::parse(text) {
+        debug!("Client {} << {text}", c.id);
+        let parsed = frame::parse(text);
+        // The hot path, a relay to a live local client: no copy of the sender's id.
+        if let (Ok(Inbound::Relay(r)), Some(c)) = (&parsed, self.conns.get(&conn)) {
+            if let Some(IdEntry {
+                state: IdState::Live(dst),
+                ..
+            }) = self.ids.get(&*r.to)
+            {
+                let text = r.rewrite(&c.id);
+                debug!("Client {} >> {text}", r.to);
+                metrics::counter!("kyuu_signal_messages_relayed_total").increment(1);
+                self.out.push_back(Output::Send { conn: *dst, text });
+                return;
+            }
+        }
+        let from = self
+            .conns
+            .get(&conn)
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        match parsed {
             Ok(Inbound::Relay(r)) => self.relay(now, conn, &from, &r),
             Ok(Inbound::Control(ctl)) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -855,7 +874,7 @@ impl Hub {
     }
 
     fn relay(&mut self, now: Instant, conn: ConnId, from: &str, r: &frame::RelayFrame<'_>) {
-        let to = r.to.as_str();
+        let to: &str = &r.to;
         let target = self.ids.get(to).map(|e| &e.state);
         match target {
             Some(IdState::Live(dst)) => {

@@ -778,7 +778,21 @@ async fn run_conn(
     let mut kill_armed = true;
 
     let close: Option<Kill> = loop {
+        // Fixed order (no random start): queued output first (it drains before more input adds
+        // to it, and what the hub queued before a close goes out before it), then a close, then
+        // input, then the ping timer.
         tokio::select! {
+            biased;
+            o = rx.recv() => match o {
+                Some(text) => {
+                    if write_batch(&mut socket, &mut rx, text, write_timeout).await.is_err() {
+                        break None;
+                    }
+                }
+                // The hub dropped our queue. It does that together with sending a close reason,
+                // and `select!` may see the closed queue first: take the reason if one is there.
+                None => break kill.try_recv().ok(),
+            },
             k = &mut kill, if kill_armed => match k {
                 Ok(k) => break Some(k),
                 // The link was dropped without a reason: the hub no longer knows us.
@@ -805,16 +819,6 @@ async fn run_conn(
                     }
                     break None;
                 }
-            },
-            o = rx.recv() => match o {
-                Some(text) => {
-                    if write_batch(&mut socket, &mut rx, text, write_timeout).await.is_err() {
-                        break None;
-                    }
-                }
-                // The hub dropped our queue. It does that together with sending a close reason,
-                // and `select!` may see the closed queue first: take the reason if one is there.
-                None => break kill.try_recv().ok(),
             },
             _ = ticker.tick() => {
                 if !idle_limit.is_zero() && last_heard.elapsed() > idle_limit {

@@ -58,6 +58,10 @@ struct Args {
     /// Requests in flight per socket.
     #[arg(long, default_value_t = 16)]
     window: usize,
+    /// Datagrams per `recvmmsg`/`sendmmsg` in the load generator (1: one recv and one send
+    /// syscall per request, as older versions of this bench did).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
     /// Server threads (kyuu listen.threads, coturn --relay-threads).
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
@@ -326,6 +330,119 @@ fn check_response(data: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(t))
 }
 
+/// Slot size of the generator's batches (a Binding answer is under 100 bytes).
+const SLOT: usize = 256;
+
+/// `recvmmsg`/`sendmmsg` buffers of one load thread: received answers, then the new requests
+/// written over them, on a connected socket.
+struct Mmsg {
+    bufs: Vec<[u8; SLOT]>,
+    lens: Vec<usize>,
+}
+
+impl Mmsg {
+    fn new(batch: usize) -> Self {
+        let batch = batch.clamp(1, 1024);
+        Mmsg {
+            bufs: vec![[0u8; SLOT]; batch],
+            lens: vec![0; batch],
+        }
+    }
+
+    fn received(&self, k: usize) -> &[u8] {
+        let len = self.lens.get(k).copied().unwrap_or(0);
+        self.bufs
+            .get(k)
+            .and_then(|b| b.get(..len))
+            .unwrap_or_default()
+    }
+
+    fn set_request(&mut self, k: usize, sent_ns: u64) -> io::Result<()> {
+        if let (Some(b), Some(l)) = (self.bufs.get_mut(k), self.lens.get_mut(k)) {
+            *l = write_request(b, sent_ns, 0)?;
+        }
+        Ok(())
+    }
+
+    /// One `recvmmsg` (non-blocking) into the slots; the number of datagrams.
+    fn recv(&mut self, s: &UdpSocket) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: SLOT,
+            })
+            .collect();
+        #[allow(unsafe_code)]
+        // SAFETY: an all-zero mmsghdr is a valid empty header; each then points at one iovec of
+        // `iovs`, which outlives the call, and each iovec at one slot of `self.bufs`.
+        let n = unsafe {
+            let mut hdrs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .map(|iov| {
+                    let mut h: libc::mmsghdr = std::mem::zeroed();
+                    h.msg_hdr.msg_iov = iov;
+                    h.msg_hdr.msg_iovlen = 1;
+                    h
+                })
+                .collect();
+            let n = libc::recvmmsg(
+                s.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            );
+            if n > 0 {
+                for (l, h) in self.lens.iter_mut().zip(hdrs.iter()) {
+                    *l = h.msg_len as usize;
+                }
+            }
+            n
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// One `sendmmsg` of the first `n` slots on the connected socket (what the kernel refuses
+    /// is lost, and the 200 ms refill covers it).
+    fn send(&mut self, s: &UdpSocket, n: usize) {
+        let n = n.min(self.bufs.len());
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .zip(self.lens.iter())
+            .take(n)
+            .map(|(b, l)| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: *l,
+            })
+            .collect();
+        #[allow(unsafe_code)]
+        // SAFETY: as in `recv`: zeroed headers, each pointing at one live iovec.
+        unsafe {
+            let mut hdrs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .map(|iov| {
+                    let mut h: libc::mmsghdr = std::mem::zeroed();
+                    h.msg_hdr.msg_iov = iov;
+                    h.msg_hdr.msg_iovlen = 1;
+                    h
+                })
+                .collect();
+            libc::sendmmsg(
+                s.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                hdrs.len() as libc::c_uint,
+                0,
+            );
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     ok: u64,
@@ -349,6 +466,7 @@ fn load_thread(
     target: SocketAddr,
     sockets: usize,
     window: usize,
+    batch: usize,
     epoch: Instant,
     measure_from: Instant,
     stop: Arc<AtomicBool>,
@@ -381,7 +499,69 @@ fn load_thread(
         })
         .collect();
     let measure_ns = u64::try_from((measure_from - epoch).as_nanos()).unwrap_or(0);
-    while !stop.load(Ordering::Relaxed) {
+    let mut mm = Mmsg::new(batch);
+    while batch > 1 && !stop.load(Ordering::Relaxed) {
+        let mut got_any = false;
+        for (i, s) in socks.iter().enumerate() {
+            // Drain what is there in batches, answering each response with a new request, the
+            // new requests of a batch leaving in one sendmmsg.
+            for _ in 0..4 {
+                let n = match mm.recv(s) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+                    Err(e) => return Err(e),
+                };
+                got_any = true;
+                if let Some(slot) = last_rx.get_mut(i) {
+                    *slot = Instant::now();
+                }
+                let now = now_ns();
+                for k in 0..n {
+                    match check_response(mm.received(k)) {
+                        Some(sent) if sent >= measure_ns => {
+                            tally.ok += 1;
+                            let us = now.saturating_sub(sent) / 1000;
+                            tally.lat_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                        }
+                        Some(_) => {}
+                        None => tally.bad += 1,
+                    }
+                }
+                let t = now_ns();
+                for k in 0..n {
+                    mm.set_request(k, t)?;
+                }
+                mm.send(s, n);
+                if n < batch {
+                    break;
+                }
+            }
+        }
+        if !got_any {
+            for (i, s) in socks.iter().enumerate() {
+                if last_rx
+                    .get(i)
+                    .is_some_and(|t| t.elapsed() > Duration::from_millis(200))
+                {
+                    for _ in 0..window {
+                        let n = write_request(&mut req, now_ns(), 0)?;
+                        let _ = s.send(req.get(..n).unwrap_or_default());
+                        tally.resent += 1;
+                    }
+                    if let Some(slot) = last_rx.get_mut(i) {
+                        *slot = Instant::now();
+                    }
+                }
+            }
+            #[allow(unsafe_code)]
+            // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()` pollfds.
+            unsafe {
+                libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 10);
+            }
+        }
+    }
+    while batch <= 1 && !stop.load(Ordering::Relaxed) {
         let mut got_any = false;
         for (i, s) in socks.iter().enumerate() {
             // Drain what is there, answering each response with a new request.
@@ -451,6 +631,9 @@ struct Figures {
     cpu_load: Option<f64>,
     /// Requests answered per server CPU-second.
     per_cpu_s: Option<f64>,
+    /// Load generator (this process) CPU seconds per second of the saturation phase: near the
+    /// client threads' count, the generator is the bound.
+    gen_load: Option<f64>,
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -461,15 +644,17 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted.get(idx).copied().unwrap_or(0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_phase(
     target: SocketAddr,
     threads: usize,
     sockets: usize,
     window: usize,
+    batch: usize,
     warmup: Duration,
     duration: Duration,
     server_pid: Option<u32>,
-) -> io::Result<(Tally, Duration, Option<u64>)> {
+) -> io::Result<(Tally, Duration, Option<u64>, Option<u64>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let epoch = Instant::now();
     let measure_from = epoch + warmup;
@@ -482,13 +667,15 @@ fn run_phase(
         }
         let stop = stop.clone();
         handles.push(thread::spawn(move || {
-            load_thread(target, per, window, epoch, measure_from, stop)
+            load_thread(target, per, window, batch, epoch, measure_from, stop)
         }));
     }
     thread::sleep(warmup);
     let cpu0 = server_pid.and_then(cpu_ns);
+    let gen0 = cpu_ns(std::process::id());
     thread::sleep(duration);
     let cpu1 = server_pid.and_then(cpu_ns);
+    let gen1 = cpu_ns(std::process::id());
     stop.store(true, Ordering::Relaxed);
     let mut total = Tally::default();
     for h in handles {
@@ -498,17 +685,28 @@ fn run_phase(
         total.merge(t);
     }
     let cpu = cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a));
-    Ok((total, duration, cpu))
+    let gen = gen0.zip(gen1).map(|(a, b)| b.saturating_sub(a));
+    Ok((total, duration, cpu, gen))
 }
 
 fn bench(args: &Args, target: SocketAddr, pid: Option<u32>) -> io::Result<Figures> {
-    let (mut idle, _, _) = run_phase(target, 1, 1, 1, args.warmup / 2, args.idle_duration, None)?;
+    let (mut idle, _, _, _) = run_phase(
+        target,
+        1,
+        1,
+        1,
+        1,
+        args.warmup / 2,
+        args.idle_duration,
+        None,
+    )?;
     idle.lat_us.sort_unstable();
-    let (mut load, d, cpu) = run_phase(
+    let (mut load, d, cpu, gen) = run_phase(
         target,
         args.threads,
         args.sockets,
         args.window,
+        args.batch,
         args.warmup,
         args.duration,
         pid,
@@ -525,6 +723,7 @@ fn bench(args: &Args, target: SocketAddr, pid: Option<u32>) -> io::Result<Figure
         resent: load.resent,
         cpu_load: cpu_s.map(|c| c / d.as_secs_f64()),
         per_cpu_s: cpu_s.filter(|c| *c > 0.0).map(|c| load.ok as f64 / c),
+        gen_load: gen.map(|ns| ns as f64 / 1e9 / d.as_secs_f64()),
     })
 }
 
@@ -544,6 +743,7 @@ fn median(rounds: &[Figures]) -> Option<Figures> {
         resent: rounds.iter().map(|f| f.resent).sum(),
         cpu_load: mid(rounds.iter().filter_map(|f| f.cpu_load).collect()),
         per_cpu_s: mid(rounds.iter().filter_map(|f| f.per_cpu_s).collect()),
+        gen_load: mid(rounds.iter().filter_map(|f| f.gen_load).collect()),
     })
 }
 
@@ -554,10 +754,11 @@ fn ms(us: u32) -> String {
 fn print_row(name: &str, f: &Figures) {
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_owned(), |v| format!("{v:.prec$}"));
     println!(
-        "{name:<10} {:>10.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6} {:>8}",
+        "{name:<10} {:>10.0} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8}",
         f.rate,
         opt(f.per_cpu_s, 0),
         opt(f.cpu_load, 2),
+        opt(f.gen_load, 2),
         ms(f.p50_us),
         ms(f.p99_us),
         ms(f.idle_p50_us),
@@ -580,11 +781,12 @@ fn main() -> ExitCode {
 
 fn real_main(args: &Args) -> io::Result<()> {
     println!(
-        "STUN Binding over UDP on 127.0.0.1: {} client sockets x {} in flight on {} threads, \
-         {}s per server and round (after {}s warm-up); server threads {}{}; {} CPUs",
+        "STUN Binding over UDP on 127.0.0.1: {} client sockets x {} in flight on {} threads \
+         (batches of {}), {}s per server and round (after {}s warm-up); server threads {}{}; {} CPUs",
         args.sockets,
         args.window,
         args.threads,
+        args.batch,
         args.duration.as_secs_f64(),
         args.warmup.as_secs_f64(),
         args.server_threads,
@@ -596,11 +798,12 @@ fn real_main(args: &Args) -> io::Result<()> {
         thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6} {:>8}",
+        "{:<10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8}",
         "server",
         "req/s",
         "req/cpu-s",
         "cpu",
+        "gen cpu",
         "p50",
         "p99",
         "idle p50",

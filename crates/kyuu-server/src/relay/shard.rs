@@ -174,9 +174,30 @@ struct State {
     /// IPIs every CPU), far too costly per allocation; the state holds nothing socket-specific.
     relay_state: Option<Rc<UdpSocketState>>,
     fast_path: Option<FastPathState>,
+    answers: Answers,
     /// Relay steering: this shard's steering sockets read every steered relay port.
     steer: Option<steer::SteerState>,
 }
+
+/// Small datagrams to UDP clients produced while a client listener's batch is handled (Binding
+/// answers above all, each to its own client address) gathered to leave in one `sendmmsg` per
+/// socket and batch instead of one `sendmsg` each. Only for listeners bound to one address (a
+/// wildcard listener needs IP_PKTINFO per datagram and takes [`State::queue_udp`]).
+struct Answers {
+    /// Set by [`listener_loop`] while it hands a batch to the core.
+    active: bool,
+    sock: Option<(Rc<UdpSocket>, Rc<UdpSocketState>)>,
+    buf: Vec<u8>,
+    /// Each message's bytes in `buf`, its destination and its datagram size: consecutive
+    /// answers of one size to one destination form one message that leaves with UDP GSO (one
+    /// `sendmsg` for the run, cheaper than a `sendmmsg` entry per datagram).
+    msgs: Vec<(std::ops::Range<usize>, SocketAddr, usize)>,
+}
+
+/// Answers per `sendmmsg`.
+const ANSWERS_MAX: usize = BATCH;
+/// Larger datagrams take the GSO path.
+const ANSWER_MAX: usize = 512;
 
 /// Datagrams waiting to leave together (UDP GSO).
 struct Batch {
@@ -382,6 +403,12 @@ pub(crate) fn run(
                 ids: FxHashMap::default(),
                 next: (index as u64) << 48,
             }),
+            answers: Answers {
+                active: false,
+                sock: None,
+                buf: Vec::with_capacity(ANSWERS_MAX * ANSWER_MAX),
+                msgs: Vec::with_capacity(ANSWERS_MAX),
+            },
             steer: None,
         }));
         let mut tasks = Vec::new();
@@ -601,6 +628,7 @@ impl State {
                 // A wildcard socket answers from the address the client wrote to.
                 let src_ip = l.addr.ip().is_unspecified().then(|| client.local.ip());
                 let (sock, state) = (l.sock.clone(), l.state.clone());
+                let family = l.addr.is_ipv4();
                 // Behind a PROXY protocol balancer the answer goes back through it.
                 let to = match &l.proxy {
                     None => client.remote,
@@ -612,7 +640,15 @@ impl State {
                         }
                     },
                 };
-                self.queue_udp(&sock, &state, to, src_ip, data);
+                if self.answers.active
+                    && src_ip.is_none()
+                    && data.len() <= ANSWER_MAX
+                    && to.is_ipv4() == family
+                {
+                    self.answer(&sock, &state, to, data);
+                } else {
+                    self.queue_udp(&sock, &state, to, src_ip, data);
+                }
             }
             Transport::Dtls => {
                 let sent = self
@@ -915,6 +951,123 @@ impl State {
         b.buf.clear();
         b.n = 0;
         b.closed = false;
+    }
+
+    /// Adds an answer to the `sendmmsg` batch (see [`Answers`]).
+    fn answer(
+        &mut self,
+        sock: &Rc<UdpSocket>,
+        state: &Rc<UdpSocketState>,
+        to: SocketAddr,
+        data: &[u8],
+    ) {
+        let a = &mut self.answers;
+        let gso_max = state.max_gso_segments().min(64);
+        if let Some((range, dest, seg)) = a.msgs.last_mut() {
+            if *dest == to
+                && *seg == data.len()
+                && gso_max >= 2
+                && range.len() / (*seg).max(1) < gso_max
+                && a.sock.as_ref().is_some_and(|(s, _)| Rc::ptr_eq(s, sock))
+            {
+                a.buf.extend_from_slice(data);
+                range.end = a.buf.len();
+                return;
+            }
+        }
+        if a.msgs.len() >= ANSWERS_MAX || a.sock.as_ref().is_some_and(|(s, _)| !Rc::ptr_eq(s, sock))
+        {
+            self.flush_answers();
+        }
+        let a = &mut self.answers;
+        if a.sock.is_none() {
+            a.sock = Some((sock.clone(), state.clone()));
+        }
+        let start = a.buf.len();
+        a.buf.extend_from_slice(data);
+        a.msgs.push((start..a.buf.len(), to, data.len()));
+    }
+
+    /// Sends the batched answers with `sendmmsg` (a message the kernel refuses is counted as
+    /// dropped and the rest still go; a full socket buffer drops what is left, as a full buffer
+    /// does on every other send path).
+    fn flush_answers(&mut self) {
+        use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
+        let a = &mut self.answers;
+        let n = a.msgs.len().min(ANSWERS_MAX);
+        let Some((sock, state)) = a.sock.take() else {
+            a.msgs.clear();
+            a.buf.clear();
+            return;
+        };
+        if n == 0 {
+            a.buf.clear();
+            return;
+        }
+        let mut dropped = 0;
+        // Runs to one destination: one GSO send each; the single answers go in the sendmmsg.
+        for (range, to, seg) in a.msgs.iter().filter(|m| m.0.len() > m.2) {
+            let t = quinn_udp::Transmit {
+                destination: *to,
+                ecn: None,
+                contents: a.buf.get(range.clone()).unwrap_or(&[]),
+                segment_size: Some(*seg),
+                src_ip: None,
+            };
+            if send_udp(&state, sock.get_ref(), &t).is_err() {
+                dropped += range.len() / (*seg).max(1);
+            }
+        }
+        a.msgs.retain(|m| m.0.len() <= m.2);
+        let n = a.msgs.len().min(ANSWERS_MAX);
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let addrs: [SocketAddrAny; ANSWERS_MAX] = std::array::from_fn(|i| {
+            SocketAddrAny::from(a.msgs.get(i).map_or(unspecified, |m| m.1))
+        });
+        let iovs: [[std::io::IoSlice<'_>; 1]; ANSWERS_MAX] = std::array::from_fn(|i| {
+            let data = a
+                .msgs
+                .get(i)
+                .and_then(|m| a.buf.get(m.0.clone()))
+                .unwrap_or(&[]);
+            [std::io::IoSlice::new(data)]
+        });
+        let mut controls: [SendAncillaryBuffer<'_, '_, '_>; ANSWERS_MAX] =
+            std::array::from_fn(|_| SendAncillaryBuffer::default());
+        // One small allocation per batch (the headers borrow the arrays above).
+        let mut hdrs: Vec<MMsgHdr<'_>> = addrs
+            .iter()
+            .zip(iovs.iter())
+            .zip(controls.iter_mut())
+            .take(n)
+            .map(|((addr, iov), ctl)| MMsgHdr::new_with_addr(addr, iov, ctl))
+            .collect();
+        let mut sent = 0;
+        // Each round sends at least one message or skips one, so n + 1 rounds are enough.
+        for _ in 0..=n {
+            let Some(rest) = hdrs.get_mut(sent..) else {
+                break;
+            };
+            if rest.is_empty() {
+                break;
+            }
+            match rustix::net::sendmmsg(sock.get_ref(), rest, SendFlags::DONTWAIT) {
+                Ok(0) => break,
+                Ok(k) => sent += k,
+                Err(rustix::io::Errno::AGAIN) => break,
+                // The first message failed (nothing of this call went): skip it.
+                Err(_) => {
+                    sent += 1;
+                    dropped += 1;
+                }
+            }
+        }
+        dropped += n.saturating_sub(sent);
+        drop(hdrs);
+        self.dropped_sends += dropped as u64;
+        let a = &mut self.answers;
+        a.msgs.clear();
+        a.buf.clear();
     }
 
     /// Carries out everything the core asked for.
@@ -1283,6 +1436,7 @@ async fn listener_loop(
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
+            st.answers.active = true;
             let Arena {
                 bufs,
                 metas,
@@ -1295,6 +1449,8 @@ async fn listener_loop(
                 }
             }
             st.drain(&sh);
+            st.flush_answers();
+            st.answers.active = false;
             if n < BATCH {
                 guard.clear_ready();
                 exhausted = false;

@@ -8,6 +8,10 @@
 //! kyuu-signal-bench serve  [listen-addr] # prints "LISTENING <addr>", serves until killed
 //! ```
 //!
+//! Load generator knobs: `KYUU_BENCH_GEN_THREADS` (default 2), `KYUU_BENCH_BURST` (frames
+//! per write at 100k msg/s, twice that at 500k; default 8: with 4 the generator cost more CPU per
+//! message than kyuu and bounded it); `KYUU_BENCH_SERVER_EXE` runs another build's `serve`.
+//!
 //! The server always runs as a separate process (this binary re-executed with `serve`), so
 //! its resident memory can be read from `/proc/<pid>/status` and client work does not share
 //! its runtime. Connections go to 127.0.0.1 only; idle clients bind source addresses
@@ -111,9 +115,13 @@ struct Server {
 
 impl Server {
     /// kyuu's signaling server: this binary re-executed with `serve` and `threads` runtime
-    /// worker threads.
+    /// worker threads (or the `kyuu-signal-bench` named by `KYUU_BENCH_SERVER_EXE`, to compare
+    /// two builds of the server under the same generator).
     fn spawn_threads(threads: usize) -> anyhow::Result<Server> {
-        let exe = std::env::current_exe()?;
+        let exe = match std::env::var_os("KYUU_BENCH_SERVER_EXE") {
+            Some(e) => std::path::PathBuf::from(e),
+            None => std::env::current_exe()?,
+        };
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
             .env("KYUU_BENCH_SERVER_THREADS", threads.to_string());
@@ -173,7 +181,7 @@ where
 {
     raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(Gen::from_env().threads)
         .enable_all()
         .build()?;
     rt.block_on(f())
@@ -183,7 +191,12 @@ where
 async fn relay_phases(clients: usize, seconds: u64) -> anyhow::Result<()> {
     for interval_ms in [100, 10] {
         let server = Server::spawn()?;
-        let r = relay_load(&server, clients, seconds, interval_ms).await?;
+        let burst = if interval_ms >= 100 {
+            1
+        } else {
+            Gen::from_env().burst
+        };
+        let r = relay_load(&server, clients, seconds, interval_ms, burst).await?;
         println!("relay: {}", r.line());
         println!(
             "relay: server RSS with {clients} clients connected: {} KiB",
@@ -202,6 +215,8 @@ struct LoadResult {
     p99_ms: f64,
     max_ms: f64,
     server_cpu_s: f64,
+    /// The load generator's (this process's) CPU time over the same window.
+    gen_cpu_s: f64,
     rss_connected_kib: u64,
 }
 
@@ -213,16 +228,28 @@ impl LoadResult {
     fn per_cpu_s(&self) -> f64 {
         self.delivered as f64 / self.server_cpu_s.max(1e-9)
     }
+    /// Server CPU microseconds per relayed message.
+    fn server_us(&self) -> f64 {
+        self.server_cpu_s * 1e6 / (self.delivered as f64).max(1.0)
+    }
+    /// Generator CPU microseconds per relayed message (sending and receiving it).
+    fn gen_us(&self) -> f64 {
+        self.gen_cpu_s * 1e6 / (self.delivered as f64).max(1.0)
+    }
     fn line(&self) -> String {
         format!(
             "{} msg/s offered: {:.0} msg/s relayed, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
-             {:.0} msg per server CPU-second",
+             server {:.2} CPU-us/msg ({:.0} msg per CPU-second, {:.0}% of a core), \
+             generator {:.2} CPU-us/msg",
             self.offered,
             self.rate(),
             self.p50_ms,
             self.p99_ms,
             self.max_ms,
-            self.per_cpu_s()
+            self.server_us(),
+            self.per_cpu_s(),
+            self.server_cpu_s * 100.0 / self.elapsed.max(1e-9),
+            self.gen_us()
         )
     }
 }
@@ -240,81 +267,191 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
+/// How the load generator runs: `threads` runtime worker threads, `burst` frames per write
+/// (pipelined sends: a client sends `burst` frames in one write every `burst` intervals, so
+/// the offered rate is unchanged).
+#[derive(Clone, Copy)]
+struct Gen {
+    threads: usize,
+    burst: usize,
+}
+
+impl Gen {
+    fn from_env() -> Gen {
+        let var = |k: &str, d: usize| -> usize {
+            std::env::var(k)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(d)
+                .max(1)
+        };
+        Gen {
+            threads: var("KYUU_BENCH_GEN_THREADS", 2),
+            burst: var("KYUU_BENCH_BURST", 8),
+        }
+    }
+}
+
+/// One masked client text frame (RFC 6455 5.2) appended to `out`. The masking key is zero,
+/// which XORs to the payload itself: valid on the wire and free for the generator.
+fn push_client_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.push(0x81);
+    let n = payload.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if let Ok(n16) = u16::try_from(n) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&n16.to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+}
+
+/// Splits the next complete server frame off the front of `buf`: `(opcode, payload range,
+/// frame length)`, or `None` until more bytes arrive.
+fn next_server_frame(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
+    let b0 = *buf.first()?;
+    let b1 = *buf.get(1)?;
+    let masked = b1 & 0x80 != 0;
+    let (len, mut at): (usize, usize) = match b1 & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    if masked {
+        at += 4;
+    }
+    let end = at.checked_add(len)?;
+    if buf.len() < end {
+        return None;
+    }
+    Some((b0 & 0x0f, at..end, end))
+}
+
 /// N clients in pairs; every client sends to its partner every `interval_ms`, each client's
 /// first send offset by `i * interval / N` so the offered load is steady (clients that tick in
 /// the same instant measure the generator's bursts, not the server). Throughput is messages
 /// delivered per second, latency is send→receive (client and server on one host).
+///
+/// The generator is lean on purpose, so that it is not what bounds the server: raw tokio TCP
+/// with hand-rolled client framing (one pre-built frame prefix per client, zero masking key,
+/// no per-message allocation), `gen.threads` runtime threads, and `burst` frames per write.
+/// Its own CPU per message is measured and printed next to the server's.
 async fn relay_load(
     server: &Server,
     clients: usize,
     seconds: u64,
     interval_ms: u64,
+    burst: usize,
 ) -> anyhow::Result<LoadResult> {
     let addr = server.addr;
     let clients = clients.max(2) & !1;
+    let burst = burst.max(1);
     let interval = Duration::from_millis(interval_ms.max(1));
     let mut sockets = Vec::with_capacity(clients);
     for i in 0..clients {
-        // tungstenite zero-fills its whole read buffer before every read (128 KiB by
-        // default): that memset was a quarter of the generator's CPU. Small messages need 4 KiB.
-        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(4096);
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(
-            format!("ws://{addr}/c{i}"),
-            Some(config),
-            false,
-        )
-        .await?;
-        sockets.push(ws);
+        let s = handshake(addr, i, &format!("c{i}")).await?;
+        s.set_nodelay(true)?;
+        sockets.push(s);
     }
     // Let every server finish registering before the first send (the peers register
     // asynchronously after the handshake).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_connected_kib = server.rss_kib()?;
     let cpu0 = cpu_seconds(server.child.id())?;
+    let gen0 = cpu_seconds(std::process::id())?;
     let delivered = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     let origin = Instant::now();
-    for (i, ws) in sockets.into_iter().enumerate() {
+    let period = interval * burst as u32;
+    for (i, sock) in sockets.into_iter().enumerate() {
         let partner = i ^ 1;
         let delivered = delivered.clone();
-        let phase = interval.mul_f64(i as f64 / clients as f64);
+        let phase = period.mul_f64(i as f64 / clients as f64);
         tasks.push(tokio::spawn(async move {
-            let (mut tx, mut rx) = ws.split();
+            let (mut rd, mut wr) = sock.into_split();
             let sender = async move {
-                let mut tick = tokio::time::interval_at((start + phase).into(), interval);
+                let prefix = format!(
+                    r#"{{"id":"c{partner}","type":"candidate","candidate":"candidate:1 1 UDP 2122317823 10.5.0.6 53578 typ host","t":"#
+                );
+                let mut payload = Vec::with_capacity(prefix.len() + 24);
+                let mut out = Vec::with_capacity((prefix.len() + 40) * burst);
+                let mut tick = tokio::time::interval_at((start + phase).into(), period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 while Instant::now() < deadline {
                     tick.tick().await;
-                    let t = origin.elapsed().as_micros();
-                    let msg = format!(
-                        r#"{{"id":"c{partner}","type":"candidate","candidate":"candidate:1 1 UDP 2122317823 10.5.0.6 53578 typ host","t":{t}}}"#
-                    );
-                    if tx.send(Message::Text(msg.into())).await.is_err() {
+                    out.clear();
+                    for _ in 0..burst {
+                        let t = origin.elapsed().as_micros();
+                        payload.clear();
+                        payload.extend_from_slice(prefix.as_bytes());
+                        // Writing into a Vec cannot fail.
+                        let _ = std::io::Write::write_fmt(&mut payload, format_args!("{t}}}"));
+                        push_client_frame(&mut out, &payload);
+                    }
+                    if wr.write_all(&out).await.is_err() {
                         break;
                     }
                 }
-                tx
+                wr
             };
             let receiver = async move {
                 let mut lat = Vec::with_capacity(1024);
                 let end = deadline + Duration::from_secs(2);
-                while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end.into(), rx.next()).await {
-                    let Message::Text(t) = m else { continue };
-                    if let Some(sent) = sent_at(t.as_str()) {
-                        let now = origin.elapsed().as_micros() as u64;
-                        lat.push(now.saturating_sub(sent));
-                        delivered.fetch_add(1, Ordering::Relaxed);
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut have = 0usize;
+                'read: loop {
+                    if have == buf.len() {
+                        buf.resize(buf.len() * 2, 0);
                     }
+                    let Some(spare) = buf.get_mut(have..) else {
+                        break;
+                    };
+                    let n = match tokio::time::timeout_at(end.into(), rd.read(spare)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => break,
+                    };
+                    have += n;
+                    let mut at = 0;
+                    while let Some((op, range, len)) =
+                        buf.get(at..have).and_then(next_server_frame)
+                    {
+                        if op == 0x1 {
+                            let p = buf
+                                .get(at + range.start..at + range.end)
+                                .unwrap_or_default();
+                            if let Some(sent) =
+                                std::str::from_utf8(p).ok().and_then(sent_at)
+                            {
+                                let now = origin.elapsed().as_micros() as u64;
+                                lat.push(now.saturating_sub(sent));
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        } else if op == 0x8 {
+                            break 'read;
+                        }
+                        at += len;
+                    }
+                    buf.copy_within(at..have, 0);
+                    have -= at;
                     if Instant::now() >= deadline {
                         break;
                     }
                 }
                 lat
             };
-            let (_tx, lat) = tokio::join!(sender, receiver);
+            let (_wr, lat) = tokio::join!(sender, receiver);
             lat
         }));
     }
@@ -323,6 +460,7 @@ async fn relay_load(
         all.extend(t.await?);
     }
     let server_cpu_s = cpu_seconds(server.child.id())? - cpu0;
+    let gen_cpu_s = cpu_seconds(std::process::id())? - gen0;
     let elapsed = start
         .elapsed()
         .min(Duration::from_secs(seconds))
@@ -343,6 +481,7 @@ async fn relay_load(
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
         server_cpu_s,
+        gen_cpu_s,
         rss_connected_kib,
     })
 }
@@ -471,18 +610,34 @@ fn spawn_peer(kind: &str) -> Option<Server> {
 }
 
 /// kyuu against single-threaded peers of the same wire format, measured in this run under the
-/// same load: a moderate load (`clients` x 10 msg/s) for latency, a saturating one
-/// (`clients` x 100 msg/s) for throughput. The peers are one thread each; kyuu runs with one
-/// runtime thread (per core) and with two.
+/// same load: a moderate load (`clients` x 10 msg/s) for latency, `clients` x 100 msg/s, and a
+/// saturating one (`clients` x 500 msg/s) for throughput. The peers are one thread each; kyuu runs with one
+/// runtime thread (the like-for-like row) and with two.
+///
+/// Besides msg/s, each row has the server's CPU microseconds per relayed message (from
+/// `/proc/<pid>/stat` utime + stime) and the generator's: on a small host generator and server
+/// share the cores, and a server that does not get a core to itself relays what the leftover
+/// CPU allows, so the CPU cost per message is the figure that does not depend on the host.
 async fn compare(clients: usize, seconds: u64) -> anyhow::Result<()> {
+    let gen = Gen::from_env();
     println!(
         "compare: {clients} clients in pairs on 127.0.0.1, {seconds} s per run, ~150-byte \
          candidate messages, sends spread evenly over each interval; load generator: this \
-         process, one runtime thread; {} cores on this host",
+         process, raw TCP with hand-rolled WebSocket framing, {} runtime threads, {} frames per \
+         write at saturation (KYUU_BENCH_GEN_THREADS, KYUU_BENCH_BURST); {} cores on this host",
+        gen.threads,
+        gen.burst,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut rows: Vec<(String, u64, LoadResult)> = Vec::new();
-    for interval_ms in [100u64, 10] {
+    // 10k msg/s for latency, 100k (the earlier saturation point, which kyuu now relays whole),
+    // and 500k, more than any of them relays on a small host, for throughput.
+    for interval_ms in [100u64, 10, 2] {
+        let burst = match interval_ms {
+            100.. => 1,
+            10.. => gen.burst,
+            _ => gen.burst * 2,
+        };
         let kinds: [(&str, Option<usize>); 4] = [
             ("kyuu (1 thread)", Some(1)),
             ("kyuu (2 threads)", Some(2)),
@@ -504,7 +659,7 @@ async fn compare(clients: usize, seconds: u64) -> anyhow::Result<()> {
                     }
                 }
             };
-            let r = relay_load(&server, clients, seconds, interval_ms).await?;
+            let r = relay_load(&server, clients, seconds, interval_ms, burst).await?;
             println!("compare: {name:<18} {}", r.line());
             rows.push((name.to_owned(), interval_ms, r));
             drop(server);
@@ -512,31 +667,46 @@ async fn compare(clients: usize, seconds: u64) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("| server | offered msg/s | relayed msg/s | p50 ms | p99 ms | msg per CPU-s |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| server | offered msg/s | relayed msg/s | p50 ms | p99 ms | server CPU-us/msg | \
+         server % core | generator CPU-us/msg |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (name, _, r) in &rows {
         println!(
-            "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.0} |",
+            "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} |",
             r.offered,
             r.rate(),
             r.p50_ms,
             r.p99_ms,
-            r.per_cpu_s()
+            r.server_us(),
+            r.server_cpu_s * 100.0 / r.elapsed.max(1e-9),
+            r.gen_us()
         );
     }
     let find = |name: &str, iv: u64| rows.iter().find(|(n, i, _)| n == name && *i == iv);
     println!();
     for kyuu in ["kyuu (1 thread)", "kyuu (2 threads)"] {
         for peer in ["node ws", "python websockets"] {
-            if let (Some((_, _, k)), Some((_, _, p))) = (find(kyuu, 10), find(peer, 10)) {
+            if let (Some((_, _, k)), Some((_, _, p))) = (find(kyuu, 2), find(peer, 2)) {
                 let ratio = k.rate() / p.rate().max(1e-9);
+                let cpu = p.server_us() / k.server_us().max(1e-9);
                 println!(
                     "goal: {kyuu} relays >= 3x {peer}'s msg/s at {} msg/s offered: {ratio:.2}x, {}; \
-                     msg per CPU-second {:.2}x",
+                     server CPU per message {:.2} us vs {:.2} us: {cpu:.2}x less, {}",
                     k.offered,
                     if ratio >= 3.0 { "MET" } else { "NOT MET" },
-                    k.per_cpu_s() / p.per_cpu_s().max(1e-9)
+                    k.server_us(),
+                    p.server_us(),
+                    if cpu >= 3.0 { "MET per CPU" } else { "NOT MET per CPU" },
                 );
+                if p.delivered < 1000 {
+                    println!(
+                        "note: {peer} relayed {} messages in the run: it collapsed under this \
+                         load, so the ratio above says little",
+                        p.delivered
+                    );
+                }
             }
         }
         if let Some((_, _, k)) = find(kyuu, 100) {
@@ -548,10 +718,20 @@ async fn compare(clients: usize, seconds: u64) -> anyhow::Result<()> {
             );
         }
     }
+    for (name, _, r) in rows.iter().filter(|(_, iv, _)| *iv == 2) {
+        // The generator bounds a server when generator + server need more than the host has.
+        println!(
+            "generator headroom with {name}: generator {:.2} CPU-us/msg vs server {:.2} \
+             ({:.2}x the server's cost)",
+            r.gen_us(),
+            r.server_us(),
+            r.gen_us() / r.server_us().max(1e-9)
+        );
+    }
     println!(
         "note: `kyuu serve` runs one runtime worker per core (the 2-thread row on this host); \
          the peers are single-threaded by design. A server that relays all it is offered is not \
-         saturated: compare msg per CPU-second then."
+         saturated: compare CPU per message then."
     );
     Ok(())
 }

@@ -95,8 +95,7 @@ impl Server {
             self.counters.drop(Dropped::RateLimited);
             return;
         }
-        metrics::counter!("kyuu_stun_binding_requests_total", "transport" => client.transport.label())
-            .increment(1);
+        self.counters.binding(client.transport);
         let rfc5780 = self.opts.rfc5780;
         let unknown = super::request::unknown_required(msg, known_binding);
         if !unknown.is_empty() {
@@ -145,7 +144,11 @@ impl Server {
             to.set_port(p);
         }
         let mapped = client.remote;
-        let resp = self.build(
+        // Header, XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and OTHER-ADDRESS (IPv6 at most),
+        // SOFTWARE and FINGERPRINT.
+        let max = 20 + 3 * 24 + 4 + self.cfg.software.len() + 3 + 8;
+        let resp = self.build_sized(
+            max,
             method::BINDING,
             Class::Success,
             *msg.transaction_id(),
@@ -182,8 +185,7 @@ impl Server {
             self.counters.drop(Dropped::RateLimited);
             return;
         }
-        metrics::counter!("kyuu_stun_binding_requests_total", "transport" => client.transport.label())
-            .increment(1);
+        self.counters.binding(client.transport);
         let tid = req.transaction_id();
         let mut buf = vec![0u8; 128];
         let unknown = req.unknown_required(|t| t == attr::CHANGE_REQUEST);

@@ -5,6 +5,23 @@ use std::collections::HashMap;
 
 use crate::auth::AuthFailure;
 use crate::server::allocation::Allocation;
+use crate::types::Transport;
+
+const TRANSPORTS: [Transport; 4] = [
+    Transport::Udp,
+    Transport::Tcp,
+    Transport::Tls,
+    Transport::Dtls,
+];
+
+fn transport_index(t: Transport) -> usize {
+    match t {
+        Transport::Udp => 0,
+        Transport::Tcp => 1,
+        Transport::Tls => 2,
+        Transport::Dtls => 3,
+    }
+}
 
 /// Relayed traffic of one allocation.
 #[derive(Debug, Default, Clone, Copy)]
@@ -48,6 +65,9 @@ pub(crate) struct Counters {
     /// ICMP errors passed on to clients (RFC 8656 §11.5).
     pub icmp_forwarded: u64,
     icmp_flushed: u64,
+    /// Binding requests answered or refused, per transport (`Transport as usize`), since the
+    /// last flush: a Binding costs no registry lookup.
+    bindings: [u64; 4],
 }
 
 impl Counters {
@@ -59,6 +79,12 @@ impl Counters {
         for (acc, add) in self.fast_path.iter_mut().zip([to_peer, to_client]) {
             acc.0 += add.0;
             acc.1 += add.1;
+        }
+    }
+
+    pub fn binding(&mut self, t: Transport) {
+        if let Some(n) = self.bindings.get_mut(transport_index(t)) {
+            *n += 1;
         }
     }
 
@@ -91,6 +117,13 @@ impl Counters {
             metrics::counter!("kyuu_turn_icmp_forwarded_total")
                 .increment(self.icmp_forwarded - self.icmp_flushed);
             self.icmp_flushed = self.icmp_forwarded;
+        }
+        for (t, n) in TRANSPORTS.iter().zip(self.bindings.iter_mut()) {
+            if *n > 0 {
+                metrics::counter!("kyuu_stun_binding_requests_total", "transport" => t.label())
+                    .increment(*n);
+                *n = 0;
+            }
         }
         for (reason, n) in self.auth_failures.drain() {
             metrics::counter!("kyuu_turn_auth_failures_total", "reason" => reason).increment(n);

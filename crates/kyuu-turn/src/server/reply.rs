@@ -27,7 +27,21 @@ impl Server {
         auth: Option<(&Key, IntegrityKind)>,
         f: impl FnOnce(&mut MessageBuilder<'_>) -> Result<(), kyuu_stun::Error>,
     ) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; REPLY_MAX];
+        self.build_sized(REPLY_MAX, m, class, tid, auth, f)
+    }
+
+    /// As [`Server::build`] into a buffer of `max` bytes (small answers such as Binding's need
+    /// no 1400-byte buffer zeroed per request).
+    pub(super) fn build_sized(
+        &self,
+        max: usize,
+        m: u16,
+        class: Class,
+        tid: TransactionId,
+        auth: Option<(&Key, IntegrityKind)>,
+        f: impl FnOnce(&mut MessageBuilder<'_>) -> Result<(), kyuu_stun::Error>,
+    ) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; max.min(REPLY_MAX)];
         let mut b = MessageBuilder::new(&mut buf, m, class, tid).ok()?;
         f(&mut b).ok()?;
         // Not in errors to unauthenticated requests: they go to unverified addresses, and
