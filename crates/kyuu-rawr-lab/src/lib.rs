@@ -64,6 +64,10 @@ pub struct LabSpec {
     pub pair_in_process: bool,
     /// `rawr.limits.session_max_bytes` on the ISP node (0: unlimited).
     pub isp_session_max_bytes: u64,
+    /// The root is a fleet (`docs/rawr.md` §4.7, `kyuu serve` labs only): a second root node
+    /// "root2" on host 198.18.0.11 beside "root", both with `[fleet]` on one `redis-server`
+    /// that the lab starts on the root host (free port, stopped by PID).
+    pub root_fleet: bool,
 }
 
 impl Default for LabSpec {
@@ -80,6 +84,7 @@ impl Default for LabSpec {
             same_lan: false,
             pair_in_process: true,
             isp_session_max_bytes: 0,
+            root_fleet: false,
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct RawrLab {
     nodes: BTreeMap<String, RunningNode>,
     _turns: Vec<LabChild>,
     files: Vec<std::path::PathBuf>,
+    /// Redis of a [`LabSpec::root_fleet`] lab.
+    fleet_redis: Option<SocketAddr>,
     // Declared last: dropped after the children and nodes above.
     pub lab: Lab,
 }
@@ -137,6 +144,8 @@ fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
 }
 
 pub const ROOT_IP: [u8; 4] = [198, 18, 0, 10];
+/// The second root node of a [`LabSpec::root_fleet`] lab.
+pub const ROOT2_IP: [u8; 4] = [198, 18, 0, 11];
 pub const ISP_IP: [u8; 4] = [198, 18, 1, 1];
 pub const HOMEA_IP: [u8; 4] = [198, 19, 1, 1];
 pub const HOMEB_IP: [u8; 4] = [198, 19, 2, 1];
@@ -218,6 +227,20 @@ impl RawrLab {
             println!("SKIP {test}: turnserver (coturn) not installed");
             return Ok(None);
         }
+        if spec.root_fleet
+            && std::process::Command::new("redis-server")
+                .arg("--version")
+                .output()
+                .is_err()
+        {
+            if kyuu_lab::lab_required() {
+                return Err(RawrLabError::Other(
+                    "redis-server is required for the RAWR fleet lab".into(),
+                ));
+            }
+            println!("SKIP {test}: redis-server not installed");
+            return Ok(None);
+        }
         let Some(lab) = kyuu_lab::lab_or_skip(test) else {
             return Ok(None);
         };
@@ -294,6 +317,7 @@ impl RawrLab {
             nodes: BTreeMap::new(),
             _turns: turns,
             files: Vec::new(),
+            fleet_redis: None,
             lab,
         };
         let port = rl.port();
@@ -311,9 +335,19 @@ impl RawrLab {
 
         // RAWR nodes. Every node also runs a TURN server in a full deployment; here only the
         // root, the ISP and (as a plain TURN gateway) home A have one, since only they relay.
+        if spec.root_fleet {
+            rl.start_fleet_redis().await?;
+        }
         let root_ns = rl.root.clone();
         rl.start_node(root_ns, node_cfg("root", ROOT_IP, None, &[]))
             .await?;
+        if spec.root_fleet {
+            let root2 = rl.lab.host("root2")?;
+            root2.attach(&core, "198.18.0.11/24")?;
+            root2.route("198.18.1.0/24", "198.18.0.2")?;
+            rl.start_node(root2, node_cfg("root2", ROOT2_IP, None, &[]))
+                .await?;
+        }
         if spec.isp_node {
             let mut children = vec!["homea", "homeb"];
             if spec.chain_a {
@@ -394,6 +428,46 @@ impl RawrLab {
         Ok(rl)
     }
 
+    /// `redis-server` on the root host at a free port (bounded wait until it accepts).
+    async fn start_fleet_redis(&mut self) -> Result<(), RawrLabError> {
+        if self.spec.server == LabServer::Coturn {
+            return Err(RawrLabError::Other(
+                "root_fleet needs kyuu serve nodes".into(),
+            ));
+        }
+        let port = self
+            .root
+            .tcp_listen(&format!("{}:0", Ipv4Addr::from(ROOT_IP)))?
+            .local_addr()?
+            .port();
+        let addr = sa(ROOT_IP, port);
+        let mut cmd = self.root.command("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind"])
+            .arg(Ipv4Addr::from(ROOT_IP).to_string())
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+        cmd.stdout(std::process::Stdio::null());
+        cmd.stderr(std::process::Stdio::null());
+        self._turns.push(self.root.spawn(cmd)?);
+        for _ in 0..100 {
+            let up = self.root.in_ns(|| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+            })?;
+            if up {
+                self.fleet_redis = Some(addr);
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(RawrLabError::Other(format!(
+            "redis-server did not start at {addr}"
+        )))
+    }
+
+    /// The second root node of a [`LabSpec::root_fleet`] lab.
+    pub fn root2_addr(&self) -> SocketAddr {
+        sa(ROOT2_IP, self.port())
+    }
+
     /// The port RAWR requests go to.
     pub fn port(&self) -> u16 {
         match self.spec.server {
@@ -456,6 +530,20 @@ impl RawrLab {
             ]),
         );
         t.insert("rawr".into(), rawr);
+        if let (Some(redis), "root" | "root2") = (self.fleet_redis, cfg.name.as_str()) {
+            t.insert(
+                "fleet".into(),
+                table(vec![
+                    (
+                        "redis_url",
+                        toml::Value::String(format!("redis://{redis}/")),
+                    ),
+                    ("node", toml::Value::String(cfg.name.clone())),
+                    ("peer_ttl_secs", toml::Value::Integer(4)),
+                    ("heartbeat_secs", toml::Value::Integer(1)),
+                ]),
+            );
+        }
         let text = toml::to_string(&t).map_err(|e| RawrLabError::Other(e.to_string()))?;
         let file = std::env::temp_dir().join(format!("{}-{}.toml", self.lab.prefix(), cfg.name));
         std::fs::write(&file, text)?;

@@ -401,6 +401,67 @@ async fn kyuu_serve_session_over_its_byte_limit_falls_back_to_the_parent() {
     assert!(rtt.samples.len() >= 9, "{rtt:?}");
 }
 
+/// RAWR across a fleet (`docs/rawr.md` §4.7): the root is two `kyuu serve` nodes (198.18.0.10
+/// "root", 198.18.0.11 "root2") sharing one `redis-server`. Peer A's root is node 1 and peer
+/// B's root is node 2, both behind symmetric NAT with no RAWR node on the way: without the
+/// fleet neither Exchange would see the other. They still pair at one root node (the one that
+/// claimed the session; the other forwarded), and data flows both ways through its relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kyuu_serve_exchange_split_across_two_root_nodes_of_a_fleet_still_pairs() {
+    let spec = LabSpec {
+        root_fleet: true,
+        isp_node: false,
+        home_nodes: false,
+        ..LabSpec::default()
+    };
+    let Some(lab) = build_kyuu("rawr lab root fleet", spec).await else {
+        return;
+    };
+    let s = session();
+    let (a, b) = tokio::time::timeout(Duration::from_secs(40), async {
+        tokio::join!(
+            kyuu_rawr_lab::lab_peer(&lab.pa, &s, lab.root_addr(), None),
+            kyuu_rawr_lab::lab_peer(&lab.pb, &s, lab.root2_addr(), None),
+        )
+    })
+    .await
+    .expect("peers end by their deadline");
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let Route::Root { name } = &a.outcome.route else {
+        panic!("peer A did not meet at a root: {:?}", a.outcome);
+    };
+    assert!(name == "root" || name == "root2", "{name}");
+    assert_eq!(a.outcome.route, b.outcome.route, "one meeting point");
+    let (ra, rb) = (
+        a.outcome.relay.as_ref().unwrap(),
+        b.outcome.relay.as_ref().unwrap(),
+    );
+    assert_eq!(ra.uris, rb.uris, "one meeting node");
+    let relay = kyuu_rawr::config::parse_turn_uri(&ra.uris[0]).unwrap();
+    let expect = if name == "root" {
+        "198.18.0.10:3478"
+    } else {
+        "198.18.0.11:3478"
+    };
+    assert_eq!(relay.to_string(), expect, "the relay is the meeting node's");
+    println!(
+        "peers met at {name} (path {:?} / {:?}), relay {relay}",
+        ra.path, rb.path
+    );
+    // ping_pong: A sends, B echoes: data both ways through the meeting node's relay.
+    let rtt = ping_pong(&a, &b, 20).await.unwrap();
+    assert!(rtt.samples.len() >= 18, "data did not flow: {rtt:?}");
+    assert_eq!(rtt.relay, Some(relay));
+    // The requests that reached the other node crossed the fleet (metrics flush once a second).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let other = if name == "root" { "root2" } else { "root" };
+    let forwarded = lab
+        .node_metric(other, "kyuu_rawr_fleet_forwarded_total")
+        .unwrap();
+    assert!(forwarded >= 2.0, "{other} forwarded {forwarded} requests");
+    println!("{other} forwarded {forwarded} requests to {name}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_without_a_configured_gateway_find_their_router_and_meet_at_the_isp() {
     let Some(lab) = build_kyuu("rawr lab gateway discovery", LabSpec::default()).await else {
