@@ -11,7 +11,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kyuu_client::turn::{AllocateOptions, Client, Event};
+mod common;
+use common::Udp;
+
+use kyuu_client::turn::{AllocateOptions, Event};
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
 use kyuu_stun::attr;
@@ -69,50 +72,7 @@ async fn server(threads: usize, turn: TurnConfig) -> Option<RelayHandle> {
     }
 }
 
-struct Udp {
-    c: Client,
-    s: UdpSocket,
-    server: SocketAddr,
-}
-
 impl Udp {
-    async fn new(server: SocketAddr) -> Self {
-        let bind = if server.is_ipv4() {
-            "127.0.0.1:0"
-        } else {
-            "[::1]:0"
-        };
-        Udp {
-            c: Client::new("u", "p", false),
-            s: UdpSocket::bind(bind).await.unwrap(),
-            server,
-        }
-    }
-
-    async fn flush(&mut self) {
-        while let Some(b) = self.c.poll_transmit() {
-            self.s.send_to(&b, self.server).await.unwrap();
-        }
-    }
-
-    async fn event(&mut self) -> Event {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 2048];
-        loop {
-            self.flush().await;
-            if let Some(e) = self.c.poll_event() {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no event");
-            if let Ok(Ok((n, _))) =
-                tokio::time::timeout(Duration::from_millis(100), self.s.recv_from(&mut buf)).await
-            {
-                self.c.handle_input(Instant::now(), &buf[..n]);
-            }
-            self.c.handle_timeout(Instant::now());
-        }
-    }
-
     async fn allocate(&mut self) -> SocketAddr {
         let fam = if self.server.is_ipv4() {
             attr::FAMILY_IPV4

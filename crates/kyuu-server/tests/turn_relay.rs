@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Udp;
+
 use kyuu_client::turn::{AllocateOptions, Client, Event};
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
@@ -42,54 +45,7 @@ async fn server(allow_loopback: bool) -> RelayHandle {
     relay::start(&l, turn(allow_loopback), None).await.unwrap()
 }
 
-/// A client talking over UDP.
-struct Udp {
-    c: Client,
-    s: UdpSocket,
-    server: SocketAddr,
-}
-
 impl Udp {
-    async fn new(server: SocketAddr) -> Self {
-        let bind: SocketAddr = if server.is_ipv4() {
-            "127.0.0.1:0"
-        } else {
-            "[::1]:0"
-        }
-        .parse()
-        .unwrap();
-        Udp {
-            c: Client::new("u", "p", false),
-            s: UdpSocket::bind(bind).await.unwrap(),
-            server,
-        }
-    }
-
-    async fn flush(&mut self) {
-        while let Some(b) = self.c.poll_transmit() {
-            self.s.send_to(&b, self.server).await.unwrap();
-        }
-    }
-
-    /// Runs until an event arrives.
-    async fn event(&mut self) -> Event {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 2048];
-        loop {
-            self.flush().await;
-            if let Some(e) = self.c.poll_event() {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no event");
-            if let Ok(Ok((n, _))) =
-                tokio::time::timeout(Duration::from_millis(100), self.s.recv_from(&mut buf)).await
-            {
-                self.c.handle_input(Instant::now(), &buf[..n]);
-            }
-            self.c.handle_timeout(Instant::now());
-        }
-    }
-
     async fn send_raw(&mut self, b: &[u8]) {
         self.s.send_to(b, self.server).await.unwrap();
     }

@@ -7,7 +7,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kyuu_client::turn::{AllocateOptions, Client, Event};
+mod common;
+use common::Udp;
+
+use kyuu_client::turn::{AllocateOptions, Event};
 use kyuu_server::relay::{self, ListenConfig, RelayHandle, Transport};
 use kyuu_stun::attr::{self, Icmp};
 use kyuu_turn::{TurnConfig, UserConfig};
@@ -40,51 +43,7 @@ async fn server(listen: &[&str], users: Vec<UserConfig>) -> RelayHandle {
     relay::start(&l, turn(users), None).await.unwrap()
 }
 
-/// A TURN client over UDP.
-struct Udp {
-    c: Client,
-    s: UdpSocket,
-    server: SocketAddr,
-}
-
 impl Udp {
-    async fn new(server: SocketAddr, user: &str, password: &str) -> Self {
-        let bind = if server.is_ipv4() {
-            "127.0.0.1:0"
-        } else {
-            "[::1]:0"
-        };
-        Udp {
-            c: Client::new(user, password, false),
-            s: UdpSocket::bind(bind).await.unwrap(),
-            server,
-        }
-    }
-
-    async fn flush(&mut self) {
-        while let Some(b) = self.c.poll_transmit() {
-            self.s.send_to(&b, self.server).await.unwrap();
-        }
-    }
-
-    async fn event(&mut self) -> Event {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 4096];
-        loop {
-            self.flush().await;
-            if let Some(e) = self.c.poll_event() {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no event");
-            if let Ok(Ok((n, _))) =
-                tokio::time::timeout(Duration::from_millis(100), self.s.recv_from(&mut buf)).await
-            {
-                self.c.handle_input(Instant::now(), &buf[..n]);
-            }
-            self.c.handle_timeout(Instant::now());
-        }
-    }
-
     async fn allocate(&mut self, o: AllocateOptions) -> SocketAddr {
         self.c.allocate_with(Instant::now(), &o);
         match self.event().await {
@@ -124,7 +83,7 @@ async fn icmp_port_unreachable_reaches_the_client_v4_and_v6() {
             .find(|(p, a)| *p == Transport::Udp && a.is_ipv4() == (family == attr::FAMILY_IPV4))
             .map(|(_, a)| *a)
             .unwrap();
-        let mut u = Udp::new(server_addr, "u", "p").await;
+        let mut u = Udp::with_user(server_addr, "u", "p").await;
         u.allocate(AllocateOptions {
             family: Some(family),
             ..Default::default()
@@ -177,9 +136,9 @@ async fn icmp_port_unreachable_reaches_the_client_v4_and_v6() {
 async fn icmp_goes_only_to_the_allocation_that_sent() {
     let h = server(&["127.0.0.1:0"], vec![user("u", "p")]).await;
     let a = h.addr(Transport::Udp).unwrap();
-    let mut quiet = Udp::new(a, "u", "p").await;
+    let mut quiet = Udp::with_user(a, "u", "p").await;
     quiet.allocate(AllocateOptions::default()).await;
-    let mut u = Udp::new(a, "u", "p").await;
+    let mut u = Udp::with_user(a, "u", "p").await;
     u.allocate(AllocateOptions::default()).await;
     let closed = closed_port("127.0.0.1");
     u.c.create_permission(Instant::now(), &[closed]);
@@ -201,7 +160,7 @@ async fn icmp_goes_only_to_the_allocation_that_sent() {
 #[tokio::test]
 async fn an_icmp_burst_is_passed_on_and_relaying_goes_on() {
     let h = server(&["127.0.0.1:0"], vec![user("u", "p")]).await;
-    let mut u = Udp::new(h.addr(Transport::Udp).unwrap(), "u", "p").await;
+    let mut u = Udp::with_user(h.addr(Transport::Udp).unwrap(), "u", "p").await;
     let relayed = u.allocate(AllocateOptions::default()).await;
     let closed = closed_port("127.0.0.1");
     let live = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -254,7 +213,7 @@ async fn an_icmp_burst_is_passed_on_and_relaying_goes_on() {
 #[tokio::test]
 async fn channel_numbers_above_0x4fff_get_400() {
     let h = server(&["127.0.0.1:0"], vec![user("u", "p")]).await;
-    let mut u = Udp::new(h.addr(Transport::Udp).unwrap(), "u", "p").await;
+    let mut u = Udp::with_user(h.addr(Transport::Udp).unwrap(), "u", "p").await;
     u.allocate(AllocateOptions::default()).await;
     let peer = closed_port("127.0.0.1");
     u.c.channel_bind(Instant::now(), 0x5000, peer);
@@ -293,7 +252,7 @@ async fn opaque_string_prepared_credentials_authenticate() {
         ("asc\u{0007}ii", "Pa ss", Some(401)),
     ];
     for (name, password, want) in cases {
-        let mut u = Udp::new(a, name, password).await;
+        let mut u = Udp::with_user(a, name, password).await;
         u.c.allocate(Instant::now());
         let e = u.event().await;
         match want {
@@ -361,12 +320,12 @@ async fn df_scenario() {
     let short = Duration::from_millis(500);
 
     // Without DONT-FRAGMENT in the Allocate.
-    let mut plain = Udp::new(a, "u", "p").await;
+    let mut plain = Udp::with_user(a, "u", "p").await;
     plain.allocate(AllocateOptions::default()).await;
     plain.c.channel_bind(Instant::now(), 0x4000, peer_addr);
     assert!(matches!(plain.event().await, Event::ChannelBound { .. }));
     // With it.
-    let mut df = Udp::new(a, "u", "p").await;
+    let mut df = Udp::with_user(a, "u", "p").await;
     df.allocate(AllocateOptions {
         dont_fragment: true,
         ..Default::default()

@@ -99,3 +99,59 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
             .supported_schemes()
     }
 }
+
+/// A TURN client over UDP: the sans-IO client (`kyuu_client::turn`) on a socket bound to the
+/// loopback address of the server's family. Test files add their own methods (`impl Udp`).
+pub struct Udp {
+    pub c: kyuu_client::turn::Client,
+    pub s: tokio::net::UdpSocket,
+    pub server: std::net::SocketAddr,
+}
+
+impl Udp {
+    /// The user `u` with password `p`.
+    pub async fn new(server: std::net::SocketAddr) -> Self {
+        Self::with_user(server, "u", "p").await
+    }
+
+    pub async fn with_user(server: std::net::SocketAddr, user: &str, password: &str) -> Self {
+        let bind = if server.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        Udp {
+            c: kyuu_client::turn::Client::new(user, password, false),
+            s: tokio::net::UdpSocket::bind(bind).await.unwrap(),
+            server,
+        }
+    }
+
+    pub async fn flush(&mut self) {
+        while let Some(b) = self.c.poll_transmit() {
+            self.s.send_to(&b, self.server).await.unwrap();
+        }
+    }
+
+    /// Runs the client until an event arrives (at most 5 s).
+    pub async fn event(&mut self) -> kyuu_client::turn::Event {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            self.flush().await;
+            if let Some(e) = self.c.poll_event() {
+                return e;
+            }
+            assert!(std::time::Instant::now() < deadline, "no event");
+            if let Ok(Ok((n, _))) = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                self.s.recv_from(&mut buf),
+            )
+            .await
+            {
+                self.c.handle_input(std::time::Instant::now(), &buf[..n]);
+            }
+            self.c.handle_timeout(std::time::Instant::now());
+        }
+    }
+}
