@@ -11,9 +11,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod support;
-use support::{start_redis, Proc};
+use support::{free_udp_tcp_port, serve_until_ready, start_redis, Proc};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +26,6 @@ use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const SECRET: &str = "fleet-rest-secret";
 const TOKEN: &str = "fleet-admin-token-0123";
 
@@ -43,18 +42,6 @@ fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
-    // A port free for both UDP and TCP.
-    for _ in 0..100 {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port");
-}
-
 struct Node {
     proc: Proc,
     http: SocketAddr,
@@ -65,8 +52,8 @@ fn start_node(name: &str, redis_port: u16) -> Node {
     let dir = std::env::temp_dir().join(format!("kyuu-fleet-turn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
-    let turn = free_port();
-    let http = free_port();
+    let turn = free_udp_tcp_port();
+    let http = free_udp_tcp_port();
     // strict_channel_numbers = false: RFC 5766 compatibility for coturn 4.6.1's uclient, which
     // binds channel numbers above 0x4FFF (RFC 8656 §12).
     std::fs::write(
@@ -84,34 +71,9 @@ fn start_node(name: &str, redis_port: u16) -> Node {
         ),
     )
     .unwrap();
-    let mut child = Command::new(KYUU)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .env_remove("KYUU_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut summary = String::new();
-    loop {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "kyuu serve exited early:\n{summary}");
-        summary.push_str(&line);
-        if line.trim_start().starts_with("HTTP") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no summary: {summary}");
-    }
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = out.read_to_end(&mut sink);
-    });
+    let proc = serve_until_ready(&cfg);
     Node {
-        proc: Proc(child),
+        proc,
         http: SocketAddr::from(([127, 0, 0, 1], http)),
         turn: SocketAddr::from(([127, 0, 0, 1], turn)),
     }
@@ -247,7 +209,7 @@ async fn turn_across_two_nodes() {
             return;
         }
     }
-    let redis_port = free_port();
+    let redis_port = free_udp_tcp_port();
     let mut redis = Some(start_redis(redis_port));
     let mut a = start_node("a", redis_port);
     let b = start_node("b", redis_port);
@@ -345,7 +307,7 @@ async fn turn_across_two_nodes() {
     }
 
     // coturn's uclient follows it too: its allocations land on B.
-    let peer_port = free_port();
+    let peer_port = free_udp_tcp_port();
     let peer_proc = Proc(
         Command::new("turnutils_peer")
             .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])

@@ -9,11 +9,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod support;
-use support::{start_redis, Proc};
+use support::{free_udp_tcp_port, serve_until_ready, start_redis, Proc};
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kyuu_client::turn_udp::Allocation;
@@ -23,22 +23,10 @@ use kyuu_rawr::wire::Mac;
 use kyuu_server::rawr::runtime::{run_peer, PeerEnv};
 use tokio::net::UdpSocket;
 
-const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const SECRET: &str = "rawr-fleet-rest-secret";
 
 fn required() -> bool {
     std::env::var("KYUU_INTEROP_REQUIRED").is_ok_and(|v| v == "1")
-}
-
-fn free_port() -> u16 {
-    for _ in 0..100 {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port");
 }
 
 struct Node {
@@ -59,8 +47,8 @@ fn start_kyuu(name: &str, extra_turn: &str, tail: &str) -> Node {
     let dir = std::env::temp_dir().join(format!("kyuu-rawr-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
-    let turn = free_port();
-    let http = free_port();
+    let turn = free_udp_tcp_port();
+    let http = free_udp_tcp_port();
     let threads = if extra_turn.is_empty() { 0 } else { 2 };
     std::fs::write(
         &cfg,
@@ -73,34 +61,9 @@ fn start_kyuu(name: &str, extra_turn: &str, tail: &str) -> Node {
         ),
     )
     .unwrap();
-    let mut child = Command::new(KYUU)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .env_remove("KYUU_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut summary = String::new();
-    loop {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "kyuu serve exited early:\n{summary}");
-        summary.push_str(&line);
-        if line.trim_start().starts_with("HTTP") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no summary: {summary}");
-    }
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = out.read_to_end(&mut sink);
-    });
+    let proc = serve_until_ready(&cfg);
     Node {
-        proc: Proc(child),
+        proc,
         turn: SocketAddr::from(([127, 0, 0, 1], turn)),
         http: SocketAddr::from(([127, 0, 0, 1], http)),
     }
@@ -187,7 +150,7 @@ async fn exchange_split_across_two_root_nodes_still_pairs() {
         eprintln!("SKIP rawr_fleet: redis-server missing");
         return;
     }
-    let rport = free_port();
+    let rport = free_udp_tcp_port();
     let mut redis = start_redis(rport);
     let n1 = start_node("root1", rport);
     let n2 = start_node("root2", rport);

@@ -357,3 +357,49 @@ pub fn start_redis(port: u16) -> Proc {
     }
     Proc(child)
 }
+
+/// A port free for both UDP and TCP on 127.0.0.1.
+pub fn free_udp_tcp_port() -> u16 {
+    for _ in 0..100 {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = t.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port");
+}
+
+/// Starts `kyuu serve --config <config>` (no `RUST_LOG`, no `KYUU_CONFIG`) and returns once its
+/// start-up summary has printed the HTTP line (at most 20 s); the rest of its stdout is drained
+/// by a thread so the server never blocks on it.
+pub fn serve_until_ready(config: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kyuu"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .env_remove("KYUU_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut summary = String::new();
+    loop {
+        let mut line = String::new();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "kyuu serve exited early:\n{summary}");
+        summary.push_str(&line);
+        if line.trim_start().starts_with("HTTP") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no summary: {summary}");
+    }
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut sink);
+    });
+    proc
+}
