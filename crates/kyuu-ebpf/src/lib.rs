@@ -297,7 +297,7 @@ impl FastPath {
                 .ok_or_else(|| FastPathError::Load("no program kyuu_turn".into()))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| FastPathError::Load(e.to_string()))?;
-            prog.load()
+            load_retrying(|| prog.load())
                 .map_err(|e| FastPathError::Load(format!("{e} ({e:?})")))?;
         }
         Ok(FastPath {
@@ -520,4 +520,23 @@ pub fn interface_of(ip: IpAddr) -> Option<String> {
         }
     }
     None
+}
+
+/// Tries a program load again (at most 5 times in all) when the kernel answers EAGAIN: the
+/// verifier gives up with EAGAIN when a signal is pending for the loading thread, whatever the
+/// program (libbpf retries the same way). Any other result is returned as it is.
+pub(crate) fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && tries < 5 =>
+            {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
 }

@@ -102,7 +102,7 @@ impl Steering {
                 .ok_or_else(|| SteerError::Load("no program kyuu_steer".into()))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
-            prog.load()
+            crate::load_retrying(|| prog.load())
                 .map_err(|e| SteerError::Load(format!("{e} ({e:?})")))?;
             let netns = std::fs::File::open("/proc/thread-self/ns/net")
                 .map_err(|e| SteerError::Attach(format!("/proc/thread-self/ns/net: {e}")))?;
