@@ -52,7 +52,18 @@ pub fn opaque_string(s: &str) -> Result<Cow<'_, str>, PrepError> {
     if !s.is_empty() && s.bytes().all(|b| (0x20..0x7F).contains(&b)) {
         return Ok(Cow::Borrowed(s));
     }
-    OpaqueString::enforce(s).map_err(|e| PrepError(e.to_string()))
+    // RFC 8264 §7: apply the rules again until the output is stable; reject a string that does
+    // not stabilise after three more applications, or whose output the rules refuse (seen with
+    // the crate's tables: an accepted string whose NFC form holds an unassigned code point).
+    let mut out = OpaqueString::enforce(s).map_err(|e| PrepError(e.to_string()))?;
+    for _ in 0..3 {
+        let again = OpaqueString::enforce(out.as_ref()).map_err(|e| PrepError(e.to_string()))?;
+        if again.as_ref() == out.as_ref() {
+            return Ok(out);
+        }
+        out = Cow::Owned(again.into_owned());
+    }
+    Err(PrepError("does not stabilise (RFC 8264 §7)".into()))
 }
 
 impl Key {
