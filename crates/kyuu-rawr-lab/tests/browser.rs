@@ -41,6 +41,12 @@ fn prerequisites() -> Result<(), String> {
     if Command::new("node").arg("--version").output().is_err() {
         return Err("no node".into());
     }
+    // The tests of this file run in parallel: one `npm ci` at a time (a second one deletes the
+    // node_modules the first is filling, and fails).
+    static NPM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _npm = NPM
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = browser_dir();
     if dir.join("node_modules/playwright-core").exists() {
         return Ok(());

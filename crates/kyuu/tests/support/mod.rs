@@ -75,6 +75,11 @@ pub fn prerequisites(script: &str) -> Result<(), String> {
     if !dir.join(script).exists() {
         return Err(format!("{} missing", dir.join(script).display()));
     }
+    // Tests of one file run in parallel: one `npm ci` at a time.
+    static NPM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _npm = NPM
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if dir.join("node_modules/playwright-core").exists() {
         return Ok(());
     }
