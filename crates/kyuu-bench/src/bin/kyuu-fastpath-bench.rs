@@ -69,7 +69,7 @@ const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 10);
 const PEER_PORT: u16 = 7000;
 const PORT: u16 = 3478;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "kernel fast path vs userspace vs coturn, through veth in the network lab")]
 struct Args {
     #[arg(long, default_value = "target/release/kyuu")]
@@ -98,6 +98,10 @@ struct Args {
     hog: usize,
     #[arg(long, default_value = "null,kyuu-fastpath,kyuu-off,coturn")]
     targets: String,
+    /// Run issue 11's matrix (1, 100, 1,000 and 10,000 allocations at 100 B and 1200 B; the
+    /// `--allocations` and `--payload` given are ignored) and print its goal-1 table.
+    #[arg(long)]
+    sweep: bool,
 }
 
 /// The XDP ends of the benchmark, loaded from the object `build.rs` compiled.
@@ -671,7 +675,10 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
     Ok(Row {
         target: target.into(),
         note: format!(
-            "{relaying}/{n} relaying; fixed phase: {} sent, {} echoed, {:.1}% back, {} late stamps, {} GSO packets; {} RTTs > 1 ms, {} datagrams > 1 ms from stamp to send return (max {:.1} ms); CPU s: generator {:.2}, server {:.2}, ksoftirqd {:.2}; machine busy {:.0}% (softirq {:.1}%)",
+            "{relaying}/{n} relaying; unpaced phase: {} sent, {} echoed, {} back; fixed phase: {} sent, {} echoed, {:.1}% back, {} late stamps, {} GSO packets; {} RTTs > 1 ms, {} datagrams > 1 ms from stamp to send return (max {:.1} ms); CPU s: generator {:.2}, server {:.2}, ksoftirqd {:.2}; machine busy {:.0}% (softirq {:.1}%)",
+            max.sent,
+            max.reflected,
+            max.received,
             fixed.sent,
             fixed.reflected,
             100.0 * fixed.received as f64 / fixed.sent.max(1) as f64,
@@ -703,10 +710,52 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let _ = rlimit::increase_nofile_limit(65_536);
-    let w = build().context("building the lab (root, ip)")?;
+/// One configuration (allocations, payload): every target, its table and its goal lines.
+struct Config {
+    allocations: usize,
+    payload: usize,
+    rows: Vec<Row>,
+}
+
+impl Config {
+    fn find(&self, t: &str) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.target == t && r.fixed.received > 0)
+    }
+
+    fn null_us(&self) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r.target == "null")
+            .map(|r| r.fixed.cpu_us_per_rt())
+    }
+
+    /// Relay CPU µs per round trip: the target's minus the harness's (`null`).
+    fn relay_us(&self, r: &Row) -> f64 {
+        match (r.target.as_str(), self.null_us()) {
+            ("null", _) => 0.0,
+            (_, Some(n)) => r.fixed.cpu_us_per_rt() - n,
+            (_, None) => f64::NAN,
+        }
+    }
+
+    /// (pkt/s ratio, relay CPU ratio, p99 ratio) of `target` against coturn.
+    fn vs_coturn(&self, target: &str) -> Option<(f64, f64, f64)> {
+        let (t, ct) = (self.find(target)?, self.find("coturn")?);
+        Some((
+            pps(t) / pps(ct),
+            self.relay_us(t) / self.relay_us(ct),
+            t.fixed.pct(0.99) / ct.fixed.pct(0.99),
+        ))
+    }
+}
+
+fn pps(r: &Row) -> f64 {
+    r.max.received as f64 / r.max.secs.max(1e-9)
+}
+
+fn run_config(w: &World, args: &Args) -> anyhow::Result<Config> {
     let world_if = w.world_if.clone();
     let seg = args.payload.max(8) as u32;
     let e = w
@@ -716,8 +765,11 @@ fn main() -> anyhow::Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut rows = Vec::new();
     for target in args.targets.split(',') {
-        eprintln!("running {target} ...");
-        match run_target(&w, &args, target, &e) {
+        eprintln!(
+            "running {target} ({} allocations, {} B) ...",
+            args.allocations, args.payload
+        );
+        match run_target(w, args, target, &e) {
             Ok(r) => rows.push(r),
             Err(err) => rows.push(Row {
                 target: target.into(),
@@ -727,15 +779,12 @@ fn main() -> anyhow::Result<()> {
             }),
         }
     }
+    drop(e);
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let null_us = rows
-        .iter()
-        .find(|r| r.target == "null")
-        .map(|r| r.fixed.cpu_us_per_rt());
-    let relay_us = |r: &Row| match (r.target.as_str(), null_us) {
-        ("null", _) => 0.0,
-        (_, Some(n)) => r.fixed.cpu_us_per_rt() - n,
-        (_, None) => f64::NAN,
+    let c = Config {
+        allocations: args.allocations,
+        payload: args.payload,
+        rows,
     };
     println!(
         "\n{} allocations, {} B payload, {} s per phase, sendmmsg batch {}, {} CPUs; fixed phase at {} round trips/s offered{}",
@@ -755,25 +804,20 @@ fn main() -> anyhow::Result<()> {
     println!("CPU method (fixed-rate phase): CPU time (schedstat) of the generator thread + the server process + the ksoftirqd threads, per delivered round trip. This kernel has no IRQ time accounting, so softirq work (the XDP fast path, veth delivery, the stack) is charged to the task in whose context it runs: the sender's. Relay CPU = that minus the null run's (harness: generator, veth, XDP echo and receiver), so it holds the server's process and kernel work, both directions. Other load on the machine is not in it (machine busy is in the note).\n");
     println!("| target | max round trips/s (unpaced) | CPU µs/rt at fixed rate (generator+server+ksoftirqd) | relay CPU µs/rt (minus null) | RTT p50 µs | RTT p99 µs | RTT max µs | note |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
-    for r in &rows {
+    for r in &c.rows {
         println!(
             "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {} |",
             r.target,
-            r.max.received as f64 / r.max.secs.max(1e-9),
+            pps(r),
             r.fixed.cpu_us_per_rt(),
-            relay_us(r),
+            c.relay_us(r),
             r.fixed.pct(0.5),
             r.fixed.pct(0.99),
             r.fixed.max(),
             r.note
         );
     }
-    let find = |t: &str| rows.iter().find(|r| r.target == t && r.fixed.received > 0);
-    if let (Some(fp), Some(ct)) = (find("kyuu-fastpath"), find("coturn")) {
-        let pps = |r: &Row| r.max.received as f64 / r.max.secs.max(1e-9);
-        let ratio = pps(fp) / pps(ct);
-        let cpu = relay_us(fp) / relay_us(ct);
-        let p99 = fp.fixed.pct(0.99) / ct.fixed.pct(0.99);
+    if let Some((ratio, cpu, p99)) = c.vs_coturn("kyuu-fastpath") {
         println!();
         println!(
             "pkt/s: fast path {ratio:.2}x coturn (goal >= 3x): {}",
@@ -787,15 +831,75 @@ fn main() -> anyhow::Result<()> {
             "RTT p99: fast path {p99:.2}x coturn (goal <= 1x): {}",
             verdict(p99 <= 1.0)
         );
-        if let Some(off) = find("kyuu-off") {
-            println!(
-                "fast path off: pkt/s {:.2}x coturn, relay CPU {:.2}x coturn, p99 {:.2}x coturn",
-                pps(off) / pps(ct),
-                relay_us(off) / relay_us(ct),
-                off.fixed.pct(0.99) / ct.fixed.pct(0.99)
-            );
+    }
+    if let Some((ratio, cpu, p99)) = c.vs_coturn("kyuu-off") {
+        println!(
+            "fast path off: pkt/s {ratio:.2}x coturn, relay CPU {cpu:.2}x coturn, p99 {p99:.2}x coturn"
+        );
+    }
+    Ok(c)
+}
+
+/// Issue 11's first goal over the whole matrix: at least 1.5x coturn's relayed packets/s and at
+/// most 0.6x its relay CPU per packet, with 1, 100, 1,000 and 10,000 allocations, at 100 B and
+/// 1200 B; marked for kyuu with the fast path and for kyuu in userspace only.
+fn print_sweep(configs: &[Config]) {
+    println!("\n## Issue 11 goal 1: relayed packets/s >= 1.5x coturn's and relay CPU per packet <= 0.6x coturn's\n");
+    println!("| allocations | payload | fast path pkt/s vs coturn | fast path relay CPU vs coturn | kyuu userspace pkt/s vs coturn | kyuu userspace relay CPU vs coturn |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    let cell = |v: Option<f64>, ok: fn(f64) -> bool| match v {
+        Some(x) if x.is_finite() => format!("{x:.2}x {}", verdict(ok(x))),
+        _ => "n/a".to_owned(),
+    };
+    let pps_ok: fn(f64) -> bool = |x| x >= 1.5;
+    let cpu_ok: fn(f64) -> bool = |x| x <= 0.6;
+    let mut all = [true, true];
+    for c in configs {
+        let fp = c.vs_coturn("kyuu-fastpath");
+        let off = c.vs_coturn("kyuu-off");
+        for (i, v) in [fp, off].iter().enumerate() {
+            all[i] &= v.is_some_and(|(p, cpu, _)| pps_ok(p) && cpu_ok(cpu));
+        }
+        println!(
+            "| {} | {} B | {} | {} | {} | {} |",
+            c.allocations,
+            c.payload,
+            cell(fp.map(|v| v.0), pps_ok),
+            cell(fp.map(|v| v.1), cpu_ok),
+            cell(off.map(|v| v.0), pps_ok),
+            cell(off.map(|v| v.1), cpu_ok),
+        );
+    }
+    println!();
+    println!(
+        "goal 1 with the kernel fast path (turn.fast_path = \"auto\"), every case: {}",
+        verdict(all[0])
+    );
+    println!(
+        "goal 1 in userspace only (turn.fast_path = \"off\"), every case: {}",
+        verdict(all[1])
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = rlimit::increase_nofile_limit(65_536);
+    let w = build().context("building the lab (root, ip)")?;
+    if !args.sweep {
+        run_config(&w, &args)?;
+        return Ok(());
+    }
+    let mut configs = Vec::new();
+    for payload in [100, 1200] {
+        for allocations in [1, 100, 1000, 10_000] {
+            let a = Args {
+                allocations,
+                payload,
+                ..args.clone()
+            };
+            configs.push(run_config(&w, &a)?);
         }
     }
-    drop(e);
+    print_sweep(&configs);
     Ok(())
 }

@@ -47,8 +47,15 @@ const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// an allocation lives as long as the allocation.
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Batches a socket may read before letting other tasks run.
+/// Batches a relay socket may read before letting other tasks run.
 const READ_BUDGET: usize = 16;
+/// Batches a listener may read before letting other tasks run: as many datagrams as a relay
+/// socket's turn (`READ_BUDGET` x `RELAY_BATCH`). Client datagrams the listener forwards come back
+/// as peer datagrams on the relay sockets, so a listener that admitted more per turn than the
+/// relay sockets drain would fill their receive buffers under load and lose the return half of
+/// round trips it had already paid for (measured: 1 allocation, unpaced, 4 of 5 echoes dropped at
+/// the relay socket with a 16-batch listener turn).
+const LISTENER_READ_BUDGET: usize = (READ_BUDGET * RELAY_BATCH).div_ceil(BATCH);
 
 type Sh = Rc<RefCell<State>>;
 /// A UDP socket registered with the runtime. `AsyncFd` rather than `tokio::net::UdpSocket` so a
@@ -1422,7 +1429,7 @@ async fn listener_loop(
             return;
         };
         let mut exhausted = true;
-        for _ in 0..READ_BUDGET {
+        for _ in 0..LISTENER_READ_BUDGET {
             let mut ar = arena.borrow_mut();
             let n = match ar.recv(&state, &sock, 0, BATCH) {
                 Ok(n) => n,
