@@ -139,21 +139,51 @@ pub(crate) fn gauges(shard: u16, allocations: usize, permissions: usize, channel
     metrics::gauge!("kyuu_turn_channels", "shard" => shard).set(channels as f64);
 }
 
-/// Hands an allocation's relayed traffic since the last flush to the registry.
+/// Relayed traffic of many allocations, summed per transport and direction so the registry is
+/// looked up once per tick, not four times per allocation (a label lookup hashes the key; with
+/// 10,000 allocations that was 40,000 lookups a second per server).
+#[derive(Debug, Default)]
+pub(crate) struct Relayed {
+    /// Per transport (`Transport as usize`): to-peer packets, bytes; to-client packets, bytes.
+    sums: [[u64; 4]; TRANSPORTS.len()],
+}
+
+impl Relayed {
+    /// Adds an allocation's traffic since its last flush and marks it flushed.
+    pub fn add(&mut self, a: &mut Allocation) {
+        let (s, f) = (a.stats, &mut a.flushed);
+        if let Some(sum) = self.sums.get_mut(a.client.transport as usize) {
+            sum[0] += s.to_peer_pkts.saturating_sub(f.to_peer_pkts);
+            sum[1] += s.to_peer_bytes.saturating_sub(f.to_peer_bytes);
+            sum[2] += s.to_client_pkts.saturating_sub(f.to_client_pkts);
+            sum[3] += s.to_client_bytes.saturating_sub(f.to_client_bytes);
+        }
+        *f = s;
+    }
+
+    /// Hands the sums to the registry.
+    pub fn flush(self) {
+        for (t, sum) in TRANSPORTS.iter().zip(self.sums) {
+            let t = t.label();
+            if sum[0] > 0 {
+                metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
+                    .increment(sum[0]);
+                metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
+                    .increment(sum[1]);
+            }
+            if sum[2] > 0 {
+                metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => "to_client", "transport" => t)
+                    .increment(sum[2]);
+                metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
+                    .increment(sum[3]);
+            }
+        }
+    }
+}
+
+/// Hands one allocation's relayed traffic since the last flush to the registry.
 pub(crate) fn flush_stats(a: &mut Allocation) {
-    let t = a.client.transport.label();
-    let (s, f) = (a.stats, &mut a.flushed);
-    if s.to_peer_pkts > f.to_peer_pkts {
-        metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
-            .increment(s.to_peer_pkts - f.to_peer_pkts);
-        metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
-            .increment(s.to_peer_bytes - f.to_peer_bytes);
-    }
-    if s.to_client_pkts > f.to_client_pkts {
-        metrics::counter!("kyuu_turn_relayed_packets_total", "direction" => "to_client", "transport" => t)
-            .increment(s.to_client_pkts - f.to_client_pkts);
-        metrics::counter!("kyuu_turn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
-            .increment(s.to_client_bytes - f.to_client_bytes);
-    }
-    *f = s;
+    let mut r = Relayed::default();
+    r.add(a);
+    r.flush();
 }

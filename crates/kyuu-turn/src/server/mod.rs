@@ -305,6 +305,7 @@ impl Server {
         self.next_tick = Some(now + TICK);
         let mut expired = Vec::new();
         let (mut perms, mut channels) = (0, 0);
+        let mut relayed = metrics::Relayed::default();
         for a in self.allocs.iter_mut() {
             if a.expires <= now {
                 expired.push(a.id);
@@ -313,8 +314,9 @@ impl Server {
             let (p, c) = a.expire(now);
             perms += p;
             channels += c;
-            metrics::flush_stats(a);
+            relayed.add(a);
         }
+        relayed.flush();
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
