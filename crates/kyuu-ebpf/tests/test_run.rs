@@ -46,7 +46,29 @@ impl Drop for Pinned {
     }
 }
 
+/// The BPF filesystem the program is pinned in: systemd mounts it at boot, a bare container may
+/// not have it; then it is mounted there, as systemd would.
+fn bpffs() {
+    static MOUNTED: std::sync::Once = std::sync::Once::new();
+    MOUNTED.call_once(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if !mounts.lines().any(|l| {
+            l.split(' ').nth(1) == Some("/sys/fs/bpf") && l.split(' ').nth(2) == Some("bpf")
+        }) {
+            let st = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status()
+                .expect("run mount");
+            assert!(
+                st.success(),
+                "mounting the BPF filesystem at /sys/fs/bpf failed"
+            );
+        }
+    });
+}
+
 fn load(max_ip_len: u32) -> Pinned {
+    bpffs();
     let path = PathBuf::from(format!(
         "/sys/fs/bpf/kyuu_test_{}_{}",
         std::process::id(),
