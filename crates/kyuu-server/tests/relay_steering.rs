@@ -12,12 +12,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Udp;
+use common::{peer_recv, Udp};
 
-use kyuu_client::turn::{AllocateOptions, Event};
+use kyuu_client::turn::Event;
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
-use kyuu_stun::attr;
 use kyuu_turn::{FastPathMode, PortRange, TurnConfig, UserConfig};
 use tokio::net::UdpSocket;
 
@@ -72,52 +71,6 @@ async fn server(threads: usize, turn: TurnConfig) -> Option<RelayHandle> {
     }
 }
 
-impl Udp {
-    async fn allocate(&mut self) -> SocketAddr {
-        let fam = if self.server.is_ipv4() {
-            attr::FAMILY_IPV4
-        } else {
-            attr::FAMILY_IPV6
-        };
-        self.c.allocate_with(
-            Instant::now(),
-            &AllocateOptions {
-                family: Some(fam),
-                ..Default::default()
-            },
-        );
-        let Event::Allocated { relayed, .. } = self.event().await else {
-            panic!("allocate failed")
-        };
-        relayed[0]
-    }
-
-    async fn bind(&mut self, channel: u16, peer: SocketAddr) {
-        self.c.channel_bind(Instant::now(), channel, peer);
-        assert!(matches!(self.event().await, Event::ChannelBound { .. }));
-    }
-
-    async fn channel_send(&mut self, channel: u16, data: &[u8]) {
-        let mut buf = [0u8; 256];
-        let n = self.c.channel_data(channel, data, &mut buf).unwrap();
-        self.s.send_to(&buf[..n], self.server).await.unwrap();
-    }
-
-    async fn delete(&mut self) {
-        self.c.refresh(Instant::now(), 0);
-        assert_eq!(self.event().await, Event::Refreshed { lifetime: 0 });
-    }
-}
-
-async fn peer_recv(peer: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    (buf[..n].to_vec(), from)
-}
-
 async fn wait_steered(h: &RelayHandle, want: usize) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while h.steered_ports() != Some(want) {
@@ -149,7 +102,7 @@ async fn steered_udp_relay_v4_and_v6_indications_and_channels() {
             .unwrap();
         let peer_addr = peer.local_addr().unwrap();
         let mut u = Udp::new(server_addr).await;
-        let relayed = u.allocate().await;
+        let relayed = u.allocate_same_family().await.0;
         assert_eq!(relayed.is_ipv4(), v4);
         assert_eq!(h.steered_ports(), Some(1), "the relay port is steered");
 
@@ -214,7 +167,7 @@ async fn steered_many_allocations_then_deleted() {
     let mut relays = Vec::new();
     for _ in 0..N {
         let mut u = Udp::new(server_addr).await;
-        relays.push(u.allocate().await);
+        relays.push(u.allocate_same_family().await.0);
         u.bind(0x4000, peer_addr).await;
         clients.push(u);
     }
@@ -272,7 +225,7 @@ async fn steered_port_reused_by_next_allocation() {
     let peer_addr = peer.local_addr().unwrap();
     for round in 0..3u8 {
         let mut u = Udp::new(server_addr).await;
-        let relayed = u.allocate().await;
+        let relayed = u.allocate_same_family().await.0;
         assert_eq!(relayed.port(), port);
         assert_eq!(h.steered_ports(), Some(1));
         u.bind(0x4002, peer_addr).await;
@@ -345,7 +298,7 @@ fn fallback() {
         let server_addr = h.addr(Transport::Udp).unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut u = Udp::new(server_addr).await;
-        let relayed = u.allocate().await;
+        let relayed = u.allocate_same_family().await.0;
         u.bind(0x4003, peer.local_addr().unwrap()).await;
         peer.send_to(b"unsteered", relayed).await.unwrap();
         assert_eq!(

@@ -2,16 +2,14 @@
 //! peer socket, the safe-default refusal of loopback peers, and state freed when clients leave.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Udp;
+use common::{peer_recv, Udp};
 
-use kyuu_client::turn::{AllocateOptions, Client, Event};
+use kyuu_client::turn::{Client, Event};
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
-use kyuu_stun::attr;
 use kyuu_turn::{TurnConfig, UserConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -43,12 +41,6 @@ async fn server(allow_loopback: bool) -> RelayHandle {
         )
     };
     relay::start(&l, turn(allow_loopback), None).await.unwrap()
-}
-
-impl Udp {
-    async fn send_raw(&mut self, b: &[u8]) {
-        self.s.send_to(b, self.server).await.unwrap();
-    }
 }
 
 /// A client talking over a byte stream (TCP or TLS).
@@ -83,15 +75,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     }
 }
 
-async fn peer_recv(peer: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    (buf[..n].to_vec(), from)
-}
-
 #[tokio::test]
 async fn udp_relay_v4_and_v6_with_send_and_channels() {
     let h = server(true).await;
@@ -107,26 +90,8 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
             .unwrap();
         let peer_addr = peer.local_addr().unwrap();
         let mut u = Udp::new(server_addr).await;
-        let fam = if v4 {
-            attr::FAMILY_IPV4
-        } else {
-            attr::FAMILY_IPV6
-        };
-        u.c.allocate_with(
-            Instant::now(),
-            &AllocateOptions {
-                family: Some(fam),
-                ..Default::default()
-            },
-        );
-        let Event::Allocated {
-            relayed, mapped, ..
-        } = u.event().await
-        else {
-            panic!()
-        };
+        let (relayed, mapped) = u.allocate_same_family().await;
         assert_eq!(mapped, Some(u.s.local_addr().unwrap()));
-        let relayed = relayed[0];
         assert_eq!(relayed.is_ipv4(), v4);
 
         u.c.create_permission(Instant::now(), &[peer_addr]);
@@ -144,11 +109,8 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
             }
         );
 
-        u.c.channel_bind(Instant::now(), 0x4001, peer_addr);
-        assert!(matches!(u.event().await, Event::ChannelBound { .. }));
-        let mut buf = [0u8; 64];
-        let n = u.c.channel_data(0x4001, b"via channel", &mut buf).unwrap();
-        u.send_raw(&buf[..n]).await;
+        u.bind(0x4001, peer_addr).await;
+        u.channel_send(0x4001, b"via channel").await;
         let (d, _) = peer_recv(&peer).await;
         assert_eq!(d, b"via channel");
         peer.send_to(b"back on channel", relayed).await.unwrap();
@@ -171,8 +133,7 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
                     .is_err()
             );
         }
-        u.c.refresh(Instant::now(), 0);
-        assert_eq!(u.event().await, Event::Refreshed { lifetime: 0 });
+        u.delete().await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(h.allocations(), 0);

@@ -154,4 +154,67 @@ impl Udp {
             self.c.handle_timeout(std::time::Instant::now());
         }
     }
+
+    /// Allocates a relay of the server's address family; returns its relayed address and the
+    /// mapped address the server saw.
+    pub async fn allocate_same_family(
+        &mut self,
+    ) -> (std::net::SocketAddr, Option<std::net::SocketAddr>) {
+        let family = if self.server.is_ipv4() {
+            kyuu_stun::attr::FAMILY_IPV4
+        } else {
+            kyuu_stun::attr::FAMILY_IPV6
+        };
+        self.c.allocate_with(
+            std::time::Instant::now(),
+            &kyuu_client::turn::AllocateOptions {
+                family: Some(family),
+                ..Default::default()
+            },
+        );
+        let kyuu_client::turn::Event::Allocated {
+            relayed, mapped, ..
+        } = self.event().await
+        else {
+            panic!("allocate failed")
+        };
+        (relayed[0], mapped)
+    }
+
+    /// ChannelBind `channel` to `peer`, waiting for the success.
+    pub async fn bind(&mut self, channel: u16, peer: std::net::SocketAddr) {
+        self.c
+            .channel_bind(std::time::Instant::now(), channel, peer);
+        assert!(matches!(
+            self.event().await,
+            kyuu_client::turn::Event::ChannelBound { .. }
+        ));
+    }
+
+    /// Sends `data` to the server as ChannelData on `channel`.
+    pub async fn channel_send(&mut self, channel: u16, data: &[u8]) {
+        let mut buf = [0u8; 256];
+        let n = self.c.channel_data(channel, data, &mut buf).unwrap();
+        self.s.send_to(&buf[..n], self.server).await.unwrap();
+    }
+
+    /// Deletes the allocation (a Refresh with lifetime 0), waiting for the success.
+    pub async fn delete(&mut self) {
+        self.c.refresh(std::time::Instant::now(), 0);
+        assert_eq!(
+            self.event().await,
+            kyuu_client::turn::Event::Refreshed { lifetime: 0 }
+        );
+    }
+}
+
+/// A relay peer's next datagram and its source, failing the test after 2 s without one.
+pub async fn peer_recv(peer: &tokio::net::UdpSocket) -> (Vec<u8>, std::net::SocketAddr) {
+    let mut buf = vec![0u8; 2048];
+    let (n, from) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), peer.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    (buf[..n].to_vec(), from)
 }
