@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{peer_recv, Udp};
+use common::{peer_recv, relay_both_ways, Udp};
 
 use kyuu_client::turn::{Client, Event};
 use kyuu_server::relay::Transport;
@@ -85,54 +85,12 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
         .map(|(_, a)| *a)
     {
         let v4 = server_addr.is_ipv4();
-        let peer = UdpSocket::bind(if v4 { "127.0.0.1:0" } else { "[::1]:0" })
-            .await
-            .unwrap();
-        let peer_addr = peer.local_addr().unwrap();
         let mut u = Udp::new(server_addr).await;
         let (relayed, mapped) = u.allocate_same_family().await;
         assert_eq!(mapped, Some(u.s.local_addr().unwrap()));
         assert_eq!(relayed.is_ipv4(), v4);
 
-        u.c.create_permission(Instant::now(), &[peer_addr]);
-        assert_eq!(u.event().await, Event::PermissionCreated);
-        u.c.send_indication(peer_addr, b"via send");
-        u.flush().await;
-        let (d, from) = peer_recv(&peer).await;
-        assert_eq!((d.as_slice(), from), (&b"via send"[..], relayed));
-        peer.send_to(b"back as data", relayed).await.unwrap();
-        assert_eq!(
-            u.event().await,
-            Event::Data {
-                peer: peer_addr,
-                data: b"back as data".to_vec()
-            }
-        );
-
-        u.bind(0x4001, peer_addr).await;
-        u.channel_send(0x4001, b"via channel").await;
-        let (d, _) = peer_recv(&peer).await;
-        assert_eq!(d, b"via channel");
-        peer.send_to(b"back on channel", relayed).await.unwrap();
-        assert_eq!(
-            u.event().await,
-            Event::ChannelData {
-                channel: 0x4001,
-                data: b"back on channel".to_vec()
-            }
-        );
-
-        // A peer without permission is not relayed.
-        let stranger = UdpSocket::bind(if v4 { "127.0.0.2:0" } else { "[::1]:0" }).await;
-        if let (true, Ok(stranger)) = (v4, stranger) {
-            stranger.send_to(b"spam", relayed).await.unwrap();
-            let mut b = [0u8; 100];
-            assert!(
-                tokio::time::timeout(Duration::from_millis(300), u.s.recv_from(&mut b))
-                    .await
-                    .is_err()
-            );
-        }
+        relay_both_ways(&mut u, relayed).await;
         u.delete().await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
