@@ -340,6 +340,20 @@ struct Mmsg {
     lens: Vec<usize>,
 }
 
+/// One `mmsghdr` for each of `iovs`, pointing at it: the iovecs must outlive the headers' use.
+fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            #[allow(unsafe_code)]
+            // SAFETY: an all-zero mmsghdr is a valid empty header.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
+}
+
 impl Mmsg {
     fn new(batch: usize) -> Self {
         let batch = batch.clamp(1, 1024);
@@ -375,18 +389,10 @@ impl Mmsg {
             })
             .collect();
         #[allow(unsafe_code)]
-        // SAFETY: an all-zero mmsghdr is a valid empty header; each then points at one iovec of
-        // `iovs`, which outlives the call, and each iovec at one slot of `self.bufs`.
+        // SAFETY: each header points at one iovec of `iovs`, which outlives the call, and each
+        // iovec at one slot of `self.bufs`.
         let n = unsafe {
-            let mut hdrs: Vec<libc::mmsghdr> = iovs
-                .iter_mut()
-                .map(|iov| {
-                    let mut h: libc::mmsghdr = std::mem::zeroed();
-                    h.msg_hdr.msg_iov = iov;
-                    h.msg_hdr.msg_iovlen = 1;
-                    h
-                })
-                .collect();
+            let mut hdrs = mmsg_headers(&mut iovs);
             let n = libc::recvmmsg(
                 s.as_raw_fd(),
                 hdrs.as_mut_ptr(),
@@ -422,17 +428,9 @@ impl Mmsg {
             })
             .collect();
         #[allow(unsafe_code)]
-        // SAFETY: as in `recv`: zeroed headers, each pointing at one live iovec.
+        // SAFETY: as in `recv`: each header points at one live iovec, each iovec at one slot.
         unsafe {
-            let mut hdrs: Vec<libc::mmsghdr> = iovs
-                .iter_mut()
-                .map(|iov| {
-                    let mut h: libc::mmsghdr = std::mem::zeroed();
-                    h.msg_hdr.msg_iov = iov;
-                    h.msg_hdr.msg_iovlen = 1;
-                    h
-                })
-                .collect();
+            let mut hdrs = mmsg_headers(&mut iovs);
             libc::sendmmsg(
                 s.as_raw_fd(),
                 hdrs.as_mut_ptr(),
