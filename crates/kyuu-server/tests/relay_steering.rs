@@ -12,12 +12,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Udp;
+use common::{peer_recv, relay_both_ways, Udp};
 
-use kyuu_client::turn::{AllocateOptions, Event};
+use kyuu_client::turn::Event;
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
-use kyuu_stun::attr;
 use kyuu_turn::{FastPathMode, PortRange, TurnConfig, UserConfig};
 use tokio::net::UdpSocket;
 
@@ -72,52 +71,6 @@ async fn server(threads: usize, turn: TurnConfig) -> Option<RelayHandle> {
     }
 }
 
-impl Udp {
-    async fn allocate(&mut self) -> SocketAddr {
-        let fam = if self.server.is_ipv4() {
-            attr::FAMILY_IPV4
-        } else {
-            attr::FAMILY_IPV6
-        };
-        self.c.allocate_with(
-            Instant::now(),
-            &AllocateOptions {
-                family: Some(fam),
-                ..Default::default()
-            },
-        );
-        let Event::Allocated { relayed, .. } = self.event().await else {
-            panic!("allocate failed")
-        };
-        relayed[0]
-    }
-
-    async fn bind(&mut self, channel: u16, peer: SocketAddr) {
-        self.c.channel_bind(Instant::now(), channel, peer);
-        assert!(matches!(self.event().await, Event::ChannelBound { .. }));
-    }
-
-    async fn channel_send(&mut self, channel: u16, data: &[u8]) {
-        let mut buf = [0u8; 256];
-        let n = self.c.channel_data(channel, data, &mut buf).unwrap();
-        self.s.send_to(&buf[..n], self.server).await.unwrap();
-    }
-
-    async fn delete(&mut self) {
-        self.c.refresh(Instant::now(), 0);
-        assert_eq!(self.event().await, Event::Refreshed { lifetime: 0 });
-    }
-}
-
-async fn peer_recv(peer: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    (buf[..n].to_vec(), from)
-}
-
 async fn wait_steered(h: &RelayHandle, want: usize) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while h.steered_ports() != Some(want) {
@@ -144,55 +97,12 @@ async fn steered_udp_relay_v4_and_v6_indications_and_channels() {
     assert_eq!(udp.len(), 2);
     for server_addr in udp {
         let v4 = server_addr.is_ipv4();
-        let peer = UdpSocket::bind(if v4 { "127.0.0.1:0" } else { "[::1]:0" })
-            .await
-            .unwrap();
-        let peer_addr = peer.local_addr().unwrap();
         let mut u = Udp::new(server_addr).await;
-        let relayed = u.allocate().await;
+        let relayed = u.allocate_same_family().await.0;
         assert_eq!(relayed.is_ipv4(), v4);
         assert_eq!(h.steered_ports(), Some(1), "the relay port is steered");
-
-        u.c.create_permission(Instant::now(), &[peer_addr]);
-        assert_eq!(u.event().await, Event::PermissionCreated);
-        u.c.send_indication(peer_addr, b"via send");
-        u.flush().await;
-        let (d, from) = peer_recv(&peer).await;
-        assert_eq!((d.as_slice(), from), (&b"via send"[..], relayed));
-        // Peer to client arrives through the steering socket: a Data indication.
-        peer.send_to(b"back as data", relayed).await.unwrap();
-        assert_eq!(
-            u.event().await,
-            Event::Data {
-                peer: peer_addr,
-                data: b"back as data".to_vec()
-            }
-        );
-
-        u.bind(0x4001, peer_addr).await;
-        u.channel_send(0x4001, b"via channel").await;
-        let (d, from) = peer_recv(&peer).await;
-        assert_eq!((d.as_slice(), from), (&b"via channel"[..], relayed));
-        peer.send_to(b"back on channel", relayed).await.unwrap();
-        assert_eq!(
-            u.event().await,
-            Event::ChannelData {
-                channel: 0x4001,
-                data: b"back on channel".to_vec()
-            }
-        );
-
-        // A peer without permission is still not relayed.
-        if v4 {
-            let stranger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
-            stranger.send_to(b"spam", relayed).await.unwrap();
-            let mut b = [0u8; 100];
-            assert!(
-                tokio::time::timeout(Duration::from_millis(300), u.s.recv_from(&mut b))
-                    .await
-                    .is_err()
-            );
-        }
+        // Peer to client arrives through the steering socket.
+        relay_both_ways(&mut u, relayed).await;
         u.delete().await;
         wait_steered(&h, 0).await;
     }
@@ -214,7 +124,7 @@ async fn steered_many_allocations_then_deleted() {
     let mut relays = Vec::new();
     for _ in 0..N {
         let mut u = Udp::new(server_addr).await;
-        relays.push(u.allocate().await);
+        relays.push(u.allocate_same_family().await.0);
         u.bind(0x4000, peer_addr).await;
         clients.push(u);
     }
@@ -272,7 +182,7 @@ async fn steered_port_reused_by_next_allocation() {
     let peer_addr = peer.local_addr().unwrap();
     for round in 0..3u8 {
         let mut u = Udp::new(server_addr).await;
-        let relayed = u.allocate().await;
+        let relayed = u.allocate_same_family().await.0;
         assert_eq!(relayed.port(), port);
         assert_eq!(h.steered_ports(), Some(1));
         u.bind(0x4002, peer_addr).await;
@@ -345,7 +255,7 @@ fn fallback() {
         let server_addr = h.addr(Transport::Udp).unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut u = Udp::new(server_addr).await;
-        let relayed = u.allocate().await;
+        let relayed = u.allocate_same_family().await.0;
         u.bind(0x4003, peer.local_addr().unwrap()).await;
         peer.send_to(b"unsteered", relayed).await.unwrap();
         assert_eq!(

@@ -2,16 +2,14 @@
 //! peer socket, the safe-default refusal of loopback peers, and state freed when clients leave.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Udp;
+use common::{peer_recv, relay_both_ways, Udp};
 
-use kyuu_client::turn::{AllocateOptions, Client, Event};
+use kyuu_client::turn::{Client, Event};
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig, RelayHandle};
-use kyuu_stun::attr;
 use kyuu_turn::{TurnConfig, UserConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -43,12 +41,6 @@ async fn server(allow_loopback: bool) -> RelayHandle {
         )
     };
     relay::start(&l, turn(allow_loopback), None).await.unwrap()
-}
-
-impl Udp {
-    async fn send_raw(&mut self, b: &[u8]) {
-        self.s.send_to(b, self.server).await.unwrap();
-    }
 }
 
 /// A client talking over a byte stream (TCP or TLS).
@@ -83,15 +75,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     }
 }
 
-async fn peer_recv(peer: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    (buf[..n].to_vec(), from)
-}
-
 #[tokio::test]
 async fn udp_relay_v4_and_v6_with_send_and_channels() {
     let h = server(true).await;
@@ -102,77 +85,13 @@ async fn udp_relay_v4_and_v6_with_send_and_channels() {
         .map(|(_, a)| *a)
     {
         let v4 = server_addr.is_ipv4();
-        let peer = UdpSocket::bind(if v4 { "127.0.0.1:0" } else { "[::1]:0" })
-            .await
-            .unwrap();
-        let peer_addr = peer.local_addr().unwrap();
         let mut u = Udp::new(server_addr).await;
-        let fam = if v4 {
-            attr::FAMILY_IPV4
-        } else {
-            attr::FAMILY_IPV6
-        };
-        u.c.allocate_with(
-            Instant::now(),
-            &AllocateOptions {
-                family: Some(fam),
-                ..Default::default()
-            },
-        );
-        let Event::Allocated {
-            relayed, mapped, ..
-        } = u.event().await
-        else {
-            panic!()
-        };
+        let (relayed, mapped) = u.allocate_same_family().await;
         assert_eq!(mapped, Some(u.s.local_addr().unwrap()));
-        let relayed = relayed[0];
         assert_eq!(relayed.is_ipv4(), v4);
 
-        u.c.create_permission(Instant::now(), &[peer_addr]);
-        assert_eq!(u.event().await, Event::PermissionCreated);
-        u.c.send_indication(peer_addr, b"via send");
-        u.flush().await;
-        let (d, from) = peer_recv(&peer).await;
-        assert_eq!((d.as_slice(), from), (&b"via send"[..], relayed));
-        peer.send_to(b"back as data", relayed).await.unwrap();
-        assert_eq!(
-            u.event().await,
-            Event::Data {
-                peer: peer_addr,
-                data: b"back as data".to_vec()
-            }
-        );
-
-        u.c.channel_bind(Instant::now(), 0x4001, peer_addr);
-        assert!(matches!(u.event().await, Event::ChannelBound { .. }));
-        let mut buf = [0u8; 64];
-        let n = u.c.channel_data(0x4001, b"via channel", &mut buf).unwrap();
-        u.send_raw(&buf[..n]).await;
-        let (d, _) = peer_recv(&peer).await;
-        assert_eq!(d, b"via channel");
-        peer.send_to(b"back on channel", relayed).await.unwrap();
-        assert_eq!(
-            u.event().await,
-            Event::ChannelData {
-                channel: 0x4001,
-                data: b"back on channel".to_vec()
-            }
-        );
-
-        // A peer without permission is not relayed.
-        let stranger = UdpSocket::bind(if v4 { "127.0.0.2:0" } else { "[::1]:0" }).await;
-        if let (true, Ok(stranger)) = (v4, stranger) {
-            stranger.send_to(b"spam", relayed).await.unwrap();
-            let mut b = [0u8; 100];
-            assert!(
-                tokio::time::timeout(Duration::from_millis(300), u.s.recv_from(&mut b))
-                    .await
-                    .is_err()
-            );
-        }
-        u.c.refresh(Instant::now(), 0);
-        assert_eq!(u.event().await, Event::Refreshed { lifetime: 0 });
+        relay_both_ways(&mut u, relayed).await;
+        u.delete().await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(h.allocations(), 0);

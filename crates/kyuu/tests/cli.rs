@@ -7,6 +7,9 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+use support::free_udp_tcp_ports;
+
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 
 fn kyuu(args: &[&str]) -> Output {
@@ -92,24 +95,7 @@ impl Serve {
 
 /// A UDP+TCP port pair (p, p+1) free on 127.0.0.1 and 127.0.0.2.
 fn free_pair() -> u16 {
-    for _ in 0..100 {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = s.local_addr().unwrap().port();
-        drop(s);
-        if p >= 65000 {
-            continue;
-        }
-        let ok = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
-            [p, p + 1].iter().all(|port| {
-                UdpSocket::bind((*ip, *port)).is_ok()
-                    && std::net::TcpListener::bind((*ip, *port)).is_ok()
-            })
-        });
-        if ok {
-            return p;
-        }
-    }
-    panic!("no free port pair");
+    free_udp_tcp_ports(&["127.0.0.1", "127.0.0.2"], 2)
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {

@@ -7,8 +7,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
+use support::{free_udp_tcp_port, Proc};
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 
@@ -26,24 +29,6 @@ fn have(tool: &str) -> bool {
         println!("SKIP: {tool} not installed");
     }
     found
-}
-
-/// A child process killed (by its PID) and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `kyuu serve` with only a DTLS listener; returns it and its HTTP address.
@@ -144,7 +129,7 @@ fn uclient_over_dtls_zero_loss() {
     }
     let dir = std::env::temp_dir().join(format!("kyuu-dtls-interop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let peer_port = free_udp_port();
+    let peer_port = free_udp_tcp_port();
     let _peer = Proc(
         Command::new("turnutils_peer")
             .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
@@ -153,7 +138,7 @@ fn uclient_over_dtls_zero_loss() {
             .spawn()
             .unwrap(),
     );
-    let dtls_port = free_udp_port();
+    let dtls_port = free_udp_tcp_port();
     let (_kyuu, http) = serve(&dir, dtls_port);
     std::thread::sleep(Duration::from_millis(300));
 

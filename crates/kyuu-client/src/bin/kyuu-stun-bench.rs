@@ -340,6 +340,20 @@ struct Mmsg {
     lens: Vec<usize>,
 }
 
+/// One `mmsghdr` for each of `iovs`, pointing at it: the iovecs must outlive the headers' use.
+fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            #[allow(unsafe_code)]
+            // SAFETY: an all-zero mmsghdr is a valid empty header.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
+}
+
 impl Mmsg {
     fn new(batch: usize) -> Self {
         let batch = batch.clamp(1, 1024);
@@ -375,18 +389,10 @@ impl Mmsg {
             })
             .collect();
         #[allow(unsafe_code)]
-        // SAFETY: an all-zero mmsghdr is a valid empty header; each then points at one iovec of
-        // `iovs`, which outlives the call, and each iovec at one slot of `self.bufs`.
+        // SAFETY: each header points at one iovec of `iovs`, which outlives the call, and each
+        // iovec at one slot of `self.bufs`.
         let n = unsafe {
-            let mut hdrs: Vec<libc::mmsghdr> = iovs
-                .iter_mut()
-                .map(|iov| {
-                    let mut h: libc::mmsghdr = std::mem::zeroed();
-                    h.msg_hdr.msg_iov = iov;
-                    h.msg_hdr.msg_iovlen = 1;
-                    h
-                })
-                .collect();
+            let mut hdrs = mmsg_headers(&mut iovs);
             let n = libc::recvmmsg(
                 s.as_raw_fd(),
                 hdrs.as_mut_ptr(),
@@ -422,17 +428,9 @@ impl Mmsg {
             })
             .collect();
         #[allow(unsafe_code)]
-        // SAFETY: as in `recv`: zeroed headers, each pointing at one live iovec.
+        // SAFETY: as in `recv`: each header points at one live iovec, each iovec at one slot.
         unsafe {
-            let mut hdrs: Vec<libc::mmsghdr> = iovs
-                .iter_mut()
-                .map(|iov| {
-                    let mut h: libc::mmsghdr = std::mem::zeroed();
-                    h.msg_hdr.msg_iov = iov;
-                    h.msg_hdr.msg_iovlen = 1;
-                    h
-                })
-                .collect();
+            let mut hdrs = mmsg_headers(&mut iovs);
             libc::sendmmsg(
                 s.as_raw_fd(),
                 hdrs.as_mut_ptr(),
@@ -453,6 +451,20 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts a response received at `now` (ns since the epoch): its latency when its request
+    /// left after `measure_ns` (not in the warm-up), or a bad one when it is no Binding success.
+    fn record(&mut self, response: &[u8], now: u64, measure_ns: u64) {
+        match check_response(response) {
+            Some(sent) if sent >= measure_ns => {
+                self.ok += 1;
+                let us = now.saturating_sub(sent) / 1000;
+                self.lat_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+            Some(_) => {}
+            None => self.bad += 1,
+        }
+    }
+
     fn merge(&mut self, o: Tally) {
         self.ok += o.ok;
         self.bad += o.bad;
@@ -499,14 +511,20 @@ fn load_thread(
         })
         .collect();
     let measure_ns = u64::try_from((measure_from - epoch).as_nanos()).unwrap_or(0);
-    let mut mm = Mmsg::new(batch);
-    while batch > 1 && !stop.load(Ordering::Relaxed) {
+    // Batched: up to 4 recvmmsg batches a socket and turn, each batch's new requests leaving in
+    // one sendmmsg; unbatched: up to 64 recv, each answered by a send.
+    let mut mm = (batch > 1).then(|| Mmsg::new(batch));
+    let rounds = if mm.is_some() { 4 } else { 64 };
+    while !stop.load(Ordering::Relaxed) {
         let mut got_any = false;
         for (i, s) in socks.iter().enumerate() {
-            // Drain what is there in batches, answering each response with a new request, the
-            // new requests of a batch leaving in one sendmmsg.
-            for _ in 0..4 {
-                let n = match mm.recv(s) {
+            // Drain what is there, answering each response with a new request.
+            for _ in 0..rounds {
+                let got = match &mut mm {
+                    Some(mm) => mm.recv(s),
+                    None => s.recv(&mut buf),
+                };
+                let n = match got {
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
@@ -517,16 +535,14 @@ fn load_thread(
                     *slot = Instant::now();
                 }
                 let now = now_ns();
+                let Some(mm) = &mut mm else {
+                    tally.record(buf.get(..n).unwrap_or_default(), now, measure_ns);
+                    let n = write_request(&mut req, now_ns(), 0)?;
+                    let _ = s.send(req.get(..n).unwrap_or_default());
+                    continue;
+                };
                 for k in 0..n {
-                    match check_response(mm.received(k)) {
-                        Some(sent) if sent >= measure_ns => {
-                            tally.ok += 1;
-                            let us = now.saturating_sub(sent) / 1000;
-                            tally.lat_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                        }
-                        Some(_) => {}
-                        None => tally.bad += 1,
-                    }
+                    tally.record(mm.received(k), now, measure_ns);
                 }
                 let t = now_ns();
                 for k in 0..n {
@@ -535,59 +551,6 @@ fn load_thread(
                 mm.send(s, n);
                 if n < batch {
                     break;
-                }
-            }
-        }
-        if !got_any {
-            for (i, s) in socks.iter().enumerate() {
-                if last_rx
-                    .get(i)
-                    .is_some_and(|t| t.elapsed() > Duration::from_millis(200))
-                {
-                    for _ in 0..window {
-                        let n = write_request(&mut req, now_ns(), 0)?;
-                        let _ = s.send(req.get(..n).unwrap_or_default());
-                        tally.resent += 1;
-                    }
-                    if let Some(slot) = last_rx.get_mut(i) {
-                        *slot = Instant::now();
-                    }
-                }
-            }
-            #[allow(unsafe_code)]
-            // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()` pollfds.
-            unsafe {
-                libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 10);
-            }
-        }
-    }
-    while batch <= 1 && !stop.load(Ordering::Relaxed) {
-        let mut got_any = false;
-        for (i, s) in socks.iter().enumerate() {
-            // Drain what is there, answering each response with a new request.
-            for _ in 0..64 {
-                match s.recv(&mut buf) {
-                    Ok(n) => {
-                        got_any = true;
-                        if let Some(slot) = last_rx.get_mut(i) {
-                            *slot = Instant::now();
-                        }
-                        let now = now_ns();
-                        match check_response(buf.get(..n).unwrap_or_default()) {
-                            Some(sent) if sent >= measure_ns => {
-                                tally.ok += 1;
-                                let us = now.saturating_sub(sent) / 1000;
-                                tally.lat_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                            }
-                            Some(_) => {}
-                            None => tally.bad += 1,
-                        }
-                        let n = write_request(&mut req, now_ns(), 0)?;
-                        let _ = s.send(req.get(..n).unwrap_or_default());
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
-                    Err(e) => return Err(e),
                 }
             }
         }

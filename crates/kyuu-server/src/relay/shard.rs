@@ -17,7 +17,7 @@ use kyuu_turn::{
     RelayKey, RelayProto, Server, ToPeer, Transport, PEER_HEADROOM,
 };
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -1425,21 +1425,16 @@ async fn listener_loop(
     mut each: impl FnMut(&mut State, Instant, &RecvMeta, &[u8], &mut [u8]),
 ) {
     loop {
-        let Ok(mut guard) = sock.readable().await else {
+        let Ok(guard) = sock.readable().await else {
             return;
         };
-        let mut exhausted = true;
-        for _ in 0..LISTENER_READ_BUDGET {
+        read_turn(guard, LISTENER_READ_BUDGET, None, false, || {
             let mut ar = arena.borrow_mut();
             let n = match ar.recv(&state, &sock, 0, BATCH) {
                 Ok(n) => n,
-                Err(e) if is_would_block(&e) => {
-                    guard.clear_ready();
-                    exhausted = false;
-                    break;
-                }
+                Err(e) if is_would_block(&e) => return BatchRead::Drained,
                 // A pending socket error is reported once; read on.
-                Err(_) => continue,
+                Err(_) => return BatchRead::More,
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
@@ -1458,16 +1453,57 @@ async fn listener_loop(
             st.drain(&sh);
             st.flush_answers();
             st.answers.active = false;
-            if n < BATCH {
-                guard.clear_ready();
-                exhausted = false;
-                break;
+            BatchRead::full_if(n >= BATCH)
+        })
+        .await;
+    }
+}
+
+/// What one batch read of a socket's turn found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchRead {
+    /// A full batch, or a pending socket error reported: the socket may hold more.
+    More,
+    /// A short batch, or nothing (the read would block): the socket is drained.
+    Drained,
+}
+
+impl BatchRead {
+    fn full_if(full: bool) -> BatchRead {
+        if full {
+            BatchRead::More
+        } else {
+            BatchRead::Drained
+        }
+    }
+}
+
+/// One turn of a socket woken readable: calls `batch` (one batch read and its handling) until
+/// it finds the socket drained or `budget` batches were read. A drained socket's readiness is
+/// cleared (`clear`, or all the guard was woken for when `None`) so the next wait is for new
+/// datagrams; a socket still readable when the budget ran out, or any socket when
+/// `yield_anyway`, lets the shard's other tasks run before its next turn.
+async fn read_turn(
+    mut guard: AsyncFdReadyGuard<'_, std::net::UdpSocket>,
+    budget: usize,
+    clear: Option<tokio::io::Ready>,
+    yield_anyway: bool,
+    mut batch: impl FnMut() -> BatchRead,
+) {
+    let mut exhausted = true;
+    for _ in 0..budget {
+        if batch() == BatchRead::Drained {
+            match clear {
+                Some(ready) => guard.clear_ready_matching(ready),
+                None => guard.clear_ready(),
             }
+            exhausted = false;
+            break;
         }
-        drop(guard);
-        if exhausted {
-            tokio::task::yield_now().await;
-        }
+    }
+    drop(guard);
+    if exhausted || yield_anyway {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -1588,7 +1624,6 @@ async fn relay_udp_loop(
         else {
             return;
         };
-        let mut exhausted = true;
         // ICMP errors (RFC 8656 §11.5), a bounded number per wake-up. Error readiness is
         // cleared only once the queue is empty; a longer queue is read on the next turn, after
         // the datagrams, so neither side can starve the other.
@@ -1610,17 +1645,13 @@ async fn relay_udp_loop(
             tokio::task::yield_now().await;
             continue;
         }
-        for _ in 0..READ_BUDGET {
+        read_turn(guard, READ_BUDGET, Some(drained), errors_left, || {
             let mut ar = arena.borrow_mut();
             let n = match ar.recv(&state, &sock, PEER_HEADROOM, RELAY_BATCH) {
                 Ok(n) => n,
-                Err(e) if is_would_block(&e) => {
-                    guard.clear_ready_matching(drained);
-                    exhausted = false;
-                    break;
-                }
+                Err(e) if is_would_block(&e) => return BatchRead::Drained,
                 // A pending socket error is reported once; read on.
-                Err(_) => continue,
+                Err(_) => return BatchRead::More,
             };
             let now = Instant::now();
             let mut st = sh.borrow_mut();
@@ -1670,16 +1701,9 @@ async fn relay_udp_loop(
                 }
             }
             st.drain(&sh);
-            if n < RELAY_BATCH {
-                guard.clear_ready_matching(drained);
-                exhausted = false;
-                break;
-            }
-        }
-        drop(guard);
-        if exhausted || errors_left {
-            tokio::task::yield_now().await;
-        }
+            BatchRead::full_if(n >= RELAY_BATCH)
+        })
+        .await;
     }
 }
 

@@ -154,4 +154,119 @@ impl Udp {
             self.c.handle_timeout(std::time::Instant::now());
         }
     }
+
+    /// Allocates a relay of the server's address family; returns its relayed address and the
+    /// mapped address the server saw.
+    pub async fn allocate_same_family(
+        &mut self,
+    ) -> (std::net::SocketAddr, Option<std::net::SocketAddr>) {
+        let family = if self.server.is_ipv4() {
+            kyuu_stun::attr::FAMILY_IPV4
+        } else {
+            kyuu_stun::attr::FAMILY_IPV6
+        };
+        self.c.allocate_with(
+            std::time::Instant::now(),
+            &kyuu_client::turn::AllocateOptions {
+                family: Some(family),
+                ..Default::default()
+            },
+        );
+        let kyuu_client::turn::Event::Allocated {
+            relayed, mapped, ..
+        } = self.event().await
+        else {
+            panic!("allocate failed")
+        };
+        (relayed[0], mapped)
+    }
+
+    /// ChannelBind `channel` to `peer`, waiting for the success.
+    pub async fn bind(&mut self, channel: u16, peer: std::net::SocketAddr) {
+        self.c
+            .channel_bind(std::time::Instant::now(), channel, peer);
+        assert!(matches!(
+            self.event().await,
+            kyuu_client::turn::Event::ChannelBound { .. }
+        ));
+    }
+
+    /// Sends `data` to the server as ChannelData on `channel`.
+    pub async fn channel_send(&mut self, channel: u16, data: &[u8]) {
+        let mut buf = [0u8; 256];
+        let n = self.c.channel_data(channel, data, &mut buf).unwrap();
+        self.s.send_to(&buf[..n], self.server).await.unwrap();
+    }
+
+    /// Deletes the allocation (a Refresh with lifetime 0), waiting for the success.
+    pub async fn delete(&mut self) {
+        self.c.refresh(std::time::Instant::now(), 0);
+        assert_eq!(
+            self.event().await,
+            kyuu_client::turn::Event::Refreshed { lifetime: 0 }
+        );
+    }
+}
+
+/// A relay peer's next datagram and its source, failing the test after 2 s without one.
+pub async fn peer_recv(peer: &tokio::net::UdpSocket) -> (Vec<u8>, std::net::SocketAddr) {
+    let mut buf = vec![0u8; 2048];
+    let (n, from) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), peer.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    (buf[..n].to_vec(), from)
+}
+
+/// Relays both ways between the client `u`, whose allocation is `relayed`, and a new peer on the
+/// loopback address of the server's family: a Send indication out and a Data indication back
+/// after CreatePermission, then ChannelData each way on channel 0x4001, each datagram arriving
+/// at the peer from `relayed`. On IPv4 a peer without permission (127.0.0.2) is not relayed.
+pub async fn relay_both_ways(u: &mut Udp, relayed: std::net::SocketAddr) {
+    use kyuu_client::turn::Event;
+    let v4 = u.server.is_ipv4();
+    let peer = tokio::net::UdpSocket::bind(if v4 { "127.0.0.1:0" } else { "[::1]:0" })
+        .await
+        .unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+
+    u.c.create_permission(std::time::Instant::now(), &[peer_addr]);
+    assert_eq!(u.event().await, Event::PermissionCreated);
+    u.c.send_indication(peer_addr, b"via send");
+    u.flush().await;
+    let (d, from) = peer_recv(&peer).await;
+    assert_eq!((d.as_slice(), from), (&b"via send"[..], relayed));
+    peer.send_to(b"back as data", relayed).await.unwrap();
+    assert_eq!(
+        u.event().await,
+        Event::Data {
+            peer: peer_addr,
+            data: b"back as data".to_vec()
+        }
+    );
+
+    u.bind(0x4001, peer_addr).await;
+    u.channel_send(0x4001, b"via channel").await;
+    let (d, from) = peer_recv(&peer).await;
+    assert_eq!((d.as_slice(), from), (&b"via channel"[..], relayed));
+    peer.send_to(b"back on channel", relayed).await.unwrap();
+    assert_eq!(
+        u.event().await,
+        Event::ChannelData {
+            channel: 0x4001,
+            data: b"back on channel".to_vec()
+        }
+    );
+
+    if v4 {
+        let stranger = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        stranger.send_to(b"spam", relayed).await.unwrap();
+        let mut b = [0u8; 100];
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), u.s.recv_from(&mut b))
+                .await
+                .is_err()
+        );
+    }
 }

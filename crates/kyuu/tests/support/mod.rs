@@ -365,14 +365,30 @@ pub fn start_redis(port: u16) -> Proc {
 
 /// A port free for both UDP and TCP on 127.0.0.1.
 pub fn free_udp_tcp_port() -> u16 {
+    free_udp_tcp_ports(&["127.0.0.1"], 1)
+}
+
+/// The first of `count` consecutive ports free for both UDP and TCP on each of `ips` (say a
+/// listener's port and its RFC 5780 alternate, on the primary and the alternate address).
+pub fn free_udp_tcp_ports(ips: &[&str], count: u16) -> u16 {
     for _ in 0..100 {
         let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+        drop(t);
+        let Some(end) = p.checked_add(count) else {
+            continue;
+        };
+        let free = ips.iter().all(|ip| {
+            (p..end).all(|port| {
+                std::net::UdpSocket::bind((*ip, port)).is_ok()
+                    && std::net::TcpListener::bind((*ip, port)).is_ok()
+            })
+        });
+        if free {
             return p;
         }
     }
-    panic!("no free port");
+    panic!("no {count} free ports on {ips:?}");
 }
 
 /// Starts `kyuu serve --config <config>` (no `RUST_LOG`, no `KYUU_CONFIG`) and returns once its

@@ -19,7 +19,7 @@ use nix::sys::socket::{
     recvmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
 };
 
-use super::{is_would_block, Arena, Sh, UdpSocket, BATCH, READ_BUDGET};
+use super::{is_would_block, read_turn, Arena, BatchRead, Sh, UdpSocket, BATCH, READ_BUDGET};
 
 /// The steering program, shared by every shard: touched when a relay port is bound or closed,
 /// never per packet.
@@ -151,11 +151,10 @@ pub(super) async fn steered_loop(sh: Sh, arena: Rc<RefCell<Arena>>, sock: Rc<Udp
     // (length, peer, relay port) of each datagram of a batch.
     let mut got = [(0usize, None::<SocketAddr>, 0u16); BATCH];
     loop {
-        let Ok(mut guard) = sock.readable().await else {
+        let Ok(guard) = sock.readable().await else {
             return;
         };
-        let mut exhausted = true;
-        for _ in 0..READ_BUDGET {
+        read_turn(guard, READ_BUDGET, None, false, || {
             let mut ar = arena.borrow_mut();
             let n = {
                 let mut it = ar.bufs.iter_mut();
@@ -208,12 +207,10 @@ pub(super) async fn steered_loop(sh: Sh, arena: Rc<RefCell<Arena>>, sock: Rc<Udp
                     Err(e) => {
                         let e = std::io::Error::from(e);
                         if is_would_block(&e) {
-                            guard.clear_ready();
-                            exhausted = false;
-                            break;
+                            return BatchRead::Drained;
                         }
                         // A pending socket error is reported once; read on.
-                        continue;
+                        return BatchRead::More;
                     }
                 }
             };
@@ -243,15 +240,8 @@ pub(super) async fn steered_loop(sh: Sh, arena: Rc<RefCell<Arena>>, sock: Rc<Udp
                 }
             }
             st.drain(&sh);
-            if n < BATCH {
-                guard.clear_ready();
-                exhausted = false;
-                break;
-            }
-        }
-        drop(guard);
-        if exhausted {
-            tokio::task::yield_now().await;
-        }
+            BatchRead::full_if(n >= BATCH)
+        })
+        .await;
     }
 }
