@@ -142,19 +142,28 @@ impl Server {
         auth: Option<&Authed>,
         f: impl FnOnce(&mut MessageBuilder<'_>) -> Result<(), kyuu_stun::Error>,
     ) {
-        let tid = *msg.transaction_id();
-        let resp = self.build(
-            msg.method(),
-            Class::Error,
-            tid,
-            auth.map(|a| (&a.key, a.kind)),
-            f,
-        );
+        let resp = self.error_answer(msg, auth, f);
         if auth.is_some() {
-            self.send_cached(client, tid, resp);
+            self.send_cached(client, *msg.transaction_id(), resp);
         } else {
             self.send(client, resp);
         }
+    }
+
+    /// The error answer to `msg`: `f` adds the attributes, signed when `auth` is given.
+    fn error_answer(
+        &self,
+        msg: &Message<'_>,
+        auth: Option<&Authed>,
+        f: impl FnOnce(&mut MessageBuilder<'_>) -> Result<(), kyuu_stun::Error>,
+    ) -> Option<Vec<u8>> {
+        self.build(
+            msg.method(),
+            Class::Error,
+            *msg.transaction_id(),
+            auth.map(|a| (&a.key, a.kind)),
+            f,
+        )
     }
 
     /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS (RFC 8489 §9.2.4).
@@ -168,18 +177,12 @@ impl Server {
         let nonce = self
             .nonces
             .issue(self.opts.shared.unix_now(now), client.remote);
-        let resp = self.build(
-            msg.method(),
-            Class::Error,
-            *msg.transaction_id(),
-            None,
-            |b| {
-                b.add_error_bare(code.code())?;
-                b.add(attr::REALM, self.creds.realm().as_bytes())?;
-                b.add(attr::NONCE, &nonce)?;
-                b.add_password_algorithms(&PASSWORD_ALGORITHMS)
-            },
-        );
+        let resp = self.error_answer(msg, None, |b| {
+            b.add_error_bare(code.code())?;
+            b.add(attr::REALM, self.creds.realm().as_bytes())?;
+            b.add(attr::NONCE, &nonce)?;
+            b.add_password_algorithms(&PASSWORD_ALGORITHMS)
+        });
         self.send(client, resp);
     }
 }
