@@ -1238,6 +1238,11 @@ impl State {
             return;
         };
         let now = Instant::now();
+        // Binding answers are global to the program: whichever shard ticks first takes them.
+        let b = k.take_bindings();
+        if b.answered + b.rate_limited > 0 {
+            self.core.fast_path_bindings(b.answered, b.rate_limited);
+        }
         for (id, entry) in &fp.ids {
             let [to_peer, to_client] = k.take_traffic(*entry);
             if to_peer.packets + to_client.packets > 0 {

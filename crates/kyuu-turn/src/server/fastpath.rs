@@ -24,6 +24,13 @@ impl Server {
         self.fast_path = true;
     }
 
+    /// Binding requests the kernel answered and dropped over the per-source limit since the last
+    /// report: counted like the ones userspace answers (`kyuu_stun_binding_requests_total{transport="udp"}`,
+    /// also `kyuu_turn_fast_path_bindings_total`) and drops (`reason="rate_limited"`).
+    pub fn fast_path_bindings(&mut self, answered: u64, rate_limited: u64) {
+        self.counters.fast_path_bindings(answered, rate_limited);
+    }
+
     /// Kernel-relayed traffic of one channel since the last report: (packets, payload bytes) to
     /// the peer and to the client. Counted like userspace-relayed traffic and charged to the
     /// allocation's `max_bps` budget.
