@@ -140,8 +140,16 @@ fn build(lab: Lab, fam: Family) -> Result<World> {
 }
 
 fn start_kyuu(w: &World, fast_path: &str) -> Result<LabChild> {
-    let dir =
-        std::env::temp_dir().join(format!("kyuu-fastpath-{}-{fast_path}", std::process::id()));
+    start_kyuu_with(w, fast_path, "")
+}
+
+/// `kyuu serve` with `turn.fast_path = fast_path` and `extra` lines in `[turn]`.
+fn start_kyuu_with(w: &World, fast_path: &str, extra: &str) -> Result<LabChild> {
+    let dir = std::env::temp_dir().join(format!(
+        "kyuu-fastpath-{}-{fast_path}-{}",
+        std::process::id(),
+        extra.len()
+    ));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("kyuu.toml");
     let fam = w.fam;
@@ -165,6 +173,7 @@ users = [{{ name = "alice", password = "secret" }}]
 allow_peers = ["{allow1}", "{allow2}"]
 max_bps = 0
 fast_path = "{fast_path}"
+{extra}
 "#
         ),
     )?;
@@ -550,4 +559,138 @@ fn fast_path_ipv6_on_and_off_relay_the_same_bytes() {
 /// `kyuu serve` links kyuu-ebpf through kyuu-server: this build's answer is the binary's.
 fn kyuu_server_fast_path_unavailable() -> Option<&'static str> {
     kyuu_ebpf::unavailable()
+}
+
+/// Sends the Binding request `req` from `sock` to the server and returns the answer.
+fn binding_answer(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Result<Vec<u8>> {
+    let mut buf = [0u8; 1500];
+    sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    for _ in 0..6 {
+        sock.send_to(req, server)?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            ensure!(from == server, "answer from {from}");
+            return Ok(buf[..n].to_vec());
+        }
+    }
+    bail!("no answer to a Binding request")
+}
+
+fn binding_request(tid: [u8; 12], fingerprint: bool, software: bool) -> Vec<u8> {
+    let mut buf = [0u8; 128];
+    let mut b = kyuu_stun::MessageBuilder::new(
+        &mut buf,
+        kyuu_stun::method::BINDING,
+        kyuu_stun::Class::Request,
+        kyuu_stun::TransactionId(tid),
+    )
+    .unwrap();
+    if software {
+        b.add(kyuu_stun::attr::SOFTWARE, b"lab client").unwrap();
+    }
+    if fingerprint {
+        b.add_fingerprint().unwrap();
+    }
+    let n = b.finish();
+    buf[..n].to_vec()
+}
+
+/// Waits (bounded) until `/metrics` shows `want` for `name` (counters are flushed once a second).
+fn metric_at_least(server: &Node, name: &str, label: &str, want: u64) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(server)?;
+        if metric(&m, name, label) >= want || Instant::now() > deadline {
+            return Ok(m);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// STUN Binding through the kernel: a client behind the router gets a correct answer (its own
+/// address in XOR-MAPPED-ADDRESS, its transaction id, a valid FINGERPRINT) that the kernel sent
+/// (`kyuu_turn_fast_path_bindings_total`, with every Binding still in
+/// `kyuu_stun_binding_requests_total`), byte for byte what userspace answers with
+/// `turn.fast_path_binding = false`, where the kernel answers none. A request with another
+/// attribute is answered by userspace either way.
+#[test]
+fn fast_path_answers_stun_binding() {
+    let test = "fast_path_answers_stun_binding";
+    if let Some(why) = kyuu_server_fast_path_unavailable() {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
+        }
+        eprintln!("SKIP: fast path unavailable: {why}");
+        return;
+    }
+    let Some(lab) = lab_or_skip(test) else {
+        return;
+    };
+    if std::process::Command::new("ethtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but ethtool is missing");
+        }
+        eprintln!("SKIP: ethtool missing");
+        return;
+    }
+    let w = build(lab, V4).unwrap();
+    let server: SocketAddr = Family::addr(SERVER, 3478).parse().unwrap();
+    let sock = w
+        .client
+        .in_ns(|| UdpSocket::bind((CLIENT, 0)))
+        .unwrap()
+        .unwrap();
+    let me = sock.local_addr().unwrap();
+    let csum_before = udp_csum_errors(&w.client).unwrap();
+    let mut answers = Vec::new();
+    for (mode, extra) in [("kernel", ""), ("userspace", "fast_path_binding = false")] {
+        let child = start_kyuu_with(&w, "required", extra).unwrap();
+        let mut got = Vec::new();
+        for i in 0..6u8 {
+            let tid = [i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+            let req = binding_request(tid, i % 2 == 1, false);
+            let a = binding_answer(&sock, server, &req).unwrap();
+            let msg = kyuu_stun::Message::parse(&a).unwrap();
+            assert_eq!(msg.class(), kyuu_stun::Class::Success, "{mode}");
+            assert_eq!(msg.method(), kyuu_stun::method::BINDING, "{mode}");
+            assert_eq!(msg.transaction_id().0, tid, "{mode}");
+            let mapped = msg
+                .xor_address(kyuu_stun::attr::XOR_MAPPED_ADDRESS)
+                .unwrap()
+                .unwrap();
+            assert_eq!(mapped, me, "{mode}: XOR-MAPPED-ADDRESS is the client");
+            assert_eq!(msg.verify_fingerprint().ok(), Some(true), "{mode}");
+            got.push(a);
+        }
+        // With another attribute: userspace answers.
+        let other = binding_answer(&sock, server, &binding_request([99; 12], true, true)).unwrap();
+        assert_eq!(
+            kyuu_stun::Message::parse(&other).unwrap().class(),
+            kyuu_stun::Class::Success
+        );
+        let m = metric_at_least(&w.server, "kyuu_stun_binding_requests_total", "udp", 7).unwrap();
+        let kernel = metric(&m, "kyuu_turn_fast_path_bindings_total", "");
+        let all = metric(&m, "kyuu_stun_binding_requests_total", "transport=\"udp\"");
+        println!("{test}: {mode}: {kernel} answered by the kernel, {all} Bindings counted");
+        if mode == "kernel" {
+            assert_eq!(kernel, 6, "the kernel answered the plain requests: {m}");
+        } else {
+            assert_eq!(kernel, 0, "fast_path_binding = false: {m}");
+        }
+        assert_eq!(all, 7, "every Binding counted: {m}");
+        drop(child);
+        answers.push(got);
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "the kernel's answers are byte for byte userspace's"
+    );
+    assert_eq!(
+        udp_csum_errors(&w.client).unwrap(),
+        csum_before,
+        "bad UDP checksums"
+    );
 }

@@ -605,9 +605,9 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
     // The target: a relay process, or the mirror in its place.
     let (server, _mirror) = if target == "null" {
         let iface = w.server_if.clone();
-        let m = w
-            .server
-            .in_ns(move || ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false))??;
+        let m = w.server.in_ns(move || {
+            ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
+        })??;
         (None, Some(m))
     } else {
         (Some(start(w, args, target, &dir)?), None)
@@ -771,7 +771,9 @@ fn run_config(w: &World, args: &Args) -> anyhow::Result<Config> {
     let seg = args.payload.max(8) as u32;
     let e = w
         .world
-        .in_ns(move || ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg, false))?
+        .in_ns(move || {
+            ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg, false)
+        })?
         .context("attaching the XDP echo peer and receiver")?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut rows = Vec::new();

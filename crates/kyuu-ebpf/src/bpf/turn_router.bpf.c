@@ -8,8 +8,10 @@
 //   peer UDP datagram   -> p2c[peer 5-tuple]             -> ChannelData listener -> client
 //
 // Userspace is the authority: it installs an entry when a channel is bound and its peer has a
-// permission, and removes it when either ends. Everything this program does not recognise or
-// cannot handle goes up the stack unchanged (XDP_PASS): STUN, Send/Data indications, TCP,
+// permission, and removes it when either ends. Plain STUN Binding requests to a listener
+// userspace configured are answered here too (`binding()`, turn.fast_path_binding). Everything
+// this program does not recognise or cannot handle goes up the stack unchanged (XDP_PASS): other
+// STUN, Send/Data indications, TCP,
 // fragments, IP options, IPv6 extension headers, packets that would exceed the MTU, unknown
 // tuples, expired entries, next hops the kernel has not resolved yet.
 //
