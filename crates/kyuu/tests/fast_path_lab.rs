@@ -671,7 +671,7 @@ fn binding_through_the_kernel(test: &str, fam: Family) {
     for (mode, extra) in [("kernel", ""), ("userspace", "fast_path_binding = false")] {
         let child = start_kyuu_with(&w, "required", extra).unwrap();
         let mut got = Vec::new();
-        let (mut plain, mut other_sends) = (0u64, 0u64);
+        let (mut plain, mut other_sends, mut stunclient) = (0u64, 0u64, 0u64);
         for i in 0..6u8 {
             let tid = [i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
             let req = binding_request(tid, i % 2 == 1, false);
@@ -688,6 +688,31 @@ fn binding_through_the_kernel(test: &str, fam: Family) {
             assert_eq!(msg.verify_fingerprint().ok(), Some(true), "{mode}");
             got.push(a);
         }
+        // coturn's STUN client, where installed (a plain Binding request without -f).
+        if mode == "kernel" && which("turnutils_stunclient") {
+            let mut cmd = w.client.command("turnutils_stunclient");
+            cmd.args(["-p", "3478", fam.server]);
+            let out = w.client.run(cmd, Duration::from_secs(20)).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            println!("{test}: turnutils_stunclient: {text}");
+            assert!(out.status.success(), "turnutils_stunclient: {text}");
+            assert!(text.contains(fam.client), "its mapped address: {text}");
+            let m = metric_at_least(
+                &w.server,
+                "kyuu_turn_fast_path_bindings_total",
+                "",
+                plain + 1,
+            )
+            .unwrap();
+            let after = metric(&m, "kyuu_turn_fast_path_bindings_total", "");
+            println!("{test}: the kernel answered {after} requests, {plain} of them ours");
+            assert!(
+                after > plain,
+                "the kernel answered turnutils_stunclient: {m}"
+            );
+            stunclient = after - plain;
+        }
         // With another attribute: userspace answers.
         let other = binding_answer(
             &sock,
@@ -701,14 +726,18 @@ fn binding_through_the_kernel(test: &str, fam: Family) {
             kyuu_stun::Class::Success
         );
         // Every request sent (retransmissions included) is answered and counted once.
-        let total = plain + other_sends;
+        let total = plain + other_sends + stunclient;
         let m =
             metric_at_least(&w.server, "kyuu_stun_binding_requests_total", "udp", total).unwrap();
         let kernel = metric(&m, "kyuu_turn_fast_path_bindings_total", "");
         let all = metric(&m, "kyuu_stun_binding_requests_total", "transport=\"udp\"");
         println!("{test}: {mode}: {plain} plain requests sent ({other_sends} others), {kernel} answered by the kernel, {all} Bindings counted");
         if mode == "kernel" {
-            assert_eq!(kernel, plain, "the kernel answered the plain requests: {m}");
+            assert_eq!(
+                kernel,
+                plain + stunclient,
+                "the kernel answered the plain requests: {m}"
+            );
         } else {
             assert_eq!(kernel, 0, "fast_path_binding = false: {m}");
         }
@@ -725,4 +754,11 @@ fn binding_through_the_kernel(test: &str, fam: Family) {
         csum_before,
         "bad UDP checksums"
     );
+}
+
+fn which(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
