@@ -1,7 +1,8 @@
 //! kyuu's kernel fast path for TURN channels: an XDP program (`src/bpf/turn_router.bpf.c`,
 //! compiled by `build.rs`) that relays ChannelData of UDP clients to peers and peer datagrams
-//! back as ChannelData, and the userspace side that loads it, fills its maps and reads its
-//! counters.
+//! back as ChannelData, and answers plain STUN Binding requests to the listeners
+//! ([`FastPath::enable_binding`]), and the userspace side that loads it, fills its maps and
+//! reads its counters.
 //!
 //! Userspace stays the authority: [`FastPath::install`] is called when the TURN core says a
 //! channel may be relayed in the kernel, [`FastPath::remove`] when it may not any more. Anything
