@@ -1,7 +1,8 @@
 //! kyuu's kernel fast path for TURN channels: an XDP program (`src/bpf/turn_router.bpf.c`,
 //! compiled by `build.rs`) that relays ChannelData of UDP clients to peers and peer datagrams
-//! back as ChannelData, and the userspace side that loads it, fills its maps and reads its
-//! counters.
+//! back as ChannelData, and answers plain STUN Binding requests to the listeners
+//! ([`FastPath::enable_binding`]), and the userspace side that loads it, fills its maps and
+//! reads its counters.
 //!
 //! Userspace stays the authority: [`FastPath::install`] is called when the TURN core says a
 //! channel may be relayed in the kernel, [`FastPath::remove`] when it may not any more. Anything
@@ -150,6 +151,34 @@ struct Config {
     flags: u32,
 }
 
+/// SOFTWARE attribute bytes the program can include (its `SW_MAX`).
+pub const SOFTWARE_MAX: usize = 132;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+struct ListenerKey {
+    ip: [u8; 16],
+    port: [u8; 2],
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct BindingCfg {
+    enabled: u32,
+    rate: u32,
+    burst: u32,
+    sw_len: u32,
+    sw: [u8; SOFTWARE_MAX],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct BindingCounter {
+    answered: u64,
+    rate_limited: u64,
+}
+
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays laid out
 // without implicit padding (explicit `pad` fields fill the gaps), so any bit pattern is a valid
 // value and the layout matches the C structs in `turn_router.bpf.c` byte for byte.
@@ -170,6 +199,36 @@ unsafe impl aya::Pod for Counter {}
 // SAFETY: as above.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for ListenerKey {}
+// SAFETY: as above (4 u32 then 132 bytes: 148, a multiple of 4).
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BindingCfg {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BindingCounter {}
+
+/// What the kernel answers STUN Binding requests with, and how often per source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingConfig {
+    /// The UDP listeners whose plain Binding requests the kernel answers. A wildcard address
+    /// stands for each address of the interface the program is attached to.
+    pub listeners: Vec<SocketAddr>,
+    /// The SOFTWARE value userspace puts in its answers (empty: none).
+    pub software: String,
+    /// The per-source limit on unauthenticated answers (`turn.unauth_rate`, 0: unlimited) and
+    /// its burst (`turn.unauth_burst`).
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// Binding requests the kernel answered, and dropped over the per-source limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bindings {
+    pub answered: u64,
+    pub rate_limited: u64,
+}
 
 /// Swap MAC addresses instead of asking the FIB (for `BPF_PROG_TEST_RUN`, which has no ingress
 /// interface).
@@ -207,6 +266,10 @@ pub struct FastPath {
     free: Vec<u32>,
     installed: HashMap<u64, Installed>,
     interface: String,
+    listeners: BpfHashMap<MapData, ListenerKey, u32>,
+    binding_cfg: Array<MapData, BindingCfg>,
+    binding_counters: PerCpuArray<MapData, BindingCounter>,
+    bindings_seen: Bindings,
 }
 
 impl std::fmt::Debug for FastPath {
@@ -289,6 +352,12 @@ impl FastPath {
         config
             .set(0, Config { max_ip_len, flags }, 0)
             .map_err(map_err("CONFIG"))?;
+        let listeners =
+            BpfHashMap::try_from(take(&mut ebpf, "LISTENERS")?).map_err(map_err("LISTENERS"))?;
+        let binding_cfg =
+            Array::try_from(take(&mut ebpf, "BINDING_CFG")?).map_err(map_err("BINDING_CFG"))?;
+        let binding_counters = PerCpuArray::try_from(take(&mut ebpf, "BINDING_COUNTERS")?)
+            .map_err(map_err("BINDING_COUNTERS"))?;
         let cpus =
             aya::util::nr_cpus().map_err(|(m, e)| FastPathError::Load(format!("{m}: {e}")))?;
         {
@@ -309,7 +378,82 @@ impl FastPath {
             free: (0..2 * MAX_ENTRIES).rev().collect(),
             installed: HashMap::new(),
             interface: interface.into(),
+            listeners,
+            binding_cfg,
+            binding_counters,
+            bindings_seen: Bindings::default(),
         })
+    }
+
+    /// Lets the kernel answer plain STUN Binding requests (no attributes, or only FINGERPRINT)
+    /// to `cfg.listeners`, with exactly the attributes userspace answers with. A SOFTWARE value
+    /// longer than the program can hold leaves Binding to userspace (an error says so). A
+    /// wildcard listener is installed for each address of the interface (or `local` if given,
+    /// for tests) of its family.
+    pub fn enable_binding(
+        &mut self,
+        cfg: &BindingConfig,
+        local: Option<&[IpAddr]>,
+    ) -> Result<(), FastPathError> {
+        let sw = software_attribute(&cfg.software).ok_or(FastPathError::Map(
+            "BINDING_CFG",
+            format!("SOFTWARE longer than {} bytes", SOFTWARE_MAX - 4),
+        ))?;
+        let addrs = match local {
+            Some(a) => a.to_vec(),
+            None => interface_addrs(&self.interface),
+        };
+        for l in &cfg.listeners {
+            let ips: Vec<IpAddr> = if l.ip().is_unspecified() {
+                addrs
+                    .iter()
+                    .copied()
+                    .filter(|a| a.is_ipv4() == l.is_ipv4())
+                    .collect()
+            } else {
+                vec![l.ip()]
+            };
+            for ip in ips {
+                let key = ListenerKey {
+                    ip: ip16(ip),
+                    port: l.port().to_be_bytes(),
+                    pad: 0,
+                };
+                self.listeners
+                    .insert(key, 1, 0)
+                    .map_err(map_err("LISTENERS"))?;
+            }
+        }
+        let mut val = BindingCfg {
+            enabled: 1,
+            rate: cfg.rate,
+            burst: cfg.burst,
+            sw_len: sw.len() as u32,
+            sw: [0; SOFTWARE_MAX],
+        };
+        val.sw[..sw.len()].copy_from_slice(&sw);
+        self.binding_cfg
+            .set(0, val, 0)
+            .map_err(map_err("BINDING_CFG"))
+    }
+
+    /// Binding requests the kernel answered or dropped since the last call, summed over CPUs.
+    pub fn take_bindings(&mut self) -> Bindings {
+        let Ok(values) = self.binding_counters.get(&0, 0) else {
+            return Bindings::default();
+        };
+        let total = values.iter().fold(Bindings::default(), |t, c| Bindings {
+            answered: t.answered + c.answered,
+            rate_limited: t.rate_limited + c.rate_limited,
+        });
+        let out = Bindings {
+            answered: total.answered.saturating_sub(self.bindings_seen.answered),
+            rate_limited: total
+                .rate_limited
+                .saturating_sub(self.bindings_seen.rate_limited),
+        };
+        self.bindings_seen = total;
+        out
     }
 
     /// The interface the program is attached to.
@@ -496,6 +640,41 @@ pub fn relayable(
         && v4(relay) == v4(peer)
         && !server.ip().is_unspecified()
         && !relay.ip().is_unspecified()
+}
+
+/// The SOFTWARE attribute as it goes on the wire (type, length, value, zero padding), as
+/// `kyuu_stun::MessageBuilder` writes it; empty for no SOFTWARE; `None` when too long.
+fn software_attribute(software: &str) -> Option<Vec<u8>> {
+    if software.is_empty() {
+        return Some(Vec::new());
+    }
+    let v = software.as_bytes();
+    let padded = v.len().div_ceil(4) * 4;
+    if 4 + padded > SOFTWARE_MAX {
+        return None;
+    }
+    let mut out = vec![0x80, 0x22];
+    out.extend((v.len() as u16).to_be_bytes());
+    out.extend(v);
+    out.resize(4 + padded, 0);
+    Some(out)
+}
+
+/// The addresses of interface `name` (from `ip -o addr show dev`).
+pub fn interface_addrs(name: &str) -> Vec<IpAddr> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "dev", name])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let cidr = line.split_whitespace().nth(3)?;
+            cidr.split('/').next()?.parse::<IpAddr>().ok()
+        })
+        .collect()
 }
 
 /// Finds the interface holding `ip` (for `turn.fast_path = "auto"` without

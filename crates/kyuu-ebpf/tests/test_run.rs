@@ -548,3 +548,292 @@ fn microbenchmark_ns_per_packet() {
     assert_eq!(b.packets, 0);
     assert_eq!(p.fp.take_traffic(2)[1].packets, 500_000);
 }
+
+// ---- STUN Binding answered in the kernel ----
+
+const SOFTWARE: &str = "kyuu 0.1.0 (test)";
+
+fn binding_config(n: &Net, rate: u32, burst: u32) -> kyuu_ebpf::BindingConfig {
+    kyuu_ebpf::BindingConfig {
+        listeners: vec![n.server],
+        software: SOFTWARE.into(),
+        rate,
+        burst,
+    }
+}
+
+/// A Binding request (`fingerprint`: with a FINGERPRINT) built with kyuu_stun.
+fn binding_request(tid: [u8; 12], fingerprint: bool) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    let mut b = kyuu_stun::MessageBuilder::new(
+        &mut buf,
+        kyuu_stun::method::BINDING,
+        kyuu_stun::Class::Request,
+        kyuu_stun::TransactionId(tid),
+    )
+    .expect("builder");
+    if fingerprint {
+        b.add_fingerprint().expect("fingerprint");
+    }
+    let n = b.finish();
+    buf[..n].to_vec()
+}
+
+/// What userspace kyuu answers (crates/kyuu-turn/src/server/binding.rs with RFC 5780 off):
+/// XOR-MAPPED-ADDRESS, SOFTWARE, FINGERPRINT.
+fn userspace_answer(tid: [u8; 12], mapped: SocketAddr) -> Vec<u8> {
+    let mut buf = [0u8; 256];
+    let mut b = kyuu_stun::MessageBuilder::new(
+        &mut buf,
+        kyuu_stun::method::BINDING,
+        kyuu_stun::Class::Success,
+        kyuu_stun::TransactionId(tid),
+    )
+    .expect("builder");
+    b.add_xor_address(kyuu_stun::attr::XOR_MAPPED_ADDRESS, mapped)
+        .expect("xma");
+    b.add(kyuu_stun::attr::SOFTWARE, SOFTWARE.as_bytes())
+        .expect("software");
+    b.add_fingerprint().expect("fingerprint");
+    let n = b.finish();
+    buf[..n].to_vec()
+}
+
+#[test]
+fn binding_requests_answered_in_the_kernel_v4_and_v6() {
+    if !usable() {
+        return;
+    }
+    for (name, net) in [("v4", v4()), ("v6", v6())] {
+        let mut p = load(1500);
+        p.fp.enable_binding(&binding_config(&net, 0, 0), None)
+            .expect("enable binding");
+        for (i, fingerprint) in [false, true].into_iter().enumerate() {
+            let tid = [i as u8 + 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0xfe];
+            let req = binding_request(tid, fingerprint);
+            let pkt = frame(net.client, net.server, &req, true);
+            let (rv, out, _) = run(&p, &pkt, 1);
+            assert_eq!(rv, XDP_TX, "{name} fingerprint {fingerprint}: answered");
+            let (src, dst, got) = check(&out);
+            assert_eq!(
+                (src, dst),
+                (net.server, net.client),
+                "{name} addresses swapped"
+            );
+            let msg = kyuu_stun::Message::parse(&got).expect("a STUN message");
+            assert_eq!(msg.class(), kyuu_stun::Class::Success);
+            assert_eq!(msg.method(), kyuu_stun::method::BINDING);
+            assert_eq!(msg.transaction_id().0, tid, "{name} transaction id");
+            let mapped = msg
+                .xor_address(kyuu_stun::attr::XOR_MAPPED_ADDRESS)
+                .expect("XOR-MAPPED-ADDRESS")
+                .expect("decodes");
+            assert_eq!(mapped, net.client, "{name} XOR-MAPPED-ADDRESS");
+            assert_eq!(
+                msg.verify_fingerprint().ok(),
+                Some(true),
+                "{name} FINGERPRINT"
+            );
+            assert_eq!(
+                got,
+                userspace_answer(tid, net.client),
+                "{name}: byte for byte what userspace answers"
+            );
+        }
+        let b = p.fp.take_bindings();
+        assert_eq!((b.answered, b.rate_limited), (2, 0), "{name} counters");
+        assert_eq!(p.fp.take_bindings().answered, 0, "counted once");
+    }
+}
+
+#[test]
+fn binding_on_a_wildcard_listener_answers_for_its_addresses() {
+    if !usable() {
+        return;
+    }
+    let net = v4();
+    let mut p = load(1500);
+    let cfg = kyuu_ebpf::BindingConfig {
+        listeners: vec!["0.0.0.0:3478".parse().expect("addr")],
+        ..binding_config(&net, 0, 0)
+    };
+    p.fp.enable_binding(&cfg, Some(&[net.server.ip()]))
+        .expect("enable");
+    let req = binding_request([9; 12], false);
+    assert_eq!(
+        run(&p, &frame(net.client, net.server, &req, true), 1).0,
+        XDP_TX
+    );
+    // Another address (not the interface's): up the stack.
+    let other: SocketAddr = "198.18.0.9:3478".parse().expect("addr");
+    assert_eq!(
+        run(&p, &frame(net.client, other, &req, true), 1).0,
+        XDP_PASS
+    );
+}
+
+#[test]
+fn binding_requests_the_kernel_must_not_answer_pass_unchanged() {
+    if !usable() {
+        return;
+    }
+    for (name, net) in [("v4", v4()), ("v6", v6())] {
+        let mut p = load(1500);
+        p.fp.enable_binding(&binding_config(&net, 0, 0), None)
+            .expect("enable binding");
+        let tid = [7u8; 12];
+        let with_attr = |t: u16, v: &[u8], fp: bool| {
+            let mut buf = [0u8; 128];
+            let mut b = kyuu_stun::MessageBuilder::new(
+                &mut buf,
+                kyuu_stun::method::BINDING,
+                kyuu_stun::Class::Request,
+                kyuu_stun::TransactionId(tid),
+            )
+            .expect("builder");
+            b.add(t, v).expect("attr");
+            if fp {
+                b.add_fingerprint().expect("fp");
+            }
+            let n = b.finish();
+            buf[..n].to_vec()
+        };
+        let mut bad_fp = binding_request(tid, true);
+        bad_fp[27] ^= 1;
+        let mut wrong_len = binding_request(tid, false);
+        wrong_len[3] = 4;
+        let mut long_tail = binding_request(tid, false);
+        long_tail.extend([0, 0, 0, 0]);
+        let mut response = binding_request(tid, false);
+        response[1] = 0x01;
+        response[0] = 0x01;
+        let mut error = binding_request(tid, false);
+        error[0] = 0x01;
+        error[1] = 0x11;
+        let mut indication = binding_request(tid, false);
+        indication[1] = 0x11;
+        let mut no_cookie = binding_request(tid, false);
+        no_cookie[4] = 0;
+        let mut other_port = net.server;
+        other_port.set_port(3479);
+        let mut port0 = net.client;
+        port0.set_port(0);
+        let plain = binding_request(tid, false);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "CHANGE-REQUEST",
+                frame(
+                    net.client,
+                    net.server,
+                    &with_attr(kyuu_stun::attr::CHANGE_REQUEST, &[0, 0, 0, 6], false),
+                    true,
+                ),
+            ),
+            (
+                "USERNAME + FINGERPRINT",
+                frame(
+                    net.client,
+                    net.server,
+                    &with_attr(kyuu_stun::attr::USERNAME, b"abcd", true),
+                    true,
+                ),
+            ),
+            (
+                "SOFTWARE",
+                frame(
+                    net.client,
+                    net.server,
+                    &with_attr(kyuu_stun::attr::SOFTWARE, b"some", false),
+                    true,
+                ),
+            ),
+            (
+                "bad FINGERPRINT",
+                frame(net.client, net.server, &bad_fp, true),
+            ),
+            (
+                "wrong length",
+                frame(net.client, net.server, &wrong_len, true),
+            ),
+            (
+                "trailing bytes",
+                frame(net.client, net.server, &long_tail, true),
+            ),
+            ("response", frame(net.client, net.server, &response, true)),
+            (
+                "error response",
+                frame(net.client, net.server, &error, true),
+            ),
+            (
+                "indication",
+                frame(net.client, net.server, &indication, true),
+            ),
+            (
+                "no magic cookie",
+                frame(net.client, net.server, &no_cookie, true),
+            ),
+            (
+                "non-listener port",
+                frame(net.client, other_port, &plain, true),
+            ),
+            ("source port 0", frame(port0, net.server, &plain, true)),
+            (
+                "classic RFC 3489",
+                frame(
+                    net.client,
+                    net.server,
+                    &{
+                        let mut m = plain.clone();
+                        m[4..8].copy_from_slice(&[1, 2, 3, 4]);
+                        m
+                    },
+                    true,
+                ),
+            ),
+        ];
+        for (case, pkt) in cases {
+            let (rv, out, _) = run(&p, &pkt, 1);
+            assert_eq!(rv, XDP_PASS, "{name} {case}");
+            assert_eq!(out, pkt, "{name} {case}: reaches userspace unchanged");
+        }
+        assert_eq!(p.fp.take_bindings().answered, 0);
+    }
+    // With Binding not enabled, a plain request goes up too.
+    let p = load(1500);
+    let net = v4();
+    let pkt = frame(
+        net.client,
+        net.server,
+        &binding_request([1; 12], false),
+        true,
+    );
+    let (rv, out, _) = run(&p, &pkt, 1);
+    assert_eq!((rv, out), (XDP_PASS, pkt), "binding off");
+}
+
+#[test]
+fn binding_rate_limit_drops_after_the_burst_per_source() {
+    if !usable() {
+        return;
+    }
+    const XDP_DROP: u32 = 1;
+    let net = v4();
+    let mut p = load(1500);
+    // 1 answer per second after a burst of 5: the test's runs take far less than a second.
+    p.fp.enable_binding(&binding_config(&net, 1, 5), None)
+        .expect("enable");
+    let req = binding_request([3; 12], true);
+    let pkt = frame(net.client, net.server, &req, true);
+    let rvs: Vec<u32> = (0..8).map(|_| run(&p, &pkt, 1).0).collect();
+    assert_eq!(&rvs[..5], &[XDP_TX; 5], "the burst is answered: {rvs:?}");
+    assert!(
+        rvs[5..].iter().filter(|r| **r == XDP_DROP).count() >= 2,
+        "then dropped: {rvs:?}"
+    );
+    // Another source has its own bucket.
+    let other: SocketAddr = "198.18.1.7:40000".parse().expect("addr");
+    assert_eq!(run(&p, &frame(other, net.server, &req, true), 1).0, XDP_TX);
+    let b = p.fp.take_bindings();
+    assert!(b.answered >= 6 && b.rate_limited >= 2, "{b:?}");
+    assert_eq!(b.answered + b.rate_limited, 9);
+}

@@ -89,6 +89,10 @@ pub struct TurnConfig {
     /// Interface to attach the fast path to (default: the one holding the first UDP listener's
     /// address).
     pub fast_path_interface: Option<String>,
+    /// With the fast path attached, also answer plain STUN Binding requests (no attributes, or
+    /// only FINGERPRINT) to the UDP listeners in the kernel, under the same per-source limit
+    /// (`unauth_rate`/`unauth_burst`). Off: the kernel relays channels only. Read at start only.
+    pub fast_path_binding: bool,
     /// Relay steering (`BPF_PROG_TYPE_SK_LOOKUP`): each relay thread reads the peer datagrams of
     /// all its UDP allocations from one socket in batches instead of waking once per relay
     /// socket. `"off"` (default), `"auto"` (use it where the kernel allows, which needs
@@ -138,6 +142,7 @@ impl Default for TurnConfig {
             rate_table_size: 8192,
             fast_path: FastPathMode::Off,
             fast_path_interface: None,
+            fast_path_binding: true,
             relay_steering: FastPathMode::Off,
         }
     }

@@ -140,8 +140,16 @@ fn build(lab: Lab, fam: Family) -> Result<World> {
 }
 
 fn start_kyuu(w: &World, fast_path: &str) -> Result<LabChild> {
-    let dir =
-        std::env::temp_dir().join(format!("kyuu-fastpath-{}-{fast_path}", std::process::id()));
+    start_kyuu_with(w, fast_path, "")
+}
+
+/// `kyuu serve` with `turn.fast_path = fast_path` and `extra` lines in `[turn]`.
+fn start_kyuu_with(w: &World, fast_path: &str, extra: &str) -> Result<LabChild> {
+    let dir = std::env::temp_dir().join(format!(
+        "kyuu-fastpath-{}-{fast_path}-{}",
+        std::process::id(),
+        extra.len()
+    ));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("kyuu.toml");
     let fam = w.fam;
@@ -165,6 +173,7 @@ users = [{{ name = "alice", password = "secret" }}]
 allow_peers = ["{allow1}", "{allow2}"]
 max_bps = 0
 fast_path = "{fast_path}"
+{extra}
 "#
         ),
     )?;
@@ -550,4 +559,206 @@ fn fast_path_ipv6_on_and_off_relay_the_same_bytes() {
 /// `kyuu serve` links kyuu-ebpf through kyuu-server: this build's answer is the binary's.
 fn kyuu_server_fast_path_unavailable() -> Option<&'static str> {
     kyuu_ebpf::unavailable()
+}
+
+/// Sends the Binding request `req` from `sock` to the server (again after 500 ms without an
+/// answer, at most 6 times) and returns the answer with its transaction id; answers to earlier
+/// retransmissions are skipped, as a client matches answers by transaction id.
+fn binding_answer(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    req: &[u8],
+    sends: &mut u64,
+) -> Result<Vec<u8>> {
+    let mut buf = [0u8; 1500];
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    for _ in 0..6 {
+        sock.send_to(req, server)?;
+        *sends += 1;
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                ensure!(from == server, "answer from {from}");
+                if n >= 20 && buf[8..20] == req[8..20] {
+                    return Ok(buf[..n].to_vec());
+                }
+            }
+        }
+    }
+    bail!("no answer to a Binding request")
+}
+
+fn binding_request(tid: [u8; 12], fingerprint: bool, software: bool) -> Vec<u8> {
+    let mut buf = [0u8; 128];
+    let mut b = kyuu_stun::MessageBuilder::new(
+        &mut buf,
+        kyuu_stun::method::BINDING,
+        kyuu_stun::Class::Request,
+        kyuu_stun::TransactionId(tid),
+    )
+    .unwrap();
+    if software {
+        b.add(kyuu_stun::attr::SOFTWARE, b"lab client").unwrap();
+    }
+    if fingerprint {
+        b.add_fingerprint().unwrap();
+    }
+    let n = b.finish();
+    buf[..n].to_vec()
+}
+
+/// Waits (bounded) until `/metrics` shows `want` for `name` (counters are flushed once a second).
+fn metric_at_least(server: &Node, name: &str, label: &str, want: u64) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(server)?;
+        if metric(&m, name, label) >= want || Instant::now() > deadline {
+            return Ok(m);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// STUN Binding through the kernel: a client behind the router gets a correct answer (its own
+/// address in XOR-MAPPED-ADDRESS, its transaction id, a valid FINGERPRINT) that the kernel sent
+/// (`kyuu_turn_fast_path_bindings_total`, with every Binding still in
+/// `kyuu_stun_binding_requests_total`), byte for byte what userspace answers with
+/// `turn.fast_path_binding = false`, where the kernel answers none. A request with another
+/// attribute is answered by userspace either way.
+#[test]
+fn fast_path_answers_stun_binding() {
+    binding_through_the_kernel("fast_path_answers_stun_binding", V4);
+}
+
+#[test]
+fn fast_path_answers_stun_binding_ipv6() {
+    binding_through_the_kernel("fast_path_answers_stun_binding_ipv6", V6);
+}
+
+fn binding_through_the_kernel(test: &str, fam: Family) {
+    if let Some(why) = kyuu_server_fast_path_unavailable() {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
+        }
+        eprintln!("SKIP: fast path unavailable: {why}");
+        return;
+    }
+    let Some(lab) = lab_or_skip(test) else {
+        return;
+    };
+    if std::process::Command::new("ethtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but ethtool is missing");
+        }
+        eprintln!("SKIP: ethtool missing");
+        return;
+    }
+    let w = build(lab, fam).unwrap();
+    let server: SocketAddr = Family::addr(fam.server, 3478).parse().unwrap();
+    let client: IpAddr = fam.client.parse().unwrap();
+    let sock = w
+        .client
+        .in_ns(|| UdpSocket::bind((client, 0)))
+        .unwrap()
+        .unwrap();
+    let me = sock.local_addr().unwrap();
+    let csum_before = udp_csum_errors(&w.client).unwrap();
+    let mut answers = Vec::new();
+    for (mode, extra) in [("kernel", ""), ("userspace", "fast_path_binding = false")] {
+        let child = start_kyuu_with(&w, "required", extra).unwrap();
+        let mut got = Vec::new();
+        let (mut plain, mut other_sends, mut stunclient) = (0u64, 0u64, 0u64);
+        for i in 0..6u8 {
+            let tid = [i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+            let req = binding_request(tid, i % 2 == 1, false);
+            let a = binding_answer(&sock, server, &req, &mut plain).unwrap();
+            let msg = kyuu_stun::Message::parse(&a).unwrap();
+            assert_eq!(msg.class(), kyuu_stun::Class::Success, "{mode}");
+            assert_eq!(msg.method(), kyuu_stun::method::BINDING, "{mode}");
+            assert_eq!(msg.transaction_id().0, tid, "{mode}");
+            let mapped = msg
+                .xor_address(kyuu_stun::attr::XOR_MAPPED_ADDRESS)
+                .unwrap()
+                .unwrap();
+            assert_eq!(mapped, me, "{mode}: XOR-MAPPED-ADDRESS is the client");
+            assert_eq!(msg.verify_fingerprint().ok(), Some(true), "{mode}");
+            got.push(a);
+        }
+        // coturn's STUN client, where installed (a plain Binding request without -f).
+        if mode == "kernel" && which("turnutils_stunclient") {
+            let mut cmd = w.client.command("turnutils_stunclient");
+            cmd.args(["-p", "3478", fam.server]);
+            let out = w.client.run(cmd, Duration::from_secs(20)).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            println!("{test}: turnutils_stunclient: {text}");
+            assert!(out.status.success(), "turnutils_stunclient: {text}");
+            assert!(text.contains(fam.client), "its mapped address: {text}");
+            let m = metric_at_least(
+                &w.server,
+                "kyuu_turn_fast_path_bindings_total",
+                "",
+                plain + 1,
+            )
+            .unwrap();
+            let after = metric(&m, "kyuu_turn_fast_path_bindings_total", "");
+            println!("{test}: the kernel answered {after} requests, {plain} of them ours");
+            assert!(
+                after > plain,
+                "the kernel answered turnutils_stunclient: {m}"
+            );
+            stunclient = after - plain;
+        }
+        // With another attribute: userspace answers.
+        let other = binding_answer(
+            &sock,
+            server,
+            &binding_request([99; 12], true, true),
+            &mut other_sends,
+        )
+        .unwrap();
+        assert_eq!(
+            kyuu_stun::Message::parse(&other).unwrap().class(),
+            kyuu_stun::Class::Success
+        );
+        // Every request sent (retransmissions included) is answered and counted once.
+        let total = plain + other_sends + stunclient;
+        let m =
+            metric_at_least(&w.server, "kyuu_stun_binding_requests_total", "udp", total).unwrap();
+        let kernel = metric(&m, "kyuu_turn_fast_path_bindings_total", "");
+        let all = metric(&m, "kyuu_stun_binding_requests_total", "transport=\"udp\"");
+        println!("{test}: {mode}: {plain} plain requests sent ({other_sends} others), {kernel} answered by the kernel, {all} Bindings counted");
+        if mode == "kernel" {
+            assert_eq!(
+                kernel,
+                plain + stunclient,
+                "the kernel answered the plain requests: {m}"
+            );
+        } else {
+            assert_eq!(kernel, 0, "fast_path_binding = false: {m}");
+        }
+        assert_eq!(all, total, "every Binding counted: {m}");
+        drop(child);
+        answers.push(got);
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "the kernel's answers are byte for byte userspace's"
+    );
+    assert_eq!(
+        udp_csum_errors(&w.client).unwrap(),
+        csum_before,
+        "bad UDP checksums"
+    );
+}
+
+fn which(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

@@ -102,6 +102,10 @@ struct Args {
     /// `--allocations` and `--payload` given are ignored) and print its goal-1 table.
     #[arg(long)]
     sweep: bool,
+    /// `relay` (ChannelData round trips through allocations) or `binding` (STUN Binding requests
+    /// without attributes from `--allocations` client ports, at most 1024; issue 11's goal 3).
+    #[arg(long, default_value = "relay")]
+    workload: String,
 }
 
 /// The XDP ends of the benchmark, loaded from the object `build.rs` compiled.
@@ -153,13 +157,16 @@ mod ends {
             peer: Ipv4Addr,
             server: Ipv4Addr,
             peer_seg: u32,
+            binding: bool,
         ) -> anyhow::Result<Ends> {
             let (c, p, s) = (be(client), be(peer), be(server));
+            let binding = u32::from(binding);
             let mut ebpf = aya::EbpfLoader::new()
                 .set_global("CLIENT_IP", &c, true)
                 .set_global("PEER_IP", &p, true)
                 .set_global("SERVER_IP", &s, true)
                 .set_global("PEER_SEG", &peer_seg, true)
+                .set_global("BINDING", &binding, true)
                 .load(object()?)?;
             let prog: &mut Xdp = ebpf
                 .program_mut(program)
@@ -538,13 +545,17 @@ fn phase<S: AsFd>(
     let g0 = thread_cpu_ns();
     let s0 = server_ns();
     let t0 = Instant::now();
-    let g = generate(
-        socks,
-        args.payload,
-        rate,
-        args.batch,
-        Duration::from_secs(args.duration),
-    );
+    let g = if args.workload == "binding" {
+        binding::generate(socks, rate, args.batch, Duration::from_secs(args.duration))
+    } else {
+        generate(
+            socks,
+            args.payload,
+            rate,
+            args.batch,
+            Duration::from_secs(args.duration),
+        )
+    };
     let secs = t0.elapsed().as_secs_f64();
     let m1 = machine_cpu();
     let k1 = ksoftirqd_ns();
@@ -594,9 +605,9 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
     // The target: a relay process, or the mirror in its place.
     let (server, _mirror) = if target == "null" {
         let iface = w.server_if.clone();
-        let m = w
-            .server
-            .in_ns(move || ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0))??;
+        let m = w.server.in_ns(move || {
+            ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
+        })??;
         (None, Some(m))
     } else {
         (Some(start(w, args, target, &dir)?), None)
@@ -760,7 +771,9 @@ fn run_config(w: &World, args: &Args) -> anyhow::Result<Config> {
     let seg = args.payload.max(8) as u32;
     let e = w
         .world
-        .in_ns(move || ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg))?
+        .in_ns(move || {
+            ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg, false)
+        })?
         .context("attaching the XDP echo peer and receiver")?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut rows = Vec::new();
@@ -885,6 +898,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(65_536);
     let w = build().context("building the lab (root, ip)")?;
+    if args.workload == "binding" {
+        return binding::run(&w, &args);
+    }
     if !args.sweep {
         run_config(&w, &args)?;
         return Ok(());
@@ -902,4 +918,221 @@ fn main() -> anyhow::Result<()> {
     }
     print_sweep(&configs);
     Ok(())
+}
+
+/// The `binding` workload (issue 11's goal 3): STUN Binding requests without attributes (the
+/// common WebRTC case) from the world namespace's client address to the server's listener, the
+/// send time in the transaction id's first 8 bytes; `bench_world` (with `BINDING` set) counts and
+/// drops the Binding success responses and takes their round trip time. Same topology, phases
+/// and CPU method as the relay workload: requests/s unpaced, CPU per request at the fixed rate
+/// (generator + server process + ksoftirqd, minus the `null` run, where `bench_mirror` reflects
+/// each request).
+mod binding {
+    use super::*;
+
+    /// Sends Binding requests round robin over `socks`, `batch` per `sendmmsg`, at `rate`
+    /// requests/s (0: as fast as it can) for `dur`.
+    pub fn generate<S: AsFd>(socks: &[S], rate: u64, batch: usize, dur: Duration) -> Generated {
+        let batch = batch.clamp(1, 64);
+        let mut pkts: Vec<[u8; 20]> = (0..batch)
+            .map(|i| {
+                let mut p = [0u8; 20];
+                p[1] = 0x01;
+                p[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+                p[16..20].copy_from_slice(&(i as u32).to_be_bytes());
+                p
+            })
+            .collect();
+        let start = Instant::now();
+        let (mut sent, mut next, mut delayed, mut max_delay_ns) = (0u64, 0usize, 0u64, 0u64);
+        loop {
+            let elapsed = start.elapsed();
+            if elapsed >= dur || socks.is_empty() {
+                break;
+            }
+            if rate > 0 {
+                let due = (rate as f64 * elapsed.as_secs_f64()) as u64;
+                if due < sent + batch as u64 {
+                    let wait = (sent + batch as u64) as f64 / rate as f64 - elapsed.as_secs_f64();
+                    std::thread::sleep(Duration::from_secs_f64(wait.clamp(0.0, 0.002)));
+                    continue;
+                }
+            }
+            let stamp = monotonic_ns().to_le_bytes();
+            for p in pkts.iter_mut() {
+                p[8..16].copy_from_slice(&stamp);
+            }
+            let iovs: Vec<[IoSlice<'_>; 1]> = pkts.iter().map(|p| [IoSlice::new(p)]).collect();
+            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+                (0..batch).map(|_| SendAncillaryBuffer::default()).collect();
+            let mut msgs: Vec<MMsgHdr<'_>> = iovs
+                .iter()
+                .zip(controls.iter_mut())
+                .map(|(iov, c)| MMsgHdr::new(iov, c))
+                .collect();
+            let sock = &socks[next % socks.len()];
+            next = next.wrapping_add(1);
+            let result = sendmmsg(sock, &mut msgs, SendFlags::DONTWAIT);
+            let took = monotonic_ns().saturating_sub(u64::from_le_bytes(stamp));
+            if took > 1_000_000 {
+                delayed += batch as u64;
+            }
+            max_delay_ns = max_delay_ns.max(took);
+            if let Ok(n) = result {
+                sent += n as u64;
+            } else if rate > 0 {
+                sent += batch as u64;
+            }
+        }
+        Generated {
+            sent,
+            delayed,
+            max_delay_ns,
+        }
+    }
+
+    fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::Result<Row> {
+        let dir = std::env::temp_dir().join(format!(
+            "kyuu-fastpath-bench-binding-{}-{target}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let server_addr = SocketAddr::from((SERVER, PORT));
+        let (server, _mirror) = if target == "null" {
+            let iface = w.server_if.clone();
+            let m = w.server.in_ns(move || {
+                ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
+            })??;
+            (None, Some(m))
+        } else {
+            (Some(start(w, args, target, &dir)?), None)
+        };
+        let pid = server.as_ref().map(|s| s.pid());
+        let n = args.allocations.clamp(1, 1024);
+        let (fixed, max) = w.world.in_ns(|| -> anyhow::Result<(Phase, Phase)> {
+            let mut socks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let s = std::net::UdpSocket::bind(SocketAddr::from((CLIENT, 0)))?;
+                s.connect(server_addr)?;
+                socks.push(s);
+            }
+            // Wait until the server answers (it may take a moment to listen).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let c0 = e.counters()[ends::RECEIVED];
+                for s in &socks {
+                    let mut p = [0u8; 20];
+                    p[1] = 1;
+                    p[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+                    p[8..16].copy_from_slice(&monotonic_ns().to_le_bytes());
+                    let _ = s.send(&p);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                let got = e.counters()[ends::RECEIVED] - c0;
+                if got as usize >= n * 9 / 10 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the server answered {got} of {n} Binding requests");
+                }
+            }
+            let fixed = phase(e, &socks, args, args.rate, args.hog, pid)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let max = phase(e, &socks, args, 0, 0, pid)?;
+            Ok((fixed, max))
+        })??;
+        drop(server);
+        Ok(Row {
+            target: target.into(),
+            note: format!(
+                "{n} client ports; unpaced: {} sent, {} answered; fixed: {} sent, {:.1}% answered, {} late stamps; {} RTTs > 1 ms; CPU s: generator {:.2}, server {:.2}, ksoftirqd {:.2}; machine busy {:.0}%",
+                max.sent,
+                max.received,
+                fixed.sent,
+                100.0 * fixed.received as f64 / fixed.sent.max(1) as f64,
+                fixed.late,
+                fixed.over_1ms(),
+                fixed.gen_s,
+                fixed.server_s,
+                fixed.ksoftirqd_s,
+                100.0 * fixed.busy_s / (fixed.secs.max(1e-9) * cpus() as f64),
+            ),
+            fixed,
+            max,
+        })
+    }
+
+    pub fn run(w: &World, args: &Args) -> anyhow::Result<()> {
+        let world_if = w.world_if.clone();
+        let e = w
+            .world
+            .in_ns(move || {
+                ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, 0, true)
+            })?
+            .context("attaching the XDP Binding answer receiver")?;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let mut rows = Vec::new();
+        for target in args.targets.split(',') {
+            eprintln!("running {target} (binding) ...");
+            match run_target(w, args, target, &e) {
+                Ok(r) => rows.push(r),
+                Err(err) => rows.push(Row {
+                    target: target.into(),
+                    fixed: Phase::default(),
+                    max: Phase::default(),
+                    note: format!("n/a: {err:#}"),
+                }),
+            }
+        }
+        drop(e);
+        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let c = Config {
+            allocations: 0,
+            payload: 20,
+            rows,
+        };
+        println!(
+            "\nSTUN Binding (20-byte requests, no attributes), {} s per phase, sendmmsg batch {}, {} CPUs; fixed phase at {} requests/s offered",
+            args.duration,
+            args.batch,
+            cpus(),
+            args.rate
+        );
+        println!("load average before: {}after: {}", load, load_after);
+        println!("CPU method: as the relay workload (generator thread + server process + ksoftirqd per answered request at the fixed rate; server CPU = that minus the null run's).\n");
+        println!("| target | max requests/s (unpaced) | CPU µs/req at fixed rate (generator+server+ksoftirqd) | server CPU µs/req (minus null) | RTT p50 µs | RTT p99 µs | note |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
+        for r in &c.rows {
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+                r.target,
+                pps(r),
+                r.fixed.cpu_us_per_rt(),
+                c.relay_us(r),
+                r.fixed.pct(0.5),
+                r.fixed.pct(0.99),
+                r.note
+            );
+        }
+        println!("\n## Issue 11 goal 3: Binding requests/s >= 2x coturn's, server CPU per request <= 0.5x coturn's\n");
+        for (target, name) in [
+            ("kyuu-fastpath", "kyuu fast path (XDP)"),
+            ("kyuu-off", "kyuu userspace"),
+        ] {
+            match c.vs_coturn(target) {
+                Some((ratio, cpu, _)) => {
+                    println!(
+                        "{name}: requests/s {ratio:.2}x coturn (goal >= 2x): {}",
+                        verdict(ratio >= 2.0)
+                    );
+                    println!(
+                        "{name}: CPU per request {cpu:.2}x coturn (goal <= 0.5x): {}",
+                        verdict(cpu <= 0.5)
+                    );
+                }
+                None => println!("{name}: n/a (no {target} or coturn figures)"),
+            }
+        }
+        Ok(())
+    }
 }

@@ -10,6 +10,9 @@
 //     the 4-byte ChannelData header are the sender's CLOCK_MONOTONIC nanoseconds, so the round
 //     trip time goes into a histogram here (1 µs buckets below 1 ms, 1 ms buckets above);
 //     (a UDP GSO packet counts as the datagrams it carries, each with the first one's stamp);
+//   - with BINDING set (the `binding` workload), a STUN Binding success response (or, for the
+//     null run's mirror, the request itself) to the client address is counted and dropped, its
+//     round trip time taken from the CLOCK_MONOTONIC stamp in the transaction id's first 8 bytes;
 //   - anything else (ARP, STUN answers during setup) goes up the stack.
 // `bench_mirror` sits on the server side instead of a relay (the "no relay" calibration): any
 // UDP datagram to the server address is reflected at once, so the harness cost per round trip
@@ -45,6 +48,8 @@ const volatile __be32 SERVER_IP = 0;
 // Payload bytes of each datagram the generator sends (the segment size of a GSO packet to the
 // peer).
 const volatile __u32 PEER_SEG = 0;
+// The binding workload: count STUN Binding answers to the client instead of ChannelData.
+const volatile __u32 BINDING = 0;
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -135,6 +140,32 @@ int bench_world(struct xdp_md *ctx)
         return XDP_PASS;
     if (p.ip->daddr == PEER_IP)
         return reflect(p.eth, p.ip, p.udp, segments(p.payload, end, PEER_SEG));
+    if (BINDING && p.ip->daddr == CLIENT_IP && p.payload + 20 <= (__u8 *)end &&
+        (p.payload[0] == 0x01 || p.payload[0] == 0x00) && p.payload[1] == 0x01 &&
+        p.payload[4] == 0x21 && p.payload[5] == 0x12 && p.payload[6] == 0xa4 &&
+        p.payload[7] == 0x42) {
+        __u64 sent;
+        __builtin_memcpy(&sent, p.payload + 8, 8);
+        __u64 now = bpf_ktime_get_ns();
+        __u32 bucket;
+        if (sent == 0 || sent > now) {
+            bump(C_LATE);
+            bucket = HIST - 1;
+        } else {
+            __u64 us = (now - sent) / 1000;
+            if (us < HIST_US)
+                bucket = us;
+            else if (us / 1000 < HIST_MS - 1)
+                bucket = HIST_US + us / 1000;
+            else
+                bucket = HIST - 1;
+        }
+        __u64 *h = bpf_map_lookup_elem(&BENCH_HIST, &bucket);
+        if (h)
+            *h += 1;
+        bump(C_RECEIVED);
+        return XDP_DROP;
+    }
     if (p.ip->daddr != CLIENT_IP || p.payload + 12 > (__u8 *)end || (p.payload[0] & 0xc0) != 0x40) {
         bump(C_PASSED);
         return XDP_PASS;

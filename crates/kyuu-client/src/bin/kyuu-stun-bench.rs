@@ -850,6 +850,10 @@ fn real_main(args: &Args) -> io::Result<()> {
             }
             _ => println!("goal: server CPU per request <= 0.5x coturn's: n/a (no CPU figures)"),
         }
+        println!(
+            "(this is kyuu's userspace path over loopback; with the kernel fast path answering \
+             Binding in XDP, see `kyuu-fastpath-bench --workload binding`, crates/kyuu-bench/README.md)"
+        );
     }
     Ok(())
 }

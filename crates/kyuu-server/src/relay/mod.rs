@@ -411,6 +411,9 @@ pub async fn start_keyed(
     }
 
     let fast_path = fast_path(&turn, &listeners)?;
+    if let (Some(fp), None) = (&fast_path, rfc5780) {
+        fast_path_binding(&turn, fp, &udp_final, &proxy_rules);
+    }
     let steering = steering(&turn)?;
     let shared = Shared::new(
         nonce_key.unwrap_or_else(rand::random),
@@ -554,6 +557,45 @@ fn fast_path(
         Err(e) => {
             tracing::warn!(target: "kyuu::relay", "turn.fast_path = \"auto\": relaying in userspace only: {e}");
             Ok(None)
+        }
+    }
+}
+
+/// Lets the attached fast path answer plain STUN Binding requests to the UDP listeners
+/// (`turn.fast_path_binding`), unless RFC 5780 is on (its answers carry more attributes) or the
+/// listener takes the PROXY protocol (the balancer's datagrams are not the client's). Failing
+/// that leaves Binding to userspace, with a log line.
+fn fast_path_binding(
+    turn: &TurnConfig,
+    fp: &shard::SharedFastPath,
+    udp: &[SocketAddr],
+    proxy: &crate::proxy::Rules,
+) {
+    if !turn.fast_path_binding {
+        return;
+    }
+    let listeners: Vec<SocketAddr> = udp
+        .iter()
+        .copied()
+        .filter(|a| proxy.trusted("udp", *a).is_none())
+        .collect();
+    if listeners.is_empty() {
+        return;
+    }
+    let cfg = kyuu_ebpf::BindingConfig {
+        listeners,
+        software: turn.software.clone(),
+        rate: turn.unauth_rate,
+        burst: turn.unauth_burst,
+    };
+    let result = match fp.lock() {
+        Ok(mut k) => k.enable_binding(&cfg, None),
+        Err(_) => return,
+    };
+    match result {
+        Ok(()) => tracing::info!(target: "kyuu::relay", "kernel fast path answers STUN Binding"),
+        Err(e) => {
+            tracing::warn!(target: "kyuu::relay", "fast path: STUN Binding stays in userspace: {e}")
         }
     }
 }

@@ -491,8 +491,12 @@ pub(crate) fn run(
                 let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
                 tokio::time::sleep_until(at.into()).await;
                 let mut st = timer_sh.borrow_mut();
-                if st.core.poll_timeout().is_some_and(|t| t <= Instant::now()) {
-                    st.fast_path_counters();
+                match st.core.poll_timeout() {
+                    Some(t) if t <= Instant::now() => st.fast_path_counters(),
+                    // No tick running (no packet reached the core): the kernel's Binding answers
+                    // still have to reach /metrics; handing them over starts the tick.
+                    None => st.fast_path_binding_counters(),
+                    Some(_) => {}
                 }
                 st.core.handle_timeout(Instant::now());
                 if st.dropped_sends > 0 {
@@ -1238,6 +1242,12 @@ impl State {
             return;
         };
         let now = Instant::now();
+        // Binding answers are global to the program: whichever shard ticks first takes them.
+        let b = k.take_bindings();
+        if b.answered + b.rate_limited > 0 {
+            self.core
+                .fast_path_bindings(now, b.answered, b.rate_limited);
+        }
         for (id, entry) in &fp.ids {
             let [to_peer, to_client] = k.take_traffic(*entry);
             if to_peer.packets + to_client.packets > 0 {
@@ -1248,6 +1258,21 @@ impl State {
                     (to_client.packets, to_client.bytes),
                 );
             }
+        }
+    }
+
+    /// Hands the kernel's Binding answers and drops since the last call to the core.
+    fn fast_path_binding_counters(&mut self) {
+        let Some(fp) = &mut self.fast_path else {
+            return;
+        };
+        let b = match fp.shared.lock() {
+            Ok(mut k) => k.take_bindings(),
+            Err(_) => return,
+        };
+        if b.answered + b.rate_limited > 0 {
+            self.core
+                .fast_path_bindings(Instant::now(), b.answered, b.rate_limited);
         }
     }
 

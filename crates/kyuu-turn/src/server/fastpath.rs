@@ -24,6 +24,18 @@ impl Server {
         self.fast_path = true;
     }
 
+    /// Binding requests the kernel answered and dropped over the per-source limit since the last
+    /// report: counted like the ones userspace answers (`kyuu_stun_binding_requests_total{transport="udp"}`,
+    /// also `kyuu_turn_fast_path_bindings_total`) and drops (`reason="rate_limited"`).
+    /// Starts the tick if none is due (the kernel may answer everything, so no packet reaches
+    /// the core to start it), so the counts reach the registry within a tick.
+    pub fn fast_path_bindings(&mut self, now: Instant, answered: u64, rate_limited: u64) {
+        self.counters.fast_path_bindings(answered, rate_limited);
+        if self.next_tick.is_none() {
+            self.next_tick = Some(now + super::TICK);
+        }
+    }
+
     /// Kernel-relayed traffic of one channel since the last report: (packets, payload bytes) to
     /// the peer and to the client. Counted like userspace-relayed traffic and charged to the
     /// allocation's `max_bps` budget.

@@ -68,6 +68,8 @@ pub(crate) struct Counters {
     /// Binding requests answered or refused, per transport (`Transport as usize`), since the
     /// last flush: a Binding costs no registry lookup.
     bindings: [u64; 4],
+    /// Of those, answered by the kernel fast path, since the last flush.
+    fast_path_bindings: u64,
 }
 
 impl Counters {
@@ -80,6 +82,15 @@ impl Counters {
             acc.0 += add.0;
             acc.1 += add.1;
         }
+    }
+
+    /// `answered` Binding requests over UDP the kernel answered and `rate_limited` it dropped.
+    pub fn fast_path_bindings(&mut self, answered: u64, rate_limited: u64) {
+        if let Some(n) = self.bindings.get_mut(transport_index(Transport::Udp)) {
+            *n += answered;
+        }
+        self.fast_path_bindings += answered;
+        self.drops[Dropped::RateLimited as usize] += rate_limited;
     }
 
     pub fn binding(&mut self, t: Transport) {
@@ -124,6 +135,11 @@ impl Counters {
                     .increment(*n);
                 *n = 0;
             }
+        }
+        if self.fast_path_bindings > 0 {
+            metrics::counter!("kyuu_turn_fast_path_bindings_total")
+                .increment(self.fast_path_bindings);
+            self.fast_path_bindings = 0;
         }
         for (reason, n) in self.auth_failures.drain() {
             metrics::counter!("kyuu_turn_auth_failures_total", "reason" => reason).increment(n);
