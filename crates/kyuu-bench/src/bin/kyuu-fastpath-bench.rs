@@ -293,6 +293,20 @@ fn generate<S: AsFd>(
             p
         })
         .collect();
+    send_loop(socks, &mut pkts, 4, rate, dur)
+}
+
+/// Sends the `pkts` batch round robin over `socks`, one `sendmmsg` per batch, at `rate`
+/// datagrams/s (0: as fast as it can) for `dur`, each batch stamped with CLOCK_MONOTONIC at
+/// bytes `stamp_at..stamp_at + 8` just before it leaves.
+fn send_loop<S: AsFd, P: AsMut<[u8]> + AsRef<[u8]>>(
+    socks: &[S],
+    pkts: &mut [P],
+    stamp_at: usize,
+    rate: u64,
+    dur: Duration,
+) -> Generated {
+    let batch = pkts.len().max(1);
     let start = Instant::now();
     let mut sent = 0u64;
     let mut next = 0usize;
@@ -313,9 +327,11 @@ fn generate<S: AsFd>(
         }
         let stamp = monotonic_ns().to_le_bytes();
         for p in pkts.iter_mut() {
-            p[4..12].copy_from_slice(&stamp);
+            if let Some(at) = p.as_mut().get_mut(stamp_at..stamp_at + 8) {
+                at.copy_from_slice(&stamp);
+            }
         }
-        let iovs: Vec<[IoSlice<'_>; 1]> = pkts.iter().map(|p| [IoSlice::new(p)]).collect();
+        let iovs: Vec<[IoSlice<'_>; 1]> = pkts.iter().map(|p| [IoSlice::new(p.as_ref())]).collect();
         let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
             (0..batch).map(|_| SendAncillaryBuffer::default()).collect();
         let mut msgs: Vec<MMsgHdr<'_>> = iovs
@@ -943,52 +959,7 @@ mod binding {
                 p
             })
             .collect();
-        let start = Instant::now();
-        let (mut sent, mut next, mut delayed, mut max_delay_ns) = (0u64, 0usize, 0u64, 0u64);
-        loop {
-            let elapsed = start.elapsed();
-            if elapsed >= dur || socks.is_empty() {
-                break;
-            }
-            if rate > 0 {
-                let due = (rate as f64 * elapsed.as_secs_f64()) as u64;
-                if due < sent + batch as u64 {
-                    let wait = (sent + batch as u64) as f64 / rate as f64 - elapsed.as_secs_f64();
-                    std::thread::sleep(Duration::from_secs_f64(wait.clamp(0.0, 0.002)));
-                    continue;
-                }
-            }
-            let stamp = monotonic_ns().to_le_bytes();
-            for p in pkts.iter_mut() {
-                p[8..16].copy_from_slice(&stamp);
-            }
-            let iovs: Vec<[IoSlice<'_>; 1]> = pkts.iter().map(|p| [IoSlice::new(p)]).collect();
-            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
-                (0..batch).map(|_| SendAncillaryBuffer::default()).collect();
-            let mut msgs: Vec<MMsgHdr<'_>> = iovs
-                .iter()
-                .zip(controls.iter_mut())
-                .map(|(iov, c)| MMsgHdr::new(iov, c))
-                .collect();
-            let sock = &socks[next % socks.len()];
-            next = next.wrapping_add(1);
-            let result = sendmmsg(sock, &mut msgs, SendFlags::DONTWAIT);
-            let took = monotonic_ns().saturating_sub(u64::from_le_bytes(stamp));
-            if took > 1_000_000 {
-                delayed += batch as u64;
-            }
-            max_delay_ns = max_delay_ns.max(took);
-            if let Ok(n) = result {
-                sent += n as u64;
-            } else if rate > 0 {
-                sent += batch as u64;
-            }
-        }
-        Generated {
-            sent,
-            delayed,
-            max_delay_ns,
-        }
+        send_loop(socks, &mut pkts, 8, rate, dur)
     }
 
     fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::Result<Row> {
