@@ -610,25 +610,50 @@ struct Row {
     note: String,
 }
 
+/// A target in place: its server process (kept until dropped) or, for `null`, the mirror on the
+/// server's veth; its scratch directory is `kyuu-fastpath-bench-{workload}-{pid}-{target}`.
+struct Target {
+    server: Option<LabChild>,
+    _mirror: Option<ends::Ends>,
+    dir: PathBuf,
+}
+
+impl Target {
+    fn start(w: &World, args: &Args, target: &str, workload: &str) -> anyhow::Result<Target> {
+        let dir = std::env::temp_dir().join(format!(
+            "kyuu-fastpath-bench-{workload}-{}-{target}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        if target == "null" {
+            let iface = w.server_if.clone();
+            let m = w.server.in_ns(move || {
+                ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
+            })??;
+            return Ok(Target {
+                server: None,
+                _mirror: Some(m),
+                dir,
+            });
+        }
+        Ok(Target {
+            server: Some(start(w, args, target, &dir)?),
+            _mirror: None,
+            dir,
+        })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|s| s.pid())
+    }
+}
+
 fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::Result<Row> {
-    let dir = std::env::temp_dir().join(format!(
-        "kyuu-fastpath-bench-{}-{target}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir)?;
     let server_addr = SocketAddr::from((SERVER, PORT));
     let peer_addr = SocketAddr::from((PEER, PEER_PORT));
     // The target: a relay process, or the mirror in its place.
-    let (server, _mirror) = if target == "null" {
-        let iface = w.server_if.clone();
-        let m = w.server.in_ns(move || {
-            ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
-        })??;
-        (None, Some(m))
-    } else {
-        (Some(start(w, args, target, &dir)?), None)
-    };
-    let pid = server.as_ref().map(|s| s.pid());
+    let t = Target::start(w, args, target, "relay")?;
+    let (dir, pid) = (t.dir.clone(), t.pid());
     let creds = Credentials {
         username: "bench".into(),
         password: "bench-pass".into(),
@@ -697,7 +722,7 @@ fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::R
         }
         Ok((fixed, max, relaying))
     })??;
-    drop(server);
+    drop(t);
     let (fixed, max, relaying) = out;
     Ok(Row {
         target: target.into(),
@@ -963,22 +988,9 @@ mod binding {
     }
 
     fn run_target(w: &World, args: &Args, target: &str, e: &ends::Ends) -> anyhow::Result<Row> {
-        let dir = std::env::temp_dir().join(format!(
-            "kyuu-fastpath-bench-binding-{}-{target}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir)?;
         let server_addr = SocketAddr::from((SERVER, PORT));
-        let (server, _mirror) = if target == "null" {
-            let iface = w.server_if.clone();
-            let m = w.server.in_ns(move || {
-                ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
-            })??;
-            (None, Some(m))
-        } else {
-            (Some(start(w, args, target, &dir)?), None)
-        };
-        let pid = server.as_ref().map(|s| s.pid());
+        let t = Target::start(w, args, target, "binding")?;
+        let pid = t.pid();
         let n = args.allocations.clamp(1, 1024);
         let (fixed, max) = w.world.in_ns(|| -> anyhow::Result<(Phase, Phase)> {
             let mut socks = Vec::with_capacity(n);
@@ -1012,7 +1024,7 @@ mod binding {
             let max = phase(e, &socks, args, 0, 0, pid)?;
             Ok((fixed, max))
         })??;
-        drop(server);
+        drop(t);
         Ok(Row {
             target: target.into(),
             note: format!(
