@@ -2,9 +2,9 @@
 //! HTTP endpoints. No root needed (127.0.0.2 is loopback on Linux).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 mod support;
@@ -34,52 +34,21 @@ fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
     p
 }
 
-/// A running `kyuu serve`, killed on drop.
+/// A running `kyuu serve` (killed on drop) and its start-up summary.
 struct Serve {
-    child: Child,
+    _proc: support::Proc,
     summary: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Serve {
     fn start(args: &[&str]) -> Serve {
-        let mut child = Command::new(KYUU)
-            .arg("serve")
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("KYUU_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut summary = String::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut line = String::new();
-            let n = out.read_line(&mut line).unwrap();
-            assert!(n > 0, "kyuu serve exited early; summary so far:\n{summary}");
-            summary.push_str(&line);
-            if line.contains("try it") || line.trim_start().starts_with("credentials") {
-                // The summary's last lines; give it a moment to finish writing.
-                if line.contains("try it") {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "no summary: {summary}");
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        // "try it" is the summary's last line.
+        let (proc, summary) = support::serve_until(&args, |l| l.contains("try it"));
+        Serve {
+            _proc: proc,
+            summary,
         }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = out.read_to_end(&mut sink);
-        });
-        Serve { child, summary }
     }
 
     fn http(&self) -> SocketAddr {

@@ -5,15 +5,13 @@
 //! KYUU_INTEROP_REQUIRED=1.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod support;
 use support::{free_udp_tcp_port, Proc};
-
-const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 
 fn have(tool: &str) -> bool {
     let found = Command::new("sh")
@@ -48,39 +46,22 @@ fn serve(dir: &std::path::Path, dtls_port: u16) -> (Proc, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(KYUU)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let proc = Proc(child);
-    let mut summary = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut http = None;
-    let mut dtls_seen = false;
-    while http.is_none() || !dtls_seen {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "kyuu serve exited early:\n{summary}");
-        summary.push_str(&line);
-        if line.contains(&format!("dtls 127.0.0.1:{dtls_port}")) {
-            dtls_seen = true;
-        }
-        if let Some(rest) = line.trim_start().strip_prefix("HTTP") {
-            let a = rest.trim_start().trim_start_matches("http://");
-            http = a.split([' ', '/']).next().and_then(|a| a.parse().ok());
-        }
-        assert!(Instant::now() < deadline, "no summary:\n{summary}");
-    }
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = out.read_to_end(&mut sink);
+    // The listeners come before the HTTP line in the start-up summary.
+    let (proc, summary) = support::serve_until(&["--config".as_ref(), config.as_os_str()], |l| {
+        l.trim_start().starts_with("HTTP")
     });
-    (proc, http.unwrap())
+    assert!(
+        summary.contains(&format!("dtls 127.0.0.1:{dtls_port}")),
+        "no DTLS listener in the summary:\n{summary}"
+    );
+    let http = summary
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("HTTP"))
+        .map(|rest| rest.trim_start().trim_start_matches("http://"))
+        .and_then(|a| a.split([' ', '/']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP address in the summary:\n{summary}"));
+    (proc, http)
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {

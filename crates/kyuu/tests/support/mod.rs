@@ -395,9 +395,20 @@ pub fn free_udp_tcp_ports(ips: &[&str], count: u16) -> u16 {
 /// start-up summary has printed the HTTP line (at most 20 s); the rest of its stdout is drained
 /// by a thread so the server never blocks on it.
 pub fn serve_until_ready(config: &Path) -> Proc {
+    let config = config.as_os_str();
+    serve_until(&["--config".as_ref(), config], |l| {
+        l.trim_start().starts_with("HTTP")
+    })
+    .0
+}
+
+/// Starts `kyuu serve <args>` and reads its start-up summary until `last(line)` (at most 20 s);
+/// returns the process and the summary so far. The rest of its stdout is drained by a thread so
+/// the server never blocks on it.
+pub fn serve_until(args: &[&std::ffi::OsStr], last: impl Fn(&str) -> bool) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kyuu"))
-        .args(["serve", "--config"])
-        .arg(config)
+        .arg("serve")
+        .args(args)
         .env_remove("RUST_LOG")
         .env_remove("KYUU_CONFIG")
         .stdout(Stdio::piped())
@@ -413,7 +424,7 @@ pub fn serve_until_ready(config: &Path) -> Proc {
         let n = out.read_line(&mut line).unwrap();
         assert!(n > 0, "kyuu serve exited early:\n{summary}");
         summary.push_str(&line);
-        if line.trim_start().starts_with("HTTP") {
+        if last(&line) {
             break;
         }
         assert!(Instant::now() < deadline, "no summary: {summary}");
@@ -422,5 +433,5 @@ pub fn serve_until_ready(config: &Path) -> Proc {
         let mut sink = Vec::new();
         let _ = std::io::Read::read_to_end(&mut out, &mut sink);
     });
-    proc
+    (proc, summary)
 }
