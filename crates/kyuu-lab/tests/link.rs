@@ -297,9 +297,24 @@ fn stale_namespaces_of_dead_processes_are_removed() -> Result<()> {
     // Unique per test process, so concurrent runs of this test do not collide.
     let stale = format!("kyuu-4194399-{}-gone", std::process::id());
     let stale = stale.as_str();
-    let mut add = std::process::Command::new("ip");
-    add.args(["netns", "add", stale]);
-    ensure!(add.status()?.success(), "ip netns add {stale}");
+    // `ip netns add` creates /run/netns/<name> and then bind-mounts the new namespace on it; a
+    // concurrent test's Lab::new can clean the file up between the two (it names a dead pid) and
+    // the add fails. Seen once in CI; a few bounded tries.
+    let mut added = false;
+    for _ in 0..5 {
+        let mut add = std::process::Command::new("ip");
+        add.args(["netns", "add", stale]);
+        if add.status()?.success() {
+            added = true;
+            break;
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", stale])
+            .stderr(std::process::Stdio::null())
+            .status();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(added, "ip netns add {stale}");
     // A concurrent test's Lab::new may get there first; either way it must go.
     let removed = kyuu_lab::Lab::cleanup_stale()?;
     println!("cleanup_stale removed {removed}");
