@@ -5,6 +5,8 @@
 //
 // Prints one line "RESULT <json>" (the page's window.result) and exits 0 when it says ok.
 import { chromium } from 'playwright-core';
+// The navigation retry shared with kyuu-signal's drivers (Chromium's ERR_NETWORK_CHANGED in a fresh namespace).
+import { gotoRetrying } from '../../../kyuu-signal/tests/browser/goto.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,7 +33,7 @@ try {
   const page = ctx.pages()[0] || await ctx.newPage();
   page.on('console', (m) => logs.push(m.text()));
   page.on('pageerror', (e) => logs.push(`pageerror: ${e}`));
-  await page.goto(url);
+  await gotoRetrying(page, url);
   await page.waitForFunction(() => window.result !== null, null, { timeout: timeoutMs, polling: 200 });
   const result = await page.evaluate(() => window.result);
   console.log('RESULT ' + JSON.stringify(result));

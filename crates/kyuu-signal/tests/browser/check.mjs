@@ -8,6 +8,7 @@
 // candidates and errors, the page's verdict text and whether it says the servers work.
 // Exits 0 when the page ran to the end (whatever its verdict), 1 otherwise.
 import { chromium } from 'playwright-core';
+import { gotoRetrying } from './goto.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -29,19 +30,6 @@ const args = [
 const dir = mkdtempSync(join(tmpdir(), 'kyuu-check-'));
 const logs = [];
 let ctx;
-
-// Chromium reports ERR_NETWORK_CHANGED when it starts right after the test's veth pair came up;
-// retry a navigation that failed for that reason (bounded).
-async function gotoRetrying(page, url) {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await page.goto(url);
-    } catch (e) {
-      if (attempt >= 3 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
-      await new Promise((r) => setTimeout(r, 500));
-    }
-  }
-}
 
 async function main() {
   ctx = await chromium.launchPersistentContext(dir, {

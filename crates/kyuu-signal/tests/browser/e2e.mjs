@@ -10,6 +10,7 @@
 // KYUU_E2E_SCREENSHOT=/tmp/kyuu-call also saves the pages as /tmp/kyuu-call-{alice,bob}.png
 // (alice before the call, then both once connected) for a person to look at.
 import { chromium } from 'playwright-core';
+import { gotoRetrying } from './goto.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -39,19 +40,6 @@ const names = { alice: `alice-${tag}`, bob: `bob-${tag}` };
 const dirs = [];
 const contexts = [];
 const logs = { alice: [], bob: [] };
-
-// Chromium reports ERR_NETWORK_CHANGED when it starts right after the test's veth pair came up;
-// retry a navigation that failed for that reason (bounded).
-async function gotoRetrying(page, url) {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await page.goto(url);
-    } catch (e) {
-      if (attempt >= 3 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
-      await new Promise((r) => setTimeout(r, 500));
-    }
-  }
-}
 
 async function open(who, query) {
   const dir = mkdtempSync(join(tmpdir(), `kyuu-e2e-${who}-`));
