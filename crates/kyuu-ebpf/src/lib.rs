@@ -424,14 +424,44 @@ impl FastPath {
                     .map_err(map_err("LISTENERS"))?;
             }
         }
+        self.write_binding_cfg(&sw, cfg.rate, cfg.burst)
+    }
+
+    /// Applies a reloaded SOFTWARE value and per-source limit (`turn.software`,
+    /// `turn.unauth_rate`, `turn.unauth_burst`) to the kernel's Binding answers. Only after
+    /// [`FastPath::enable_binding`]; otherwise nothing changes and `Ok(false)` is returned.
+    /// The listeners stay as they were enabled. Sources' buckets keep their tokens, capped at
+    /// the new burst on their next request.
+    pub fn set_binding_limits(
+        &mut self,
+        software: &str,
+        rate: u32,
+        burst: u32,
+    ) -> Result<bool, FastPathError> {
+        let enabled = self
+            .binding_cfg
+            .get(&0, 0)
+            .map_err(map_err("BINDING_CFG"))?
+            .enabled;
+        if enabled == 0 {
+            return Ok(false);
+        }
+        let sw = software_attribute(software).ok_or(FastPathError::Map(
+            "BINDING_CFG",
+            format!("SOFTWARE longer than {} bytes", SOFTWARE_MAX - 4),
+        ))?;
+        self.write_binding_cfg(&sw, rate, burst).map(|()| true)
+    }
+
+    fn write_binding_cfg(&mut self, sw: &[u8], rate: u32, burst: u32) -> Result<(), FastPathError> {
         let mut val = BindingCfg {
             enabled: 1,
-            rate: cfg.rate,
-            burst: cfg.burst,
+            rate,
+            burst,
             sw_len: sw.len() as u32,
             sw: [0; SOFTWARE_MAX],
         };
-        val.sw[..sw.len()].copy_from_slice(&sw);
+        val.sw[..sw.len()].copy_from_slice(sw);
         self.binding_cfg
             .set(0, val, 0)
             .map_err(map_err("BINDING_CFG"))

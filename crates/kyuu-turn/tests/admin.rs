@@ -260,3 +260,32 @@ fn the_user_quota_counts_allocations_on_other_fleet_nodes() {
     let (ev, _) = run(&mut s, &mut b, sock(3202, Transport::Udp), t0);
     assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
 }
+
+#[test]
+fn reconfigure_keeps_the_kernel_programs_for_a_restart() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let mut new = cfg();
+    new.fast_path = kyuu_turn::FastPathMode::Auto;
+    new.fast_path_interface = Some("eth9".into());
+    new.fast_path_binding = !new.fast_path_binding;
+    new.relay_steering = kyuu_turn::FastPathMode::Required;
+    new.unauth_rate = 7;
+    let kept = s.reconfigure(new).unwrap();
+    assert_eq!(
+        kept.0,
+        vec![
+            "turn.fast_path",
+            "turn.fast_path_interface",
+            "turn.fast_path_binding",
+            "turn.relay_steering"
+        ]
+    );
+    let now = s.config();
+    let old = cfg();
+    assert_eq!(now.fast_path, old.fast_path);
+    assert_eq!(now.fast_path_interface, old.fast_path_interface);
+    assert_eq!(now.fast_path_binding, old.fast_path_binding);
+    assert_eq!(now.relay_steering, old.relay_steering);
+    assert_eq!(now.unauth_rate, 7, "the rest is applied");
+}

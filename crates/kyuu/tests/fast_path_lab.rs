@@ -145,6 +145,13 @@ fn start_kyuu(w: &World, fast_path: &str) -> Result<LabChild> {
 
 /// `kyuu serve` with `turn.fast_path = fast_path` and `extra` lines in `[turn]`.
 fn start_kyuu_with(w: &World, fast_path: &str, extra: &str) -> Result<LabChild> {
+    let conf = write_kyuu_config(w, fast_path, extra)?;
+    spawn_kyuu(w, &conf)
+}
+
+/// Writes the configuration [`start_kyuu_with`] serves (the same path for the same
+/// `fast_path` and length of `extra`, so a reload test can rewrite it).
+fn write_kyuu_config(w: &World, fast_path: &str, extra: &str) -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "kyuu-fastpath-{}-{fast_path}-{}",
         std::process::id(),
@@ -177,10 +184,15 @@ fast_path = "{fast_path}"
 "#
         ),
     )?;
+    Ok(conf)
+}
+
+/// Starts `kyuu serve --config conf` in the server namespace and waits for its `/metrics`.
+fn spawn_kyuu(w: &World, conf: &std::path::Path) -> Result<LabChild> {
     let mut cmd = w.server.command(KYUU);
     cmd.arg("serve")
         .arg("--config")
-        .arg(&conf)
+        .arg(conf)
         .args(["--log", "warn"])
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -761,4 +773,100 @@ fn which(bin: &str) -> bool {
         .args(["-c", &format!("command -v {bin}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Sends `n` distinct plain Binding requests at once (tags `tag`, 0..n) and counts the answers
+/// that come within 400 ms.
+fn binding_burst(sock: &UdpSocket, server: SocketAddr, tag: u8, n: u8) -> Result<usize> {
+    for i in 0..n {
+        sock.send_to(
+            &binding_request([tag, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7], false, false),
+            server,
+        )?;
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut buf = [0u8; 1500];
+    let until = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < until {
+        if let Ok((len, _)) = sock.recv_from(&mut buf) {
+            if len >= 20 && buf[8] == tag && buf[19] == 7 {
+                seen.insert(buf[9]);
+            }
+        }
+    }
+    Ok(seen.len())
+}
+
+/// A reload (`SIGHUP`) of `turn.unauth_rate` reaches the kernel's Binding answers: at 1 answer
+/// per second (burst 2) a burst of 10 plain requests is mostly dropped in XDP; after the file
+/// says `unauth_rate = 0` (unlimited) and kyuu is sent SIGHUP, the kernel answers all ten.
+#[test]
+fn reload_reaches_the_kernel_binding_limit() {
+    const TEST: &str = "reload_reaches_the_kernel_binding_limit";
+    if let Some(why) = kyuu_server_fast_path_unavailable() {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
+        }
+        eprintln!("SKIP: fast path unavailable: {why}");
+        return;
+    }
+    let Some(lab) = lab_or_skip(TEST) else {
+        return;
+    };
+    let w = build(lab, V4).unwrap();
+    let server: SocketAddr = Family::addr(V4.server, 3478).parse().unwrap();
+    let client: IpAddr = V4.client.parse().unwrap();
+    let sock = w
+        .client
+        .in_ns(|| UdpSocket::bind((client, 0)))
+        .unwrap()
+        .unwrap();
+    let limited = "unauth_rate = 1\nunauth_burst = 2";
+    let unlimited = "unauth_rate = 0\nunauth_burst = 2";
+    assert_eq!(limited.len(), unlimited.len(), "one config file for both");
+    let child = start_kyuu_with(&w, "required", limited).unwrap();
+    let before = binding_burst(&sock, server, 1, 10).unwrap();
+    println!("{TEST}: at unauth_rate = 1: {before} of 10 answered");
+    assert!(
+        before <= 3,
+        "the kernel holds a source to its burst: {before} of 10"
+    );
+    let m = metric_at_least(&w.server, "kyuu_turn_dropped_total", "rate_limited", 7).unwrap();
+    assert!(
+        metric(&m, "kyuu_turn_dropped_total", "rate_limited") >= 7,
+        "the kernel's drops are counted: {m}"
+    );
+    let kernel_before = metric(&m, "kyuu_turn_fast_path_bindings_total", "");
+
+    write_kyuu_config(&w, "required", unlimited).unwrap();
+    let pid = child.pid().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success(), "kill -HUP {pid}");
+    // The reload is asynchronous: try a burst until all ten are answered (bounded).
+    let mut after = 0;
+    for round in 2..20u8 {
+        after = binding_burst(&sock, server, round, 10).unwrap();
+        if after == 10 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{TEST}: after the reload to unauth_rate = 0: {after} of 10 answered");
+    assert_eq!(after, 10, "the reloaded limit reached the kernel");
+    let m = metric_at_least(
+        &w.server,
+        "kyuu_turn_fast_path_bindings_total",
+        "",
+        kernel_before + 10,
+    )
+    .unwrap();
+    assert!(
+        metric(&m, "kyuu_turn_fast_path_bindings_total", "") >= kernel_before + 10,
+        "the kernel, not userspace, answered them: {m}"
+    );
+    drop(child);
 }

@@ -89,6 +89,8 @@ pub struct ShardAllocation {
 pub struct RelayControl {
     pub(crate) shards: Vec<mpsc::UnboundedSender<ShardCmd>>,
     pub(crate) shared: Arc<Shared>,
+    /// The kernel fast path, when it answers STUN Binding: a reload hands it the new limit.
+    pub(crate) binding: Option<super::shard::SharedFastPath>,
 }
 
 /// Parses an allocation id made by [`RelayControl::allocations`].
@@ -158,6 +160,19 @@ impl RelayControl {
             }
             if let Ok(r) = rx.await {
                 not_applied = r?;
+            }
+        }
+        if let Some(fp) = &self.binding {
+            // The kernel answers plain Binding requests under its own copy of the limit.
+            let result = match fp.lock() {
+                Ok(mut k) => {
+                    k.set_binding_limits(&turn.software, turn.unauth_rate, turn.unauth_burst)
+                }
+                Err(_) => Ok(false),
+            };
+            if let Err(e) = result {
+                tracing::warn!(target: "kyuu::relay", "fast path: the reloaded STUN Binding limit did not reach the kernel: {e}");
+                not_applied.0.push("turn.unauth_rate (kernel STUN Binding)");
             }
         }
         Ok(not_applied)

@@ -411,9 +411,12 @@ pub async fn start_keyed(
     }
 
     let fast_path = fast_path(&turn, &listeners)?;
-    if let (Some(fp), None) = (&fast_path, rfc5780) {
-        fast_path_binding(&turn, fp, &udp_final, &proxy_rules);
-    }
+    let binding = match (&fast_path, rfc5780) {
+        (Some(fp), None) if fast_path_binding(&turn, fp, &udp_final, &proxy_rules) => {
+            Some(fp.clone())
+        }
+        _ => None,
+    };
     let steering = steering(&turn)?;
     let shared = Shared::new(
         nonce_key.unwrap_or_else(rand::random),
@@ -508,6 +511,7 @@ pub async fn start_keyed(
         control: RelayControl {
             shards: control,
             shared,
+            binding,
         },
         steering: steering.map(|(s, _)| s),
     })
@@ -564,15 +568,15 @@ fn fast_path(
 /// Lets the attached fast path answer plain STUN Binding requests to the UDP listeners
 /// (`turn.fast_path_binding`), unless RFC 5780 is on (its answers carry more attributes) or the
 /// listener takes the PROXY protocol (the balancer's datagrams are not the client's). Failing
-/// that leaves Binding to userspace, with a log line.
+/// that leaves Binding to userspace, with a log line. True when the kernel answers Binding.
 fn fast_path_binding(
     turn: &TurnConfig,
     fp: &shard::SharedFastPath,
     udp: &[SocketAddr],
     proxy: &crate::proxy::Rules,
-) {
+) -> bool {
     if !turn.fast_path_binding {
-        return;
+        return false;
     }
     let listeners: Vec<SocketAddr> = udp
         .iter()
@@ -580,7 +584,7 @@ fn fast_path_binding(
         .filter(|a| proxy.trusted("udp", *a).is_none())
         .collect();
     if listeners.is_empty() {
-        return;
+        return false;
     }
     let cfg = kyuu_ebpf::BindingConfig {
         listeners,
@@ -590,12 +594,16 @@ fn fast_path_binding(
     };
     let result = match fp.lock() {
         Ok(mut k) => k.enable_binding(&cfg, None),
-        Err(_) => return,
+        Err(_) => return false,
     };
     match result {
-        Ok(()) => tracing::info!(target: "kyuu::relay", "kernel fast path answers STUN Binding"),
+        Ok(()) => {
+            tracing::info!(target: "kyuu::relay", "kernel fast path answers STUN Binding");
+            true
+        }
         Err(e) => {
-            tracing::warn!(target: "kyuu::relay", "fast path: STUN Binding stays in userspace: {e}")
+            tracing::warn!(target: "kyuu::relay", "fast path: STUN Binding stays in userspace: {e}");
+            false
         }
     }
 }

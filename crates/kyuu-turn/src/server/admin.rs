@@ -159,8 +159,9 @@ impl Server {
     /// Applies a new `[turn]` section to what is checked per request: credentials (REST secrets,
     /// static users, realm), the peer policy, quotas, lifetimes, bandwidth, rate limits and the
     /// alternate server. Live allocations keep running. `relay_ports` (split between shards at
-    /// start) and `enabled` need a restart; they are kept and named in the result. Nothing
-    /// changes when `cfg` is invalid.
+    /// start), `enabled` and the kernel programs (`fast_path`, `fast_path_interface`,
+    /// `fast_path_binding`, `relay_steering`) need a restart; they are kept and named in the
+    /// result. Nothing changes when `cfg` is invalid.
     pub fn reconfigure(&mut self, mut cfg: TurnConfig) -> Result<NotApplied, String> {
         cfg.validate().map_err(|e| e.to_string())?;
         let mut kept = Vec::new();
@@ -171,6 +172,23 @@ impl Server {
         if cfg.enabled != self.cfg.enabled {
             kept.push("turn.enabled");
             cfg.enabled = self.cfg.enabled;
+        }
+        // The kernel programs are attached (or not) at start.
+        if cfg.fast_path != self.cfg.fast_path {
+            kept.push("turn.fast_path");
+            cfg.fast_path = self.cfg.fast_path;
+        }
+        if cfg.fast_path_interface != self.cfg.fast_path_interface {
+            kept.push("turn.fast_path_interface");
+            cfg.fast_path_interface = self.cfg.fast_path_interface.clone();
+        }
+        if cfg.fast_path_binding != self.cfg.fast_path_binding {
+            kept.push("turn.fast_path_binding");
+            cfg.fast_path_binding = self.cfg.fast_path_binding;
+        }
+        if cfg.relay_steering != self.cfg.relay_steering {
+            kept.push("turn.relay_steering");
+            cfg.relay_steering = self.cfg.relay_steering;
         }
         // Unset relay addresses were filled in at start from the listeners.
         cfg.relay_ipv4 = cfg.relay_ipv4.or(self.cfg.relay_ipv4);
