@@ -241,6 +241,14 @@ fn ip16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+fn listener_key(ip: IpAddr, port: u16) -> ListenerKey {
+    ListenerKey {
+        ip: ip16(ip),
+        port: port.to_be_bytes(),
+        pad: 0,
+    }
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
@@ -267,6 +275,9 @@ pub struct FastPath {
     installed: HashMap<u64, Installed>,
     interface: String,
     listeners: BpfHashMap<MapData, ListenerKey, u32>,
+    /// The listeners Binding was enabled for (wildcards as configured) and the keys installed.
+    binding_listeners: Vec<SocketAddr>,
+    listener_keys: std::collections::HashSet<ListenerKey>,
     binding_cfg: Array<MapData, BindingCfg>,
     binding_counters: PerCpuArray<MapData, BindingCounter>,
     bindings_seen: Bindings,
@@ -367,7 +378,7 @@ impl FastPath {
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| FastPathError::Load(e.to_string()))?;
             load_retrying(|| prog.load())
-                .map_err(|e| FastPathError::Load(format!("{e} ({e:?})")))?;
+                .map_err(|e| FastPathError::Load(describe_load_error(&e)))?;
         }
         Ok(FastPath {
             _ebpf: ebpf,
@@ -379,6 +390,8 @@ impl FastPath {
             installed: HashMap::new(),
             interface: interface.into(),
             listeners,
+            binding_listeners: Vec::new(),
+            listener_keys: std::collections::HashSet::new(),
             binding_cfg,
             binding_counters,
             bindings_seen: Bindings::default(),
@@ -403,28 +416,54 @@ impl FastPath {
             Some(a) => a.to_vec(),
             None => interface_addrs(&self.interface),
         };
-        for l in &cfg.listeners {
-            let ips: Vec<IpAddr> = if l.ip().is_unspecified() {
-                addrs
-                    .iter()
-                    .copied()
-                    .filter(|a| a.is_ipv4() == l.is_ipv4())
-                    .collect()
+        self.binding_listeners = cfg.listeners.clone();
+        self.refresh_binding_listeners(&addrs)?;
+        self.write_binding_cfg(&sw, cfg.rate, cfg.burst)
+    }
+
+    /// Whether a Binding listener is a wildcard address, whose kernel answers follow the
+    /// interface's addresses ([`FastPath::refresh_binding_listeners`]).
+    pub fn binding_has_wildcard(&self) -> bool {
+        self.binding_listeners
+            .iter()
+            .any(|l| l.ip().is_unspecified())
+    }
+
+    /// Makes the kernel answer Binding on `addrs` (the interface's addresses now, as
+    /// [`interface_addrs`] reads them) for each wildcard listener, and no longer on addresses
+    /// the interface has lost; listeners on a given address stay. Returns how many
+    /// (address, port) pairs were added and removed. Requests to an address not (yet) listed go
+    /// to userspace, which answers them.
+    pub fn refresh_binding_listeners(
+        &mut self,
+        addrs: &[IpAddr],
+    ) -> Result<(usize, usize), FastPathError> {
+        let mut want = std::collections::HashSet::new();
+        for l in &self.binding_listeners {
+            if l.ip().is_unspecified() {
+                for a in addrs.iter().filter(|a| a.is_ipv4() == l.is_ipv4()) {
+                    want.insert(listener_key(*a, l.port()));
+                }
             } else {
-                vec![l.ip()]
-            };
-            for ip in ips {
-                let key = ListenerKey {
-                    ip: ip16(ip),
-                    port: l.port().to_be_bytes(),
-                    pad: 0,
-                };
+                want.insert(listener_key(l.ip(), l.port()));
+            }
+        }
+        let gone: Vec<ListenerKey> = self.listener_keys.difference(&want).copied().collect();
+        for key in &gone {
+            self.listeners.remove(key).map_err(map_err("LISTENERS"))?;
+            self.listener_keys.remove(key);
+        }
+        let mut added = 0;
+        for key in want {
+            if !self.listener_keys.contains(&key) {
                 self.listeners
                     .insert(key, 1, 0)
                     .map_err(map_err("LISTENERS"))?;
+                self.listener_keys.insert(key);
+                added += 1;
             }
         }
-        self.write_binding_cfg(&sw, cfg.rate, cfg.burst)
+        Ok((added, gone.len()))
     }
 
     /// Applies a reloaded SOFTWARE value and per-source limit (`turn.software`,
@@ -731,21 +770,47 @@ pub fn interface_of(ip: IpAddr) -> Option<String> {
     None
 }
 
-/// Tries a program load again (at most 5 times in all) when the kernel answers EAGAIN: the
-/// verifier gives up with EAGAIN when a signal is pending for the loading thread, whatever the
-/// program (libbpf retries the same way). Any other result is returned as it is.
+/// Tries a failed program load again (at most 5 times in all, 10 ms apart). The verifier gives
+/// up with EAGAIN when a signal is pending for the loading thread, whatever the program (libbpf
+/// retries the same way); but aya retries a failed load itself with ever larger log buffers,
+/// and the error it returns is the last of those (often ENOSPC, the log not fitting), not the
+/// first. So any load error is retried: a program the verifier rejects fails the same way five
+/// times, in milliseconds.
 pub(crate) fn load_retrying(
     mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
 ) -> Result<(), aya::programs::ProgramError> {
     let mut tries = 1;
     loop {
         match load() {
-            Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::WouldBlock && tries < 5 =>
-            {
+            Err(aya::programs::ProgramError::LoadError { .. }) if tries < 5 => {
                 tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             r => return r,
         }
+    }
+}
+
+/// A failed program load for a person: the kernel's error first, then the end of the
+/// verifier's log (where it says why), not its whole trace.
+pub(crate) fn describe_load_error(e: &aya::programs::ProgramError) -> String {
+    const TAIL: usize = 1500;
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let mut cut = log.len().saturating_sub(TAIL);
+            while !log.is_char_boundary(cut) {
+                cut += 1;
+            }
+            format!(
+                "BPF_PROG_LOAD failed: {io_error} ({:?}); verifier log ends: {}",
+                io_error.kind(),
+                &log[cut..]
+            )
+        }
+        e => e.to_string(),
     }
 }

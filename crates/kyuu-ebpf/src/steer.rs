@@ -103,7 +103,7 @@ impl Steering {
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
             crate::load_retrying(|| prog.load())
-                .map_err(|e| SteerError::Load(format!("{e} ({e:?})")))?;
+                .map_err(|e| SteerError::Load(crate::describe_load_error(&e)))?;
             let netns = std::fs::File::open("/proc/thread-self/ns/net")
                 .map_err(|e| SteerError::Attach(format!("/proc/thread-self/ns/net: {e}")))?;
             prog.attach(netns)

@@ -837,3 +837,79 @@ fn binding_rate_limit_drops_after_the_burst_per_source() {
     assert!(b.answered >= 6 && b.rate_limited >= 2, "{b:?}");
     assert_eq!(b.answered + b.rate_limited, 9);
 }
+
+#[test]
+fn binding_wildcard_addresses_follow_a_refresh() {
+    if !usable() {
+        return;
+    }
+    let net = v4();
+    let mut p = load(1500);
+    let cfg = kyuu_ebpf::BindingConfig {
+        listeners: vec!["0.0.0.0:3478".parse().expect("addr")],
+        ..binding_config(&net, 0, 0)
+    };
+    p.fp.enable_binding(&cfg, Some(&[net.server.ip()]))
+        .expect("enable");
+    assert!(p.fp.binding_has_wildcard());
+    let req = binding_request([9; 12], false);
+    let added: SocketAddr = "198.18.0.9:3478".parse().expect("addr");
+    let to = |dst| frame(net.client, dst, &req, true);
+    assert_eq!(run(&p, &to(added), 1).0, XDP_PASS, "not an address yet");
+    // The interface gains 198.18.0.9 and loses the server's address.
+    assert_eq!(
+        p.fp.refresh_binding_listeners(&[added.ip()])
+            .expect("refresh"),
+        (1, 1)
+    );
+    assert_eq!(
+        run(&p, &to(added), 1).0,
+        XDP_TX,
+        "the new address is answered"
+    );
+    assert_eq!(
+        run(&p, &to(net.server), 1).0,
+        XDP_PASS,
+        "the old one no more"
+    );
+    assert_eq!(
+        p.fp.refresh_binding_listeners(&[added.ip()])
+            .expect("refresh"),
+        (0, 0),
+        "nothing changed"
+    );
+}
+
+#[test]
+fn binding_limits_change_without_reloading_the_program() {
+    if !usable() {
+        return;
+    }
+    const XDP_DROP: u32 = 1;
+    let net = v4();
+    let mut p = load(1500);
+    assert!(
+        !p.fp.set_binding_limits(SOFTWARE, 0, 0).expect("no binding"),
+        "nothing to change before enable_binding"
+    );
+    p.fp.enable_binding(&binding_config(&net, 1, 1), None)
+        .expect("enable");
+    let pkt = frame(
+        net.client,
+        net.server,
+        &binding_request([4; 12], false),
+        true,
+    );
+    let rvs: Vec<u32> = (0..3).map(|_| run(&p, &pkt, 1).0).collect();
+    assert_eq!(rvs, [XDP_TX, XDP_DROP, XDP_DROP], "burst 1");
+    assert!(p.fp.set_binding_limits("other", 0, 0).expect("set"));
+    let (rv, out, _) = run(&p, &pkt, 1);
+    assert_eq!(rv, XDP_TX, "unlimited now");
+    let (_, _, got) = check(&out);
+    let msg = kyuu_stun::Message::parse(&got).expect("a STUN message");
+    assert_eq!(
+        msg.get(kyuu_stun::attr::SOFTWARE),
+        Some(&b"other"[..]),
+        "the new SOFTWARE"
+    );
+}

@@ -870,3 +870,107 @@ fn reload_reaches_the_kernel_binding_limit() {
     );
     drop(child);
 }
+
+/// With a wildcard UDP listener the kernel answers Binding on the interface's addresses, and
+/// follows them: an address added after start is answered by userspace at first, then (within
+/// the refresh period, 5 s) by the kernel too.
+#[test]
+fn kernel_binding_follows_a_wildcard_listeners_addresses() {
+    const TEST: &str = "kernel_binding_follows_a_wildcard_listeners_addresses";
+    const ADDED: &str = "198.18.0.11";
+    if let Some(why) = kyuu_server_fast_path_unavailable() {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
+        }
+        eprintln!("SKIP: fast path unavailable: {why}");
+        return;
+    }
+    let Some(lab) = lab_or_skip(TEST) else {
+        return;
+    };
+    let w = build(lab, V4).unwrap();
+    let conf = write_kyuu_config(&w, "required", &format!("relay_ipv4 = \"{SERVER}\"")).unwrap();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let wildcard = text.replace(
+        &format!("udp = [\"{SERVER}:3478\"]"),
+        "udp = [\"0.0.0.0:3478\"]",
+    );
+    assert_ne!(text, wildcard, "the listener line was found");
+    std::fs::write(&conf, wildcard).unwrap();
+    let child = spawn_kyuu(&w, &conf).unwrap();
+    let client: IpAddr = V4.client.parse().unwrap();
+    let sock = w
+        .client
+        .in_ns(|| UdpSocket::bind((client, 0)))
+        .unwrap()
+        .unwrap();
+    let kernel = |w: &World| {
+        metric(
+            &metrics(&w.server).unwrap(),
+            "kyuu_turn_fast_path_bindings_total",
+            "",
+        )
+    };
+    let mut sends = 0;
+    let first: SocketAddr = Family::addr(SERVER, 3478).parse().unwrap();
+    binding_answer(
+        &sock,
+        first,
+        &binding_request([1; 12], false, false),
+        &mut sends,
+    )
+    .unwrap();
+    let m = metric_at_least(&w.server, "kyuu_turn_fast_path_bindings_total", "", sends).unwrap();
+    assert_eq!(
+        metric(&m, "kyuu_turn_fast_path_bindings_total", ""),
+        sends,
+        "the kernel answers on the address the interface had at start: {m}"
+    );
+    let before = kernel(&w);
+
+    // A second address on the server's interface.
+    let mut cmd = w.server.command("ip");
+    cmd.args(["-o", "-4", "addr", "show"]);
+    let out = w.server.run(cmd, Duration::from_secs(10)).unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let iface = listing
+        .lines()
+        .find(|l| l.contains(&format!(" {SERVER}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no interface with {SERVER}: {listing}"))
+        .to_owned();
+    w.server
+        .ip(&["addr", "add", &format!("{ADDED}/24"), "dev", &iface])
+        .unwrap();
+    let added: SocketAddr = Family::addr(ADDED, 3478).parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut round = 0u8;
+    let by_kernel = loop {
+        round += 1;
+        let mut n = 0;
+        let a = binding_answer(
+            &sock,
+            added,
+            &binding_request([2, round, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], false, false),
+            &mut n,
+        )
+        .unwrap();
+        let msg = kyuu_stun::Message::parse(&a).unwrap();
+        assert_eq!(
+            msg.class(),
+            kyuu_stun::Class::Success,
+            "answered on {added}"
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+        let now = kernel(&w);
+        if now > before {
+            break now - before;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kernel never answered on {added} ({round} requests, all answered by userspace)"
+        );
+    };
+    println!("{TEST}: {round} requests to {added}; the kernel answered {by_kernel} of them");
+    drop(child);
+}

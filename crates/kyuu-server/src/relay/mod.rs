@@ -418,12 +418,15 @@ pub async fn start_keyed(
         _ => None,
     };
     let steering = steering(&turn)?;
+    let (stop, stop_rx) = watch::channel(false);
+    if let Some(fp) = &binding {
+        follow_interface_addresses(fp.clone(), stop_rx.clone());
+    }
     let shared = Shared::new(
         nonce_key.unwrap_or_else(rand::random),
         Instant::now(),
         unix_now(),
     );
-    let (stop, stop_rx) = watch::channel(false);
     let ranges = split_ports(turn.relay_ports, threads);
     let mut handles = Vec::new();
     let mut control = Vec::new();
@@ -606,6 +609,49 @@ fn fast_path_binding(
             false
         }
     }
+}
+
+/// How often the kernel's Binding answers on a wildcard listener follow the interface's
+/// addresses.
+const ADDRESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// With a wildcard UDP listener, re-reads the fast path interface's addresses every
+/// [`ADDRESS_REFRESH`] until `stop`, so the kernel also answers Binding on addresses added after
+/// start (and stops on removed ones); until then userspace answers them.
+fn follow_interface_addresses(fp: shard::SharedFastPath, mut stop: watch::Receiver<bool>) {
+    let interface = match fp.lock() {
+        Ok(k) if k.binding_has_wildcard() => k.interface().to_owned(),
+        _ => return,
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(ADDRESS_REFRESH) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let (fp, interface) = (fp.clone(), interface.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                let addrs = kyuu_ebpf::interface_addrs(&interface);
+                let mut k = fp.lock().ok()?;
+                Some(k.refresh_binding_listeners(&addrs))
+            })
+            .await;
+            match done {
+                Ok(Some(Ok((0, 0)))) => {}
+                Ok(Some(Ok((added, removed)))) => tracing::info!(
+                    target: "kyuu::relay",
+                    added, removed, "fast path: STUN Binding follows the interface's addresses"
+                ),
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(target: "kyuu::relay", "fast path: Binding listener addresses: {e}")
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
 }
 
 /// Loads relay steering as `turn.relay_steering` says, for the relay addresses configured.
