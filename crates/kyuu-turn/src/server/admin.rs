@@ -165,31 +165,24 @@ impl Server {
     pub fn reconfigure(&mut self, mut cfg: TurnConfig) -> Result<NotApplied, String> {
         cfg.validate().map_err(|e| e.to_string())?;
         let mut kept = Vec::new();
-        if cfg.relay_ports != self.cfg.relay_ports {
-            kept.push("turn.relay_ports");
-            cfg.relay_ports = self.cfg.relay_ports;
+        // Read at start only: the old value stays and the setting is named for a restart.
+        macro_rules! keep {
+            ($($field:ident),*) => {$(
+                if cfg.$field != self.cfg.$field {
+                    kept.push(concat!("turn.", stringify!($field)));
+                    cfg.$field = self.cfg.$field.clone();
+                }
+            )*};
         }
-        if cfg.enabled != self.cfg.enabled {
-            kept.push("turn.enabled");
-            cfg.enabled = self.cfg.enabled;
-        }
-        // The kernel programs are attached (or not) at start.
-        if cfg.fast_path != self.cfg.fast_path {
-            kept.push("turn.fast_path");
-            cfg.fast_path = self.cfg.fast_path;
-        }
-        if cfg.fast_path_interface != self.cfg.fast_path_interface {
-            kept.push("turn.fast_path_interface");
-            cfg.fast_path_interface = self.cfg.fast_path_interface.clone();
-        }
-        if cfg.fast_path_binding != self.cfg.fast_path_binding {
-            kept.push("turn.fast_path_binding");
-            cfg.fast_path_binding = self.cfg.fast_path_binding;
-        }
-        if cfg.relay_steering != self.cfg.relay_steering {
-            kept.push("turn.relay_steering");
-            cfg.relay_steering = self.cfg.relay_steering;
-        }
+        // The relay ports are split between shards and the kernel programs attached at start.
+        keep!(
+            relay_ports,
+            enabled,
+            fast_path,
+            fast_path_interface,
+            fast_path_binding,
+            relay_steering
+        );
         // Unset relay addresses were filled in at start from the listeners.
         cfg.relay_ipv4 = cfg.relay_ipv4.or(self.cfg.relay_ipv4);
         cfg.relay_ipv6 = cfg.relay_ipv6.or(self.cfg.relay_ipv6);
