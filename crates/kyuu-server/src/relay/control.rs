@@ -90,7 +90,8 @@ pub struct RelayControl {
     pub(crate) shards: Vec<mpsc::UnboundedSender<ShardCmd>>,
     pub(crate) shared: Arc<Shared>,
     /// The kernel fast path, when it answers STUN Binding: a reload hands it the new limit.
-    pub(crate) binding: Option<super::shard::SharedFastPath>,
+    /// Weak: the shards own it, and it detaches when they stop.
+    pub(crate) binding: Option<std::sync::Weak<std::sync::Mutex<kyuu_ebpf::FastPath>>>,
 }
 
 /// Parses an allocation id made by [`RelayControl::allocations`].
@@ -162,7 +163,7 @@ impl RelayControl {
                 not_applied = r?;
             }
         }
-        if let Some(fp) = &self.binding {
+        if let Some(fp) = self.binding.as_ref().and_then(std::sync::Weak::upgrade) {
             // The kernel answers plain Binding requests under its own copy of the limit.
             let result = match fp.lock() {
                 Ok(mut k) => {

@@ -420,7 +420,7 @@ pub async fn start_keyed(
     let steering = steering(&turn)?;
     let (stop, stop_rx) = watch::channel(false);
     if let Some(fp) = &binding {
-        follow_interface_addresses(fp.clone(), stop_rx.clone());
+        follow_interface_addresses(fp, stop_rx.clone());
     }
     let shared = Shared::new(
         nonce_key.unwrap_or_else(rand::random),
@@ -514,7 +514,7 @@ pub async fn start_keyed(
         control: RelayControl {
             shards: control,
             shared,
-            binding,
+            binding: binding.as_ref().map(Arc::downgrade),
         },
         steering: steering.map(|(s, _)| s),
     })
@@ -618,11 +618,13 @@ const ADDRESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 /// With a wildcard UDP listener, re-reads the fast path interface's addresses every
 /// [`ADDRESS_REFRESH`] until `stop`, so the kernel also answers Binding on addresses added after
 /// start (and stops on removed ones); until then userspace answers them.
-fn follow_interface_addresses(fp: shard::SharedFastPath, mut stop: watch::Receiver<bool>) {
+fn follow_interface_addresses(fp: &shard::SharedFastPath, mut stop: watch::Receiver<bool>) {
     let interface = match fp.lock() {
         Ok(k) if k.binding_has_wildcard() => k.interface().to_owned(),
         _ => return,
     };
+    // Weak: the shards own the fast path; the task ends when they have dropped it.
+    let fp = Arc::downgrade(fp);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -635,6 +637,7 @@ fn follow_interface_addresses(fp: shard::SharedFastPath, mut stop: watch::Receiv
             let (fp, interface) = (fp.clone(), interface.clone());
             let done = tokio::task::spawn_blocking(move || {
                 let addrs = kyuu_ebpf::interface_addrs(&interface);
+                let fp = fp.upgrade()?;
                 let mut k = fp.lock().ok()?;
                 Some(k.refresh_binding_listeners(&addrs))
             })
