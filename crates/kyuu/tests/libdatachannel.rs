@@ -37,10 +37,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -381,52 +379,11 @@ fn write_config(ns: &Netns, secret: &str) -> PathBuf {
     path
 }
 
-/// Starts `kyuu serve --config` in the namespace; returns once it printed its summary.
+/// Starts `kyuu serve --config` in the server's namespace; returns once it printed its summary.
 fn start_kyuu(ns: &mut Netns, config: &Path) {
-    let mut cmd = ns.server_command(KYUU);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(ns.dir.join("kyuu.log")).unwrap());
-    let mut child = cmd.spawn().expect("spawning kyuu serve");
-    let stdout = child.stdout.take().unwrap();
-    ns.server = Some(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut summary = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let http = line.trim_start().starts_with("HTTP");
-                summary.push(line);
-                if http {
-                    break;
-                }
-            }
-            Err(e) => panic!(
-                "kyuu serve did not print its HTTP address ({e}); stdout:\n{}\nlog:\n{}",
-                summary.join("\n"),
-                ns.server_log()
-            ),
-        }
-    }
-    println!("{}", summary.join("\n"));
-    let want = format!("http://{SERVER_IP}:{HTTP_PORT}");
-    assert!(
-        summary.iter().any(|l| l.contains(&want)),
-        "kyuu serve is not on {want}"
-    );
+    let cmd = ns.server_command(KYUU);
+    let http = format!("http://{SERVER_IP}:{HTTP_PORT}");
+    support::start_kyuu_in(cmd, config, &ns.dir, &mut ns.server, &http);
 }
 
 fn metrics(ns: &Netns) -> String {

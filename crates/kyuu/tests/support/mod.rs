@@ -245,16 +245,31 @@ pub fn http_get(ns: &Netns, url: &str) -> Result<String, String> {
 
 /// Starts `kyuu serve --config` in the namespace; returns once it printed its summary.
 pub fn start_kyuu(ns: &mut Netns, config: &Path) {
-    let mut cmd = ns.command(KYUU);
+    let cmd = ns.command(KYUU);
+    let http = format!("http://{SERVER_IP}:{HTTP_PORT}");
+    start_kyuu_in(cmd, config, &ns.dir, &mut ns.server, &http);
+}
+
+/// Starts `kyuu serve --config <config>` with `cmd` (`kyuu` in a namespace), its log in
+/// `dir/kyuu.log` and the child in `server` (the namespace guard's slot, so the server is
+/// killed on every path); returns once it printed its summary, which must name `http`.
+pub fn start_kyuu_in(
+    mut cmd: Command,
+    config: &Path,
+    dir: &Path,
+    server: &mut Option<Child>,
+    http: &str,
+) {
+    let log = dir.join("kyuu.log");
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(File::create(ns.dir.join("kyuu.log")).unwrap());
+        .stderr(File::create(&log).unwrap());
     let mut child = cmd.spawn().expect("spawning kyuu serve");
     let stdout = child.stdout.take().unwrap();
-    ns.server = Some(child);
+    *server = Some(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -279,15 +294,14 @@ pub fn start_kyuu(ns: &mut Netns, config: &Path) {
             Err(e) => panic!(
                 "kyuu serve did not print its HTTP address ({e}); stdout:\n{}\nlog:\n{}",
                 summary.join("\n"),
-                ns.server_log()
+                std::fs::read_to_string(&log).unwrap_or_default()
             ),
         }
     }
     println!("{}", summary.join("\n"));
-    let want = format!("http://{SERVER_IP}:{HTTP_PORT}");
     assert!(
-        summary.iter().any(|l| l.contains(&want)),
-        "kyuu serve is not on {want}"
+        summary.iter().any(|l| l.contains(http)),
+        "kyuu serve is not on {http}"
     );
 }
 
