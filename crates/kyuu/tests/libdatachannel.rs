@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod support;
-use support::{kill_pid, metric, quiet_ok, unix_now};
+use support::{metric, quiet_ok, unix_now};
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const SERVER_IP: &str = "198.18.88.1";
@@ -208,19 +208,6 @@ impl Netns {
         Self::exec(&self.client_ns, program)
     }
 
-    fn pids(name: &str) -> Vec<u32> {
-        Command::new("ip")
-            .args(["netns", "pids", name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("kyuu.log")).unwrap_or_default()
     }
@@ -234,17 +221,7 @@ impl Drop for Netns {
         }
         // A client that outlived its harness: every process left in either namespace.
         for name in [&self.client_ns, &self.server_ns] {
-            for _ in 0..5 {
-                let pids = Self::pids(name);
-                if pids.is_empty() {
-                    break;
-                }
-                for pid in pids {
-                    kill_pid(pid);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = quiet_ok("ip", &["netns", "del", name]);
+            support::remove_netns(name);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -767,36 +744,8 @@ fn ice_servers(ns: &Netns, secret: &str) -> Value {
         &format!("http://{SERVER_IP}:{HTTP_PORT}/v1/ice-servers"),
     )
     .unwrap();
-    let servers: Value = serde_json::from_str(&body).unwrap();
-    let turn = servers
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {body}"))
-        .iter()
-        .find(|s| s["username"].is_string())
-        .unwrap_or_else(|| panic!("no TURN entry with credentials: {body}"));
-    let urls: Vec<&str> = turn["urls"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .or_else(|| turn["urls"].as_str().map(|u| vec![u]))
-        .unwrap_or_default();
     let want = format!("turn:{SERVER_IP}:{TURN_PORT}?transport=udp");
-    assert!(urls.contains(&want.as_str()), "{want} not in {urls:?}");
-    let username = turn["username"].as_str().unwrap();
-    let expiry: u64 = username
-        .split(':')
-        .next()
-        .and_then(|e| e.parse().ok())
-        .unwrap_or_else(|| panic!("username {username:?} is not <unix-expiry>:<user>"));
-    let now = unix_now();
-    assert!(
-        expiry > now && expiry <= now + CREDENTIAL_TTL + 5,
-        "expiry {expiry} not within {CREDENTIAL_TTL} s of {now}"
-    );
-    assert_eq!(
-        turn["credential"].as_str().unwrap(),
-        kyuu_turn::rest_password(secret.as_bytes(), username),
-        "credential is not base64(HMAC-SHA1(secret, username))"
-    );
+    let (servers, _, _) = support::check_rest_ice_servers(&body, &want, secret, CREDENTIAL_TTL);
     println!("/v1/ice-servers (handed to both clients as is): {body}");
     servers
 }

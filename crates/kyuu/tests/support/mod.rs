@@ -157,19 +157,6 @@ impl Netns {
         c
     }
 
-    pub fn pids(&self) -> Vec<u32> {
-        Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("kyuu.log")).unwrap_or_default()
     }
@@ -182,19 +169,39 @@ impl Drop for Netns {
             let _ = c.wait();
         }
         // Chromium helpers or a node that outlived its parent: every process in the namespace.
-        for _ in 0..5 {
-            let pids = self.pids();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                kill_pid(pid);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = quiet_ok("ip", &["netns", "del", &self.name]);
+        remove_netns(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The PIDs of the processes in network namespace `name`.
+pub fn netns_pids(name: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills every process left in network namespace `name` (by PID, a few rounds for children
+/// started meanwhile) and deletes the namespace.
+pub fn remove_netns(name: &str) {
+    for _ in 0..5 {
+        let pids = netns_pids(name);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            kill_pid(pid);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = quiet_ok("ip", &["netns", "del", name]);
 }
 
 /// Runs `cmd` with stdout and stderr in files, killing it (by PID) after `limit`.
@@ -303,6 +310,57 @@ pub fn start_kyuu_in(
         summary.iter().any(|l| l.contains(http)),
         "kyuu serve is not on {http}"
     );
+}
+
+/// Checks `/v1/ice-servers` as kyuu serves it (`body`): its entry with a username lists
+/// `turn_url`, the username is `<unix-expiry>:<user>` with the expiry within `ttl` seconds from
+/// now, and the credential is the REST password for `secret`. Returns the list, and that entry's
+/// URLs and username.
+pub fn check_rest_ice_servers(
+    body: &str,
+    turn_url: &str,
+    secret: &str,
+    ttl: u64,
+) -> (serde_json::Value, Vec<String>, String) {
+    use serde_json::Value;
+    let servers: Value = serde_json::from_str(body).unwrap();
+    let turn = servers
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {body}"))
+        .iter()
+        .find(|s| s["username"].is_string())
+        .unwrap_or_else(|| panic!("no TURN entry with credentials: {body}"));
+    let urls: Vec<String> = turn["urls"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .or_else(|| turn["urls"].as_str().map(|u| vec![u.to_owned()]))
+        .unwrap_or_default();
+    assert!(
+        urls.iter().any(|u| u == turn_url),
+        "{turn_url} not in {urls:?}"
+    );
+    let username = turn["username"].as_str().unwrap().to_owned();
+    let expiry: u64 = username
+        .split(':')
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("username {username:?} is not <unix-expiry>:<user>"));
+    let now = unix_now();
+    assert!(
+        expiry > now && expiry <= now + ttl + 5,
+        "expiry {expiry} not within {ttl} s of {now}"
+    );
+    assert_eq!(
+        turn["credential"].as_str().unwrap(),
+        kyuu_turn::rest_password(secret.as_bytes(), &username),
+        "credential is not base64(HMAC-SHA1(secret, username))"
+    );
+    (servers, urls, username)
 }
 
 /// Sum of every sample of `name` whose labels contain all of `labels` (`key="value"`).
