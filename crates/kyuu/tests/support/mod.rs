@@ -463,6 +463,37 @@ pub fn free_udp_tcp_ports(ips: &[&str], count: u16) -> u16 {
     panic!("no {count} free ports on {ips:?}");
 }
 
+/// Runs an Allocate with `user`/`pass` from `sock` against `server` and returns the first
+/// event (at most 10 s).
+pub fn allocate(
+    sock: &std::net::UdpSocket,
+    server: std::net::SocketAddr,
+    user: &str,
+    pass: &str,
+) -> kyuu_client::turn::Event {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut c = kyuu_client::turn::Client::new(user, pass, false);
+    let mut now = Instant::now();
+    c.allocate(now);
+    let deadline = now + Duration::from_secs(10);
+    let mut buf = [0u8; 2048];
+    while now < deadline {
+        while let Some(t) = c.poll_transmit() {
+            sock.send_to(&t, server).unwrap();
+        }
+        if let Some(e) = c.poll_event() {
+            return e;
+        }
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            c.handle_input(Instant::now(), &buf[..n]);
+        }
+        now = Instant::now();
+        c.handle_timeout(now);
+    }
+    panic!("no answer to Allocate");
+}
+
 /// Starts `kyuu serve --config <config>` (no `RUST_LOG`, no `KYUU_CONFIG`) and returns once its
 /// start-up summary has printed the HTTP line (at most 20 s); the rest of its stdout is drained
 /// by a thread so the server never blocks on it.
@@ -478,11 +509,21 @@ pub fn serve_until_ready(config: &Path) -> Proc {
 /// returns the process and the summary so far. The rest of its stdout is drained by a thread so
 /// the server never blocks on it.
 pub fn serve_until(args: &[&std::ffi::OsStr], last: impl Fn(&str) -> bool) -> (Proc, String) {
+    serve_until_with(&[], args, last)
+}
+
+/// [`serve_until`] with the environment variables `envs` set for the server.
+pub fn serve_until_with(
+    envs: &[(&str, &std::ffi::OsStr)],
+    args: &[&std::ffi::OsStr],
+    last: impl Fn(&str) -> bool,
+) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kyuu"))
         .arg("serve")
         .args(args)
         .env_remove("RUST_LOG")
         .env_remove("KYUU_CONFIG")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
