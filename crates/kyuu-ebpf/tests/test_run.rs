@@ -11,6 +11,9 @@ use std::process::Command;
 
 use kyuu_ebpf::{Channel, FastPath};
 
+#[path = "support/binding.rs"]
+mod binding;
+
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
@@ -564,19 +567,7 @@ fn binding_config(n: &Net, rate: u32, burst: u32) -> kyuu_ebpf::BindingConfig {
 
 /// A Binding request (`fingerprint`: with a FINGERPRINT) built with kyuu_stun.
 fn binding_request(tid: [u8; 12], fingerprint: bool) -> Vec<u8> {
-    let mut buf = [0u8; 64];
-    let mut b = kyuu_stun::MessageBuilder::new(
-        &mut buf,
-        kyuu_stun::method::BINDING,
-        kyuu_stun::Class::Request,
-        kyuu_stun::TransactionId(tid),
-    )
-    .expect("builder");
-    if fingerprint {
-        b.add_fingerprint().expect("fingerprint");
-    }
-    let n = b.finish();
-    buf[..n].to_vec()
+    binding::request(tid, &[], fingerprint)
 }
 
 /// What userspace kyuu answers (crates/kyuu-turn/src/server/binding.rs with RFC 5780 off):
@@ -620,20 +611,7 @@ fn binding_requests_answered_in_the_kernel_v4_and_v6() {
                 (net.server, net.client),
                 "{name} addresses swapped"
             );
-            let msg = kyuu_stun::Message::parse(&got).expect("a STUN message");
-            assert_eq!(msg.class(), kyuu_stun::Class::Success);
-            assert_eq!(msg.method(), kyuu_stun::method::BINDING);
-            assert_eq!(msg.transaction_id().0, tid, "{name} transaction id");
-            let mapped = msg
-                .xor_address(kyuu_stun::attr::XOR_MAPPED_ADDRESS)
-                .expect("XOR-MAPPED-ADDRESS")
-                .expect("decodes");
-            assert_eq!(mapped, net.client, "{name} XOR-MAPPED-ADDRESS");
-            assert_eq!(
-                msg.verify_fingerprint().ok(),
-                Some(true),
-                "{name} FINGERPRINT"
-            );
+            binding::check_success(&got, tid, net.client, name);
             assert_eq!(
                 got,
                 userspace_answer(tid, net.client),
@@ -646,19 +624,26 @@ fn binding_requests_answered_in_the_kernel_v4_and_v6() {
     }
 }
 
+/// The program with Binding on a wildcard listener (0.0.0.0:3478) on an interface with the
+/// server's address only.
+fn load_wildcard_binding(net: &Net) -> Pinned {
+    let mut p = load(1500);
+    let cfg = kyuu_ebpf::BindingConfig {
+        listeners: vec!["0.0.0.0:3478".parse().expect("addr")],
+        ..binding_config(net, 0, 0)
+    };
+    p.fp.enable_binding(&cfg, Some(&[net.server.ip()]))
+        .expect("enable");
+    p
+}
+
 #[test]
 fn binding_on_a_wildcard_listener_answers_for_its_addresses() {
     if !usable() {
         return;
     }
     let net = v4();
-    let mut p = load(1500);
-    let cfg = kyuu_ebpf::BindingConfig {
-        listeners: vec!["0.0.0.0:3478".parse().expect("addr")],
-        ..binding_config(&net, 0, 0)
-    };
-    p.fp.enable_binding(&cfg, Some(&[net.server.ip()]))
-        .expect("enable");
+    let p = load_wildcard_binding(&net);
     let req = binding_request([9; 12], false);
     assert_eq!(
         run(&p, &frame(net.client, net.server, &req, true), 1).0,
@@ -682,22 +667,7 @@ fn binding_requests_the_kernel_must_not_answer_pass_unchanged() {
         p.fp.enable_binding(&binding_config(&net, 0, 0), None)
             .expect("enable binding");
         let tid = [7u8; 12];
-        let with_attr = |t: u16, v: &[u8], fp: bool| {
-            let mut buf = [0u8; 128];
-            let mut b = kyuu_stun::MessageBuilder::new(
-                &mut buf,
-                kyuu_stun::method::BINDING,
-                kyuu_stun::Class::Request,
-                kyuu_stun::TransactionId(tid),
-            )
-            .expect("builder");
-            b.add(t, v).expect("attr");
-            if fp {
-                b.add_fingerprint().expect("fp");
-            }
-            let n = b.finish();
-            buf[..n].to_vec()
-        };
+        let with_attr = |t: u16, v: &[u8], fp: bool| binding::request(tid, &[(t, v)], fp);
         let mut bad_fp = binding_request(tid, true);
         bad_fp[27] ^= 1;
         let mut wrong_len = binding_request(tid, false);
@@ -719,59 +689,31 @@ fn binding_requests_the_kernel_must_not_answer_pass_unchanged() {
         let mut port0 = net.client;
         port0.set_port(0);
         let plain = binding_request(tid, false);
+        let to_server = |m: &[u8]| frame(net.client, net.server, m, true);
         let cases: Vec<(&str, Vec<u8>)> = vec![
             (
                 "CHANGE-REQUEST",
-                frame(
-                    net.client,
-                    net.server,
-                    &with_attr(kyuu_stun::attr::CHANGE_REQUEST, &[0, 0, 0, 6], false),
-                    true,
-                ),
+                to_server(&with_attr(
+                    kyuu_stun::attr::CHANGE_REQUEST,
+                    &[0, 0, 0, 6],
+                    false,
+                )),
             ),
             (
                 "USERNAME + FINGERPRINT",
-                frame(
-                    net.client,
-                    net.server,
-                    &with_attr(kyuu_stun::attr::USERNAME, b"abcd", true),
-                    true,
-                ),
+                to_server(&with_attr(kyuu_stun::attr::USERNAME, b"abcd", true)),
             ),
             (
                 "SOFTWARE",
-                frame(
-                    net.client,
-                    net.server,
-                    &with_attr(kyuu_stun::attr::SOFTWARE, b"some", false),
-                    true,
-                ),
+                to_server(&with_attr(kyuu_stun::attr::SOFTWARE, b"some", false)),
             ),
-            (
-                "bad FINGERPRINT",
-                frame(net.client, net.server, &bad_fp, true),
-            ),
-            (
-                "wrong length",
-                frame(net.client, net.server, &wrong_len, true),
-            ),
-            (
-                "trailing bytes",
-                frame(net.client, net.server, &long_tail, true),
-            ),
-            ("response", frame(net.client, net.server, &response, true)),
-            (
-                "error response",
-                frame(net.client, net.server, &error, true),
-            ),
-            (
-                "indication",
-                frame(net.client, net.server, &indication, true),
-            ),
-            (
-                "no magic cookie",
-                frame(net.client, net.server, &no_cookie, true),
-            ),
+            ("bad FINGERPRINT", to_server(&bad_fp)),
+            ("wrong length", to_server(&wrong_len)),
+            ("trailing bytes", to_server(&long_tail)),
+            ("response", to_server(&response)),
+            ("error response", to_server(&error)),
+            ("indication", to_server(&indication)),
+            ("no magic cookie", to_server(&no_cookie)),
             (
                 "non-listener port",
                 frame(net.client, other_port, &plain, true),
@@ -779,16 +721,11 @@ fn binding_requests_the_kernel_must_not_answer_pass_unchanged() {
             ("source port 0", frame(port0, net.server, &plain, true)),
             (
                 "classic RFC 3489",
-                frame(
-                    net.client,
-                    net.server,
-                    &{
-                        let mut m = plain.clone();
-                        m[4..8].copy_from_slice(&[1, 2, 3, 4]);
-                        m
-                    },
-                    true,
-                ),
+                to_server(&{
+                    let mut m = plain.clone();
+                    m[4..8].copy_from_slice(&[1, 2, 3, 4]);
+                    m
+                }),
             ),
         ];
         for (case, pkt) in cases {
@@ -844,13 +781,7 @@ fn binding_wildcard_addresses_follow_a_refresh() {
         return;
     }
     let net = v4();
-    let mut p = load(1500);
-    let cfg = kyuu_ebpf::BindingConfig {
-        listeners: vec!["0.0.0.0:3478".parse().expect("addr")],
-        ..binding_config(&net, 0, 0)
-    };
-    p.fp.enable_binding(&cfg, Some(&[net.server.ip()]))
-        .expect("enable");
+    let mut p = load_wildcard_binding(&net);
     assert!(p.fp.binding_has_wildcard());
     let req = binding_request([9; 12], false);
     let added: SocketAddr = "198.18.0.9:3478".parse().expect("addr");

@@ -20,6 +20,7 @@ use tokio::net::UdpSocket;
 use kyuu_client::turn_udp::{Allocation, TurnError};
 use kyuu_rawr::config::{parse_turn_uri, BadTurnUri, ChildConfig, GatewayConfig, RawrConfig};
 use kyuu_rawr::peer::{Outcome, PeerConfig, PeerError, Route};
+use kyuu_rawr::wire::Relay;
 use kyuu_server::rawr::runtime::{run_peer, spawn_node_on, NodeHandle, PeerEnv};
 use kyuu_server::rawr::sys::HostNet;
 
@@ -899,6 +900,40 @@ impl Rtt {
     }
 }
 
+/// The TURN server a relay offer names first.
+fn relay_server(r: &Relay) -> Result<SocketAddr, RawrLabError> {
+    Ok(parse_turn_uri(
+        r.uris.first().map(String::as_str).unwrap_or(""),
+    )?)
+}
+
+/// TURN allocations from `a`'s and `b`'s namespaces on the relays their outcomes name (`ra`,
+/// `rb`: the first URI of each, with the credentials it came with).
+async fn allocate_pair(
+    a: &LabPeer,
+    ra: &Relay,
+    b: &LabPeer,
+    rb: &Relay,
+) -> Result<(Allocation, Allocation), RawrLabError> {
+    let server_a = relay_server(ra)?;
+    let server_b = relay_server(rb)?;
+    let xa = Allocation::new(
+        to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?,
+        server_a,
+        &ra.username,
+        &ra.password,
+    )
+    .await?;
+    let xb = Allocation::new(
+        to_tokio(b.ns.udp_bind("0.0.0.0:0")?)?,
+        server_b,
+        &rb.username,
+        &rb.password,
+    )
+    .await?;
+    Ok((xa, xb))
+}
+
 const ECHO_PORT: u16 = 40_000;
 
 /// Sends `n` pings from A to B over the chosen route and measures round trips; data flowing is
@@ -951,22 +986,8 @@ pub async fn ping_pong_with(
             })
         }
         (Some(ra), Some(rb)) => {
-            let server_a = parse_turn_uri(ra.uris.first().map(String::as_str).unwrap_or(""))?;
-            let server_b = parse_turn_uri(rb.uris.first().map(String::as_str).unwrap_or(""))?;
-            let mut xa = Allocation::new(
-                to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?,
-                server_a,
-                &ra.username,
-                &ra.password,
-            )
-            .await?;
-            let mut xb = Allocation::new(
-                to_tokio(b.ns.udp_bind("0.0.0.0:0")?)?,
-                server_b,
-                &rb.username,
-                &rb.password,
-            )
-            .await?;
+            let server_a = relay_server(ra)?;
+            let (mut xa, mut xb) = allocate_pair(a, ra, b, rb).await?;
             if permit {
                 xa.permit(xb.relayed.ip()).await?;
                 xb.permit(xa.relayed.ip()).await?;
@@ -1254,22 +1275,7 @@ pub async fn relay_cost(lab: &RawrLab, n: usize) -> Result<RelayCost, RawrLabErr
     let (Some(ra), Some(rb)) = (&a.outcome.relay, &b.outcome.relay) else {
         return Err(RawrLabError::Other("the peers did not get a relay".into()));
     };
-    let server_a = parse_turn_uri(ra.uris.first().map(String::as_str).unwrap_or(""))?;
-    let server_b = parse_turn_uri(rb.uris.first().map(String::as_str).unwrap_or(""))?;
-    let mut xa = Allocation::new(
-        to_tokio(a.ns.udp_bind("0.0.0.0:0")?)?,
-        server_a,
-        &ra.username,
-        &ra.password,
-    )
-    .await?;
-    let mut xb = Allocation::new(
-        to_tokio(b.ns.udp_bind("0.0.0.0:0")?)?,
-        server_b,
-        &rb.username,
-        &rb.password,
-    )
-    .await?;
+    let (mut xa, mut xb) = allocate_pair(&a, ra, &b, rb).await?;
     xa.permit(xb.relayed.ip()).await?;
     xb.permit(xa.relayed.ip()).await?;
     let to = xb.relayed;

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+use common::have;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,22 +16,6 @@ use kyuu_server::config::Config;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-fn have(tool: &str) -> bool {
-    let found = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("KYUU_INTEROP_REQUIRED").as_deref() != Ok("1"),
-            "{tool} is required (KYUU_INTEROP_REQUIRED=1) but not installed"
-        );
-        println!("SKIP: {tool} not installed");
-    }
-    found
-}
 
 async fn start() -> (kyuu_server::Running, SocketAddr) {
     let text = "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\ntls = []\nthreads = 1\n\

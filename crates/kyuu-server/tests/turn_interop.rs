@@ -4,31 +4,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::free_port_pair;
+use common::{free_port_pair, have};
 
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_turn::TurnConfig;
-
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("KYUU_INTEROP_REQUIRED").as_deref() == Ok("1") {
-            panic!("{tool} is required (KYUU_INTEROP_REQUIRED=1) but not installed");
-        }
-        println!("SKIP: {tool} not installed");
-    }
-    found
-}
 
 /// Runs a command with a time limit, returning (success, stdout+stderr).
 async fn run(cmd: &str, args: &[String], limit: Duration) -> (bool, String) {

@@ -5,28 +5,14 @@
 //! unless KYUU_INTEROP_REQUIRED=1.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use kyuu_server::relay::Transport;
 use kyuu_server::relay::{self, ListenConfig};
 use kyuu_turn::TurnConfig;
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("KYUU_INTEROP_REQUIRED").as_deref() == Ok("1") {
-            panic!("{tool} is required (KYUU_INTEROP_REQUIRED=1) but not installed");
-        }
-        println!("SKIP: {tool} not installed");
-    }
-    found
-}
+mod common;
+use common::have;
 
 /// The value of a counter line `name{labels} value` whose labels contain every `want`.
 fn counter(text: &str, name: &str, want: &[&str]) -> u64 {

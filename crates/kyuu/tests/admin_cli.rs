@@ -4,56 +4,30 @@
 //! `NOTIFY_SOCKET`, and `drain` makes the server exit.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+mod support;
+use support::Proc;
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const TOKEN: &str = "cli-test-token-0123456789";
 
 struct Serve {
-    child: Child,
+    proc: Proc,
     summary: String,
 }
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(config: &Path, notify: &Path) -> Serve {
-    let mut child = Command::new(KYUU)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .env("NOTIFY_SOCKET", notify)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut summary = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "kyuu serve exited early:\n{summary}");
-        summary.push_str(&line);
-        if line.contains("try it") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no summary: {summary}");
-    }
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = out.read_to_end(&mut sink);
-    });
-    Serve { child, summary }
+    let (proc, summary) = support::serve_until_with(
+        &[("NOTIFY_SOCKET", notify.as_os_str())],
+        &["--config".as_ref(), config.as_os_str()],
+        |l| l.contains("try it"),
+    );
+    Serve { proc, summary }
 }
 
 impl Serve {
@@ -96,36 +70,6 @@ fn config(dir: &Path, extra_turn: &str) -> String {
          [http]\nlisten = \"127.0.0.1:0\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"
     )
-}
-
-/// Runs an Allocate from `sock` and returns the first event.
-fn allocate(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    user: &str,
-    pass: &str,
-) -> kyuu_client::turn::Event {
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut c = kyuu_client::turn::Client::new(user, pass, false);
-    let mut now = Instant::now();
-    c.allocate(now);
-    let deadline = now + Duration::from_secs(10);
-    let mut buf = [0u8; 2048];
-    while now < deadline {
-        while let Some(t) = c.poll_transmit() {
-            sock.send_to(&t, server).unwrap();
-        }
-        if let Some(e) = c.poll_event() {
-            return e;
-        }
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            c.handle_input(Instant::now(), &buf[..n]);
-        }
-        now = Instant::now();
-        c.handle_timeout(now);
-    }
-    panic!("no answer to Allocate");
 }
 
 fn notifications(sock: &UnixDatagram, want: &str) -> Vec<String> {
@@ -192,7 +136,7 @@ fn admin_cli_against_kyuu_serve() {
     assert!(user.ends_with(":alice"), "{out}");
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert!(matches!(
-        allocate(&client, turn, &user, &pass),
+        support::allocate(&client, turn, &user, &pass),
         kyuu_client::turn::Event::Allocated { .. }
     ));
     let check = ok(&admin(&url, t, &["credentials", "--check", &user, &pass]));
@@ -286,7 +230,7 @@ fn admin_cli_against_kyuu_serve() {
         ),
     )
     .unwrap();
-    let pid = serve.child.id().to_string();
+    let pid = serve.proc.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-HUP", &pid])
         .status()
@@ -308,7 +252,7 @@ fn admin_cli_against_kyuu_serve() {
     assert!(d.starts_with("draining: 0 allocation(s) left"), "{d}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
+        if let Some(s) = serve.proc.0.try_wait().unwrap() {
             break s;
         }
         assert!(

@@ -79,37 +79,8 @@ fn check_ice_servers(ns: &Netns, secret: &str) {
         &format!("http://{SERVER_IP}:{HTTP_PORT}/v1/ice-servers"),
     )
     .unwrap();
-    let servers: Value = serde_json::from_str(&body).unwrap();
-    let turn = servers
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {body}"))
-        .iter()
-        .find(|s| s["username"].is_string())
-        .unwrap_or_else(|| panic!("no TURN entry with credentials: {body}"));
-    let urls: Vec<&str> = turn["urls"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .or_else(|| turn["urls"].as_str().map(|u| vec![u]))
-        .unwrap_or_default();
     let want = format!("turn:{SERVER_IP}:{TURN_PORT}?transport=udp");
-    assert!(urls.contains(&want.as_str()), "{want} not in {urls:?}");
-    let username = turn["username"].as_str().unwrap();
-    let credential = turn["credential"].as_str().unwrap();
-    let expiry: u64 = username
-        .split(':')
-        .next()
-        .and_then(|e| e.parse().ok())
-        .unwrap_or_else(|| panic!("username {username:?} is not <unix-expiry>:<user>"));
-    let now = unix_now();
-    assert!(
-        expiry > now && expiry <= now + CREDENTIAL_TTL + 5,
-        "expiry {expiry} not within {CREDENTIAL_TTL} s of {now}"
-    );
-    assert_eq!(
-        credential,
-        kyuu_turn::rest_password(secret.as_bytes(), username),
-        "credential is not base64(HMAC-SHA1(secret, username))"
-    );
+    let (_, urls, username) = support::check_rest_ice_servers(&body, &want, secret, CREDENTIAL_TTL);
     println!("/v1/ice-servers: {urls:?} username {username} (REST credential verified)");
 }
 

@@ -474,27 +474,7 @@ fn serve_with_rawr_answers_on_the_stun_port() {
 /// Runs an Allocate with `user`/`pass` against `server` and returns the first event.
 fn allocate(server: SocketAddr, user: &str, pass: &str) -> kyuu_client::turn::Event {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut c = kyuu_client::turn::Client::new(user, pass, false);
-    let mut now = Instant::now();
-    c.allocate(now);
-    let deadline = now + Duration::from_secs(10);
-    let mut buf = [0u8; 2048];
-    while now < deadline {
-        while let Some(t) = c.poll_transmit() {
-            sock.send_to(&t, server).unwrap();
-        }
-        if let Some(e) = c.poll_event() {
-            return e;
-        }
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            c.handle_input(Instant::now(), &buf[..n]);
-        }
-        now = Instant::now();
-        c.handle_timeout(now);
-    }
-    panic!("no answer to Allocate");
+    support::allocate(&sock, server, user, pass)
 }
 
 #[test]

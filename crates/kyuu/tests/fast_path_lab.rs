@@ -27,6 +27,9 @@ use anyhow::{bail, ensure, Context, Result};
 use kyuu_client::turn::{AllocateOptions, Client, Event};
 use kyuu_lab::{lab_or_skip, Lab, LabChild, NatKind, Node};
 
+#[path = "../../kyuu-ebpf/tests/support/binding.rs"]
+mod binding;
+
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const SERVER: &str = "198.18.0.10";
 const CLIENT: &str = "198.18.1.10";
@@ -492,30 +495,17 @@ fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
     Ok((Transcript { at_peer, at_client }, m))
 }
 
+/// A UDP socket of the client's, on an ephemeral port.
+fn client_socket(w: &World) -> UdpSocket {
+    w.client.udp_bind(&Family::addr(w.fam.client, 0)).unwrap()
+}
+
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn on_and_off_relay_the_same_bytes(test: &str, fam: Family) {
-    if let Some(why) = kyuu_server_fast_path_unavailable() {
-        if kyuu_lab::lab_required() {
-            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
-        }
-        eprintln!("SKIP: fast path unavailable: {why}");
-        return;
-    }
-    if std::process::Command::new("ethtool")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        if kyuu_lab::lab_required() {
-            panic!("KYUU_LAB_REQUIRED=1 but ethtool is missing");
-        }
-        eprintln!("SKIP: ethtool missing");
-        return;
-    }
-    let Some(lab) = lab_or_skip(test) else {
+    let Some(lab) = fast_path_lab(test) else {
         return;
     };
     let w = build(lab, fam).unwrap();
@@ -573,6 +563,31 @@ fn kyuu_server_fast_path_unavailable() -> Option<&'static str> {
     kyuu_ebpf::unavailable()
 }
 
+/// The lab for `test`, or None after a SKIP line when this build has no fast path, `ethtool`
+/// (which [`build`] runs) is missing, or the lab cannot be built; a failure instead with
+/// `KYUU_LAB_REQUIRED=1`.
+fn fast_path_lab(test: &str) -> Option<Lab> {
+    if let Some(why) = kyuu_server_fast_path_unavailable() {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
+        }
+        eprintln!("SKIP: fast path unavailable: {why}");
+        return None;
+    }
+    if std::process::Command::new("ethtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if kyuu_lab::lab_required() {
+            panic!("KYUU_LAB_REQUIRED=1 but ethtool is missing");
+        }
+        eprintln!("SKIP: ethtool missing");
+        return None;
+    }
+    lab_or_skip(test)
+}
+
 /// Sends the Binding request `req` from `sock` to the server (again after 500 ms without an
 /// answer, at most 6 times) and returns the answer with its transaction id; answers to earlier
 /// retransmissions are skipped, as a client matches answers by transaction id.
@@ -601,22 +616,12 @@ fn binding_answer(
 }
 
 fn binding_request(tid: [u8; 12], fingerprint: bool, software: bool) -> Vec<u8> {
-    let mut buf = [0u8; 128];
-    let mut b = kyuu_stun::MessageBuilder::new(
-        &mut buf,
-        kyuu_stun::method::BINDING,
-        kyuu_stun::Class::Request,
-        kyuu_stun::TransactionId(tid),
-    )
-    .unwrap();
-    if software {
-        b.add(kyuu_stun::attr::SOFTWARE, b"lab client").unwrap();
-    }
-    if fingerprint {
-        b.add_fingerprint().unwrap();
-    }
-    let n = b.finish();
-    buf[..n].to_vec()
+    let attrs: &[(u16, &[u8])] = if software {
+        &[(kyuu_stun::attr::SOFTWARE, b"lab client")]
+    } else {
+        &[]
+    };
+    binding::request(tid, attrs, fingerprint)
 }
 
 /// Waits (bounded) until `/metrics` shows `want` for `name` (counters are flushed once a second).
@@ -648,35 +653,12 @@ fn fast_path_answers_stun_binding_ipv6() {
 }
 
 fn binding_through_the_kernel(test: &str, fam: Family) {
-    if let Some(why) = kyuu_server_fast_path_unavailable() {
-        if kyuu_lab::lab_required() {
-            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
-        }
-        eprintln!("SKIP: fast path unavailable: {why}");
-        return;
-    }
-    let Some(lab) = lab_or_skip(test) else {
+    let Some(lab) = fast_path_lab(test) else {
         return;
     };
-    if std::process::Command::new("ethtool")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        if kyuu_lab::lab_required() {
-            panic!("KYUU_LAB_REQUIRED=1 but ethtool is missing");
-        }
-        eprintln!("SKIP: ethtool missing");
-        return;
-    }
     let w = build(lab, fam).unwrap();
     let server: SocketAddr = Family::addr(fam.server, 3478).parse().unwrap();
-    let client: IpAddr = fam.client.parse().unwrap();
-    let sock = w
-        .client
-        .in_ns(|| UdpSocket::bind((client, 0)))
-        .unwrap()
-        .unwrap();
+    let sock = client_socket(&w);
     let me = sock.local_addr().unwrap();
     let csum_before = udp_csum_errors(&w.client).unwrap();
     let mut answers = Vec::new();
@@ -688,16 +670,7 @@ fn binding_through_the_kernel(test: &str, fam: Family) {
             let tid = [i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
             let req = binding_request(tid, i % 2 == 1, false);
             let a = binding_answer(&sock, server, &req, &mut plain).unwrap();
-            let msg = kyuu_stun::Message::parse(&a).unwrap();
-            assert_eq!(msg.class(), kyuu_stun::Class::Success, "{mode}");
-            assert_eq!(msg.method(), kyuu_stun::method::BINDING, "{mode}");
-            assert_eq!(msg.transaction_id().0, tid, "{mode}");
-            let mapped = msg
-                .xor_address(kyuu_stun::attr::XOR_MAPPED_ADDRESS)
-                .unwrap()
-                .unwrap();
-            assert_eq!(mapped, me, "{mode}: XOR-MAPPED-ADDRESS is the client");
-            assert_eq!(msg.verify_fingerprint().ok(), Some(true), "{mode}");
+            binding::check_success(&a, tid, me, mode);
             got.push(a);
         }
         // coturn's STUN client, where installed (a plain Binding request without -f).
@@ -804,24 +777,12 @@ fn binding_burst(sock: &UdpSocket, server: SocketAddr, tag: u8, n: u8) -> Result
 #[test]
 fn reload_reaches_the_kernel_binding_limit() {
     const TEST: &str = "reload_reaches_the_kernel_binding_limit";
-    if let Some(why) = kyuu_server_fast_path_unavailable() {
-        if kyuu_lab::lab_required() {
-            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
-        }
-        eprintln!("SKIP: fast path unavailable: {why}");
-        return;
-    }
-    let Some(lab) = lab_or_skip(TEST) else {
+    let Some(lab) = fast_path_lab(TEST) else {
         return;
     };
     let w = build(lab, V4).unwrap();
     let server: SocketAddr = Family::addr(V4.server, 3478).parse().unwrap();
-    let client: IpAddr = V4.client.parse().unwrap();
-    let sock = w
-        .client
-        .in_ns(|| UdpSocket::bind((client, 0)))
-        .unwrap()
-        .unwrap();
+    let sock = client_socket(&w);
     let limited = "unauth_rate = 1\nunauth_burst = 2";
     let unlimited = "unauth_rate = 0\nunauth_burst = 2";
     assert_eq!(limited.len(), unlimited.len(), "one config file for both");
@@ -878,14 +839,7 @@ fn reload_reaches_the_kernel_binding_limit() {
 fn kernel_binding_follows_a_wildcard_listeners_addresses() {
     const TEST: &str = "kernel_binding_follows_a_wildcard_listeners_addresses";
     const ADDED: &str = "198.18.0.11";
-    if let Some(why) = kyuu_server_fast_path_unavailable() {
-        if kyuu_lab::lab_required() {
-            panic!("KYUU_LAB_REQUIRED=1 but the fast path is unavailable: {why}");
-        }
-        eprintln!("SKIP: fast path unavailable: {why}");
-        return;
-    }
-    let Some(lab) = lab_or_skip(TEST) else {
+    let Some(lab) = fast_path_lab(TEST) else {
         return;
     };
     let w = build(lab, V4).unwrap();
@@ -898,12 +852,7 @@ fn kernel_binding_follows_a_wildcard_listeners_addresses() {
     assert_ne!(text, wildcard, "the listener line was found");
     std::fs::write(&conf, wildcard).unwrap();
     let child = spawn_kyuu(&w, &conf).unwrap();
-    let client: IpAddr = V4.client.parse().unwrap();
-    let sock = w
-        .client
-        .in_ns(|| UdpSocket::bind((client, 0)))
-        .unwrap()
-        .unwrap();
+    let sock = client_socket(&w);
     let kernel = |w: &World| {
         metric(
             &metrics(&w.server).unwrap(),

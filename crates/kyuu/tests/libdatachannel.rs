@@ -37,17 +37,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod support;
-use support::{kill_pid, metric, quiet_ok, unix_now};
+use support::{metric, quiet_ok, unix_now};
 
 const KYUU: &str = env!("CARGO_BIN_EXE_kyuu");
 const SERVER_IP: &str = "198.18.88.1";
@@ -210,19 +208,6 @@ impl Netns {
         Self::exec(&self.client_ns, program)
     }
 
-    fn pids(name: &str) -> Vec<u32> {
-        Command::new("ip")
-            .args(["netns", "pids", name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("kyuu.log")).unwrap_or_default()
     }
@@ -236,17 +221,7 @@ impl Drop for Netns {
         }
         // A client that outlived its harness: every process left in either namespace.
         for name in [&self.client_ns, &self.server_ns] {
-            for _ in 0..5 {
-                let pids = Self::pids(name);
-                if pids.is_empty() {
-                    break;
-                }
-                for pid in pids {
-                    kill_pid(pid);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = quiet_ok("ip", &["netns", "del", name]);
+            support::remove_netns(name);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -381,52 +356,11 @@ fn write_config(ns: &Netns, secret: &str) -> PathBuf {
     path
 }
 
-/// Starts `kyuu serve --config` in the namespace; returns once it printed its summary.
+/// Starts `kyuu serve --config` in the server's namespace; returns once it printed its summary.
 fn start_kyuu(ns: &mut Netns, config: &Path) {
-    let mut cmd = ns.server_command(KYUU);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(ns.dir.join("kyuu.log")).unwrap());
-    let mut child = cmd.spawn().expect("spawning kyuu serve");
-    let stdout = child.stdout.take().unwrap();
-    ns.server = Some(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut summary = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let http = line.trim_start().starts_with("HTTP");
-                summary.push(line);
-                if http {
-                    break;
-                }
-            }
-            Err(e) => panic!(
-                "kyuu serve did not print its HTTP address ({e}); stdout:\n{}\nlog:\n{}",
-                summary.join("\n"),
-                ns.server_log()
-            ),
-        }
-    }
-    println!("{}", summary.join("\n"));
-    let want = format!("http://{SERVER_IP}:{HTTP_PORT}");
-    assert!(
-        summary.iter().any(|l| l.contains(&want)),
-        "kyuu serve is not on {want}"
-    );
+    let cmd = ns.server_command(KYUU);
+    let http = format!("http://{SERVER_IP}:{HTTP_PORT}");
+    support::start_kyuu_in(cmd, config, &ns.dir, &mut ns.server, &http);
 }
 
 fn metrics(ns: &Netns) -> String {
@@ -810,36 +744,8 @@ fn ice_servers(ns: &Netns, secret: &str) -> Value {
         &format!("http://{SERVER_IP}:{HTTP_PORT}/v1/ice-servers"),
     )
     .unwrap();
-    let servers: Value = serde_json::from_str(&body).unwrap();
-    let turn = servers
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {body}"))
-        .iter()
-        .find(|s| s["username"].is_string())
-        .unwrap_or_else(|| panic!("no TURN entry with credentials: {body}"));
-    let urls: Vec<&str> = turn["urls"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .or_else(|| turn["urls"].as_str().map(|u| vec![u]))
-        .unwrap_or_default();
     let want = format!("turn:{SERVER_IP}:{TURN_PORT}?transport=udp");
-    assert!(urls.contains(&want.as_str()), "{want} not in {urls:?}");
-    let username = turn["username"].as_str().unwrap();
-    let expiry: u64 = username
-        .split(':')
-        .next()
-        .and_then(|e| e.parse().ok())
-        .unwrap_or_else(|| panic!("username {username:?} is not <unix-expiry>:<user>"));
-    let now = unix_now();
-    assert!(
-        expiry > now && expiry <= now + CREDENTIAL_TTL + 5,
-        "expiry {expiry} not within {CREDENTIAL_TTL} s of {now}"
-    );
-    assert_eq!(
-        turn["credential"].as_str().unwrap(),
-        kyuu_turn::rest_password(secret.as_bytes(), username),
-        "credential is not base64(HMAC-SHA1(secret, username))"
-    );
+    let (servers, _, _) = support::check_rest_ice_servers(&body, &want, secret, CREDENTIAL_TTL);
     println!("/v1/ice-servers (handed to both clients as is): {body}");
     servers
 }

@@ -807,23 +807,37 @@ fn pps(r: &Row) -> f64 {
     r.max.received as f64 / r.max.secs.max(1e-9)
 }
 
-fn run_config(w: &World, args: &Args) -> anyhow::Result<Config> {
+/// What a workload measures one target with (the world end attached).
+type RunTarget = fn(&World, &Args, &str, &ends::Ends) -> anyhow::Result<Row>;
+
+/// Attaches `bench_world` to the world end (`seg`: the peer's segment size; `binding`: counting
+/// Binding answers instead of ChannelData) and runs each of `args.targets` in turn with `run`
+/// (`what` in the progress line); a target that fails gets a row with its error in the note.
+/// Returns the rows and the load average before and after.
+fn run_targets(
+    w: &World,
+    args: &Args,
+    seg: u32,
+    binding: bool,
+    what: &str,
+    run: RunTarget,
+) -> anyhow::Result<(Vec<Row>, String, String)> {
     let world_if = w.world_if.clone();
-    let seg = args.payload.max(8) as u32;
     let e = w
         .world
         .in_ns(move || {
-            ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg, false)
+            ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg, binding)
         })?
-        .context("attaching the XDP echo peer and receiver")?;
+        .context(if binding {
+            "attaching the XDP Binding answer receiver"
+        } else {
+            "attaching the XDP echo peer and receiver"
+        })?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut rows = Vec::new();
     for target in args.targets.split(',') {
-        eprintln!(
-            "running {target} ({} allocations, {} B) ...",
-            args.allocations, args.payload
-        );
-        match run_target(w, args, target, &e) {
+        eprintln!("running {target} ({what}) ...");
+        match run(w, args, target, &e) {
             Ok(r) => rows.push(r),
             Err(err) => rows.push(Row {
                 target: target.into(),
@@ -835,6 +849,13 @@ fn run_config(w: &World, args: &Args) -> anyhow::Result<Config> {
     }
     drop(e);
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    Ok((rows, load, load_after))
+}
+
+fn run_config(w: &World, args: &Args) -> anyhow::Result<Config> {
+    let what = format!("{} allocations, {} B", args.allocations, args.payload);
+    let seg = args.payload.max(8) as u32;
+    let (rows, load, load_after) = run_targets(w, args, seg, false, &what, run_target)?;
     let c = Config {
         allocations: args.allocations,
         payload: args.payload,
@@ -1046,29 +1067,7 @@ mod binding {
     }
 
     pub fn run(w: &World, args: &Args) -> anyhow::Result<()> {
-        let world_if = w.world_if.clone();
-        let e = w
-            .world
-            .in_ns(move || {
-                ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, 0, true)
-            })?
-            .context("attaching the XDP Binding answer receiver")?;
-        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        let mut rows = Vec::new();
-        for target in args.targets.split(',') {
-            eprintln!("running {target} (binding) ...");
-            match run_target(w, args, target, &e) {
-                Ok(r) => rows.push(r),
-                Err(err) => rows.push(Row {
-                    target: target.into(),
-                    fixed: Phase::default(),
-                    max: Phase::default(),
-                    note: format!("n/a: {err:#}"),
-                }),
-            }
-        }
-        drop(e);
-        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let (rows, load, load_after) = run_targets(w, args, 0, true, "binding", run_target)?;
         let c = Config {
             allocations: 0,
             payload: 20,

@@ -107,6 +107,29 @@ static __always_inline int reflect(struct ethhdr *eth, struct iphdr *ip, struct 
     return XDP_TX;
 }
 
+// Counts `n` datagrams sent at `sent` and received at `now` (CLOCK_MONOTONIC ns) in the round
+// trip histogram; a missing or future stamp counts as late, in the last bucket.
+static __always_inline void received(__u64 sent, __u64 now, __u32 n)
+{
+    __u32 bucket;
+    if (sent == 0 || sent > now) {
+        bump(C_LATE);
+        bucket = HIST - 1;
+    } else {
+        __u64 us = (now - sent) / 1000;
+        if (us < HIST_US)
+            bucket = us;
+        else if (us / 1000 < HIST_MS - 1)
+            bucket = HIST_US + us / 1000;
+        else
+            bucket = HIST - 1;
+    }
+    __u64 *h = bpf_map_lookup_elem(&BENCH_HIST, &bucket);
+    if (h)
+        *h += n;
+    add(C_RECEIVED, n);
+}
+
 struct parsed {
     struct ethhdr *eth;
     struct iphdr *ip;
@@ -146,24 +169,7 @@ int bench_world(struct xdp_md *ctx)
         p.payload[7] == 0x42) {
         __u64 sent;
         __builtin_memcpy(&sent, p.payload + 8, 8);
-        __u64 now = bpf_ktime_get_ns();
-        __u32 bucket;
-        if (sent == 0 || sent > now) {
-            bump(C_LATE);
-            bucket = HIST - 1;
-        } else {
-            __u64 us = (now - sent) / 1000;
-            if (us < HIST_US)
-                bucket = us;
-            else if (us / 1000 < HIST_MS - 1)
-                bucket = HIST_US + us / 1000;
-            else
-                bucket = HIST - 1;
-        }
-        __u64 *h = bpf_map_lookup_elem(&BENCH_HIST, &bucket);
-        if (h)
-            *h += 1;
-        bump(C_RECEIVED);
+        received(sent, bpf_ktime_get_ns(), 1);
         return XDP_DROP;
     }
     if (p.ip->daddr != CLIENT_IP || p.payload + 12 > (__u8 *)end || (p.payload[0] & 0xc0) != 0x40) {
@@ -173,24 +179,8 @@ int bench_world(struct xdp_md *ctx)
     __u64 sent;
     __builtin_memcpy(&sent, p.payload + 4, 8);
     __u64 now = bpf_ktime_get_ns();
-    __u32 bucket;
-    if (sent == 0 || sent > now) {
-        bump(C_LATE);
-        bucket = HIST - 1;
-    } else {
-        __u64 us = (now - sent) / 1000;
-        if (us < HIST_US)
-            bucket = us;
-        else if (us / 1000 < HIST_MS - 1)
-            bucket = HIST_US + us / 1000;
-        else
-            bucket = HIST - 1;
-    }
-    __u32 n = segments(p.payload, end, 4 + (((__u32)p.payload[2] << 8) | p.payload[3]));
-    __u64 *h = bpf_map_lookup_elem(&BENCH_HIST, &bucket);
-    if (h)
-        *h += n;
-    add(C_RECEIVED, n);
+    __u32 seg = 4 + (((__u32)p.payload[2] << 8) | p.payload[3]);
+    received(sent, now, segments(p.payload, end, seg));
     return XDP_DROP;
 }
 

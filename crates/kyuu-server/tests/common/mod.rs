@@ -1,6 +1,24 @@
 //! Helpers shared by the STUN/TURN socket tests.
 #![allow(clippy::unwrap_used, dead_code)]
 
+/// Whether `tool` is installed; if not, prints a SKIP line, or panics with
+/// `KYUU_INTEROP_REQUIRED=1`.
+pub fn have(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("KYUU_INTEROP_REQUIRED").as_deref() != Ok("1"),
+            "{tool} is required (KYUU_INTEROP_REQUIRED=1) but not installed"
+        );
+        println!("SKIP: {tool} not installed");
+    }
+    found
+}
+
 /// A port and the next one, both free for UDP and TCP on 127.0.0.1 and 127.0.0.2 (RFC 5780
 /// tests listen on the primary and alternate IP and port).
 pub fn free_port_pair() -> (u16, u16) {

@@ -157,19 +157,6 @@ impl Netns {
         c
     }
 
-    pub fn pids(&self) -> Vec<u32> {
-        Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("kyuu.log")).unwrap_or_default()
     }
@@ -182,19 +169,39 @@ impl Drop for Netns {
             let _ = c.wait();
         }
         // Chromium helpers or a node that outlived its parent: every process in the namespace.
-        for _ in 0..5 {
-            let pids = self.pids();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                kill_pid(pid);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = quiet_ok("ip", &["netns", "del", &self.name]);
+        remove_netns(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The PIDs of the processes in network namespace `name`.
+pub fn netns_pids(name: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills every process left in network namespace `name` (by PID, a few rounds for children
+/// started meanwhile) and deletes the namespace.
+pub fn remove_netns(name: &str) {
+    for _ in 0..5 {
+        let pids = netns_pids(name);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            kill_pid(pid);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = quiet_ok("ip", &["netns", "del", name]);
 }
 
 /// Runs `cmd` with stdout and stderr in files, killing it (by PID) after `limit`.
@@ -245,16 +252,31 @@ pub fn http_get(ns: &Netns, url: &str) -> Result<String, String> {
 
 /// Starts `kyuu serve --config` in the namespace; returns once it printed its summary.
 pub fn start_kyuu(ns: &mut Netns, config: &Path) {
-    let mut cmd = ns.command(KYUU);
+    let cmd = ns.command(KYUU);
+    let http = format!("http://{SERVER_IP}:{HTTP_PORT}");
+    start_kyuu_in(cmd, config, &ns.dir, &mut ns.server, &http);
+}
+
+/// Starts `kyuu serve --config <config>` with `cmd` (`kyuu` in a namespace), its log in
+/// `dir/kyuu.log` and the child in `server` (the namespace guard's slot, so the server is
+/// killed on every path); returns once it printed its summary, which must name `http`.
+pub fn start_kyuu_in(
+    mut cmd: Command,
+    config: &Path,
+    dir: &Path,
+    server: &mut Option<Child>,
+    http: &str,
+) {
+    let log = dir.join("kyuu.log");
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(File::create(ns.dir.join("kyuu.log")).unwrap());
+        .stderr(File::create(&log).unwrap());
     let mut child = cmd.spawn().expect("spawning kyuu serve");
     let stdout = child.stdout.take().unwrap();
-    ns.server = Some(child);
+    *server = Some(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -279,16 +301,66 @@ pub fn start_kyuu(ns: &mut Netns, config: &Path) {
             Err(e) => panic!(
                 "kyuu serve did not print its HTTP address ({e}); stdout:\n{}\nlog:\n{}",
                 summary.join("\n"),
-                ns.server_log()
+                std::fs::read_to_string(&log).unwrap_or_default()
             ),
         }
     }
     println!("{}", summary.join("\n"));
-    let want = format!("http://{SERVER_IP}:{HTTP_PORT}");
     assert!(
-        summary.iter().any(|l| l.contains(&want)),
-        "kyuu serve is not on {want}"
+        summary.iter().any(|l| l.contains(http)),
+        "kyuu serve is not on {http}"
     );
+}
+
+/// Checks `/v1/ice-servers` as kyuu serves it (`body`): its entry with a username lists
+/// `turn_url`, the username is `<unix-expiry>:<user>` with the expiry within `ttl` seconds from
+/// now, and the credential is the REST password for `secret`. Returns the list, and that entry's
+/// URLs and username.
+pub fn check_rest_ice_servers(
+    body: &str,
+    turn_url: &str,
+    secret: &str,
+    ttl: u64,
+) -> (serde_json::Value, Vec<String>, String) {
+    use serde_json::Value;
+    let servers: Value = serde_json::from_str(body).unwrap();
+    let turn = servers
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {body}"))
+        .iter()
+        .find(|s| s["username"].is_string())
+        .unwrap_or_else(|| panic!("no TURN entry with credentials: {body}"));
+    let urls: Vec<String> = turn["urls"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .or_else(|| turn["urls"].as_str().map(|u| vec![u.to_owned()]))
+        .unwrap_or_default();
+    assert!(
+        urls.iter().any(|u| u == turn_url),
+        "{turn_url} not in {urls:?}"
+    );
+    let username = turn["username"].as_str().unwrap().to_owned();
+    let expiry: u64 = username
+        .split(':')
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("username {username:?} is not <unix-expiry>:<user>"));
+    let now = unix_now();
+    assert!(
+        expiry > now && expiry <= now + ttl + 5,
+        "expiry {expiry} not within {ttl} s of {now}"
+    );
+    assert_eq!(
+        turn["credential"].as_str().unwrap(),
+        kyuu_turn::rest_password(secret.as_bytes(), &username),
+        "credential is not base64(HMAC-SHA1(secret, username))"
+    );
+    (servers, urls, username)
 }
 
 /// Sum of every sample of `name` whose labels contain all of `labels` (`key="value"`).
@@ -391,6 +463,37 @@ pub fn free_udp_tcp_ports(ips: &[&str], count: u16) -> u16 {
     panic!("no {count} free ports on {ips:?}");
 }
 
+/// Runs an Allocate with `user`/`pass` from `sock` against `server` and returns the first
+/// event (at most 10 s).
+pub fn allocate(
+    sock: &std::net::UdpSocket,
+    server: std::net::SocketAddr,
+    user: &str,
+    pass: &str,
+) -> kyuu_client::turn::Event {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut c = kyuu_client::turn::Client::new(user, pass, false);
+    let mut now = Instant::now();
+    c.allocate(now);
+    let deadline = now + Duration::from_secs(10);
+    let mut buf = [0u8; 2048];
+    while now < deadline {
+        while let Some(t) = c.poll_transmit() {
+            sock.send_to(&t, server).unwrap();
+        }
+        if let Some(e) = c.poll_event() {
+            return e;
+        }
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            c.handle_input(Instant::now(), &buf[..n]);
+        }
+        now = Instant::now();
+        c.handle_timeout(now);
+    }
+    panic!("no answer to Allocate");
+}
+
 /// Starts `kyuu serve --config <config>` (no `RUST_LOG`, no `KYUU_CONFIG`) and returns once its
 /// start-up summary has printed the HTTP line (at most 20 s); the rest of its stdout is drained
 /// by a thread so the server never blocks on it.
@@ -406,11 +509,21 @@ pub fn serve_until_ready(config: &Path) -> Proc {
 /// returns the process and the summary so far. The rest of its stdout is drained by a thread so
 /// the server never blocks on it.
 pub fn serve_until(args: &[&std::ffi::OsStr], last: impl Fn(&str) -> bool) -> (Proc, String) {
+    serve_until_with(&[], args, last)
+}
+
+/// [`serve_until`] with the environment variables `envs` set for the server.
+pub fn serve_until_with(
+    envs: &[(&str, &std::ffi::OsStr)],
+    args: &[&std::ffi::OsStr],
+    last: impl Fn(&str) -> bool,
+) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kyuu"))
         .arg("serve")
         .args(args)
         .env_remove("RUST_LOG")
         .env_remove("KYUU_CONFIG")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
