@@ -241,6 +241,29 @@ fn ip16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The MTU of `interface`: from sysfs, or from `ip -o link` where sysfs belongs to another
+/// network namespace (a thread that entered one with `setns` sees the old `/sys`).
+fn interface_mtu(interface: &str) -> Result<u32, FastPathError> {
+    let err = |e: String| FastPathError::Interface(interface.into(), e);
+    let text = match std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu")) {
+        Ok(t) => t,
+        Err(sys) => {
+            let out = std::process::Command::new("ip")
+                .args(["-o", "link", "show", "dev", interface])
+                .output()
+                .map_err(|e| err(format!("{sys}; ip link: {e}")))?;
+            let line = String::from_utf8_lossy(&out.stdout).to_string();
+            let mut words = line.split_whitespace();
+            words
+                .find(|w| *w == "mtu")
+                .and_then(|_| words.next())
+                .map(str::to_owned)
+                .ok_or_else(|| err(sys.to_string()))?
+        }
+    };
+    text.trim().parse().map_err(|e| err(format!("mtu: {e}")))
+}
+
 fn listener_key(ip: IpAddr, port: u16) -> ListenerKey {
     ListenerKey {
         ip: ip16(ip),
@@ -315,15 +338,21 @@ impl FastPath {
     /// Loads the program and attaches it to `interface` in generic (SKB) XDP mode, which every
     /// driver supports (veth included); the MTU of the interface bounds what it emits.
     pub fn attach(interface: &str) -> Result<Self, FastPathError> {
-        let mtu = std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-            .map_err(|e| FastPathError::Interface(interface.into(), e.to_string()))?;
-        let mtu: u32 = mtu
-            .trim()
-            .parse()
-            .map_err(|e| FastPathError::Interface(interface.into(), format!("mtu: {e}")))?;
+        Self::attach_mode(interface, false)
+    }
+
+    /// [`FastPath::attach`], in the driver's native XDP mode when `native` (an error where the
+    /// driver has none: no fallback, the operator asked for it).
+    pub fn attach_mode(interface: &str, native: bool) -> Result<Self, FastPathError> {
+        let mtu = interface_mtu(interface)?;
         let mut fp = Self::load(interface, mtu, 0)?;
         let prog = fp.program()?;
-        prog.attach(interface, aya::programs::XdpFlags::SKB_MODE)
+        let flags = if native {
+            aya::programs::XdpFlags::DRV_MODE
+        } else {
+            aya::programs::XdpFlags::SKB_MODE
+        };
+        prog.attach(interface, flags)
             .map_err(|e| FastPathError::Attach(interface.into(), e.to_string()))?;
         Ok(fp)
     }

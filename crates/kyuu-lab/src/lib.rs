@@ -912,6 +912,15 @@ impl Switch {
     pub fn ns_name(&self) -> &str {
         &self.node.ns
     }
+
+    /// Run `f` on a new thread inside the switch's namespace (see [`Node::in_ns`]).
+    pub fn in_ns<F, R>(&self, f: F) -> Result<R, LabError>
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        self.node.in_ns(f)
+    }
 }
 
 /// A router namespace: IP forwarding, and NAT of its [`NatKind`] on the

@@ -93,6 +93,12 @@ pub struct TurnConfig {
     /// only FINGERPRINT) to the UDP listeners in the kernel, under the same per-source limit
     /// (`unauth_rate`/`unauth_burst`). Off: the kernel relays channels only. Read at start only.
     pub fast_path_binding: bool,
+    /// How the fast path attaches: `"generic"` (default: SKB mode, which every driver has) or
+    /// `"native"` (the driver's own XDP hook, before an skb exists: for NICs with driver XDP
+    /// support; refused at start where the driver has none). On a veth, what native XDP sends
+    /// leaves promptly only when the other end has an XDP program of its own (the kernel
+    /// flushes the other end's queue only then). Read at start only.
+    pub fast_path_xdp: XdpMode,
     /// Relay steering (`BPF_PROG_TYPE_SK_LOOKUP`): each relay thread reads the peer datagrams of
     /// all its UDP allocations from one socket in batches instead of waking once per relay
     /// socket. `"off"` (default), `"auto"` (use it where the kernel allows, which needs
@@ -100,6 +106,15 @@ pub struct TurnConfig {
     /// `"required"` (refuse to start without it). Peers' ICMP errors are not relayed to clients
     /// for steered ports (RFC 8656 §11.5). Read at start only.
     pub relay_steering: FastPathMode,
+}
+
+/// `turn.fast_path_xdp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Generic,
+    Native,
 }
 
 /// `turn.fast_path` and `turn.relay_steering`.
@@ -143,6 +158,7 @@ impl Default for TurnConfig {
             fast_path: FastPathMode::Off,
             fast_path_interface: None,
             fast_path_binding: true,
+            fast_path_xdp: XdpMode::Generic,
             relay_steering: FastPathMode::Off,
         }
     }

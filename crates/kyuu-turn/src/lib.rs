@@ -35,7 +35,7 @@ mod server;
 mod types;
 
 pub use auth::{rest_credentials, rest_password};
-pub use config::{ConfigError, FastPathMode, PortRange, TurnConfig, UserConfig};
+pub use config::{ConfigError, FastPathMode, PortRange, TurnConfig, UserConfig, XdpMode};
 /// The CIDR type of `allow_peers`/`deny_peers`.
 pub use ipnet;
 pub use server::admin::{check_credentials, AllocationInfo, CredentialCheck, NotApplied};

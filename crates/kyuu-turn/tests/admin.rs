@@ -269,6 +269,7 @@ fn reconfigure_keeps_the_kernel_programs_for_a_restart() {
     new.fast_path = kyuu_turn::FastPathMode::Auto;
     new.fast_path_interface = Some("eth9".into());
     new.fast_path_binding = !new.fast_path_binding;
+    new.fast_path_xdp = kyuu_turn::XdpMode::Native;
     new.relay_steering = kyuu_turn::FastPathMode::Required;
     new.unauth_rate = 7;
     let kept = s.reconfigure(new).unwrap();
@@ -278,6 +279,7 @@ fn reconfigure_keeps_the_kernel_programs_for_a_restart() {
             "turn.fast_path",
             "turn.fast_path_interface",
             "turn.fast_path_binding",
+            "turn.fast_path_xdp",
             "turn.relay_steering"
         ]
     );
@@ -286,6 +288,7 @@ fn reconfigure_keeps_the_kernel_programs_for_a_restart() {
     assert_eq!(now.fast_path, old.fast_path);
     assert_eq!(now.fast_path_interface, old.fast_path_interface);
     assert_eq!(now.fast_path_binding, old.fast_path_binding);
+    assert_eq!(now.fast_path_xdp, old.fast_path_xdp);
     assert_eq!(now.relay_steering, old.relay_steering);
     assert_eq!(now.unauth_rate, 7, "the rest is applied");
 }

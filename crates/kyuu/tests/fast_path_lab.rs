@@ -76,6 +76,9 @@ impl Family {
 struct World {
     _lab: Lab,
     server: Node,
+    /// The server's interface, and the switch its other end is plugged into.
+    server_if: String,
+    wan: kyuu_lab::Switch,
     client: Node,
     peer: Node,
     fam: Family,
@@ -136,14 +139,12 @@ fn build(lab: Lab, fam: Family) -> Result<World> {
     Ok(World {
         _lab: lab,
         server,
+        server_if: si.name,
+        wan,
         client,
         peer,
         fam,
     })
-}
-
-fn start_kyuu(w: &World, fast_path: &str) -> Result<LabChild> {
-    start_kyuu_with(w, fast_path, "")
 }
 
 /// `kyuu serve` with `turn.fast_path = fast_path` and `extra` lines in `[turn]`.
@@ -340,8 +341,13 @@ fn recv_all(sock: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
 }
 
 fn session(w: &World, fast_path: &str) -> Result<(Transcript, String)> {
+    session_with(w, fast_path, "")
+}
+
+/// [`session`] with `extra` lines in kyuu's `[turn]`.
+fn session_with(w: &World, fast_path: &str, extra: &str) -> Result<(Transcript, String)> {
     let fam = w.fam;
-    let server = start_kyuu(w, fast_path)?;
+    let server = start_kyuu_with(w, fast_path, extra)?;
     let server_addr: SocketAddr = Family::addr(fam.server, 3478).parse()?;
     let peer_a = w.peer.udp_bind(&Family::addr(fam.peer, 7000))?;
     let peer_b = w.peer.udp_bind(&Family::addr(fam.peer, 7001))?;
@@ -504,17 +510,22 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn on_and_off_relay_the_same_bytes(test: &str, fam: Family) {
+/// `extra`: lines for kyuu's `[turn]` in the fast path's session.
+fn on_and_off_relay_the_same_bytes(test: &str, fam: Family, extra: &str) {
     let Some(lab) = fast_path_lab(test) else {
         return;
     };
     let w = build(lab, fam).unwrap();
+    on_and_off_in(test, &w, extra);
+}
+
+fn on_and_off_in(test: &str, w: &World, extra: &str) {
     let csum_before = (
         udp_csum_errors(&w.client).unwrap(),
         udp_csum_errors(&w.peer).unwrap(),
     );
-    let (off, m_off) = session(&w, "off").unwrap();
-    let (on, m_on) = session(&w, "required").unwrap();
+    let (off, m_off) = session(w, "off").unwrap();
+    let (on, m_on) = session_with(w, "required", extra).unwrap();
     let data = payloads();
     assert_eq!(
         off.at_peer.len(),
@@ -550,12 +561,61 @@ fn on_and_off_relay_the_same_bytes(test: &str, fam: Family) {
 
 #[test]
 fn fast_path_on_and_off_relay_the_same_bytes() {
-    on_and_off_relay_the_same_bytes("fast_path_on_and_off_relay_the_same_bytes", V4);
+    on_and_off_relay_the_same_bytes("fast_path_on_and_off_relay_the_same_bytes", V4, "");
 }
 
 #[test]
 fn fast_path_ipv6_on_and_off_relay_the_same_bytes() {
-    on_and_off_relay_the_same_bytes("fast_path_ipv6_on_and_off_relay_the_same_bytes", V6);
+    on_and_off_relay_the_same_bytes("fast_path_ipv6_on_and_off_relay_the_same_bytes", V6, "");
+}
+
+/// `turn.fast_path_xdp = "native"`: the program is attached to the veth driver's own XDP hook
+/// (`ip link` says `xdp`, not `xdpgeneric`) and relays the same bytes as userspace. On a veth,
+/// the kernel flushes what native XDP_TX queues for the other end only when that end has an XDP
+/// program of its own, so each switch port gets one: kyuu's, with no entries (it passes
+/// everything).
+#[test]
+fn native_xdp_relays_the_same_bytes() {
+    const TEST: &str = "native_xdp_relays_the_same_bytes";
+    const NATIVE: &str = "fast_path_xdp = \"native\"";
+    let Some(lab) = fast_path_lab(TEST) else {
+        return;
+    };
+    let w = build(lab, V4).unwrap();
+    let ports = std::process::Command::new("ip")
+        .args(["-n", w.wan.ns_name(), "-o", "link", "show"])
+        .output()
+        .unwrap();
+    let ports = String::from_utf8_lossy(&ports.stdout).to_string();
+    let names: Vec<String> = ports
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with('p'))
+        .collect();
+    assert!(names.len() >= 2, "the switch's ports: {ports}");
+    let _pass: Vec<kyuu_ebpf::FastPath> = names
+        .iter()
+        .map(|n| {
+            w.wan
+                .in_ns(|| kyuu_ebpf::FastPath::attach_mode(n, true))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("native XDP on the switch port {n}: {e}"))
+        })
+        .collect();
+
+    let child = start_kyuu_with(&w, "required", NATIVE).unwrap();
+    let mut cmd = w.server.command("ip");
+    cmd.args(["link", "show", "dev", &w.server_if]);
+    let out = w.server.run(cmd, Duration::from_secs(10)).unwrap();
+    let link = String::from_utf8_lossy(&out.stdout).to_string();
+    println!("{TEST}: {link}");
+    assert!(
+        link.contains(" xdp ") && !link.contains("xdpgeneric"),
+        "attached in native mode: {link}"
+    );
+    drop(child);
+    on_and_off_in(TEST, &w, NATIVE);
 }
 
 /// `kyuu serve` links kyuu-ebpf through kyuu-server: this build's answer is the binary's.

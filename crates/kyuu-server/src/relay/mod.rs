@@ -551,11 +551,24 @@ fn fast_path(
                 })?
             }
         };
-        kyuu_ebpf::FastPath::attach(&name).map_err(|e| e.to_string())
+        let native = turn.fast_path_xdp == kyuu_turn::XdpMode::Native;
+        kyuu_ebpf::FastPath::attach_mode(&name, native).map_err(|e| {
+            if native {
+                format!(
+                    "{e} (turn.fast_path_xdp = \"native\": does the driver of {name} support XDP?)"
+                )
+            } else {
+                e.to_string()
+            }
+        })
     };
     match attach() {
         Ok(fp) => {
-            tracing::info!(target: "kyuu::relay", interface = fp.interface(), "kernel fast path attached (XDP, generic mode)");
+            let mode = match turn.fast_path_xdp {
+                kyuu_turn::XdpMode::Generic => "generic",
+                kyuu_turn::XdpMode::Native => "native",
+            };
+            tracing::info!(target: "kyuu::relay", interface = fp.interface(), "kernel fast path attached (XDP, {mode} mode)");
             Ok(Some(Arc::new(std::sync::Mutex::new(fp))))
         }
         Err(e) if turn.fast_path == FastPathMode::Required => {

@@ -160,7 +160,7 @@ impl Server {
     /// static users, realm), the peer policy, quotas, lifetimes, bandwidth, rate limits and the
     /// alternate server. Live allocations keep running. `relay_ports` (split between shards at
     /// start), `enabled` and the kernel programs (`fast_path`, `fast_path_interface`,
-    /// `fast_path_binding`, `relay_steering`) need a restart; they are kept and named in the
+    /// `fast_path_binding`, `fast_path_xdp`, `relay_steering`) need a restart; they are kept and named in the
     /// result. Nothing changes when `cfg` is invalid.
     pub fn reconfigure(&mut self, mut cfg: TurnConfig) -> Result<NotApplied, String> {
         cfg.validate().map_err(|e| e.to_string())?;
@@ -181,6 +181,7 @@ impl Server {
             fast_path,
             fast_path_interface,
             fast_path_binding,
+            fast_path_xdp,
             relay_steering
         );
         // Unset relay addresses were filled in at start from the listeners.
