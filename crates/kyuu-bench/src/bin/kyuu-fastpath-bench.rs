@@ -106,6 +106,18 @@ struct Args {
     /// without attributes from `--allocations` client ports, at most 1024; issue 11's goal 3).
     #[arg(long, default_value = "relay")]
     workload: String,
+    /// XDP attach mode of the harness's ends and of kyuu's fast path (`turn.fast_path_xdp`):
+    /// `generic` or `native` (the veth driver's hook). With `native` only the `null` and
+    /// `kyuu-fastpath` targets can run: a native XDP_TX on a veth leaves only towards an end with
+    /// an XDP program of its own, which userspace kyuu and coturn do not attach.
+    #[arg(long, default_value = "generic")]
+    xdp: String,
+}
+
+impl Args {
+    fn native(&self) -> bool {
+        self.xdp == "native"
+    }
 }
 
 /// The XDP ends of the benchmark, loaded from the object `build.rs` compiled.
@@ -148,8 +160,10 @@ mod ends {
     }
 
     impl Ends {
-        /// Loads `program` (`bench_world` or `bench_mirror`) and attaches it in generic mode to
-        /// `interface` of the calling thread's namespace; dropping detaches it.
+        /// Loads `program` (`bench_world` or `bench_mirror`) and attaches it in generic mode
+        /// (native with `native`) to `interface` of the calling thread's namespace; dropping
+        /// detaches it.
+        #[allow(clippy::too_many_arguments)]
         pub fn attach(
             program: &str,
             interface: &str,
@@ -158,6 +172,7 @@ mod ends {
             server: Ipv4Addr,
             peer_seg: u32,
             binding: bool,
+            native: bool,
         ) -> anyhow::Result<Ends> {
             let (c, p, s) = (be(client), be(peer), be(server));
             let binding = u32::from(binding);
@@ -173,7 +188,12 @@ mod ends {
                 .ok_or_else(|| anyhow::anyhow!("no program {program}"))?
                 .try_into()?;
             prog.load()?;
-            prog.attach(interface, XdpFlags::SKB_MODE)?;
+            let flags = if native {
+                XdpFlags::DRV_MODE
+            } else {
+                XdpFlags::SKB_MODE
+            };
+            prog.attach(interface, flags)?;
             let take = |ebpf: &mut aya::Ebpf, name: &str| {
                 ebpf.take_map(name)
                     .ok_or_else(|| anyhow::anyhow!("no map {name}"))
@@ -456,10 +476,12 @@ fn start(w: &World, args: &Args, target: &str, dir: &std::path::Path) -> anyhow:
                      [http]\nenabled = false\n\n\
                      [turn]\nrealm = \"kyuu-bench\"\nrelay_ports = {{ min = 21500, max = 32767 }}\n\
                      allow_peers = [\"198.18.2.0/24\"]\nunauth_rate = 0\nuser_quota = 0\n\
-                     client_quota = 0\ntotal_quota = 0\nmax_bps = 0\nfast_path = \"{fast}\"\n\n\
+                     client_quota = 0\ntotal_quota = 0\nmax_bps = 0\nfast_path = \"{fast}\"\n\
+                     fast_path_xdp = \"{xdp}\"\n\n\
                      [[turn.users]]\nname = \"bench\"\npassword = \"bench-pass\"\n\n\
                      [log]\nlevel = \"warn\"\n",
-                    args.threads
+                    args.threads,
+                    xdp = if args.native() { "native" } else { "generic" },
                 ),
             )?;
             let mut c = w.server.command(&args.kyuu_bin);
@@ -627,8 +649,18 @@ impl Target {
         std::fs::create_dir_all(&dir)?;
         if target == "null" {
             let iface = w.server_if.clone();
+            let native = args.native();
             let m = w.server.in_ns(move || {
-                ends::Ends::attach("bench_mirror", &iface, CLIENT, PEER, SERVER, 0, false)
+                ends::Ends::attach(
+                    "bench_mirror",
+                    &iface,
+                    CLIENT,
+                    PEER,
+                    SERVER,
+                    0,
+                    false,
+                    native,
+                )
             })??;
             return Ok(Target {
                 server: None,
@@ -823,10 +855,20 @@ fn run_targets(
     run: RunTarget,
 ) -> anyhow::Result<(Vec<Row>, String, String)> {
     let world_if = w.world_if.clone();
+    let native = args.native();
     let e = w
         .world
         .in_ns(move || {
-            ends::Ends::attach("bench_world", &world_if, CLIENT, PEER, SERVER, seg, binding)
+            ends::Ends::attach(
+                "bench_world",
+                &world_if,
+                CLIENT,
+                PEER,
+                SERVER,
+                seg,
+                binding,
+                native,
+            )
         })?
         .context(if binding {
             "attaching the XDP Binding answer receiver"
@@ -958,6 +1000,19 @@ fn print_sweep(configs: &[Config]) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match args.xdp.as_str() {
+        "generic" => {}
+        "native" => {
+            if let Some(t) = args
+                .targets
+                .split(',')
+                .find(|t| !matches!(*t, "null" | "kyuu-fastpath"))
+            {
+                bail!("--xdp native: target {t} cannot run (only null and kyuu-fastpath: a native XDP_TX on a veth leaves only towards an end with an XDP program)");
+            }
+        }
+        other => bail!("--xdp {other}: give generic or native"),
+    }
     let _ = rlimit::increase_nofile_limit(65_536);
     let w = build().context("building the lab (root, ip)")?;
     if args.workload == "binding" {
