@@ -292,3 +292,65 @@ fn reconfigure_keeps_the_kernel_programs_for_a_restart() {
     assert_eq!(now.relay_steering, old.relay_steering);
     assert_eq!(now.unauth_rate, 7, "the rest is applied");
 }
+
+/// The expiry walk is spread over sub-ticks (a tenth of the allocation table each 100 ms), so
+/// no single turn of a shard walks every allocation; a late call (a whole tick or more) walks
+/// them all at once, and every allocation is still checked within a tick of its expiry.
+#[test]
+fn expiry_walk_is_spread_over_sub_ticks() {
+    let t0 = Instant::now();
+    let mut c = cfg();
+    c.user_quota = 0;
+    c.client_quota = 0;
+    let ports = c.relay_ports;
+    let mut s = Server::new(
+        c,
+        ServerOptions {
+            rfc5780: None,
+            shared: Shared::new([7; 32], t0, 1_700_000_000),
+            ports,
+            extension: false,
+            seed: 7,
+            shard: 0,
+        },
+    )
+    .unwrap();
+    const N: u16 = 20;
+    for i in 0..N {
+        let mut cl = Client::new("alice", "secret", false);
+        cl.allocate(t0);
+        let (ev, _) = run(&mut s, &mut cl, sock(3000 + i, Transport::Udp), t0);
+        assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
+    }
+    assert_eq!(s.allocation_count(), usize::from(N));
+    let expiry = t0 + Duration::from_secs(600);
+    // A late call just before the expiry walks everything and expires nothing.
+    let mut now = expiry - Duration::from_millis(50);
+    s.handle_timeout(now);
+    assert_eq!(s.allocation_count(), usize::from(N), "none expires early");
+    // From the expiry on, one sub-tick at a time: each takes one slice.
+    let mut left = Vec::new();
+    for _ in 0..10 {
+        now += Duration::from_millis(100);
+        assert_eq!(s.poll_timeout(), Some(now), "the next sub-tick");
+        s.handle_timeout(now);
+        left.push(s.allocation_count());
+    }
+    assert!(
+        left[0] > 0 && left[0] < usize::from(N),
+        "the first sub-tick after the expiry expired some, not all: {left:?}"
+    );
+    assert!(left.windows(2).all(|w| w[1] <= w[0]), "{left:?}");
+    assert_eq!(left[9], 0, "all gone within a tick: {left:?}");
+
+    // Again, and this time one late call a whole tick after the expiry takes them all.
+    let t1 = now;
+    for i in 0..N {
+        let mut cl = Client::new("alice", "secret", false);
+        cl.allocate(t1);
+        let (ev, _) = run(&mut s, &mut cl, sock(4000 + i, Transport::Udp), t1);
+        assert!(matches!(ev.as_slice(), [Event::Allocated { .. }]), "{ev:?}");
+    }
+    s.handle_timeout(t1 + Duration::from_secs(601));
+    assert_eq!(s.allocation_count(), 0, "a late call walks every slice");
+}

@@ -126,7 +126,13 @@ struct FastPathState {
     shared: SharedFastPath,
     ids: FxHashMap<FastPathId, u64>,
     next: u64,
+    /// When the kernel's counters were last read: once a second, not every sub-tick of the
+    /// core (a read is a map lookup per entry).
+    read_at: Option<Instant>,
 }
+
+/// How often the kernel's per-entry counters are read into the core.
+const FAST_PATH_READ: Duration = Duration::from_secs(1);
 
 /// Real clients behind UDP balancers remembered at once (a flood only forgets old entries).
 const MAX_PROXIED: usize = 65_536;
@@ -409,6 +415,7 @@ pub(crate) fn run(
                 shared,
                 ids: FxHashMap::default(),
                 next: (index as u64) << 48,
+                read_at: None,
             }),
             answers: Answers {
                 active: false,
@@ -1238,10 +1245,14 @@ impl State {
         let Some(fp) = &mut self.fast_path else {
             return;
         };
+        let now = Instant::now();
+        if fp.read_at.is_some_and(|t| now < t + FAST_PATH_READ) {
+            return;
+        }
+        fp.read_at = Some(now);
         let Ok(mut k) = fp.shared.lock() else {
             return;
         };
-        let now = Instant::now();
         // Binding answers are global to the program: whichever shard ticks first takes them.
         let b = k.take_bindings();
         if b.answered + b.rate_limited > 0 {

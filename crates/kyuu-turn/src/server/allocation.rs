@@ -266,4 +266,17 @@ impl Allocations {
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Allocation> {
         self.slots.iter_mut().filter_map(|(_, a)| a.as_mut())
     }
+
+    /// The allocations whose slot is `slice` modulo `slices` (`slices` of them cover the table).
+    pub fn slice_mut(
+        &mut self,
+        slice: usize,
+        slices: usize,
+    ) -> impl Iterator<Item = &mut Allocation> {
+        self.slots
+            .iter_mut()
+            .skip(slice)
+            .step_by(slices.max(1))
+            .filter_map(|(_, a)| a.as_mut())
+    }
 }

@@ -32,7 +32,7 @@ impl Server {
     pub fn fast_path_bindings(&mut self, now: Instant, answered: u64, rate_limited: u64) {
         self.counters.fast_path_bindings(answered, rate_limited);
         if self.next_tick.is_none() {
-            self.next_tick = Some(now + super::TICK);
+            self.next_tick = Some(now + super::SUB_TICK);
         }
     }
 

@@ -10,7 +10,7 @@ use kyuu_stun::integrity::{IntegrityKind, Key};
 use kyuu_stun::{attr, method, Class, ErrorCode, Message, MessageBuilder, TransactionId};
 
 use crate::server::authenticate::{Authed, PASSWORD_ALGORITHMS};
-use crate::server::{Server, TICK};
+use crate::server::{Server, SUB_TICK};
 use crate::types::{ClientSocket, Output, Transmit};
 
 /// Control messages are small; 1400 bytes keeps them within a typical path MTU.
@@ -85,7 +85,7 @@ impl Server {
     /// The time of the current tick, good enough for cache ageing.
     fn now_hint(&self) -> Instant {
         self.next_tick
-            .map(|t| t.checked_sub(TICK).unwrap_or(t))
+            .map(|t| t.checked_sub(SUB_TICK).unwrap_or(t))
             .unwrap_or(self.opts.shared.start)
     }
 
