@@ -322,7 +322,7 @@ impl Server {
         self.next_tick = Some(now + SUB_TICK);
         let late = now.saturating_duration_since(due).as_nanos() / SUB_TICK.as_nanos();
         let slices = usize::try_from(late).map_or(SLICES, |l| (l + 1).min(SLICES));
-        let mut expired = Vec::new();
+        let (mut expired, mut over) = (Vec::new(), Vec::new());
         let mut relayed = metrics::Relayed::default();
         let mut round = false;
         for _ in 0..slices {
@@ -331,6 +331,9 @@ impl Server {
                 if a.expires <= now {
                     expired.push(a.id);
                     continue;
+                }
+                if a.over_limit(now) {
+                    over.push((a.id, a.username.clone()));
                 }
                 let (p, c) = a.expire(now);
                 perms += p;
@@ -347,10 +350,10 @@ impl Server {
         for id in expired {
             self.delete_allocation(now, id, "expired");
         }
+        self.end_over_limit(now, over);
         if !round {
             return;
         }
-        self.enforce_limits(now);
         for (f, p) in self
             .reservations
             .expire(&self.opts.shared.reservations, now)

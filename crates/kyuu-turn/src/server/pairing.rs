@@ -204,14 +204,9 @@ impl Server {
         }
     }
 
-    /// Deletes allocations over their session limit and reports them (once a tick).
-    pub(super) fn enforce_limits(&mut self, now: Instant) {
-        let over: Vec<_> = self
-            .allocs
-            .iter()
-            .filter(|a| a.over_limit(now))
-            .map(|a| (a.id, a.username.clone()))
-            .collect();
+    /// Deletes the allocations `over` their session limit (found by the tick's walk) and
+    /// reports them.
+    pub(super) fn end_over_limit(&mut self, now: Instant, over: Vec<(AllocId, String)>) {
         for (id, username) in over {
             self.delete_allocation(now, id, "rawr session limit");
             self.out
