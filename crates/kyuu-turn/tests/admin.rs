@@ -22,7 +22,10 @@ fn cfg() -> TurnConfig {
 }
 
 fn server(t0: Instant) -> Server {
-    let c = cfg();
+    server_with(t0, cfg())
+}
+
+fn server_with(t0: Instant, c: TurnConfig) -> Server {
     let ports = c.relay_ports;
     Server::new(
         c,
@@ -299,22 +302,14 @@ fn reconfigure_keeps_the_kernel_programs_for_a_restart() {
 #[test]
 fn expiry_walk_is_spread_over_sub_ticks() {
     let t0 = Instant::now();
-    let mut c = cfg();
-    c.user_quota = 0;
-    c.client_quota = 0;
-    let ports = c.relay_ports;
-    let mut s = Server::new(
-        c,
-        ServerOptions {
-            rfc5780: None,
-            shared: Shared::new([7; 32], t0, 1_700_000_000),
-            ports,
-            extension: false,
-            seed: 7,
-            shard: 0,
+    let mut s = server_with(
+        t0,
+        TurnConfig {
+            user_quota: 0,
+            client_quota: 0,
+            ..cfg()
         },
-    )
-    .unwrap();
+    );
     const N: u16 = 20;
     for i in 0..N {
         let mut cl = Client::new("alice", "secret", false);

@@ -938,18 +938,8 @@ fn kernel_binding_follows_a_wildcard_listeners_addresses() {
     let before = kernel(&w);
 
     // A second address on the server's interface.
-    let mut cmd = w.server.command("ip");
-    cmd.args(["-o", "-4", "addr", "show"]);
-    let out = w.server.run(cmd, Duration::from_secs(10)).unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout).to_string();
-    let iface = listing
-        .lines()
-        .find(|l| l.contains(&format!(" {SERVER}/")))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_else(|| panic!("no interface with {SERVER}: {listing}"))
-        .to_owned();
     w.server
-        .ip(&["addr", "add", &format!("{ADDED}/24"), "dev", &iface])
+        .ip(&["addr", "add", &format!("{ADDED}/24"), "dev", &w.server_if])
         .unwrap();
     let added: SocketAddr = Family::addr(ADDED, 3478).parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
